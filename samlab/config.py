@@ -1,0 +1,402 @@
+"""Typed run configuration: dataclasses, validation with precise messages, JSON round trip, presets.
+
+Validation raises `ValueError` naming the field (dotted path) and the allowed range, so the CLI, the
+run store and the dashboard can all show the same message next to the offending value.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("sgd", "sam", "asam", "usam", "nsam", "msam", "rwsam")
+DATASETS = (
+    "digits",
+    "gaussian-mixture",
+    "teacher-student",
+    "sparse-regression",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+)
+MODELS = ("mlp", "cnn", "resnet18", "wrn16", "diag-linear")
+BASE_OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+IMPLS = ("vmap", "loop")
+ESTIMATORS = ("fd", "exact")
+NORMS = ("bn", "gn")
+PRECISIONS = ("fp32", "bf16")
+
+# Which optimizer fields each method reads; the UI shows only these and the docs list them.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "sam": ("rho",),
+    "asam": ("rho", "adaptive_eta"),
+    "usam": ("rho",),
+    "nsam": ("rho", "nsam_batch"),
+    "msam": ("rho", "m", "impl"),
+    "rwsam": ("rho", "lam", "estimator", "delta"),
+}
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    n_train: int | None = None  # None: the whole train split
+    n_test: int | None = None
+    label_noise: float = 0.0  # fraction of train labels replaced by a different random class (seeded)
+    standardize: bool = True
+    augment: bool = False  # random crop + flip for image sets, done in torch
+    data_seed: int = 0  # split, subsample and label noise; independent of the training seed
+    root: str = "data/datasets"
+    # synthetic sets
+    n_features: int = 30
+    n_classes: int = 10
+    sparsity: int = 3
+    noise_std: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    width: int = 32  # hidden units (mlp), base channels (cnn, resnet18)
+    depth: int = 2  # hidden layers (mlp)
+    norm: str = "bn"  # resnet18: BatchNorm or GroupNorm
+    widen: int = 4  # wrn16: widening factor k
+    init_scale: float = 0.1  # diag-linear: initial alpha of u = v = alpha
+
+
+@dataclass
+class OptimConfig:
+    method: str = "sam"
+    rho: float = 0.05
+    m: int | None = None  # msam micro-batch size (samples per perturbation)
+    impl: str = "vmap"
+    lam: float = 0.0  # rwsam softmax temperature
+    estimator: str = "fd"
+    delta: float = 1e-3
+    adaptive_eta: float = 0.01  # asam: T = |w| + eta_a
+    nsam_batch: int | None = None  # nsam: size of the independent perturbation batch (None: full train set)
+    base: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_every: int = 30  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    min_lr: float = 0.0  # cosine floor
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    name: str = ""
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    eval_every: int = 1  # epochs between evaluations
+    log_every: int = 1  # steps between per-step metric records
+    checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
+    hessian_every: int = 0  # steps between lambda_max measurements (0: off)
+    hessian_samples: int = 256  # size of the fixed subset lambda_max is measured on
+    noise_every: int = 0  # steps between tr V measurements (0: off)
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> RunConfig:
+        """Raise ValueError naming the first bad field; return self when everything is in range."""
+        d, mo, o, s = self.data, self.model, self.optim, self.schedule
+        _choice("data.name", d.name, DATASETS)
+        _optional_positive_int("data.n_train", d.n_train)
+        _optional_positive_int("data.n_test", d.n_test)
+        _in_range("data.label_noise", d.label_noise, 0.0, 1.0, hi_open=True)
+        _positive_int("data.n_features", d.n_features)
+        _int_range("data.n_classes", d.n_classes, 2, 1000)
+        _int_range("data.sparsity", d.sparsity, 1, d.n_features)
+        _in_range("data.noise_std", d.noise_std, 0.0, float("inf"))
+        _choice("model.name", mo.name, MODELS)
+        _positive_int("model.width", mo.width)
+        _int_range("model.depth", mo.depth, 1, 64)
+        _choice("model.norm", mo.norm, NORMS)
+        _int_range("model.widen", mo.widen, 1, 16)
+        _in_range("model.init_scale", mo.init_scale, 0.0, float("inf"), lo_open=True)
+        if (mo.name == "diag-linear") != (d.name == "sparse-regression"):
+            raise ValueError(
+                "model.name: 'diag-linear' goes with data.name 'sparse-regression' and only with it "
+                f"(got model {mo.name!r}, data {d.name!r})"
+            )
+        _choice("optim.method", o.method, METHODS)
+        _in_range("optim.rho", o.rho, 0.0, float("inf"))
+        _choice("optim.impl", o.impl, IMPLS)
+        _in_range("optim.lam", o.lam, 0.0, float("inf"))
+        _choice("optim.estimator", o.estimator, ESTIMATORS)
+        _in_range("optim.delta", o.delta, 0.0, float("inf"), lo_open=True)
+        _in_range("optim.adaptive_eta", o.adaptive_eta, 0.0, float("inf"))
+        _optional_positive_int("optim.nsam_batch", o.nsam_batch)
+        _choice("optim.base", o.base, BASE_OPTIMIZERS)
+        _in_range("optim.lr", o.lr, 0.0, float("inf"), lo_open=True)
+        _in_range("optim.momentum", o.momentum, 0.0, 1.0, hi_open=True)
+        _in_range("optim.weight_decay", o.weight_decay, 0.0, float("inf"))
+        if o.nesterov and (o.base != "sgd" or o.momentum <= 0):
+            raise ValueError("optim.nesterov: needs optim.base 'sgd' and optim.momentum > 0")
+        _choice("schedule.name", s.name, SCHEDULES)
+        _in_range("schedule.warmup_epochs", s.warmup_epochs, 0.0, float("inf"))
+        _positive_int("schedule.step_every", s.step_every)
+        _in_range("schedule.gamma", s.gamma, 0.0, 1.0, lo_open=True)
+        _in_range("schedule.min_lr", s.min_lr, 0.0, o.lr)
+        _int_range("epochs", self.epochs, 1, 100_000)
+        _int_range("batch_size", self.batch_size, 1, 1_000_000)
+        if o.method == "msam":
+            if o.m is None:
+                raise ValueError("optim.m: msam needs the micro-batch size m (samples per perturbation)")
+            _int_range("optim.m", o.m, 1, self.batch_size)
+            if self.batch_size % o.m != 0:
+                raise ValueError(
+                    f"optim.m: must divide batch_size={self.batch_size} (got m={o.m}); "
+                    f"divisors: {_divisors(self.batch_size)}"
+                )
+        elif o.m is not None:
+            _int_range("optim.m", o.m, 1, self.batch_size)
+        _int_range("seed", self.seed, 0, 2**31 - 1)
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (got {self.device!r})")
+        _choice("precision", self.precision, PRECISIONS)
+        _int_range("eval_every", self.eval_every, 1, 100_000)
+        _int_range("log_every", self.log_every, 1, 1_000_000)
+        _int_range("checkpoint_every", self.checkpoint_every, 0, 100_000)
+        _int_range("hessian_every", self.hessian_every, 0, 10_000_000)
+        _positive_int("hessian_samples", self.hessian_samples)
+        _int_range("noise_every", self.noise_every, 0, 10_000_000)
+        return self
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build from a (possibly partial) nested dict; unknown keys are an error, not ignored."""
+        return _build(cls, raw, "")
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> RunConfig:
+        """A copy with dotted-key overrides, e.g. {"optim.rho": 0.1} or ["optim.rho=0.1"]."""
+        if isinstance(overrides, list):
+            overrides = dict(_parse_assignment(item) for item in overrides)
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return RunConfig.from_dict(raw)
+
+    def label(self) -> str:
+        """Short human label from the distinguishing hyperparameters."""
+        o = self.optim
+        parts = [o.method]
+        if o.method != "sgd":
+            parts.append(f"ρ={o.rho:g}")
+        if o.method == "msam":
+            parts.append(f"m={o.m}")
+        if o.method == "rwsam":
+            parts.append(f"λ={o.lam:g}")
+        parts.append(f"lr={o.lr:g}")
+        parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+
+# -- presets ----------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits-cnn": {
+        "name": "digits-cnn",
+        "data": {"name": "digits", "n_train": None, "label_noise": 0.0},
+        "model": {"name": "cnn", "width": 16},
+        "optim": {"method": "sam", "rho": 0.05, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine"},
+        "epochs": 10,
+        "batch_size": 128,
+    },
+    "digits-mlp": {
+        "name": "digits-mlp",
+        "data": {"name": "digits"},
+        "model": {"name": "mlp", "width": 64, "depth": 2},
+        "optim": {"method": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+        "schedule": {"name": "constant"},
+        "epochs": 30,
+        "batch_size": 64,
+    },
+    "diag-sparse": {
+        # Andriushchenko & Flammarion 2022: n=20, d=30, 3-sparse target, Gaussian inputs, unnormalized SAM.
+        "name": "diag-sparse",
+        "data": {"name": "sparse-regression", "n_train": 20, "n_test": 1000, "n_features": 30, "sparsity": 3,
+                 "standardize": False},
+        "model": {"name": "diag-linear", "init_scale": 0.1},
+        "optim": {"method": "usam", "rho": 0.1, "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0},
+        "schedule": {"name": "constant"},
+        "epochs": 2000,
+        "batch_size": 20,
+        "checkpoint_every": 0,
+        "log_every": 20,
+    },
+    "cifar10-resnet18": {
+        "name": "cifar10-resnet18",
+        "data": {"name": "cifar10", "augment": True},
+        "model": {"name": "resnet18", "width": 64, "norm": "bn"},
+        "optim": {"method": "sam", "rho": 0.05, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine", "warmup_epochs": 1},
+        "epochs": 200,
+        "batch_size": 128,
+        "precision": "bf16",
+        "log_every": 10,
+    },
+}
+
+
+def preset(name: str, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """A validated preset, optionally with dotted-key overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = RunConfig.from_dict(copy.deepcopy(PRESETS[name]))
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    return cfg.validate()
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _build(cls, raw: dict[str, Any], prefix: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ValueError(f"{prefix}{key}: unknown field; known fields: {sorted(fields)}")
+        f = fields[key]
+        sub = _dataclass_type(f)
+        if sub is not None:
+            kwargs[key] = _build(sub, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, f.type)
+    return cls(**kwargs)
+
+
+def _dataclass_type(f):
+    return {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig}.get(
+        f.name
+    ) if f.type in ("DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig") else None
+
+
+def _coerce(name: str, value: Any, type_name: str) -> Any:
+    """Coerce JSON / CLI values to the annotated scalar type, with a precise error."""
+    optional = "None" in type_name
+    base = type_name.replace("| None", "").strip()
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ValueError(f"{name}: may not be empty")
+    try:
+        if base == "bool":
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {base}{' or None' if optional else ''}, got {value!r}") from None
+    return value
+
+
+def _parse_assignment(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected key=value, e.g. optim.rho=0.1")
+    key, _, text = item.partition("=")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], dict):
+            raise ValueError(f"{key}: unknown field")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ValueError(f"{key}: unknown field")
+    node[parts[-1]] = value
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _in_range(name, value, lo, hi, *, lo_open=False, hi_open=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"{name}: must be in {left}{lo:g}, {hi:g}{right} (got {value!r})")
+
+
+def _int_range(name, value, lo, hi) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}] (got {value!r})")
+
+
+def _positive_int(name, value) -> None:
+    _int_range(name, value, 1, 10**12)
+
+
+def _optional_positive_int(name, value) -> None:
+    if value is not None:
+        _positive_int(name, value)
