@@ -1,0 +1,439 @@
+"""The training engine: a RunConfig in, metrics out through a Reporter, checkpoints that resume exactly.
+
+Every optimizer step goes through `samlab.optim.sharpness_gradient`, then the base optimizer (SGD with
+momentum / Nesterov / weight decay, or AdamW) steps. The learning rate is a pure function of the global
+step (warm-up, then constant / cosine / step decay), so a resumed run sees the same schedule.
+
+Reproducibility: three seeded streams — the global torch RNG (initialisation, dropout), `batch_gen`
+(one permutation per epoch) and `aux_gen` (augmentation, RW-SAM probes, n-SAM batches). A checkpoint
+stores all three, with the permutation generator's state at the start of the epoch and the position in
+it, so a run stopped mid-epoch resumes to bit-identical weights on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from samlab.config import RunConfig
+from samlab.data import Dataset, augment_images, iterate_batches, load_dataset
+from samlab.devices import resolve_device
+from samlab.losses import correct, mean_loss, per_sample_loss
+from samlab.models import build_model
+from samlab.optim import sharpness_gradient
+from samlab.reporting import Reporter
+
+CHECKPOINT = "checkpoint.pt"
+SNAPSHOT_DIR = "snapshots"
+SNAPSHOT_MAX_PARAMS = 5_000_000  # trajectory snapshots (for landscape PCA) only for models this small
+EVAL_BATCH = 1024
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "cancelled" | "diverged"
+    summary: dict[str, Any]
+    checkpoint: Path | None
+    model: nn.Module = field(repr=False)
+
+
+@dataclass
+class Trained:
+    """A model restored from a checkpoint, with what the analyses need beside it."""
+
+    model: nn.Module
+    config: RunConfig
+    data: Dataset
+    loss_fn: Any  # per-sample loss
+    epoch: int
+    step: int
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    step_in_epoch: int = 0
+    best_test_acc: float = float("nan")
+    last_eval: dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+
+# -- public API -----------------------------------------------------------------------------------
+def run(
+    config: RunConfig,
+    reporter: Reporter | None = None,
+    *,
+    workdir: str | Path | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train `config` to completion, cancellation (reporter.should_stop()) or divergence."""
+    cfg = config.validate()
+    reporter = reporter or Reporter()
+    device = resolve_device(cfg.device)
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"precision: bf16 autocast needs a CUDA device (resolved device is {device.type})")
+    workdir = Path(workdir) if workdir is not None else None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, device=device)
+    model = _build(cfg, data, device)
+    base = _base_optimizer(cfg, model)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    aux_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    state = _State()
+    epoch_gen_state = batch_gen.get_state()
+
+    if resume:
+        ckpt_path = _require_checkpoint(workdir)
+        state, epoch_gen_state = _load_checkpoint(ckpt_path, model, base, batch_gen, aux_gen, device)
+        reporter.log(f"resumed from {ckpt_path} at epoch {state.epoch}, step {state.step}")
+
+    engine = _Engine(cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir)
+    return engine.train(state, epoch_gen_state)
+
+
+def load_trained(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """Rebuild the model of a checkpoint (or a snapshot) with its config and data."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint: no file at {path}")
+    payload = _read(path)
+    cfg = RunConfig.from_json(payload["config"])
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    data = load_dataset(cfg.data, device=dev)
+    model = _build(cfg, data, dev)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return Trained(model, cfg, data, per_sample_loss(data.task), int(payload["epoch"]), int(payload["step"]))
+
+
+def list_snapshots(workdir: str | Path) -> list[Path]:
+    """Model snapshots saved at each checkpoint epoch (the training trajectory), oldest first."""
+    folder = Path(workdir) / SNAPSHOT_DIR
+    return sorted(folder.glob("epoch_*.pt")) if folder.is_dir() else []
+
+
+def check_task(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate a training config given as a dict (background task interface)."""
+    return RunConfig.from_dict(params).validate().to_dict()
+
+
+def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
+    """Background task "train": the worker's entry point."""
+    result = run(RunConfig.from_dict(params), reporter, workdir=workdir, resume=resume)
+    return {
+        "status": result.status,
+        "summary": result.summary,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+    }
+
+
+def learning_rate(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
+    """The schedule as a pure function of the global step: linear warm-up, then constant/cosine/step."""
+    base_lr, sched = cfg.optim.lr, cfg.schedule
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if sched.name == "constant":
+        return base_lr
+    if sched.name == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return sched.min_lr + 0.5 * (base_lr - sched.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return base_lr * sched.gamma ** ((step // steps_per_epoch) // sched.step_every)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> dict[str, float]:
+    """Mean loss and accuracy in eval mode, in batches, without touching the model's mode afterwards."""
+    loss_fn = per_sample_loss(task)
+    was_training = model.training
+    model.eval()
+    total_loss, total_correct = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), EVAL_BATCH):
+            out = model(x[i : i + EVAL_BATCH])
+            yb = y[i : i + EVAL_BATCH]
+            total_loss += loss_fn(out, yb).double().sum().item()
+            total_correct += correct(out, yb, task).double().sum().item()
+    model.train(was_training)
+    n = max(1, len(x))
+    return {"loss": total_loss / n, "acc": total_correct / n}
+
+
+# -- the engine -----------------------------------------------------------------------------------
+class _Engine:
+    def __init__(self, cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir):
+        self.cfg, self.data, self.model, self.base = cfg, data, model, base
+        self.batch_gen, self.aux_gen, self.device = batch_gen, aux_gen, device
+        self.reporter, self.workdir = reporter, workdir
+        self.loss_fn = per_sample_loss(data.task)
+        n = len(data.x_train)
+        self.batch_size = min(cfg.batch_size, n)
+        if cfg.optim.method == "msam" and self.batch_size % cfg.optim.m != 0:
+            raise ValueError(
+                f"optim.m: m={cfg.optim.m} must divide the effective batch size {self.batch_size} "
+                f"(batch_size is capped by the train-set size {n})"
+            )
+        self.steps_per_epoch = max(1, n // self.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.probe = self._fixed_subset(cfg.hessian_samples) if cfg.hessian_every or cfg.noise_every else None
+
+    def train(self, state: _State, epoch_gen_state: torch.Tensor) -> TrainResult:
+        cfg = self.cfg
+        started = time.monotonic() - state.wall_time
+        self.model.train()
+        while state.epoch < cfg.epochs:
+            self.batch_gen.set_state(epoch_gen_state)
+            batches = iterate_batches(
+                self.data.x_train, self.data.y_train, self.batch_size, generator=self.batch_gen
+            )
+            epoch_t0 = time.monotonic()
+            for x, y in itertools.islice(batches, state.step_in_epoch, None):
+                if self.reporter.should_stop():
+                    state.wall_time = time.monotonic() - started
+                    return self._finish("cancelled", state, epoch_gen_state)
+                metrics = self._step(x, y, state.step)
+                state.step += 1
+                state.step_in_epoch += 1
+                if not all(math.isfinite(metrics[k]) for k in ("train_loss", "grad_norm")):
+                    self.reporter.log(f"diverged at step {state.step}: {metrics}")
+                    self.reporter.metrics("step", state.step, metrics)
+                    state.wall_time = time.monotonic() - started
+                    return self._finish("diverged", state, None)
+                self._after_step(state, metrics)
+            state.epoch += 1
+            state.step_in_epoch = 0
+            epoch_gen_state = self.batch_gen.get_state()
+            self._end_epoch(state, time.monotonic() - epoch_t0, epoch_gen_state)
+            state.wall_time = time.monotonic() - started
+        state.wall_time = time.monotonic() - started
+        return self._finish("completed", state, epoch_gen_state)
+
+    # one optimizer step
+    def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, float]:
+        cfg, o = self.cfg, self.cfg.optim
+        lr = learning_rate(cfg, step, self.steps_per_epoch)
+        for group in self.base.param_groups:
+            group["lr"] = lr
+        if cfg.data.augment and self.data.is_image:
+            x = augment_images(x, self.aux_gen)
+        t0 = time.perf_counter()
+        with self._autocast():
+            info = sharpness_gradient(
+                self.model, self.loss_fn, x, y,
+                method=o.method, rho=o.rho, m=o.m, impl=o.impl, lam=o.lam, estimator=o.estimator,
+                delta=o.delta, adaptive_eta=o.adaptive_eta, perturb_batch=self._perturb_batch(),
+                generator=self.aux_gen,
+            )  # fmt: skip
+        self.base.step()
+        self.base.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        loss, perturbed = _scalar(info["loss"]), _scalar(info["perturbed_loss"])
+        return {
+            "train_loss": loss,
+            "perturbed_loss": perturbed,
+            "sharpness": perturbed - loss,
+            "grad_norm": _scalar(info["grad_norm"]),
+            "lr": lr,
+            "step_time": time.perf_counter() - t0,
+        }
+
+    def _after_step(self, state: _State, metrics: dict[str, float]) -> None:
+        cfg = self.cfg
+        measured = False
+        if cfg.hessian_every and state.step % cfg.hessian_every == 0:
+            from samlab.hessian import lambda_max_metric
+
+            metrics["lambda_max"] = lambda_max_metric(
+                self.model, mean_loss(self.data.task), self.probe, tol=1e-3, max_iter=50, seed=cfg.seed
+            )
+            measured = True
+        if cfg.noise_every and state.step % cfg.noise_every == 0:
+            from samlab.noise import noise_metrics
+
+            metrics.update(noise_metrics(self.model, self.loss_fn, self.probe))
+            measured = True
+        if measured or state.step % cfg.log_every == 0 or state.step == self.total_steps:
+            self.reporter.metrics("step", state.step, metrics)
+        self.reporter.progress(state.step, self.total_steps, f"epoch {state.epoch + 1}/{cfg.epochs}")
+
+    def _end_epoch(self, state: _State, epoch_time: float, epoch_gen_state: torch.Tensor) -> None:
+        cfg = self.cfg
+        last = state.epoch == cfg.epochs
+        if state.epoch % cfg.eval_every == 0 or last:
+            state.last_eval = self._evaluate()
+            state.last_eval["epoch_time"] = epoch_time
+            if not math.isnan(state.last_eval["test_acc"]):
+                state.best_test_acc = _nanmax(state.best_test_acc, state.last_eval["test_acc"])
+            self.reporter.metrics("epoch", state.epoch, state.last_eval)
+        if self.workdir is not None and cfg.checkpoint_every and state.epoch % cfg.checkpoint_every == 0:
+            self._save(state, epoch_gen_state)
+            self._snapshot(state)
+
+    def _evaluate(self) -> dict[str, float]:
+        d = self.data
+        train = evaluate(self.model, d.x_train, d.y_train, d.task)
+        test = evaluate(self.model, d.x_test, d.y_test, d.task)
+        return {
+            "train_loss": train["loss"],
+            "train_acc": train["acc"],
+            "test_loss": test["loss"],
+            "test_acc": test["acc"],
+        }
+
+    def _finish(self, status: str, state: _State, epoch_gen_state: torch.Tensor | None) -> TrainResult:
+        checkpoint = None
+        if self.workdir is not None and epoch_gen_state is not None:
+            checkpoint = self._save(state, epoch_gen_state)
+            if status == "completed":
+                self._snapshot(state)
+        summary = self._summary(status, state)
+        self.reporter.progress(state.step, self.total_steps, status)
+        return TrainResult(status, summary, checkpoint, self.model)
+
+    def _summary(self, status: str, state: _State) -> dict[str, Any]:
+        ev = state.last_eval
+        gap = ev.get("train_acc", float("nan")) - ev.get("test_acc", float("nan"))
+        loss_gap = ev.get("test_loss", float("nan")) - ev.get("train_loss", float("nan"))
+        return {
+            "status": status,
+            "epochs": state.epoch,
+            "steps": state.step,
+            "final_train_loss": ev.get("train_loss"),
+            "final_train_acc": ev.get("train_acc"),
+            "final_test_loss": ev.get("test_loss"),
+            "final_test_acc": ev.get("test_acc"),
+            "best_test_acc": None if math.isnan(state.best_test_acc) else state.best_test_acc,
+            "generalization_gap": None if math.isnan(gap) else gap,
+            "loss_gap": None if math.isnan(loss_gap) else loss_gap,
+            "wall_time": state.wall_time,
+            "device": str(self.device),
+            "n_params": self.n_params,
+        }
+
+    # helpers
+    def _perturb_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.optim.method != "nsam":
+            return None
+        x, y = self.data.x_train, self.data.y_train
+        size = self.cfg.optim.nsam_batch
+        if size is None or size >= len(x):
+            return x, y
+        idx = torch.randperm(len(x), generator=self.aux_gen, device=self.aux_gen.device)[:size]
+        return x[idx], y[idx]
+
+    def _fixed_subset(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.cfg.seed + 2)
+        idx = torch.randperm(len(self.data.x_train), generator=gen)[:size].to(self.device)
+        return self.data.x_train[idx], self.data.y_train[idx]
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _save(self, state: _State, epoch_gen_state: torch.Tensor) -> Path:
+        path = self.workdir / CHECKPOINT
+        payload = {
+            "config": self.cfg.to_json(),
+            "model": self.model.state_dict(),
+            "optimizer": self.base.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "step_in_epoch": state.step_in_epoch,
+            "best_test_acc": state.best_test_acc,
+            "last_eval": dict(state.last_eval),
+            "wall_time": state.wall_time,
+            "epoch_gen_state": epoch_gen_state,
+            "aux_gen_state": self.aux_gen.get_state(),
+            "torch_rng_state": torch.get_rng_state(),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
+        return path
+
+    def _snapshot(self, state: _State) -> None:
+        if self.n_params > SNAPSHOT_MAX_PARAMS:
+            return
+        folder = self.workdir / SNAPSHOT_DIR
+        folder.mkdir(exist_ok=True)
+        payload = {"config": self.cfg.to_json(), "model": self.model.state_dict(), "epoch": state.epoch,
+                   "step": state.step}
+        torch.save(payload, folder / f"epoch_{state.epoch:04d}.pt")
+
+
+# -- module helpers -------------------------------------------------------------------------------
+def _build(cfg: RunConfig, data: Dataset, device: torch.device) -> nn.Module:
+    outputs = data.num_classes if data.task == "classification" else 1
+    return build_model(cfg.model, data.input_shape, outputs).to(device)
+
+
+def _base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.base == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _require_checkpoint(workdir: Path | None) -> Path:
+    if workdir is None:
+        raise ValueError("resume: needs the run's workdir (where checkpoint.pt was written)")
+    path = workdir / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"resume: no checkpoint at {path}; the run stopped before its first checkpoint")
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which and why
+        raise ValueError(f"checkpoint: cannot read {path} ({type(exc).__name__}: {exc})") from None
+
+
+def _load_checkpoint(path, model, base, batch_gen, aux_gen, device) -> tuple[_State, torch.Tensor]:
+    payload = _read(path)
+    try:
+        model.load_state_dict(payload["model"])
+        base.load_state_dict(payload["optimizer"])
+        aux_gen.set_state(payload["aux_gen_state"])
+        torch.set_rng_state(payload["torch_rng_state"])
+        state = _State(
+            epoch=int(payload["epoch"]),
+            step=int(payload["step"]),
+            step_in_epoch=int(payload["step_in_epoch"]),
+            best_test_acc=float(payload["best_test_acc"]),
+            last_eval=dict(payload["last_eval"]),
+            wall_time=float(payload["wall_time"]),
+        )
+        epoch_gen_state = payload["epoch_gen_state"]
+        batch_gen.set_state(epoch_gen_state)
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"checkpoint: {path} does not match this run ({type(exc).__name__}: {exc})") from None
+    return state, epoch_gen_state
+
+
+def _scalar(value) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _nanmax(a: float, b: float) -> float:
+    return b if math.isnan(a) else max(a, b)
+
+
