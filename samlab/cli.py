@@ -1,0 +1,79 @@
+"""`python -m samlab ...`: the command-line interface (parser and the train/presets subcommands).
+
+Subcommands register themselves through `add_cli(subparsers)` in the modules listed in CLI_MODULES;
+each sets `func` on its parser. A ValueError anywhere (bad config, unknown run, ...) is printed as one
+readable line and exits with status 2; no traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from samlab.config import PRESETS
+
+CLI_MODULES = ["samlab.cli"]  # modules with add_cli(subparsers); add yours here
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train one run in this process, with a progress bar")
+    train.add_argument("--preset", required=True, help=f"one of: {', '.join(sorted(PRESETS))}")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set optim.rho=0.1 (repeatable)")
+    train.add_argument("--workdir", help="folder for checkpoints and snapshots (default: none kept)")
+    train.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    train.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    train.set_defaults(func=_train)
+    presets = sub.add_parser("presets", help="list the named presets with their configs")
+    presets.set_defaults(func=_presets)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from samlab.config import preset
+    from samlab.reporting import ConsoleReporter
+    from samlab.train import run
+
+    cfg = preset(args.preset, args.overrides)
+    reporter = ConsoleReporter()
+    result = run(cfg, reporter, workdir=args.workdir, resume=args.resume)
+    if args.json:
+        print(json.dumps(result.summary, sort_keys=True))
+    else:
+        s = result.summary
+        print(f"{result.status}: {s['epochs']} epochs, {s['steps']} steps in {s['wall_time']:.1f}s on {s['device']}")
+        for key in ("final_train_loss", "final_test_loss", "final_train_acc", "final_test_acc", "best_test_acc"):
+            if s.get(key) is not None:
+                print(f"  {key:18s} {s[key]:.6g}")
+    return 0 if result.status == "completed" else 1
+
+
+def _presets(args: argparse.Namespace) -> int:
+    for name, raw in sorted(PRESETS.items()):
+        print(f"{name}: {json.dumps(raw, sort_keys=True)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m samlab", description="samlab: SAM and m-sharpness lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in CLI_MODULES:
+        importlib.import_module(module).add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
