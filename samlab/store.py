@@ -1,0 +1,705 @@
+"""The run store: runs, their metrics and artifacts in one SQLAlchemy database (SQLite by default).
+
+One code path serves any SQLAlchemy URL. The default is SQLite at `data/runs/samlab.db` under the
+repository (resolved from this file, not the working directory); `SAMLAB_STORE` selects another URL.
+SQLite is opened in WAL mode with a busy timeout (set on every new connection), so many worker
+processes can write while the dashboard reads. Engines are created lazily inside the process that uses
+them and re-created after a fork, so no connection ever crosses a process boundary.
+
+All timestamps (created, started, finished, heartbeat, cancel request) come from the database server's
+clock (`utcnow()` below, naive UTC), so staleness is judged on one clock even across hosts.
+
+Public API (stable; the dashboard, CLI, worker and scheduler use only this):
+
+    default_url() -> str                       SAMLAB_STORE, else sqlite:///<repo>/data/runs/samlab.db
+    open_store(url=None) -> Store              one Store per URL per process
+    Store.url, Store.runs_root                 where run folders go by default (<db dir> for SQLite files)
+
+    writers
+    Store.create_runs(specs) -> list[str]      specs: dicts with kind, params, name, group_id, cache_key
+    Store.claim(run_id, host, executor) -> bool          queued -> running (for a launcher; atomic)
+    Store.start_run(run_id, pid, host, device) -> bool   worker takes the run (queued, or claimed for it)
+    Store.set_launch(run_id, pid, executor_ref)          launcher records the process it started
+    Store.flush(run_id, rows, progress=None, message=None, result=None) -> bool
+        one transaction: metric rows [(kind, step, name, value, time)], heartbeat, progress, partial
+        result; returns the run's cancel_requested flag
+    Store.finish_run(run_id, status, *, result, summary, error, checkpoint_path) -> bool
+    Store.fail_run(run_id, reason, *, only_if_running=True) -> bool
+    Store.request_cancel(run_id) -> str        "cancelled" (was queued), "requested" (running) or ""
+    Store.requeue(run_id, *, resume) -> bool   cancelled/failed -> queued
+    Store.record_error(run_id, text)
+    Store.delete_metrics_from(run_id, kind, name, step)  drop rows with step >= `step` (before re-logging)
+    Store.add_artifact(run_id, name, path)
+    Store.delete_run(run_id) -> dict           rows only; returns the run (jobs.delete removes files)
+
+    readers
+    Store.get_run(run_id) -> dict              ValueError naming run_id when absent; prefixes accepted
+    Store.resolve_id(prefix) -> str
+    Store.list_runs(status=None, kind=None, group=None, text=None, limit=100, offset=0) -> list[dict]
+    Store.count_by_status(kind=None, group=None, text=None) -> dict[str, int]
+    Store.find_cached(cache_key) -> dict | None          newest queued/running/completed run with the key
+    Store.metric_names(run_ids) -> list[tuple[kind, name]]
+    Store.metrics(run_ids, names=None, kind=None, max_points=None) -> pandas.DataFrame
+        columns run_id, kind, name, step, value; with max_points each curve is bucketed by step on the
+        server (integer division) into at most max_points buckets, each the mean step and mean value
+    Store.latest_metrics(run_ids, names=None, kind="epoch") -> dict[run_id, dict[name, value]]
+    Store.artifacts(run_id) -> list[dict]
+    Store.stale_runs(stale_after_s) -> list[dict]        running, heartbeat older than that (server clock)
+    Store.runs_with_status(statuses, host=None) -> list[dict]
+    Store.server_now() -> datetime
+
+A run dict has the columns of `runs` below with JSON columns decoded (params, result, summary).
+
+Schema history (SCHEMA_VERSION, `meta.schema_version`); opening an older file migrates it in place:
+    v1  runs (train runs only: config JSON, status, timestamps, pid/host/device, error, heartbeat, paths,
+        summary) and metrics (long format).
+    v2  runs.config renamed params; runs gain kind, cache_key, progress, progress_message,
+        cancel_requested(+_at), resume_requested, result, executor, executor_ref, attempts; artifacts table;
+        indexes for status/kind/group/cache_key and (run_id, kind, name, step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import expression
+
+SCHEMA_VERSION = 2
+STATUSES = ("queued", "running", "completed", "failed", "cancelled", "diverged")
+ACTIVE = ("queued", "running")
+FINAL = ("completed", "failed", "cancelled", "diverged")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DB = REPO_ROOT / "data" / "runs" / "samlab.db"
+BUSY_TIMEOUT_MS = 30_000
+
+
+# -- server clock ------------------------------------------------------------------------------------
+class utcnow(expression.FunctionElement):  # noqa: N801 (SQL function name)
+    """The database server's current UTC time as a naive timestamp (millisecond resolution on SQLite)."""
+
+    type = sa.DateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow)
+def _utcnow_default(element, compiler, **kw):
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element, compiler, **kw):
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+@compiles(utcnow, "postgresql")
+def _utcnow_postgresql(element, compiler, **kw):
+    return "(CURRENT_TIMESTAMP AT TIME ZONE 'UTC')"
+
+
+# -- schema ------------------------------------------------------------------------------------------
+metadata = sa.MetaData()
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+meta_table = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+runs_table = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False, server_default="train"),
+    sa.Column("name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("group_id", sa.String(32)),
+    sa.Column("params", sa.Text, nullable=False),
+    sa.Column("cache_key", sa.String(64)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime),
+    sa.Column("started_at", sa.DateTime),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("heartbeat_at", sa.DateTime),
+    sa.Column("pid", sa.Integer),
+    sa.Column("host", sa.String(255)),
+    sa.Column("device", sa.String(255)),
+    sa.Column("executor", sa.String(32)),
+    sa.Column("executor_ref", sa.String(255)),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("progress", sa.Float),
+    sa.Column("progress_message", sa.Text),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("cancel_requested_at", sa.DateTime),
+    sa.Column("resume_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("result", sa.Text),
+    sa.Column("summary", sa.Text),
+    sa.Column("workdir", sa.Text),
+    sa.Column("log_path", sa.Text),
+    sa.Column("checkpoint_path", sa.Text),
+    sa.Index("ix_runs_status", "status"),
+    sa.Index("ix_runs_kind", "kind"),
+    sa.Index("ix_runs_group", "group_id"),
+    sa.Index("ix_runs_cache_key", "cache_key"),
+    sa.Index("ix_runs_created", "created_at"),
+)
+
+metrics_table = sa.Table(
+    "metrics",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(32), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("value", sa.Float),  # NULL for NaN (SQLite stores NaN as NULL)
+    sa.Column("time", sa.Float),  # writer's unix time of the measurement
+    sa.Index("ix_metrics_run_kind_name_step", "run_id", "kind", "name", "step"),
+)
+
+artifacts_table = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime),
+)
+
+_JSON_COLUMNS = ("params", "result", "summary")
+_LIST_COLUMNS = [c for c in runs_table.c if c.name not in ("result",)]
+
+
+# -- migrations --------------------------------------------------------------------------------------
+def _migrate_1_to_2(conn: sa.Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE runs RENAME COLUMN config TO params"))
+    added = {
+        "kind": "VARCHAR(32) NOT NULL DEFAULT 'train'",
+        "cache_key": "VARCHAR(64)",
+        "executor": "VARCHAR(32)",
+        "executor_ref": "VARCHAR(255)",
+        "attempts": "INTEGER NOT NULL DEFAULT 0",
+        "progress": "FLOAT",
+        "progress_message": "TEXT",
+        "cancel_requested": "BOOLEAN NOT NULL DEFAULT FALSE",
+        "cancel_requested_at": "TIMESTAMP",
+        "resume_requested": "BOOLEAN NOT NULL DEFAULT FALSE",
+        "result": "TEXT",
+    }
+    for column, ddl in added.items():
+        conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {column} {ddl}"))
+    artifacts_table.create(conn, checkfirst=True)
+    for table in (runs_table, metrics_table):
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {2: _migrate_1_to_2}  # target version -> step from the version before
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def default_url() -> str:
+    """The store URL: `SAMLAB_STORE` if set, else the repository's SQLite file."""
+    return os.environ.get("SAMLAB_STORE") or f"sqlite:///{DEFAULT_DB}"
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _decode(row: sa.Row) -> dict[str, Any]:
+    out = dict(row._mapping)
+    for key in _JSON_COLUMNS:
+        if key in out:
+            out[key] = _loads(out[key])
+    if "cancel_requested" in out:
+        out["cancel_requested"] = bool(out["cancel_requested"])
+    if "resume_requested" in out:
+        out["resume_requested"] = bool(out["resume_requested"])
+    return out
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def new_id() -> str:
+    """A short random run id (12 hex digits); unique enough for millions of runs, safe in paths."""
+    return uuid.uuid4().hex[:12]
+
+
+def _set_sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    """A run store at one SQLAlchemy URL. Cheap to construct; the engine is made on first use."""
+
+    def __init__(self, url: str | None = None, *, runs_root: str | Path | None = None) -> None:
+        self.url = url or default_url()
+        self.runs_root = Path(runs_root) if runs_root else _default_runs_root(self.url)
+        self._engine: Engine | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    # -- engine ----------------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        """This process's engine (re-created after a fork: connections never cross processes)."""
+        with self._lock:
+            if self._engine is None or self._pid != os.getpid():
+                self._engine = self._make_engine()
+                self._pid = os.getpid()
+                self._ensure_schema()
+            return self._engine
+
+    def _make_engine(self) -> Engine:
+        url = sa.make_url(self.url)
+        if url.get_backend_name() == "sqlite":
+            if url.database and url.database != ":memory:":
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+            sa.event.listen(engine, "connect", _set_sqlite_pragmas)
+            return engine
+        return sa.create_engine(url, pool_size=2, max_overflow=2, pool_pre_ping=True)
+
+    def _ensure_schema(self) -> None:
+        # Several processes may open a fresh file at once: retry when another one created it first.
+        for attempt in range(5):
+            try:
+                self._create_or_migrate()
+                return
+            except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+
+    def _create_or_migrate(self) -> None:
+        engine = self._engine
+        inspector = sa.inspect(engine)
+        tables = set(inspector.get_table_names())
+        if "runs" not in tables:
+            with engine.begin() as conn:
+                metadata.create_all(conn)
+                conn.execute(sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            return
+        version = self._read_version(engine, tables)
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"store: {self.url} has schema version {version}, newer than this samlab understands "
+                f"({SCHEMA_VERSION}); upgrade samlab to open it"
+            )
+        if version < SCHEMA_VERSION:
+            with engine.begin() as conn:
+                conn.execute(sa.update(meta_table).where(meta_table.c.key == "schema_version")
+                             .values(value=str(version)))  # a write first: take the write lock now
+                current = int(conn.execute(sa.select(meta_table.c.value)
+                                           .where(meta_table.c.key == "schema_version")).scalar_one())
+                for target in range(current + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[target](conn)
+                conn.execute(sa.update(meta_table).where(meta_table.c.key == "schema_version")
+                             .values(value=str(SCHEMA_VERSION)))
+
+    @staticmethod
+    def _read_version(engine: Engine, tables: set[str]) -> int:
+        if "meta" not in tables:
+            return 1
+        with engine.connect() as conn:
+            value = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).scalar_one_or_none()
+        return int(value) if value is not None else 1
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).scalar_one())
+
+    def dispose(self) -> None:
+        if self._engine is not None and self._pid == os.getpid():
+            self._engine.dispose()
+        self._engine = None
+
+    # -- writers ---------------------------------------------------------------------------------
+    def create_runs(self, specs: Sequence[dict[str, Any]]) -> list[str]:
+        """Insert queued runs in one transaction; each spec has kind, params and optionally name,
+        group_id, cache_key, workdir. Returns the new ids in order."""
+        rows = []
+        for spec in specs:
+            run_id = new_id()
+            workdir = Path(spec.get("workdir") or self.runs_root / run_id)
+            rows.append({
+                "id": run_id,
+                "kind": spec["kind"],
+                "name": spec.get("name") or "",
+                "group_id": spec.get("group_id"),
+                "params": _dumps(spec["params"]),
+                "cache_key": spec.get("cache_key"),
+                "status": "queued",
+                "workdir": str(workdir),
+                "log_path": str(workdir / "run.log"),
+            })
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(runs_table).values(created_at=utcnow()), rows)
+        return [r["id"] for r in rows]
+
+    def claim(self, run_id: str, host: str, executor: str) -> bool:
+        """Atomically take a queued run for launching (queued -> running); False if someone else did."""
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                sa.update(runs_table)
+                .where(runs_table.c.id == run_id, runs_table.c.status == "queued")
+                .values(status="running", host=host, executor=executor, pid=None, error=None,
+                        started_at=utcnow(), heartbeat_at=utcnow(), finished_at=None,
+                        attempts=runs_table.c.attempts + 1, progress_message="launching")
+            )
+            return res.rowcount == 1
+
+    def set_launch(self, run_id: str, pid: int | None, executor_ref: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(runs_table)
+                .where(runs_table.c.id == run_id, runs_table.c.status == "running",
+                       sa.or_(runs_table.c.pid.is_(None), runs_table.c.pid == pid))
+                .values(pid=pid, executor_ref=executor_ref)
+            )
+
+    def start_run(self, run_id: str, pid: int, host: str, device: str) -> bool:
+        """The worker takes its run: a queued run, or one claimed for it on this host."""
+        c = runs_table.c
+        claimed_for_me = sa.and_(c.status == "running", c.host == host,
+                                 sa.or_(c.pid.is_(None), c.pid == pid))
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                sa.update(runs_table)
+                .where(c.id == run_id, sa.or_(c.status == "queued", claimed_for_me))
+                .values(status="running", pid=pid, host=host, device=device, error=None,
+                        started_at=sa.func.coalesce(c.started_at, utcnow()), heartbeat_at=utcnow(),
+                        finished_at=None, progress_message="started")
+            )
+            return res.rowcount == 1
+
+    def flush(self, run_id: str, rows: Sequence[tuple[str, int, str, float | None, float]],
+              progress: float | None = None, message: str | None = None,
+              result: dict[str, Any] | None = None) -> bool:
+        """Metric rows, heartbeat, progress and a partial result in one transaction; returns the
+        run's cancel_requested flag."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if progress is not None:
+            values["progress"] = progress
+        if message is not None:
+            values["progress_message"] = message
+        if result is not None:
+            values["result"] = _dumps(result)
+        with self.engine.begin() as conn:
+            if rows:
+                conn.execute(sa.insert(metrics_table), [
+                    {"run_id": run_id, "kind": k, "step": s, "name": n, "value": v, "time": t}
+                    for k, s, n, v, t in rows
+                ])
+            conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(**values))
+            flag = conn.execute(
+                sa.select(runs_table.c.cancel_requested).where(runs_table.c.id == run_id)
+            ).scalar_one_or_none()
+        return bool(flag)
+
+    def delete_metrics_from(self, run_id: str, kind: str, name: str, step: int) -> None:
+        """Remove rows of one curve from `step` on (a resumed run re-logs them)."""
+        m = metrics_table.c
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(metrics_table).where(
+                m.run_id == run_id, m.kind == kind, m.name == name, m.step >= step))
+
+    def finish_run(self, run_id: str, status: str, *, result: dict[str, Any] | None = None,
+                   summary: dict[str, Any] | None = None, error: str | None = None,
+                   checkpoint_path: str | None = None) -> bool:
+        """Record the final status of a running run (False if it was no longer running)."""
+        if status not in FINAL:
+            raise ValueError(f"status: must be one of {', '.join(FINAL)} (got {status!r})")
+        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "heartbeat_at": utcnow(),
+                                  "error": error, "cancel_requested": False, "resume_requested": False}
+        if result is not None:
+            values["result"] = _dumps(result)
+        if summary is not None:
+            values["summary"] = _dumps(summary)
+        if checkpoint_path is not None:
+            values["checkpoint_path"] = checkpoint_path
+        if status == "completed":
+            values["progress"] = 1.0
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(runs_table)
+                               .where(runs_table.c.id == run_id, runs_table.c.status == "running")
+                               .values(**values))
+            return res.rowcount == 1
+
+    def fail_run(self, run_id: str, reason: str, *, only_if_running: bool = True,
+                 status: str = "failed") -> bool:
+        """Mark a run failed (or another final status) with a reason, unless it already ended."""
+        cond = [runs_table.c.id == run_id]
+        if only_if_running:
+            cond.append(runs_table.c.status == "running")
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(runs_table).where(*cond).values(
+                status=status, error=reason, finished_at=utcnow(), cancel_requested=False,
+                resume_requested=False))
+            return res.rowcount == 1
+
+    def request_cancel(self, run_id: str) -> str:
+        """Queued -> cancelled at once ("cancelled"); running -> flag set ("requested"); else ""."""
+        c = runs_table.c
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(runs_table).where(c.id == run_id, c.status == "queued").values(
+                status="cancelled", finished_at=utcnow(), error="cancelled before it started"))
+            if res.rowcount == 1:
+                return "cancelled"
+            res = conn.execute(sa.update(runs_table).where(c.id == run_id, c.status == "running").values(
+                cancel_requested=True,
+                cancel_requested_at=sa.func.coalesce(c.cancel_requested_at, utcnow())))
+            return "requested" if res.rowcount == 1 else ""
+
+    def requeue(self, run_id: str, *, resume: bool) -> bool:
+        """A cancelled or failed run goes back to the queue (resume=True continues from its state)."""
+        c = runs_table.c
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(runs_table)
+                               .where(c.id == run_id, c.status.in_(("cancelled", "failed")))
+                               .values(status="queued", resume_requested=resume, cancel_requested=False,
+                                       cancel_requested_at=None, pid=None, executor_ref=None,
+                                       finished_at=None, error=None, progress_message="queued to resume"))
+            return res.rowcount == 1
+
+    def record_error(self, run_id: str, text: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(error=text))
+
+    def add_artifact(self, run_id: str, name: str, path: str) -> None:
+        a = artifacts_table.c
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(artifacts_table).where(a.run_id == run_id, a.name == name))
+            conn.execute(sa.insert(artifacts_table).values(run_id=run_id, name=name, path=str(path),
+                                                           created_at=utcnow()))
+
+    def delete_run(self, run_id: str) -> dict[str, Any]:
+        """Delete a run's rows (metrics, artifacts, run); refuses a running run. Returns the run."""
+        run = self.get_run(run_id)
+        if run["status"] == "running":
+            raise ValueError(f"run_id: run {run['id']} is running; cancel it before deleting")
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(metrics_table).where(metrics_table.c.run_id == run["id"]))
+            conn.execute(sa.delete(artifacts_table).where(artifacts_table.c.run_id == run["id"]))
+            conn.execute(sa.delete(runs_table).where(runs_table.c.id == run["id"],
+                                                     runs_table.c.status != "running"))
+        return run
+
+    # -- readers ---------------------------------------------------------------------------------
+    def resolve_id(self, prefix: str) -> str:
+        """The full id of the run whose id is `prefix` or starts with it (must be unique)."""
+        if not isinstance(prefix, str) or not prefix.strip():
+            raise ValueError("run_id: must be a non-empty run id (or a unique prefix of one)")
+        prefix = prefix.strip()
+        with self.engine.connect() as conn:
+            ids = conn.execute(sa.select(runs_table.c.id)
+                               .where(runs_table.c.id.startswith(prefix, autoescape=True))
+                               .limit(2)).scalars().all()
+        if not ids:
+            raise ValueError(f"run_id: no run {prefix!r} in the store {self.url}")
+        if len(ids) > 1 and prefix not in ids:
+            raise ValueError(f"run_id: {prefix!r} matches several runs; give more of the id")
+        return prefix if prefix in ids else ids[0]
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        full = self.resolve_id(run_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(runs_table).where(runs_table.c.id == full)).one()
+        return _decode(row)
+
+    def _filters(self, status, kind, group, text) -> list[Any]:
+        c = runs_table.c
+        cond: list[Any] = []
+        if (statuses := _as_list(status)) is not None:
+            bad = [s for s in statuses if s not in STATUSES]
+            if bad:
+                raise ValueError(f"status: must be among {', '.join(STATUSES)} (got {bad})")
+            cond.append(c.status.in_(statuses))
+        if (kinds := _as_list(kind)) is not None:
+            cond.append(c.kind.in_(kinds))
+        if group is not None:
+            cond.append(c.group_id == group)
+        if text:
+            pattern = f"%{text.lower()}%"
+            cond.append(sa.or_(sa.func.lower(c.name).like(pattern), c.id.like(pattern),
+                               sa.func.lower(c.params).like(pattern)))
+        return cond
+
+    def list_runs(self, status: str | Iterable[str] | None = None, kind: str | Iterable[str] | None = None,
+                  group: str | None = None, text: str | None = None, limit: int = 100,
+                  offset: int = 0) -> list[dict[str, Any]]:
+        """Runs newest first, filtered; without the (possibly large) result column."""
+        if not isinstance(limit, int) or not 1 <= limit <= 100_000:
+            raise ValueError(f"limit: must be an integer in [1, 100000] (got {limit!r})")
+        query = (sa.select(*_LIST_COLUMNS).where(*self._filters(status, kind, group, text))
+                 .order_by(runs_table.c.created_at.desc(), runs_table.c.id).limit(limit).offset(offset))
+        with self.engine.connect() as conn:
+            return [_decode(row) for row in conn.execute(query)]
+
+    def count_by_status(self, kind: str | Iterable[str] | None = None, group: str | None = None,
+                        text: str | None = None) -> dict[str, int]:
+        c = runs_table.c
+        query = (sa.select(c.status, sa.func.count()).where(*self._filters(None, kind, group, text))
+                 .group_by(c.status))
+        counts = dict.fromkeys(STATUSES, 0)
+        with self.engine.connect() as conn:
+            counts.update({status: n for status, n in conn.execute(query)})
+        return counts
+
+    def runs_with_status(self, statuses: Iterable[str], host: str | None = None,
+                         limit: int = 10_000) -> list[dict[str, Any]]:
+        """Runs in the given statuses, oldest first (the scheduler's queue order)."""
+        c = runs_table.c
+        cond = [c.status.in_(list(statuses))]
+        if host is not None:
+            cond.append(c.host == host)
+        query = sa.select(*_LIST_COLUMNS).where(*cond).order_by(c.created_at, c.id).limit(limit)
+        with self.engine.connect() as conn:
+            return [_decode(row) for row in conn.execute(query)]
+
+    def find_cached(self, cache_key: str) -> dict[str, Any] | None:
+        c = runs_table.c
+        query = (sa.select(runs_table).where(c.cache_key == cache_key,
+                                             c.status.in_(("queued", "running", "completed")))
+                 .order_by(c.created_at.desc()).limit(1))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return _decode(row) if row is not None else None
+
+    def server_now(self) -> datetime:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(utcnow())).scalar_one()
+
+    def stale_runs(self, stale_after_s: float) -> list[dict[str, Any]]:
+        """Running runs whose last heartbeat is older than `stale_after_s` by the server's clock."""
+        now = self.server_now()
+        return [r for r in self.runs_with_status(["running"])
+                if r["heartbeat_at"] is None or (now - r["heartbeat_at"]).total_seconds() > stale_after_s]
+
+    def metric_names(self, run_ids: Iterable[str]) -> list[tuple[str, str]]:
+        m = metrics_table.c
+        query = (sa.select(m.kind, m.name).where(m.run_id.in_(list(run_ids))).distinct()
+                 .order_by(m.kind, m.name))
+        with self.engine.connect() as conn:
+            return [(k, n) for k, n in conn.execute(query)]
+
+    def metrics(self, run_ids: Iterable[str], names: Iterable[str] | None = None, kind: str | None = None,
+                max_points: int | None = None):
+        """Long-format metrics (pandas DataFrame: run_id, kind, name, step, value), sorted by step.
+
+        With `max_points`, each curve (run, kind, name) is split on the server into at most that many
+        equal step ranges, bucket = (step - first) * max_points // (last - first + 1), and each bucket
+        is returned as its mean step and mean value (NaN values, stored as NULL, are skipped)."""
+        import pandas as pd
+
+        if max_points is not None and (not isinstance(max_points, int) or max_points < 1):
+            raise ValueError(f"max_points: must be a positive integer or None (got {max_points!r})")
+        m = metrics_table.c
+        cond = [m.run_id.in_(list(run_ids))]
+        if names is not None:
+            cond.append(m.name.in_(list(names)))
+        if kind is not None:
+            cond.append(m.kind == kind)
+        if max_points is None:
+            query = sa.select(m.run_id, m.kind, m.name, m.step, m.value).where(*cond).order_by(
+                m.run_id, m.kind, m.name, m.step)
+        else:
+            query = _bucketed_query(cond, max_points)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        frame = pd.DataFrame(rows, columns=["run_id", "kind", "name", "step", "value"])
+        frame["value"] = frame["value"].astype(float)
+        frame["step"] = frame["step"].astype(float if max_points is not None else "int64")
+        return frame
+
+    def latest_metrics(self, run_ids: Iterable[str], names: Iterable[str] | None = None,
+                       kind: str = "epoch") -> dict[str, dict[str, float | None]]:
+        """The last recorded value of each metric of each run (largest step)."""
+        m = metrics_table.c
+        cond = [m.run_id.in_(list(run_ids)), m.kind == kind]
+        if names is not None:
+            cond.append(m.name.in_(list(names)))
+        last = (sa.select(m.run_id, m.name, sa.func.max(m.step).label("step")).where(*cond)
+                .group_by(m.run_id, m.name).subquery())
+        query = sa.select(m.run_id, m.name, m.value).join(
+            last, sa.and_(m.run_id == last.c.run_id, m.name == last.c.name, m.step == last.c.step)
+        ).where(m.kind == kind)
+        out: dict[str, dict[str, float | None]] = {}
+        with self.engine.connect() as conn:
+            for run_id, name, value in conn.execute(query):
+                out.setdefault(run_id, {})[name] = value
+        return out
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        a = artifacts_table.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(artifacts_table).where(a.run_id == run_id).order_by(a.name))
+            return [dict(r._mapping) for r in rows]
+
+
+def _bucketed_query(cond: list[Any], max_points: int):
+    m = metrics_table.c
+    span = (sa.select(m.run_id, m.kind, m.name, sa.func.min(m.step).label("lo"),
+                      sa.func.max(m.step).label("hi"))
+            .where(*cond).group_by(m.run_id, m.kind, m.name).subquery())
+    # integer floor division (`//` renders as integer division on SQLite and PostgreSQL alike)
+    bucket = ((m.step - span.c.lo) * sa.literal(max_points, sa.Integer)) // (span.c.hi - span.c.lo + 1)
+    bucket = bucket.label("bucket")
+    joined = sa.select(m.run_id, m.kind, m.name, m.step, m.value, bucket).join(
+        span, sa.and_(m.run_id == span.c.run_id, m.kind == span.c.kind, m.name == span.c.name)
+    ).where(*cond).subquery()
+    b = joined.c
+    return (sa.select(b.run_id, b.kind, b.name, sa.func.avg(b.step), sa.func.avg(b.value))
+            .group_by(b.run_id, b.kind, b.name, b.bucket)
+            .order_by(b.run_id, b.kind, b.name, b.bucket))
+
+
+def _default_runs_root(url: str) -> Path:
+    """Run folders live beside a SQLite file; for server databases in SAMLAB_RUNS_DIR or data/runs."""
+    if env := os.environ.get("SAMLAB_RUNS_DIR"):
+        return Path(env)
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database).resolve().parent
+    return DEFAULT_DB.parent
+
+
+_STORES: dict[tuple[int, str], Store] = {}
+
+
+def open_store(url: str | None = None) -> Store:
+    """The Store for `url` (default: `default_url()`), one per URL per process."""
+    key = (os.getpid(), url or default_url())
+    if key not in _STORES:
+        _STORES[key] = Store(key[1])
+    return _STORES[key]
