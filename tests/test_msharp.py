@@ -1,0 +1,172 @@
+"""m-sharpness against hand-written loops over micro-batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samlab.losses import cross_entropy_per_sample, squared_error_per_sample
+from samlab.msharp import check_task, m_sharpness, m_sharpness_curve
+from samlab.reporting import RecordingReporter
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def tiny_bn_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
+    net.train()
+    net(torch.randn(32, 5, dtype=torch.float64))  # non-trivial running statistics
+    return net
+
+
+def classification_data(n: int = 24, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return x, y
+
+
+def loss_at(model: nn.Module, x, y, loss_fn, shift: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """L_B(w + shift) by copying the model and moving its weights (no torch.func)."""
+    moved = copy.deepcopy(model).eval()
+    if shift is not None:
+        with torch.no_grad():
+            for p, s in zip(moved.parameters(), shift):
+                p.add_(s)
+    return loss_fn(moved(x), y).mean()
+
+
+def sam_estimate_by_hand(model, x, y, loss_fn, rho) -> tuple[float, float]:
+    """(L(w + ρ g/‖g‖) − L(w), ‖g‖) with autograd on a copy of the model."""
+    probe = copy.deepcopy(model).eval()
+    loss = loss_fn(probe(x), y).mean()
+    grads = torch.autograd.grad(loss, list(probe.parameters()))
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    shift = [rho * g / norm for g in grads]
+    return float((loss_at(model, x, y, loss_fn, shift) - loss).detach()), float(norm)
+
+
+@pytest.mark.parametrize("m", [1, 4, 6, 24])
+def test_one_step_equals_a_hand_loop_over_microbatches(m):
+    model, (x, y) = tiny_bn_net(), classification_data()
+    rho = 0.3
+    got = m_sharpness(model, cross_entropy_per_sample, x, y, m=m, rho=rho)
+    expected = [
+        sam_estimate_by_hand(model, x[j : j + m], y[j : j + m], cross_entropy_per_sample, rho)[0]
+        for j in range(0, len(x) - m + 1, m)
+    ]
+    assert got["num_microbatches"] == len(expected)
+    torch.testing.assert_close(torch.tensor(got["per_microbatch"]), torch.tensor(expected), rtol=1e-7, atol=1e-10)
+    assert got["sharpness"] == pytest.approx(sum(expected) / len(expected), rel=1e-7)
+
+
+def test_full_batch_m_sharpness_is_the_sam_estimate():
+    model, (x, y) = tiny_mlp(), classification_data()
+    got = m_sharpness(model, cross_entropy_per_sample, x, y, m=len(x), rho=0.1)
+    expected, _ = sam_estimate_by_hand(model, x, y, cross_entropy_per_sample, 0.1)
+    assert got["num_microbatches"] == 1
+    assert got["sharpness"] == pytest.approx(expected, rel=1e-8)
+
+
+def test_leftover_samples_sit_out_and_a_generator_permutes_before_cutting():
+    model, (x, y) = tiny_mlp(), classification_data(n=26)
+    plain = m_sharpness(model, cross_entropy_per_sample, x, y, m=4, rho=0.2)
+    assert plain["num_microbatches"] == 6
+    gen = torch.Generator().manual_seed(5)
+    order = torch.randperm(26, generator=torch.Generator().manual_seed(5))
+    shuffled = m_sharpness(model, cross_entropy_per_sample, x, y, m=4, rho=0.2, generator=gen)
+    by_hand = m_sharpness(model, cross_entropy_per_sample, x[order], y[order], m=4, rho=0.2)
+    assert shuffled["per_microbatch"] == pytest.approx(by_hand["per_microbatch"], rel=1e-10)
+    assert shuffled["sharpness"] != pytest.approx(plain["sharpness"], rel=1e-6)
+
+
+def test_convex_loss_gains_at_least_rho_times_the_gradient_norm_per_microbatch():
+    # L_j convex ⇒ L_j(w + ρ g/‖g‖) ≥ L_j(w) + ρ‖g‖ (first-order lower bound): S_m ≥ 0 microbatch by microbatch.
+    torch.manual_seed(3)
+    model = nn.Linear(5, 1).double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(20, generator=gen, dtype=torch.float64)
+    got = m_sharpness(model, squared_error_per_sample, x, y, m=5, rho=0.05)
+    for j, value in enumerate(got["per_microbatch"]):
+        xs, ys = x[5 * j : 5 * j + 5], y[5 * j : 5 * j + 5]
+        _, norm = sam_estimate_by_hand(model, xs, ys, squared_error_per_sample, 0.05)
+        assert value >= 0.05 * norm - 1e-12
+
+
+def test_m_sharpness_is_non_negative_in_expectation_on_a_non_convex_net():
+    model, (x, y) = tiny_mlp(seed=7), classification_data(n=48, seed=8)
+    rows = m_sharpness_curve(model, cross_entropy_per_sample, x, y, ms=[1, 4, 48], rho=0.01, partitions=5, seed=2)
+    assert [r["m"] for r in rows] == [1, 4, 48]
+    assert all(r["sharpness"] > 0 for r in rows)
+    assert all(r["partitions"] == 5 for r in rows)
+
+
+def test_more_ascent_steps_never_lower_the_estimate():
+    model, (x, y) = tiny_mlp(seed=2), classification_data(seed=3)
+    one = m_sharpness(model, cross_entropy_per_sample, x, y, m=4, rho=0.5, steps=1)
+    many = m_sharpness(model, cross_entropy_per_sample, x, y, m=4, rho=0.5, steps=6, step_size=0.2)
+    default = m_sharpness(model, cross_entropy_per_sample, x, y, m=4, rho=0.5, steps=6)
+    for a, c in zip(one["per_microbatch"], default["per_microbatch"]):
+        assert c >= a - 1e-12
+    # smaller steps start lower than ρ ĝ but climb: on average they end above the one-step estimate
+    assert many["sharpness"] > 0
+    assert default["sharpness"] >= one["sharpness"]
+
+
+def test_multi_step_ascent_finds_the_exact_maximum_of_a_linear_loss_with_a_step_that_overshoots():
+    # L(w) = mean_i <x_i, w> is linear, so max over the ball is L(w) + ρ‖∇L‖, reached by ε = ρ ĝ.
+    model = nn.Linear(4, 1, bias=False).double()
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    identity = lambda out, target: out.reshape(-1)  # noqa: E731
+    got = m_sharpness(model, identity, x, torch.zeros(8), m=8, rho=0.3, steps=4, step_size=0.9)
+    assert got["sharpness"] == pytest.approx(0.3 * float(x.mean(0).norm()), rel=1e-9)
+
+
+def test_the_model_is_left_unchanged_and_keeps_its_mode():
+    model, (x, y) = tiny_bn_net(), classification_data()
+    before = copy.deepcopy(model.state_dict())
+    m_sharpness(model, cross_entropy_per_sample, x, y, m=6, rho=0.5, steps=3)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_curve_reports_progress_and_stops_when_asked():
+    model, (x, y) = tiny_mlp(), classification_data()
+    reporter = RecordingReporter()
+    rows = m_sharpness_curve(model, cross_entropy_per_sample, x, y, ms=[24, 6, 1], rho=0.1, reporter=reporter)
+    assert [call[:2] for call in reporter.progress_calls] == [(1, 3), (2, 3), (3, 3)]
+    assert len(rows) == 3
+    stopper = RecordingReporter()
+    stopper.stop_requested = True
+    assert m_sharpness_curve(model, cross_entropy_per_sample, x, y, ms=[24, 6], rho=0.1, reporter=stopper) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"m": 0}, "m:"), ({"m": 25}, "m:"), ({"rho": -1.0}, "rho:"), ({"steps": 0}, "steps:"), ({"step_size": 0.0}, "step_size:")],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    model, (x, y) = tiny_mlp(), classification_data()
+    args = {"m": 4, "rho": 0.1} | kwargs
+    with pytest.raises(ValueError, match=field):
+        m_sharpness(model, cross_entropy_per_sample, x, y, **args)
+
+
+def test_check_task_fills_defaults_and_names_bad_fields():
+    params = check_task({"checkpoint": "run/checkpoint.pt", "ms": [4, 16, 4], "rho": 0.1})
+    assert params["ms"] == [16, 4] and params["steps"] == 1 and params["rho"] == 0.1
+    with pytest.raises(ValueError, match="checkpoint:"):
+        check_task({"ms": [4]})
+    with pytest.raises(ValueError, match="ms:"):
+        check_task({"checkpoint": "c.pt", "ms": [0]})
+    with pytest.raises(ValueError, match="colour"):
+        check_task({"checkpoint": "c.pt", "colour": 1})
