@@ -1,0 +1,299 @@
+"""Shared Streamlit helpers for every dashboard page: store access, run pickers, errors, empty states,
+live fragments, the figure theme. The only module of `dashboard/` that talks to both streamlit and the
+run store; figure construction lives in `dashboard.figures`, tables and legends in `dashboard.tables`,
+config widgets in `dashboard.forms`.
+
+A page is thin — widgets → a config or params → a samlab call (usually a background run) → a figure:
+
+    import streamlit as st
+    from dashboard import common as ui
+    from dashboard import figures
+
+    ui.page_setup("Hessian", "Top eigenvalues, trace and spectral density of a trained model.")
+    run_id = ui.run_picker("Trained run", key="hessian.run")      # shows an empty state when None
+    if run_id is None:
+        st.stop()
+    params = {...}
+    run = ui.cached_or_submit("hessian", params, label="Compute spectrum")   # background run
+    ui.task_progress(run)                                       # progress bar with ETA, error if failed
+    if run and run.get("result"):
+        ui.show_figure(figures.some_builder(run["result"]))
+
+Stable API (other pages rely on it; extend, do not change):
+
+    page_setup(title, intro=None, icon=None)     set_page_config + title + intro; call first on a page
+    get_store() -> samlab.store.Store            one store per URL (SAMLAB_STORE or the default SQLite file)
+    store_url() -> str
+    list_runs(kind="train", status=None, group=None, text=None, limit=1000) -> list[dict]
+    run_config(run) -> RunConfig | None          a train run's config (None when its params do not parse)
+    run_labels(runs) -> dict[id, str]            legend names from distinguishing hyperparameters
+    run_picker(label, *, key, kind="train", statuses=("completed",), multi=False, default=None, help=None)
+        -> id | list[id] | None                  with an empty state (and a link to Train) when nothing fits
+    empty_state(message, page=None, link_label=None)
+    field_error(slot, message)                   a compact error right under a widget (slot = st.empty())
+    show_exception(err, what)                    a ValueError's message as an error box, not a traceback
+    show_figure(fig, key=None)                   plotly with the Streamlit theme (light and dark)
+    live(seconds)                                decorator: st.fragment(run_every=seconds)
+    submit(kind, params, *, name="", group=None, cache_key=None) -> id | None   errors shown, nothing queued
+    cached_or_submit(kind, params, *, label, key) -> run dict | None   reuse a cached run or offer a button
+    task_progress(run)                           status line, progress bar with ETA, error text of a failed run
+    progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
+    log_tail(run, lines=20) -> str
+    status_label(status) -> str                  "● running" etc. (icons that read in both themes)
+    page_files() -> list[Path]                   the multipage files under pages/, in menu order
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from dashboard import tables
+from samlab.config import RunConfig
+from samlab.store import ACTIVE, FINAL, STATUSES, Store, default_url, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES_DIR = ROOT / "pages"
+TRAIN_PAGE = "pages/1_Train.py"
+RUNS_PAGE = "pages/2_Runs.py"
+
+STATUS_ICONS: dict[str, str] = {
+    "queued": "⏳",
+    "running": "▶️",
+    "completed": "✅",
+    "failed": "❌",
+    "cancelled": "⏹️",
+    "diverged": "💥",
+}
+
+__all__ = [
+    "ACTIVE", "FINAL", "STATUSES", "page_setup", "get_store", "store_url", "list_runs", "run_config",
+    "run_labels", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
+    "submit", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
+]
+
+
+# -- page and store ---------------------------------------------------------------------------------
+def page_setup(title: str, intro: str | None = None, icon: str | None = None) -> None:
+    """The first call of every page: tab title, wide layout, the page title and a one-line intro."""
+    st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or "🏔️", layout="wide")
+    st.title(title)
+    if intro:
+        st.caption(intro)
+
+
+def store_url() -> str:
+    return default_url()
+
+
+@st.cache_resource(show_spinner=False)
+def _store_for(url: str) -> Store:
+    return open_store(url)
+
+
+def get_store() -> Store:
+    """The run store at the current URL (SAMLAB_STORE or the repository's SQLite file)."""
+    return _store_for(store_url())
+
+
+def list_runs(kind: str | Iterable[str] | None = "train", status: str | Iterable[str] | None = None,
+              group: str | None = None, text: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    """Runs newest first (see `Store.list_runs`)."""
+    return get_store().list_runs(status=status, kind=kind, group=group, text=text or None, limit=limit)
+
+
+def run_config(run: dict[str, Any]) -> RunConfig | None:
+    """A train run's RunConfig from its params; None for another kind or unparsable params."""
+    if run.get("kind", "train") != "train":
+        return None
+    try:
+        return RunConfig.from_dict(run["params"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def run_labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Legend names: the hyperparameters that differ between these runs (id for non-train runs)."""
+    configs = {r["id"]: cfg for r in runs if (cfg := run_config(r)) is not None}
+    labels = tables.distinguishing_labels(configs, {r["id"]: r.get("name") or "" for r in runs})
+    return {r["id"]: labels.get(r["id"], r.get("name") or r["id"]) for r in runs}
+
+
+def status_label(status: str) -> str:
+    return f"{STATUS_ICONS.get(status, '•')} {status}"
+
+
+def page_files() -> list[Path]:
+    """The pages of the multipage app, in Streamlit's menu order (numeric prefix, then name)."""
+    if not PAGES_DIR.is_dir():
+        return []
+    return sorted(PAGES_DIR.glob("*.py"), key=_page_order)
+
+
+def _page_order(path: Path) -> tuple[int, str]:
+    head = path.stem.split("_", 1)[0]
+    return (int(head), path.stem) if head.isdigit() else (10**6, path.stem)
+
+
+def page_title(path: Path) -> str:
+    """'3_Hessian.py' → 'Hessian'; 'x_Lesson_m-sharpness.py' → 'Lesson m-sharpness' (Streamlit's rule)."""
+    stem = path.stem
+    head, _, rest = stem.partition("_")
+    return (rest if head.isdigit() and rest else stem).replace("_", " ")
+
+
+# -- pickers and empty states -------------------------------------------------------------------------
+def run_picker(label: str, *, key: str, kind: str = "train", statuses: Sequence[str] | None = ("completed",),
+               multi: bool = False, default: str | Sequence[str] | None = None,
+               help: str | None = None) -> str | list[str] | None:
+    """Pick one run (or several with multi=True) among runs of `kind` in `statuses`.
+
+    Options are labelled by their distinguishing hyperparameters and short id. When no run fits, an
+    empty state says what to do and the picker returns None (or [] with multi=True).
+    """
+    runs = list_runs(kind=kind, status=list(statuses) if statuses else None)
+    if not runs:
+        wanted = " or ".join(statuses) if statuses else "any"
+        empty_state(f"No {wanted} {kind} runs yet — launch one on the Train page.", page=TRAIN_PAGE,
+                    link_label="Go to Train")
+        return [] if multi else None
+    labels = run_labels(runs)
+    ids = [r["id"] for r in runs]
+
+    def describe(run_id: str) -> str:
+        return f"{labels[run_id]} · {run_id[:6]}"
+
+    if multi:
+        chosen = [d for d in (default or []) if d in ids]
+        return st.multiselect(label, ids, default=chosen, format_func=describe, key=key, help=help)
+    index = ids.index(default) if isinstance(default, str) and default in ids else 0
+    return st.selectbox(label, ids, index=index, format_func=describe, key=key, help=help)
+
+
+def empty_state(message: str, page: str | None = None, link_label: str | None = None) -> None:
+    """An info box that says what to do, with a link to the page where it is done."""
+    st.info(message, icon="💡")
+    if page is not None and (ROOT / page).exists():
+        st.page_link(page, label=link_label or f"Open {page_title(Path(page))}", icon="➡️")
+
+
+def field_error(slot: Any, message: str | None) -> None:
+    """Show (or clear, with None) a validation message right under its widget."""
+    if message:
+        slot.error(message, icon="⚠️")
+    else:
+        slot.empty()
+
+
+def show_exception(err: Exception, what: str) -> None:
+    """A ValueError (bad input, missing data) as a readable error box; anything else with details."""
+    if isinstance(err, ValueError):
+        st.error(f"{what}: {err}", icon="⚠️")
+    else:
+        st.error(f"{what} failed: {type(err).__name__}: {err}", icon="❌")
+        with st.expander("details"):
+            st.exception(err)
+
+
+# -- figures and live fragments -----------------------------------------------------------------------
+PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def show_figure(fig: Any, key: str | None = None) -> None:
+    """Draw a plotly figure with the Streamlit theme, so it follows the light or dark setting."""
+    st.plotly_chart(fig, theme="streamlit", key=key, config=PLOTLY_CONFIG)
+
+
+def live(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the function re-runs every `seconds` on its own (a fragment), not the whole page."""
+    return st.fragment(run_every=seconds)
+
+
+# -- background runs ----------------------------------------------------------------------------------
+def submit(kind: str, params: dict[str, Any], *, name: str = "", group: str | None = None,
+           cache_key: str | None = None) -> str | None:
+    """Queue a background run; a validation error is shown and nothing is queued (returns None)."""
+    from samlab import jobs
+
+    try:
+        return jobs.submit_task(kind, params, name=name, group=group, cache_key=cache_key, store=get_store())
+    except ValueError as err:
+        show_exception(err, "Not queued")
+        return None
+
+
+def cached_or_submit(kind: str, params: dict[str, Any], *, label: str, key: str) -> dict[str, Any] | None:
+    """The newest queued, running or completed run of this analysis (same kind and params), else a
+    button that submits it. Returns the run dict (with its result) or None."""
+    from samlab import jobs
+
+    try:
+        cache_key = jobs.task_cache_key(kind, params)
+    except ValueError as err:
+        show_exception(err, "Invalid settings")
+        return None
+    store = get_store()
+    found = store.find_cached(cache_key)
+    if found is not None:
+        return found
+    if st.button(label, key=key, type="primary"):
+        run_id = submit(kind, params, cache_key=cache_key)
+        if run_id is not None:
+            return store.get_run(run_id)
+    return None
+
+
+def progress_text(run: dict[str, Any], now: datetime | None) -> tuple[float, str]:
+    """The progress bar's fraction and label: percent, the run's message, elapsed time and ETA."""
+    fraction = float(run.get("progress") or 0.0)
+    fraction = min(max(fraction, 0.0), 1.0)
+    started = run.get("started_at")
+    elapsed = (now - started).total_seconds() if (started is not None and now is not None) else None
+    if run.get("status") in FINAL and run.get("finished_at") is not None and started is not None:
+        elapsed = (run["finished_at"] - started).total_seconds()
+    parts = [f"{100 * fraction:.0f}%"]
+    if run.get("progress_message"):
+        parts.append(str(run["progress_message"]))
+    if elapsed is not None:
+        parts.append(f"elapsed {tables.format_duration(elapsed)}")
+    if run.get("status") == "running" and elapsed is not None:
+        parts.append(f"ETA {tables.format_duration(tables.eta_seconds(fraction, 1.0, elapsed))}")
+    return fraction, " · ".join(parts)
+
+
+def task_progress(run: dict[str, Any] | None) -> None:
+    """Status, progress bar with ETA, and the error of a failed run."""
+    if run is None:
+        return
+    fraction, text = progress_text(run, get_store().server_now())
+    st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`")
+    st.progress(fraction, text=text)
+    if run.get("error") and run["status"] in ("failed", "diverged", "cancelled"):
+        st.error(_first_lines(run["error"]), icon="❌")
+
+
+def log_tail(run: dict[str, Any], lines: int = 20) -> str:
+    """The last lines of the run's log file, or a note saying why there is none."""
+    path = run.get("log_path")
+    if not path:
+        return "(no log file recorded)"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.readlines()[-lines:]
+    except FileNotFoundError:
+        return "(no log yet)" if run.get("status") == "queued" else f"(log file {path} is not there)"
+    except OSError as err:
+        return f"(log file {path} cannot be read: {err})"
+    return "".join(text).rstrip() or "(log is empty)"
+
+
+def _first_lines(text: str, n: int = 12) -> str:
+    lines = str(text).strip().splitlines()
+    if len(lines) <= n:
+        return "\n".join(lines)
+    # a traceback's last lines say what went wrong
+    return "\n".join(["…", *lines[-n:]])

@@ -1,0 +1,336 @@
+"""Plotly figure builders for the dashboard: pure functions of data, no streamlit.
+
+Every figure here has axis titles with units, a legend that names its traces, and hover values.
+Colours come from the plotting theme (the pages draw with Streamlit's theme, which follows the
+light or dark setting), so no builder hard-codes a background or a text colour; the few fixed
+colours (reference lines) are mid-tone greys that read on both backgrounds.
+
+Metric names follow the training engine: step metrics `train_loss`, `train_acc`, `perturbed_loss`,
+`sharpness`, `grad_norm`, `lr`, `step_time`; epoch metrics `train_loss`, `train_acc`, `test_loss`,
+`test_acc`, `epoch_time`; analyses may add others (`lambda_max`, `trace_v`, ...), which get a
+generic title. Accuracies are stored as fractions and drawn in percent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+REFERENCE_COLOR = "rgba(128, 128, 128, 0.8)"
+
+X_AXES: dict[str, str] = {
+    "step": "optimizer step",
+    "epoch": "epoch",
+    "time": "wall time (s)",
+}
+
+LOSS_UNITS: dict[str, str] = {
+    "classification": "cross-entropy, nats",
+    "regression": "½·squared error",
+}
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How a metric is named on an axis, its unit, and whether it is drawn in percent."""
+
+    title: str
+    unit: str = ""
+    percent: bool = False
+    is_loss: bool = False
+
+
+METRICS: dict[str, MetricInfo] = {
+    "train_loss": MetricInfo("train loss", is_loss=True),
+    "test_loss": MetricInfo("test loss", is_loss=True),
+    "perturbed_loss": MetricInfo("perturbed loss L(w+ε)", is_loss=True),
+    "sharpness": MetricInfo("sharpness proxy L(w+ε) − L(w)", is_loss=True),
+    "train_acc": MetricInfo("train accuracy", "%", percent=True),
+    "test_acc": MetricInfo("test accuracy", "%", percent=True),
+    "grad_norm": MetricInfo("gradient norm ‖∇L‖", "L2 norm"),
+    "lr": MetricInfo("learning rate", "per step"),
+    "step_time": MetricInfo("step time", "s"),
+    "epoch_time": MetricInfo("epoch time", "s"),
+    "lambda_max": MetricInfo("top Hessian eigenvalue λ_max", "loss / weight²"),
+    "trace_v": MetricInfo("gradient-noise trace tr V", "squared gradient norm"),
+}
+
+
+def metric_info(name: str) -> MetricInfo:
+    return METRICS.get(name, MetricInfo(name.replace("_", " ")))
+
+
+def metric_axis_title(name: str, task: str | None = None) -> str:
+    """Axis title with the unit, e.g. 'test accuracy (%)' or 'train loss (cross-entropy, nats)'."""
+    info = metric_info(name)
+    unit = info.unit
+    if info.is_loss:
+        unit = LOSS_UNITS.get(task or "", "mean per sample")
+    return f"{info.title} ({unit})" if unit else info.title
+
+
+def x_axis_title(x: str) -> str:
+    if x not in X_AXES:
+        raise ValueError(f"x: must be one of {', '.join(X_AXES)} (got {x!r})")
+    return X_AXES[x]
+
+
+def display_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Values as drawn: accuracies in percent, everything else unchanged."""
+    arr = np.asarray(values, dtype=float)
+    return arr * 100.0 if metric_info(name).percent else arr
+
+
+def smooth_ema(values: Sequence[float] | np.ndarray, weight: float) -> np.ndarray:
+    """Debiased exponential moving average s_t = w s_{t-1} + (1 - w) y_t, divided by 1 - w^t.
+
+    `weight` in [0, 1): 0 returns the values unchanged. NaNs are skipped (they stay NaN and do not
+    enter the average), so curves with gaps smooth as if the gaps were absent.
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing: must be in [0, 1) (got {weight!r})")
+    arr = np.asarray(values, dtype=float)
+    if weight == 0.0:
+        return arr.copy()
+    out = np.full_like(arr, np.nan)
+    acc, norm = 0.0, 0.0
+    for i, y in enumerate(arr):
+        if math.isnan(y):
+            continue
+        acc = weight * acc + (1.0 - weight) * y
+        norm = weight * norm + (1.0 - weight)
+        out[i] = acc / norm
+    return out
+
+
+@dataclass
+class Curve:
+    """One line: a run's metric against an x coordinate."""
+
+    label: str
+    x: np.ndarray
+    y: np.ndarray
+    hover: dict[str, str] = field(default_factory=dict)
+
+
+def curves_figure(
+    curves: Sequence[Curve],
+    *,
+    metric: str,
+    x: str,
+    smoothing: float = 0.0,
+    log_y: bool = False,
+    task: str | None = None,
+    title: str | None = None,
+    height: int = 420,
+) -> go.Figure:
+    """Overlay of several runs' curves of one metric on shared axes.
+
+    With smoothing > 0 the raw values are drawn faintly under the smoothed line, in the same
+    colour and legend group, so the smoothing never hides the data.
+    """
+    fig = go.Figure()
+    y_title = metric_axis_title(metric, task)
+    for index, curve in enumerate(curves):
+        y = display_values(metric, curve.y)
+        colour = _palette(index)
+        hover = _hovertemplate(curve.label, x_axis_title(x), y_title)
+        if smoothing > 0:
+            fig.add_trace(
+                go.Scatter(
+                    x=curve.x, y=y, mode="lines", name=curve.label, legendgroup=curve.label,
+                    showlegend=False, opacity=0.25, line={"color": colour, "width": 1},
+                    hovertemplate=hover.replace("<extra>", " (raw)<extra>"),
+                )
+            )
+            y = smooth_ema(y, smoothing)
+        fig.add_trace(
+            go.Scatter(
+                x=curve.x, y=y, mode="lines+markers" if len(curve.x) <= 30 else "lines",
+                name=curve.label, legendgroup=curve.label, line={"color": colour, "width": 2},
+                marker={"size": 5}, hovertemplate=hover,
+            )
+        )
+    _finish_layout(fig, x_title=x_axis_title(x), y_title=y_title, title=title, height=height)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def run_panel_figure(
+    step_metrics: pd.DataFrame,
+    epoch_metrics: pd.DataFrame,
+    *,
+    task: str | None = None,
+    x: str = "step",
+    height: int = 520,
+) -> go.Figure:
+    """The live training panel of one run: loss, accuracy, sharpness proxy and learning rate.
+
+    `step_metrics` and `epoch_metrics` are frames with the x column (`step`, `epoch` or `time`) and
+    metric columns; missing columns are skipped, so a run that has not evaluated yet still draws.
+    """
+    fig = make_subplots(
+        rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.2,
+        subplot_titles=("loss", "accuracy", "sharpness proxy", "learning rate"),
+    )
+    panels = [
+        (1, 1, [("train_loss", step_metrics, "train (per step)"), ("train_loss", epoch_metrics, "train (epoch)"),
+                ("test_loss", epoch_metrics, "test (epoch)")], "train_loss"),
+        (1, 2, [("train_acc", step_metrics, "train (per step)"), ("train_acc", epoch_metrics, "train (epoch)"),
+                ("test_acc", epoch_metrics, "test (epoch)")], "test_acc"),
+        (2, 1, [("sharpness", step_metrics, "L(w+ε) − L(w)")], "sharpness"),
+        (2, 2, [("lr", step_metrics, "learning rate")], "lr"),
+    ]
+    for row, col, series, axis_metric in panels:
+        for name, frame, label in series:
+            if frame is None or name not in frame.columns or x not in frame.columns:
+                continue
+            rows = frame[[x, name]].dropna()
+            if rows.empty:
+                continue
+            is_step = frame is step_metrics
+            values = display_values(name, rows[name].to_numpy())
+            fig.add_trace(
+                go.Scatter(
+                    x=rows[x].to_numpy(), y=values, name=label, legendgroup=label,
+                    showlegend=row == 1 and col == 1 or label not in _LOSS_PANEL_LABELS,
+                    mode="lines" if is_step and len(rows) > 30 else "lines+markers",
+                    opacity=0.45 if is_step and axis_metric in ("train_loss", "test_acc") else 1.0,
+                    line={"color": _SERIES_COLOURS.get(label, _palette(0)), "width": 1.5 if is_step else 2.5},
+                    marker={"size": 6},
+                    hovertemplate=_hovertemplate(label, x_axis_title(x), metric_axis_title(name, task)),
+                ),
+                row=row, col=col,
+            )
+        fig.update_xaxes(title_text=x_axis_title(x), row=row, col=col)
+        fig.update_yaxes(title_text=_short_axis_title(axis_metric, task), row=row, col=col)
+    _finish_layout(fig, x_title=None, y_title=None, title=None, height=height)
+    return fig
+
+
+def parallel_coordinates_figure(
+    table: pd.DataFrame,
+    dimensions: Sequence[str],
+    *,
+    color: str = "final_test_acc",
+    height: int = 440,
+) -> go.Figure:
+    """Hyperparameters (one axis each) against a score, one line per run, coloured by the score.
+
+    Categorical columns (method, dataset, ...) become axes with their category names as ticks;
+    numeric ones keep their values. Columns that are absent or constant are left out because an
+    axis with one value carries no information. The score axis is drawn last.
+    """
+    dims = []
+    for name in dimensions:
+        if name not in table.columns or name == color:
+            continue
+        column = table[name]
+        if column.nunique(dropna=False) < 2:
+            continue
+        dims.append(_parcoords_dimension(name, column))
+    if color in table.columns:
+        dims.append(_parcoords_dimension(color, table[color]))
+    score = pd.to_numeric(table[color], errors="coerce") if color in table.columns else None
+    line: dict = {}
+    if score is not None and score.notna().any():
+        line = {
+            "color": score.fillna(score.min()).to_numpy(),
+            "colorscale": "Viridis",
+            "showscale": True,
+            "colorbar": {"title": {"text": _column_title(color)}},
+        }
+    fig = go.Figure(go.Parcoords(dimensions=dims, line=line))
+    fig.update_layout(height=height, margin={"l": 70, "r": 70, "t": 60, "b": 30})
+    return fig
+
+
+def empty_figure(message: str, height: int = 300) -> go.Figure:
+    """A figure with a centred message instead of data (e.g. 'no metrics yet')."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 15})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(height=height)
+    return fig
+
+
+# -- column titles shared with the tables --------------------------------------------------------
+COLUMN_TITLES: dict[str, str] = {
+    "final_test_acc": "final test acc (%)",
+    "best_test_acc": "best test acc (%)",
+    "final_train_acc": "final train acc (%)",
+    "gap_acc": "gap train−test acc (pp)",
+    "final_test_loss": "final test loss",
+    "gap_loss": "gap test−train loss",
+    "wall_time": "wall time (s)",
+}
+
+
+def _column_title(name: str) -> str:
+    return COLUMN_TITLES.get(name, name)
+
+
+def _parcoords_dimension(name: str, column: pd.Series) -> dict:
+    numeric = pd.to_numeric(column, errors="coerce")
+    if numeric.notna().sum() == column.notna().sum() and column.notna().any():
+        return {"label": _column_title(name), "values": numeric.to_numpy()}
+    labels = column.astype(str)
+    categories = sorted(labels.unique())
+    codes = labels.map({c: i for i, c in enumerate(categories)}).to_numpy()
+    return {"label": _column_title(name), "values": codes, "tickvals": list(range(len(categories))),
+            "ticktext": categories}
+
+
+_LOSS_PANEL_LABELS = {"train (per step)", "train (epoch)", "test (epoch)"}
+# Fixed meaning across the panel's subplots: the same colour is the same series everywhere.
+_SERIES_COLOURS = {
+    "train (per step)": "#1f77b4",
+    "train (epoch)": "#1f77b4",
+    "test (epoch)": "#ff7f0e",
+    "L(w+ε) − L(w)": "#2ca02c",
+    "learning rate": "#9467bd",
+}
+# A palette with enough contrast on white and on a dark background (Tableau 10).
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf"]
+
+
+def _palette(index: int) -> str:
+    return _PALETTE[index % len(_PALETTE)]
+
+
+def _short_axis_title(metric: str, task: str | None) -> str:
+    if metric in ("train_loss", "test_loss"):
+        return f"loss ({LOSS_UNITS.get(task or '', 'mean per sample')})"
+    if metric in ("train_acc", "test_acc"):
+        return "accuracy (%)"
+    return metric_axis_title(metric, task)
+
+
+def _hovertemplate(label: str, x_title: str, y_title: str) -> str:
+    safe = label.replace("%", "%%").replace("{", "(").replace("}", ")")
+    return f"<b>{safe}</b><br>{x_title}: %{{x:.4g}}<br>{y_title}: %{{y:.4g}}<extra></extra>"
+
+
+def _finish_layout(fig: go.Figure, *, x_title: str | None, y_title: str | None, title: str | None,
+                   height: int) -> None:
+    fig.update_layout(
+        height=height,
+        hovermode="closest",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0.0},
+        margin={"l": 60, "r": 20, "t": 70 if title else 50, "b": 50},
+        title={"text": title} if title else None,
+    )
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)

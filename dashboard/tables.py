@@ -1,0 +1,212 @@
+"""Pure pandas helpers behind the dashboard's tables and legends: no streamlit, unit-tested.
+
+- `used_hyperparameters(config)`: the flat {dotted key: value} a run's choices actually use.
+- `distinguishing_labels(configs)`: legend names from the hyperparameters that differ between runs.
+- `summary_table(runs)`: one row per run with final / best test accuracy, gap, wall time, device and
+  the hyperparameters.
+- `metrics_csv(frames)`: the selected runs' metrics as one long CSV.
+- `eta_seconds`, `format_duration`: the progress line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from dashboard.forms import config_values, visible_fields
+from samlab.config import RunConfig
+
+# Fields that say how a run is logged or stored, not what it computes: never a legend entry.
+BOOKKEEPING_FIELDS = {
+    "name", "data.root", "eval_every", "log_every", "checkpoint_every", "hessian_every",
+    "hessian_samples", "noise_every", "device", "precision",
+}
+# Short legend names; a missing key shows its last dotted part.
+SHORT_NAMES: dict[str, str] = {
+    "optim.method": "",
+    "data.name": "",
+    "model.name": "",
+    "optim.rho": "ρ",
+    "optim.m": "m",
+    "optim.lam": "λ",
+    "optim.lr": "lr",
+    "optim.base": "base",
+    "optim.weight_decay": "wd",
+    "optim.momentum": "mom",
+    "optim.adaptive_eta": "η_a",
+    "optim.nsam_batch": "n-SAM batch",
+    "data.label_noise": "noise",
+    "data.n_train": "n",
+    "data.data_seed": "data seed",
+    "batch_size": "b",
+    "model.width": "width",
+    "schedule.name": "sched",
+    "seed": "seed",
+}
+# Order in which differing fields appear in a label: the science first.
+LABEL_ORDER = ("optim.method", "optim.rho", "optim.m", "optim.lam", "data.name", "model.name",
+               "data.label_noise", "data.n_train", "optim.lr", "batch_size", "epochs")
+
+# Hyperparameter columns of the summary table and the parallel-coordinates plot.
+HYPERPARAMETER_COLUMNS: dict[str, str] = {
+    "optim.method": "method",
+    "data.name": "dataset",
+    "model.name": "model",
+    "optim.rho": "rho",
+    "optim.m": "m",
+    "optim.lam": "lam",
+    "optim.lr": "lr",
+    "batch_size": "batch_size",
+    "epochs": "epochs",
+    "data.n_train": "n_train",
+    "data.label_noise": "label_noise",
+    "optim.weight_decay": "weight_decay",
+    "optim.momentum": "momentum",
+    "model.width": "width",
+    "seed": "seed",
+}
+
+
+def used_hyperparameters(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The flat hyperparameters this run's choices use (e.g. no ρ for sgd, no m but for msam)."""
+    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(dict(config))
+    values = config_values(cfg)
+    values["seed"] = cfg.seed
+    used = {f.key for f in visible_fields(values)} | {"seed"}
+    return {k: v for k, v in values.items() if k in used}
+
+
+def distinguishing_labels(configs: Mapping[Any, RunConfig | Mapping[str, Any]],
+                          names: Mapping[Any, str] | None = None) -> dict[Any, str]:
+    """A legend label per run made of the hyperparameters that differ between the given runs.
+
+    A single run (or runs that agree on everything) is named by its method and its name; runs
+    that agree on every hyperparameter get their id appended so no two labels coincide.
+    """
+    flats = {rid: used_hyperparameters(cfg) for rid, cfg in configs.items()}
+    keys = sorted({k for flat in flats.values() for k in flat} - BOOKKEEPING_FIELDS, key=_label_rank)
+    differing = [k for k in keys if len({_hashable(flat.get(k)) for flat in flats.values()}) > 1]
+    labels: dict[Any, str] = {}
+    for rid, flat in flats.items():
+        shown = differing or ["optim.method"]
+        parts = [_label_part(k, flat[k]) for k in shown if k in flat]
+        label = " ".join(p for p in parts if p)
+        if not differing and names and names.get(rid):
+            label = f"{label} · {names[rid]}"
+        labels[rid] = label or str(rid)
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {rid: (f"{lab} #{rid}" if counts[lab] > 1 else lab) for rid, lab in labels.items()}
+
+
+def summary_row(summary: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Scores of one run from the engine's summary (accuracies in %, gaps in points / loss units)."""
+    summary = summary or {}
+    return {
+        "final_test_acc": _percent(summary.get("final_test_acc")),
+        "best_test_acc": _percent(summary.get("best_test_acc")),
+        "final_train_acc": _percent(summary.get("final_train_acc")),
+        "gap_acc": _percent(summary.get("generalization_gap")),
+        "final_test_loss": _number(summary.get("final_test_loss")),
+        "gap_loss": _number(summary.get("loss_gap")),
+        "wall_time": _number(summary.get("wall_time")),
+    }
+
+
+def summary_table(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per run: id, name, status, group, scores, device and hyperparameter columns.
+
+    Each run is a mapping with `id`, `config` (RunConfig or dict) and optionally `name`, `status`,
+    `group`, `device`, `summary` (the engine's summary dict), `created`.
+    """
+    rows = []
+    for run in runs:
+        cfg = run["config"]
+        hyper = used_hyperparameters(cfg)
+        row = {"id": run["id"], "name": run.get("name") or "", "status": run.get("status", ""),
+               "group": run.get("group") or ""}
+        row.update(summary_row(run.get("summary")))
+        row["device"] = run.get("device") or (run.get("summary") or {}).get("device") or ""
+        for key, column in HYPERPARAMETER_COLUMNS.items():
+            row[column] = hyper.get(key)
+        rows.append(row)
+    columns = ["id", "name", "status", "group", *summary_row(None), "device", *HYPERPARAMETER_COLUMNS.values()]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def metrics_csv(frames: Mapping[str, pd.DataFrame]) -> str:
+    """The metrics of several runs as one long CSV: run, kind, step, time, metric, value.
+
+    `frames` maps a run label to a long frame with columns kind, step, time, metric, value.
+    """
+    parts = []
+    for label, frame in frames.items():
+        if frame.empty:
+            continue
+        part = frame.copy()
+        part.insert(0, "run", label)
+        parts.append(part)
+    if not parts:
+        return "run,kind,step,time,metric,value\n"
+    return pd.concat(parts, ignore_index=True).to_csv(index=False)
+
+
+def eta_seconds(done: float, total: float, elapsed: float) -> float | None:
+    """Remaining time at the average rate so far; None before any progress or after the end."""
+    if total <= 0 or done <= 0 or elapsed < 0 or done >= total:
+        return None
+    return elapsed * (total - done) / done
+
+
+def format_duration(seconds: float | None) -> str:
+    """'—', '42 s', '3 min 05 s', '2 h 07 min'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        minutes, secs = divmod(int(round(seconds)), 60)
+        return f"{minutes} min {secs:02d} s"
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f"{hours} h {rest // 60:02d} min"
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _label_rank(key: str) -> tuple[int, str]:
+    return (LABEL_ORDER.index(key) if key in LABEL_ORDER else len(LABEL_ORDER), key)
+
+
+def _label_part(key: str, value: Any) -> str:
+    short = SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+    text = "all" if value is None and key in ("data.n_train", "data.n_test") else _format_value(value)
+    return text if short == "" else f"{short}={text}"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _percent(value: Any) -> float | None:
+    number = _number(value)
+    return None if number is None else 100.0 * number
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
