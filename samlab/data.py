@@ -396,11 +396,13 @@ def _via_torchvision(name: str, root: Path, download: bool):
 def _how_to_get(name: str, root: Path) -> str:
     where = _expected_folder(name, root)
     files = ", ".join(_expected_files(name))
-    unpack = "unpack the archive into" if name in _CIFAR_LAYOUT else "download them (.gz is fine) into"
+    if name in _CIFAR_LAYOUT:
+        manual = f"download {_SOURCES[name]} and unpack it into {root} (it creates {where} with {files})"
+    else:
+        manual = f"download {files} (.gz is fine) from {_SOURCES[name]} into {where}"
     return (
         f"To use it: (1) pip install torchvision (the build matching this torch) and call "
-        f"load_dataset(cfg, download=True) once; or (2) get the files {files} from {_SOURCES[name]} and "
-        f"{unpack} {where}; or (3) pick an offline set: digits, gaussian-mixture, teacher-student, "
+        f"load_dataset(cfg, download=True) once; or (2) {manual}; or (3) pick an offline set: digits, gaussian-mixture, teacher-student, "
         f"sparse-regression."
     )
 
@@ -472,6 +474,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
     }
 
     def find_class(self, module: str, name: str):
