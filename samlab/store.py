@@ -20,7 +20,7 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
     Store.claim(run_id, host, executor) -> bool          queued -> running (for a launcher; atomic)
     Store.start_run(run_id, pid, host, device) -> bool   worker takes the run (queued, or claimed for it)
     Store.set_launch(run_id, pid, executor_ref)          launcher records the process it started
-    Store.flush(run_id, rows, progress=None, message=None, result=None) -> bool
+    Store.flush(run_id, rows, progress=None, message=None, result=None, restart_from=()) -> bool
         one transaction: metric rows [(kind, step, name, value, time)], heartbeat, progress, partial
         result; returns the run's cancel_requested flag
     Store.finish_run(run_id, status, *, result, summary, error, checkpoint_path) -> bool
@@ -28,7 +28,6 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
     Store.request_cancel(run_id) -> str        "cancelled" (was queued), "requested" (running) or ""
     Store.requeue(run_id, *, resume) -> bool   cancelled/failed -> queued
     Store.record_error(run_id, text)
-    Store.delete_metrics_from(run_id, kind, name, step)  drop rows with step >= `step` (before re-logging)
     Store.add_artifact(run_id, name, path)
     Store.delete_run(run_id) -> dict           rows only; returns the run (jobs.delete removes files)
 
@@ -405,9 +404,11 @@ class Store:
 
     def flush(self, run_id: str, rows: Sequence[tuple[str, int, str, float | None, float]],
               progress: float | None = None, message: str | None = None,
-              result: dict[str, Any] | None = None) -> bool:
+              result: dict[str, Any] | None = None,
+              restart_from: Sequence[tuple[str, str, int]] = ()) -> bool:
         """Metric rows, heartbeat, progress and a partial result in one transaction; returns the
-        run's cancel_requested flag."""
+        run's cancel_requested flag. `restart_from` (kind, name, step) first drops those curves' rows
+        from that step on (a resumed run writing them again)."""
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
         if progress is not None:
             values["progress"] = progress
@@ -415,24 +416,22 @@ class Store:
             values["progress_message"] = message
         if result is not None:
             values["result"] = _dumps(result)
+        m = metrics_table.c
         with self.engine.begin() as conn:
+            # the heartbeat first: a write takes SQLite's write lock before anything is read
+            conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(**values))
+            for kind, name, step in restart_from:
+                conn.execute(sa.delete(metrics_table).where(
+                    m.run_id == run_id, m.kind == kind, m.name == name, m.step >= step))
             if rows:
                 conn.execute(sa.insert(metrics_table), [
                     {"run_id": run_id, "kind": k, "step": s, "name": n, "value": v, "time": t}
                     for k, s, n, v, t in rows
                 ])
-            conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(**values))
             flag = conn.execute(
                 sa.select(runs_table.c.cancel_requested).where(runs_table.c.id == run_id)
             ).scalar_one_or_none()
         return bool(flag)
-
-    def delete_metrics_from(self, run_id: str, kind: str, name: str, step: int) -> None:
-        """Remove rows of one curve from `step` on (a resumed run re-logs them)."""
-        m = metrics_table.c
-        with self.engine.begin() as conn:
-            conn.execute(sa.delete(metrics_table).where(
-                m.run_id == run_id, m.kind == kind, m.name == name, m.step >= step))
 
     def finish_run(self, run_id: str, status: str, *, result: dict[str, Any] | None = None,
                    summary: dict[str, Any] | None = None, error: str | None = None,

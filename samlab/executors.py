@@ -1,0 +1,190 @@
+"""Executors: where a run's worker process is started, and how it is stopped.
+
+The scheduler (samlab.scheduler) decides *which* queued run starts and on which slot; an executor
+decides *how*. Everything a worker needs travels through the store URL and the run's row (workdir and
+log path are recorded there), so a backend on other machines (Ray, later) needs no shared path.
+
+Public API:
+    Slot(name, env)                     one unit of capacity: a visible GPU or a CPU share
+    local_slots() -> list[Slot]         one slot per visible CUDA device (CUDA_VISIBLE_DEVICES=i),
+                                        else SAMLAB_CPU_SLOTS CPU slots (default max(1, cores // 4))
+    Executor                            interface: launch(run, store_url, slot) -> ref,
+                                        alive(run) -> bool | None, kill(run), reap() -> [(run_id, code)]
+    LocalExecutor                       a detached OS process per run, in its own session and process group,
+                                        stdout/stderr appended to the run's log file
+    get_executor(name=None)             SAMLAB_EXECUTOR (default "local")
+    worker_command(run_id, store_url)   the command line of a worker
+    pid_alive(pid) -> bool              False for a missing or zombie process
+    env_float(name, default, lo, hi)    a numeric setting from the environment, validated
+    hostname() -> str
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A unit of capacity for one run; `env` is added to the worker's environment."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def env_float(name: str, default: float, lo: float = 0.0, hi: float = float("inf")) -> float:
+    """A numeric setting from the environment; ValueError naming the variable when out of range."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number, got {text!r}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: must be in [{lo:g}, {hi:g}] (got {value:g})")
+    return value
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def _visible_gpus() -> int:
+    import torch  # only the scheduler pays for this import
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_slots() -> list[Slot]:
+    """One slot per visible GPU, or CPU slots sharing the cores (threads split between them)."""
+    gpus = _visible_gpus()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpus:
+        ids = [d.strip() for d in visible.split(",")][:gpus] if visible else [str(i) for i in range(gpus)]
+        return [Slot(f"gpu{i}", {"CUDA_VISIBLE_DEVICES": dev}) for i, dev in enumerate(ids)]
+    cores = os.cpu_count() or 1
+    n = int(env_float("SAMLAB_CPU_SLOTS", max(1, cores // 4), 1, 1024))
+    threads = str(max(1, cores // n))
+    # hide GPUs from CPU runs explicitly, so a CPU slot never touches a device it was not given
+    return [Slot(f"cpu{i}", {"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}) for i in range(n)]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no procfs (macOS): existence is all we can tell
+
+
+def worker_command(run_id: str, store_url: str) -> list[str]:
+    return [sys.executable, "-m", "samlab.worker", run_id, "--store", store_url]
+
+
+def _worker_env(slot: Slot) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(slot.env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Executor(ABC):
+    """Starts and stops workers. `ref` is the backend's handle for a run, recorded in the store."""
+
+    name: str
+
+    @abstractmethod
+    def launch(self, run: dict[str, Any], store_url: str, slot: Slot) -> tuple[int | None, str]:
+        """Start the worker of `run` on `slot`; return (pid on this host or None, executor ref)."""
+
+    @abstractmethod
+    def alive(self, run: dict[str, Any]) -> bool | None:
+        """Whether the run's worker still exists; None when this executor cannot tell from here."""
+
+    @abstractmethod
+    def kill(self, run: dict[str, Any]) -> bool:
+        """Stop the run's worker at once (no checkpoint); True if a signal was delivered."""
+
+    @abstractmethod
+    def reap(self) -> list[tuple[str, int]]:
+        """Runs whose worker (launched here) has exited since the last call, with exit codes."""
+
+
+class LocalExecutor(Executor):
+    """Workers as detached processes on this host: own session and process group, log file output."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.host = hostname()
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def launch(self, run: dict[str, Any], store_url: str, slot: Slot) -> tuple[int | None, str]:
+        log_path = Path(run["log_path"])
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                worker_command(run["id"], store_url),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=str(REPO_ROOT), env=_worker_env(slot), start_new_session=True, close_fds=True,
+            )
+        self.children[run["id"]] = proc
+        return proc.pid, f"{self.host}:{proc.pid}:{slot.name}"
+
+    def alive(self, run: dict[str, Any]) -> bool | None:
+        if run.get("host") != self.host or not run.get("pid"):
+            return None
+        child = self.children.get(run["id"])
+        if child is not None:
+            return child.poll() is None
+        return pid_alive(int(run["pid"]))
+
+    def kill(self, run: dict[str, Any]) -> bool:
+        if run.get("host") != self.host or not run.get("pid"):
+            return False
+        try:
+            os.killpg(int(run["pid"]), signal.SIGKILL)  # the worker leads its own process group
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def reap(self) -> list[tuple[str, int]]:
+        done = [(run_id, proc.returncode) for run_id, proc in self.children.items() if proc.poll() is not None]
+        for run_id, _ in done:
+            del self.children[run_id]
+        return done
+
+
+def slot_of(run: dict[str, Any]) -> str | None:
+    """The slot name a local run occupies, from its executor ref "host:pid:slot"."""
+    ref = run.get("executor_ref") or ""
+    parts = ref.split(":")
+    return parts[2] if len(parts) == 3 else None
+
+
+def get_executor(name: str | None = None) -> Executor:
+    """The executor named by `name` or SAMLAB_EXECUTOR (default "local")."""
+    name = name or os.environ.get("SAMLAB_EXECUTOR") or "local"
+    if name == "local":
+        return LocalExecutor()
+    raise ValueError(f"SAMLAB_EXECUTOR: unknown executor {name!r}; available: local")

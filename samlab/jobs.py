@@ -1,0 +1,252 @@
+"""Background runs: submit, cache, sweep, cancel, resume, reconcile, wait, delete.
+
+A submitted run is a row in the store with status `queued`; `ensure_scheduler()` (called by every
+submit) makes sure a detached scheduler process (samlab.scheduler) is there to start it on a free slot
+as its own worker process (samlab.worker). Nothing here blocks on a run, and the caller may exit at once.
+
+Public API (every function takes `store`: a Store, a URL, or None for `default_url()`):
+    submit(config_or_params, *, kind="train", name=None, group=None, store=None, start=True) -> run_id
+        "train": a RunConfig or a dict, validated (`RunConfig.validate`); other kinds: params checked by
+        `samlab.tasks.check_params`. Bad input raises ValueError with the message; nothing is queued.
+    submit_cached(kind, params, *, name=None, store=None, start=True) -> run_id
+        an existing queued/running/completed run with the same cache key, else a new one
+    submit_sweep(configs, name, *, kind="train", store=None, start=True) -> group_id
+        all validated first (ValueError "configs[i]: ..."), then queued in one transaction
+    cache_key(kind, params) -> str       sha256 of the canonical JSON of kind and normalised params
+    cancel(run_id, *, store=None) -> str "cancelled" (was queued) or "requested" (running: graceful stop,
+                                         hard kill after SAMLAB_CANCEL_TIMEOUT_S by the scheduler)
+    resume(run_id, *, store=None) -> run_id    cancelled/failed -> queued with resume=True
+    reconcile(store=None, *, stale_after_s=None) -> [(run_id, reason)]
+        running runs whose heartbeat is older than SAMLAB_STALE_S (default 60, database clock), or whose
+        worker pid on this host is gone, become failed with the reason
+    ensure_scheduler(store=None) -> bool True when a scheduler was started (False: one is running)
+    wait(run_ids, *, store=None, timeout=None, poll_s=0.5) -> {run_id: status}
+    delete(run_id, *, store=None, files=True)  rows, and the run folder when it is marked as this run's
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from samlab import tasks
+from samlab.config import RunConfig
+from samlab.executors import REPO_ROOT, env_float, hostname, pid_alive
+from samlab.scheduler import lock_path, release, try_lock
+from samlab.store import FINAL, Store, open_store
+from samlab.worker import RUN_MARKER, register_plugin_tasks
+
+_spawned: list[subprocess.Popen] = []
+
+
+def _store(store: Store | str | None) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+# -- submit ------------------------------------------------------------------------------------------
+def _normalise(kind: str, config_or_params: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """Validated, JSON-ready params of a run (ValueError naming the field on bad input)."""
+    if not isinstance(kind, str):
+        raise ValueError(f"kind: must be a task kind name (got {kind!r})")
+    register_plugin_tasks()
+    if kind == "train" and isinstance(config_or_params, RunConfig):
+        return config_or_params.validate().to_dict()
+    if not isinstance(config_or_params, dict):
+        raise ValueError(f"params: expected a dict{' or a RunConfig' if kind == 'train' else ''}, "
+                         f"got {type(config_or_params).__name__}")
+    try:
+        params = tasks.check_params(kind, config_or_params)
+    except ImportError as exc:
+        raise ValueError(f"kind: {kind!r} is not available here ({exc})") from None
+    json.dumps(params)  # refuse what the store could not hold, before anything is queued
+    return params
+
+
+def _default_name(kind: str, params: dict[str, Any]) -> str:
+    if kind == "train":
+        cfg = RunConfig.from_dict(params)
+        return cfg.name + " " + cfg.label() if cfg.name else cfg.label()
+    return kind
+
+
+def cache_key(kind: str, params: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of {kind, params} (params as normalised by the task's check)."""
+    canonical = json.dumps({"kind": kind, "params": params}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit(config_or_params: RunConfig | dict[str, Any], *, kind: str = "train", name: str | None = None,
+           group: str | None = None, store: Store | str | None = None, start: bool = True) -> str:
+    """Queue one run; returns its id. Validation errors raise ValueError and queue nothing."""
+    params = _normalise(kind, config_or_params)
+    st = _store(store)
+    (run_id,) = st.create_runs([{"kind": kind, "params": params, "group_id": group,
+                                 "name": name or _default_name(kind, params),
+                                 "cache_key": cache_key(kind, params)}])
+    if start:
+        ensure_scheduler(st)
+    return run_id
+
+
+def submit_cached(kind: str, params: dict[str, Any], *, name: str | None = None,
+                  store: Store | str | None = None, start: bool = True) -> str:
+    """The id of a queued, running or completed run of the same kind and params, or of a new one."""
+    normalised = _normalise(kind, params)
+    st = _store(store)
+    existing = st.find_cached(cache_key(kind, normalised))
+    if existing is not None:
+        return existing["id"]
+    return submit(normalised, kind=kind, name=name, store=st, start=start)
+
+
+def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, kind: str = "train",
+                 store: Store | str | None = None, start: bool = True) -> str:
+    """Queue a group of runs (all validated before any is queued); returns the group id."""
+    if not configs:
+        raise ValueError("configs: a sweep needs at least one config")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("name: a sweep needs a non-empty name")
+    specs = []
+    for i, config in enumerate(configs):
+        try:
+            params = _normalise(kind, config)
+        except ValueError as exc:
+            raise ValueError(f"configs[{i}]: {exc}") from None
+        specs.append({"kind": kind, "params": params, "name": f"{name} · {_default_name(kind, params)}",
+                      "cache_key": cache_key(kind, params)})
+    st = _store(store)
+    group_id = "g" + hashlib.sha256(f"{name}{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:11]
+    for spec in specs:
+        spec["group_id"] = group_id
+    st.create_runs(specs)
+    if start:
+        ensure_scheduler(st)
+    return group_id
+
+
+# -- control -----------------------------------------------------------------------------------------
+def cancel(run_id: str, *, store: Store | str | None = None) -> str:
+    """Cancel a queued run at once, or ask a running one to stop (checkpoint, then `cancelled`)."""
+    st = _store(store)
+    run = st.get_run(run_id)
+    outcome = st.request_cancel(run["id"])
+    if not outcome:
+        raise ValueError(f"run_id: run {run['id']} is {st.get_run(run['id'])['status']}; "
+                         "only queued or running runs can be cancelled")
+    if outcome == "requested":
+        ensure_scheduler(st)  # the scheduler enforces the hard kill after the grace period
+    return outcome
+
+
+def _train_checkpoint(run: dict[str, Any]) -> Path:
+    from samlab.train import CHECKPOINT
+
+    return Path(run["checkpoint_path"] or Path(run["workdir"]) / CHECKPOINT)
+
+
+def resume(run_id: str, *, store: Store | str | None = None, start: bool = True) -> str:
+    """Queue a cancelled or failed run again, to continue from its checkpoint / saved state.
+
+    A train run whose checkpoint is visible from here and missing is refused with the reason
+    recorded on the run; a corrupt one fails the resumed run in its worker, with the reason."""
+    st = _store(store)
+    run = st.get_run(run_id)
+    if run["status"] not in ("cancelled", "failed"):
+        raise ValueError(f"run_id: run {run['id']} is {run['status']}; only cancelled or failed runs resume")
+    if run["kind"] == "train" and run["host"] in (None, hostname()) and run["workdir"]:
+        checkpoint = _train_checkpoint(run)
+        if not checkpoint.is_file():
+            reason = (f"resume: no checkpoint at {checkpoint}; the run stopped before its first checkpoint, "
+                      "submit it again instead")
+            st.record_error(run["id"], reason)
+            raise ValueError(reason)
+    if not st.requeue(run["id"], resume=True):
+        raise ValueError(f"run_id: run {run['id']} changed status meanwhile; try again")
+    if start:
+        ensure_scheduler(st)
+    return run["id"]
+
+
+def _dead_reason(run: dict[str, Any], now, stale_after_s: float, host: str) -> str | None:
+    if run["host"] == host and run["pid"] and not pid_alive(int(run["pid"])):
+        return (f"worker process {run['pid']} on {host} is gone without recording a final status "
+                "(killed, out of memory, or the machine restarted)")
+    beat = run["heartbeat_at"]
+    age = None if beat is None else (now - beat).total_seconds()
+    if age is None or age > stale_after_s:
+        shown = "never" if age is None else f"{age:.1f}s ago"
+        return (f"heartbeat stale: last {shown} (limit {stale_after_s:g}s, database clock); the worker on "
+                f"{run['host'] or 'an unknown host'} stopped without recording a final status")
+    return None
+
+
+def reconcile(store: Store | str | None = None, *, stale_after_s: float | None = None) -> list[tuple[str, str]]:
+    """Mark running runs whose worker is gone as failed, with the reason; returns (run_id, reason)."""
+    st = _store(store)
+    stale = stale_after_s if stale_after_s is not None else env_float("SAMLAB_STALE_S", 60.0, 0.0)
+    host = hostname()
+    running = st.runs_with_status(["running"])
+    if not running:
+        return []
+    now = st.server_now()
+    failed = []
+    for run in running:
+        reason = _dead_reason(run, now, stale, host)
+        if reason is not None and st.fail_run(run["id"], reason):
+            failed.append((run["id"], reason))
+    return failed
+
+
+def ensure_scheduler(store: Store | str | None = None) -> bool:
+    """Start a detached scheduler for this store on this host unless one is running."""
+    st = _store(store)
+    for proc in list(_spawned):  # collect schedulers of ours that have exited (no zombies in a long UI)
+        if proc.poll() is not None:
+            _spawned.remove(proc)
+    fd = try_lock(lock_path(st))
+    if fd is None:
+        return False
+    release(fd)
+    log_file = st.runs_root / "scheduler.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    with open(log_file, "ab") as log:
+        _spawned.append(subprocess.Popen(
+            [sys.executable, "-m", "samlab.scheduler", "--store", st.url], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env, start_new_session=True,
+        ))
+    return True
+
+
+def wait(run_ids: str | Iterable[str], *, store: Store | str | None = None, timeout: float | None = None,
+         poll_s: float = 0.5) -> dict[str, str]:
+    """Block until every run reaches a final status (or `timeout` seconds pass); returns the statuses."""
+    st = _store(store)
+    ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        statuses = {run_id: st.get_run(run_id)["status"] for run_id in ids}
+        if all(s in FINAL for s in statuses.values()):
+            return statuses
+        if deadline is not None and time.monotonic() > deadline:
+            return statuses
+        time.sleep(poll_s)
+
+
+def delete(run_id: str, *, store: Store | str | None = None, files: bool = True) -> None:
+    """Delete a run's rows and (if `files`) its run folder, when the folder is marked as this run's."""
+    st = _store(store)
+    run = st.delete_run(run_id)
+    workdir = Path(run["workdir"]) if run["workdir"] else None
+    if files and workdir is not None and workdir.is_dir():
+        marker = workdir / RUN_MARKER
+        if marker.is_file() and marker.read_text().strip() == run["id"]:
+            shutil.rmtree(workdir, ignore_errors=True)
