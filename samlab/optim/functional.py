@@ -1,0 +1,116 @@
+"""The torch.func side of the SAM family: side-effect-free forwards, vmapped m-SAM, per-sample norms.
+
+Every pass here goes through `torch.func.functional_call`, so the module's own parameters are
+never written to, and buffers (BatchNorm running statistics) are replaced by scratch copies
+whenever a pass must leave them alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vjp, vmap
+
+from samlab.optim.perturbations import perturbation
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def scratch_buffers(model: nn.Module, copies: int | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the module's buffers that a forward may update without touching the originals.
+
+    With `copies=k` each buffer gets a leading dimension of size k (one copy per vmapped call).
+    """
+    if copies is None:
+        return {name: buf.clone() for name, buf in model.named_buffers()}
+    return {name: buf.unsqueeze(0).repeat(copies, *([1] * buf.dim())) for name, buf in model.named_buffers()}
+
+
+def forward(model: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
+            *, track_stats: bool) -> torch.Tensor:
+    """model(x) with `params` substituted for the module's own; buffers change only if track_stats."""
+    overrides = dict(params) if params else {}
+    if not track_stats:
+        overrides.update(scratch_buffers(model))
+    if not overrides:
+        return model(x)
+    return functional_call(model, overrides, (x,))
+
+
+def _micro_batch_loss(model: nn.Module, loss_fn: LossFn):
+    """(params, buffers, x_j, y_j) -> (mean loss, per-sample losses) for torch.func.grad(has_aux=True)."""
+
+    def loss(params, buffers, xj, yj):
+        losses = loss_fn(functional_call(model, (params, buffers), (xj,)), yj)
+        return losses.mean(), losses
+
+    return loss
+
+
+def micro_batch_gradients_vmap(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                               names: Sequence[str], k: int, *, rho: float) -> dict[str, torch.Tensor]:
+    """m-SAM with all k micro-batches in parallel (Foret et al. 2021; Behdin et al. 2023).
+
+    g_j = grad L_{B_j}(w) for the k disjoint micro-batches in one vmapped grad call,
+    eps_j = rho * g_j / ‖g_j‖ by the shared perturbation rule (vmapped),
+    h_j = grad L_{B_j}(w + eps_j) in a second vmapped grad call; the descent gradient is mean_j h_j.
+    Each micro-batch runs the model on its own m samples, so BatchNorm in train mode normalises
+    with micro-batch statistics exactly as a sequential loop does; running statistics go to
+    per-micro-batch scratch copies that are discarded.
+
+    Returns the stacked per-micro-batch tensors: "first" (g_j, [k, ...] per name), "second"
+    (h_j), "losses" and "perturbed_losses" ([k, m]).
+    """
+    params = dict(model.named_parameters())
+    weights = {name: params[name].detach() for name in names}
+    xs = x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    ys = y.reshape(k, y.shape[0] // k, *y.shape[1:])
+    stateful = model.training and any(True for _ in model.buffers())
+    buffers = scratch_buffers(model, copies=k) if stateful else dict(model.named_buffers())
+    buffer_dim = 0 if stateful else None
+    grad_fn = grad(_micro_batch_loss(model, loss_fn), has_aux=True)
+
+    first, losses = vmap(grad_fn, in_dims=(None, buffer_dim, 0, 0), randomness="different")(weights, buffers, xs, ys)
+    first_list = [first[name] for name in names]
+    ws = [weights[name] for name in names]
+    etas = [0.0] * len(names)
+    eps = vmap(lambda gs: perturbation("normalized", gs, ws, rho, etas))(first_list)
+    perturbed = {name: weights[name] + e for name, e in zip(names, eps, strict=True)}
+    second, perturbed_losses = vmap(grad_fn, in_dims=(0, buffer_dim, 0, 0), randomness="different")(
+        perturbed, buffers, xs, ys
+    )
+    return {
+        "first": [first[name] for name in names],
+        "second": [second[name] for name in names],
+        "losses": losses,
+        "perturbed_losses": perturbed_losses,
+    }
+
+
+def per_sample_grad_norms(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                          names: Sequence[str], *, chunk: int = 32) -> torch.Tensor:
+    """‖grad_w f_i(w)‖ for every sample i of the batch (rows of the Jacobian of the loss vector).
+
+    The losses come from one forward of the whole batch, so a model with BatchNorm in train mode
+    differentiates through the batch statistics (the same function the finite-difference estimator
+    probes). The Jacobian is pulled back `chunk` rows at a time (vmap over one-hot cotangents) so
+    memory stays at chunk x (number of parameters).
+    """
+    params = dict(model.named_parameters())
+    weights = {name: params[name].detach() for name in names}
+
+    def batch_losses(w):
+        # scratch buffers made inside the transformed function, which may then update them
+        return loss_fn(functional_call(model, (w, scratch_buffers(model)), (x,)), y)
+
+    losses, pullback = vjp(batch_losses, weights)
+    eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
+    norms = []
+    for rows in eye.split(chunk):
+        (rows_grads,) = vmap(pullback)(rows)
+        squared = sum(g.flatten(1).pow(2).sum(1) for g in rows_grads.values())
+        norms.append(squared.sqrt())
+    return torch.cat(norms)
+

@@ -1,0 +1,315 @@
+"""`sharpness_gradient`: one optimizer step's descent gradient for every method of the SAM family.
+
+Each method is the same two-pass step, w -> eps -> grad L(w + eps); methods differ only in the
+ascent gradient the perturbation is built from (`_ascent_gradient`) and in the perturbation rule
+(`samlab.optim.perturbations`). m-SAM repeats the step on disjoint micro-batches, one after
+another (impl="loop") or all at once under torch.func.vmap (impl="vmap").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from samlab.config import ESTIMATORS, IMPLS, METHODS
+from samlab.optim.functional import forward, micro_batch_gradients_vmap, per_sample_grad_norms
+from samlab.optim.perturbations import METHOD_RULES, global_norm, perturbation
+from samlab.optim.validation import check_choice, check_number
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The validated hyperparameters of one call."""
+
+    method: str
+    rho: float
+    lam: float
+    estimator: str
+    delta: float
+    adaptive_eta: float
+    perturb_batch: tuple[torch.Tensor, torch.Tensor] | None
+    generator: torch.Generator | None
+
+    @property
+    def rule(self) -> str | None:
+        return METHOD_RULES[self.method]
+
+
+@dataclass
+class _Step:
+    """What one perturbation step (on the whole batch or on one micro-batch) produced."""
+
+    losses: torch.Tensor  # per-sample losses at w
+    perturbed_losses: torch.Tensor  # per-sample losses at w + eps
+    gradient: list[torch.Tensor]  # grad L(w) of the (micro-)batch
+    descent: list[torch.Tensor]  # grad L(w + eps)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def sharpness_gradient(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    method: str,
+    rho: float,
+    m: int | None = None,
+    impl: str = "vmap",
+    lam: float = 0.0,
+    estimator: str = "fd",
+    delta: float = 1e-3,
+    adaptive_eta: float = 0.01,
+    perturb_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Set every trainable parameter's `.grad` to the descent gradient of `method`.
+
+    `loss_fn(outputs, targets)` returns per-sample losses f_i (shape [b]); L_B = mean_i f_i.
+    With g = grad L_B(w) and eps = rho * d (d from `samlab.optim.perturbations`):
+
+    - sgd: grad L_B(w).
+    - sam (Foret et al., ICLR 2021): eps = rho g / ‖g‖, descent grad L_B(w + eps).
+    - asam (Kwon et al., ICML 2021): eps = rho T² g / ‖T g‖, T = |w| + adaptive_eta.
+    - usam (Andriushchenko & Flammarion, ICML 2022): eps = rho g.
+    - nsam: eps = rho g_n / ‖g_n‖, g_n = grad of the mean loss on `perturb_batch` (x_p, y_p),
+      e.g. the full train set; descent grad L_B(w + eps).
+    - msam (Foret et al. 2021; Behdin et al. 2023): B is split into k = b/m disjoint micro-batches
+      B_j of m samples; eps_j = rho g_j / ‖g_j‖ with g_j = grad L_{B_j}(w); descent
+      (1/k) Σ_j grad L_{B_j}(w + eps_j). m = b is SAM. impl="loop" runs the micro-batches one after
+      another (any model); impl="vmap" runs all of them in two vmapped grad calls.
+    - rwsam (Luo et al., NeurIPS 2025): p = softmax(lam * s), s_i ≈ ‖grad f_i(w)‖;
+      eps = rho g_p / ‖g_p‖ with g_p = grad Σ_i p_i f_i(w); descent grad L_B(w + eps).
+      estimator="fd": s_i = |f_i(w + delta z) − f_i(w)| / delta with a Rademacher z drawn from
+      `generator` (one extra forward). Since E_z[⟨grad f_i, z⟩²] = ‖grad f_i‖², s_i² is unbiased
+      for ‖grad f_i‖² up to O(delta); s_i itself estimates E_z|⟨grad f_i, z⟩|, which lies between
+      ‖grad f_i‖/√2 and ‖grad f_i‖ (Khintchine–Szarek) and is ≈ sqrt(2/π) ‖grad f_i‖ when the
+      gradient is spread over many coordinates. estimator="exact": per-sample gradient norms by
+      torch.func. lam = 0 is SAM (the scores are then not computed).
+
+    A zero ascent gradient gives eps = 0. The weights are never modified (perturbed passes run
+    through torch.func.functional_call on perturbed copies). Buffers such as BatchNorm running
+    statistics change exactly as in one plain forward of (x, y) in the model's current mode: the
+    unperturbed pass updates them, every other pass runs on scratch copies (for m-SAM with k > 1
+    micro-batches one extra no-grad forward of the whole batch does the update).
+
+    Returns floats: loss (mean unperturbed loss; for m-SAM the mean over micro-batches, each
+    normalised with its own statistics), perturbed_loss (mean loss at the perturbed weights; equal
+    to loss for sgd), grad_norm (‖grad L_B(w)‖; for m-SAM ‖mean_j g_j‖), and per method:
+    micro_grad_norm (msam: mean_j ‖g_j‖), perturb_grad_norm (nsam: ‖g_n‖), score_mean,
+    weight_entropy, max_weight (rwsam with lam > 0).
+    """
+    spec = _check_arguments(model, x, y, method=method, rho=rho, m=m, impl=impl, lam=lam, estimator=estimator,
+                            delta=delta, adaptive_eta=adaptive_eta, perturb_batch=perturb_batch, generator=generator)
+    names, params = _trainable(model)
+    k = x.shape[0] // m if method == "msam" else 1
+    with torch.enable_grad():
+        if k > 1:
+            _update_running_stats(model, x)
+        if k > 1 and impl == "vmap":
+            step = _parallel_micro_batches(model, loss_fn, x, y, names, k, spec)
+        else:
+            step = _sequential_micro_batches(model, loss_fn, x, y, names, params, k, spec)
+    return _finish(params, step, method)
+
+
+# -- one perturbation step --------------------------------------------------------------------------
+def _perturbation_step(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                       names: Sequence[str], params: Sequence[torch.Tensor], spec: _Spec,
+                       *, track_stats: bool) -> _Step:
+    """w -> ascent gradient -> eps -> grad L(w + eps) on one batch (or micro-batch)."""
+    losses = _per_sample(loss_fn(forward(model, x, track_stats=track_stats), y), x.shape[0])
+    gradient, ascent, extras = _ascent_gradient(model, loss_fn, x, y, names, params, losses, spec)
+    if spec.rule is None:
+        return _Step(losses.detach(), losses.detach(), gradient, gradient, extras)
+    weights = [p.detach() for p in params]
+    eps = perturbation(spec.rule, ascent, weights, spec.rho, [spec.adaptive_eta] * len(weights))
+    perturbed = {name: (w + e).requires_grad_() for name, w, e in zip(names, weights, eps, strict=True)}
+    perturbed_losses = _per_sample(loss_fn(forward(model, x, perturbed, track_stats=False), y), x.shape[0])
+    descent = _grad(perturbed_losses.mean(), list(perturbed.values()))
+    return _Step(losses.detach(), perturbed_losses.detach(), gradient, descent, extras)
+
+
+def _ascent_gradient(model, loss_fn, x, y, names, params, losses, spec: _Spec):
+    """(grad L_B(w), the gradient the perturbation is built from, extra metrics) for `spec.method`."""
+    if spec.method == "rwsam" and spec.lam != 0.0:
+        return _reweighted_ascent(model, loss_fn, x, y, names, params, losses, spec)
+    gradient = _grad(losses.mean(), params)
+    if spec.method == "nsam":
+        x_p, y_p = spec.perturb_batch
+        ascent = _grad(loss_fn(forward(model, x_p, track_stats=False), y_p).mean(), params)
+        return gradient, ascent, {"perturb_grad_norm": global_norm(ascent)}
+    return gradient, gradient, {}
+
+
+def _reweighted_ascent(model, loss_fn, x, y, names, params, losses, spec: _Spec):
+    """RW-SAM: g_p = grad Σ_i p_i f_i(w), p = softmax(lam * s), s_i ≈ ‖grad f_i(w)‖."""
+    if spec.estimator == "fd":
+        scores = _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec)
+    else:
+        scores = _exact_scores(model, loss_fn, x, y, names)
+    weights = torch.softmax(spec.lam * scores, dim=0)
+    ascent = _grad(losses @ weights, params, retain_graph=True)
+    gradient = _grad(losses.mean(), params)
+    entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum()
+    extras = {"score_mean": scores.mean(), "weight_entropy": entropy, "max_weight": weights.max()}
+    return gradient, ascent, extras
+
+
+def _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec: _Spec) -> torch.Tensor:
+    """s_i = |f_i(w + delta z) − f_i(w)| / delta, z Rademacher: one extra forward, no backward."""
+    with torch.no_grad():
+        shifted = {name: p + spec.delta * _rademacher_like(p, spec.generator) for name, p in zip(names, params)}
+        shifted_losses = loss_fn(forward(model, x, shifted, track_stats=False), y)
+        return (shifted_losses - losses.detach()).abs() / spec.delta
+
+
+def _exact_scores(model, loss_fn, x, y, names) -> torch.Tensor:
+    try:
+        return per_sample_grad_norms(model, loss_fn, x, y, names)
+    except RuntimeError as err:
+        raise ValueError(
+            f"estimator: 'exact' needs a model torch.func can differentiate per sample ({err}); use estimator='fd'"
+        ) from err
+
+
+def _rademacher_like(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Independent ±1 entries with probability 1/2 each, drawn from `generator`."""
+    return torch.empty_like(p).bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+
+
+# -- micro-batches ----------------------------------------------------------------------------------
+def _sequential_micro_batches(model, loss_fn, x, y, names, params, k: int, spec: _Spec) -> _Step:
+    """k = 1: the plain two-pass step; k > 1: the same step on each micro-batch in turn, averaged.
+
+    Gradients are summed in place as the micro-batches go, so memory does not grow with k.
+    """
+    if k == 1:
+        return _perturbation_step(model, loss_fn, x, y, names, params, spec, track_stats=True)
+    losses, perturbed_losses, micro_norms = [], [], []
+    gradient_sum = descent_sum = None
+    for xj, yj in zip(x.chunk(k), y.chunk(k), strict=True):
+        step = _perturbation_step(model, loss_fn, xj, yj, names, params, spec, track_stats=False)
+        losses.append(step.losses)
+        perturbed_losses.append(step.perturbed_losses)
+        micro_norms.append(global_norm(step.gradient))
+        if gradient_sum is None:
+            gradient_sum, descent_sum = step.gradient, step.descent
+        else:
+            torch._foreach_add_(gradient_sum, step.gradient)
+            torch._foreach_add_(descent_sum, step.descent)
+    return _Step(
+        losses=torch.cat(losses),
+        perturbed_losses=torch.cat(perturbed_losses),
+        gradient=torch._foreach_div(gradient_sum, k),
+        descent=torch._foreach_div(descent_sum, k),
+        extras={"micro_grad_norm": torch.stack(micro_norms).mean()},
+    )
+
+
+def _parallel_micro_batches(model, loss_fn, x, y, names, k: int, spec: _Spec) -> _Step:
+    """All k micro-batches at once (torch.func.vmap); folded into one _Step with mean gradients."""
+    try:
+        out = micro_batch_gradients_vmap(model, loss_fn, x, y, names, k, rho=spec.rho)
+    except RuntimeError as err:
+        raise ValueError(f"impl: this model cannot run under torch.func.vmap ({err}); use impl='loop'") from err
+    micro_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in out["first"]]).sum(0).sqrt()
+    return _Step(
+        losses=out["losses"].reshape(-1),
+        perturbed_losses=out["perturbed_losses"].reshape(-1),
+        gradient=[g.mean(0) for g in out["first"]],
+        descent=[h.mean(0) for h in out["second"]],
+        extras={"micro_grad_norm": micro_norms.mean()},
+    )
+
+
+def _update_running_stats(model: nn.Module, x: torch.Tensor) -> None:
+    """One plain no-grad forward of the whole batch, so buffers move as in a single training pass."""
+    if model.training and any(True for _ in model.buffers()):
+        with torch.no_grad():
+            model(x)
+
+
+# -- combining and reporting --------------------------------------------------------------------------
+def _finish(params: Sequence[torch.Tensor], step: _Step, method: str) -> dict[str, float]:
+    """Write .grad and turn the metrics into floats (one device sync)."""
+    for p, g in zip(params, step.descent, strict=True):
+        p.grad = g.detach()
+    metrics = {
+        "loss": step.losses.mean(),
+        "perturbed_loss": step.perturbed_losses.mean(),
+        "grad_norm": global_norm(step.gradient),
+        **step.extras,
+    }
+    if method == "msam":
+        metrics.setdefault("micro_grad_norm", metrics["grad_norm"])  # m = b: one micro-batch
+    names = list(metrics)
+    values = torch.stack([metrics[n].detach().to(torch.float64) for n in names]).tolist()
+    return dict(zip(names, values, strict=True))
+
+
+def _grad(value: torch.Tensor, inputs: Sequence[torch.Tensor], *, retain_graph: bool = False) -> list[torch.Tensor]:
+    """d value / d inputs, zeros for inputs the value does not depend on."""
+    return list(torch.autograd.grad(value, inputs, retain_graph=retain_graph, allow_unused=True,
+                                    materialize_grads=True))
+
+
+def _per_sample(losses: torch.Tensor, batch: int) -> torch.Tensor:
+    if losses.shape != (batch,):
+        raise ValueError(
+            f"loss_fn: must return per-sample losses of shape [{batch}] (got shape {list(losses.shape)}); "
+            "use reduction='none'"
+        )
+    return losses
+
+
+def _trainable(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model: has no parameter with requires_grad=True")
+    return [name for name, _ in named], [p for _, p in named]
+
+
+# -- validation ------------------------------------------------------------------------------------
+def _check_arguments(model, x, y, *, method, rho, m, impl, lam, estimator, delta, adaptive_eta, perturb_batch,
+                     generator) -> _Spec:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: must be a torch.nn.Module (got {type(model).__name__})")
+    check_choice("method", method, METHODS)
+    check_choice("impl", impl, IMPLS)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_number("rho", rho, lower=0.0)
+    check_number("lam", lam, lower=0.0)
+    check_number("delta", delta, lower=0.0, open_lower=True)
+    check_number("adaptive_eta", adaptive_eta, lower=0.0)
+    batch = _batch_size(x, y, "x", "y")
+    if method == "msam" and not _divides(m, batch):
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise ValueError(f"m: msam needs a micro-batch size m that divides the batch of {batch}, "
+                         f"one of {divisors} (got {m!r})")
+    if method == "nsam":
+        if not isinstance(perturb_batch, (tuple, list)) or len(perturb_batch) != 2:
+            raise ValueError("perturb_batch: nsam needs (x_p, y_p), the batch its perturbation is computed on")
+        _batch_size(perturb_batch[0], perturb_batch[1], "perturb_batch[0]", "perturb_batch[1]")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: must be a torch.Generator or None (got {type(generator).__name__})")
+    return _Spec(method, float(rho), float(lam), estimator, float(delta), float(adaptive_eta),
+                 tuple(perturb_batch) if method == "nsam" else None, generator)
+
+
+def _divides(m, batch: int) -> bool:
+    return isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= batch and batch % m == 0
+
+
+def _batch_size(x, y, x_name: str, y_name: str) -> int:
+    for name, value in ((x_name, x), (y_name, y)):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            raise ValueError(f"{name}: must be a tensor with a batch dimension")
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"{y_name}: must have as many rows as {x_name} (>= 1), got {y.shape[0]} and {x.shape[0]}")
+    return x.shape[0]
