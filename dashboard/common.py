@@ -30,11 +30,17 @@ Stable API (other pages rely on it; extend, do not change):
     run_picker(label, *, key, kind="train", statuses=("completed",), multi=False, default=None, help=None)
         -> id | list[id] | None                  with an empty state (and a link to Train) when nothing fits
     empty_state(message, page=None, link_label=None)
+    page_link(page, label)                       st.page_link that degrades to a plain link
     field_error(slot, message)                   a compact error right under a widget (slot = st.empty())
     show_exception(err, what)                    a ValueError's message as an error box, not a traceback
     show_figure(fig, key=None)                   plotly with the Streamlit theme (light and dark)
     live(seconds)                                decorator: st.fragment(run_every=seconds)
-    submit(kind, params, *, name="", group=None, cache_key=None) -> id | None   errors shown, nothing queued
+    submit(kind, params, *, name="", group=None) -> id | None   errors shown, nothing queued
+    submit_train(configs) -> [id] | None          one run, or one group of runs (one per seed)
+    cancel_run(id) -> str, resume_run(id) -> str, delete_run(id)   ValueError when not possible
+    load_metrics(run_ids, names=None, kind=None, max_points=2000) -> long DataFrame
+    metric_times(run_ids) -> DataFrame           wall-clock seconds of each logged step (x = time)
+    ViewParams(st.query_params, prefix)          widgets whose values live in the URL
     cached_or_submit(kind, params, *, label, key) -> run dict | None   reuse a cached run or offer a button
     task_progress(run)                           status line, progress bar with ETA, error text of a failed run
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
@@ -51,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 from dashboard import tables
 from samlab.config import RunConfig
@@ -73,7 +80,8 @@ STATUS_ICONS: dict[str, str] = {
 __all__ = [
     "ACTIVE", "FINAL", "STATUSES", "page_setup", "get_store", "store_url", "list_runs", "run_config",
     "run_labels", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
-    "submit", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
+    "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "metric_times",
+    "ViewParams", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
 ]
 
 
@@ -178,7 +186,16 @@ def empty_state(message: str, page: str | None = None, link_label: str | None = 
     """An info box that says what to do, with a link to the page where it is done."""
     st.info(message, icon="💡")
     if page is not None and (ROOT / page).exists():
-        st.page_link(page, label=link_label or f"Open {page_title(Path(page))}", icon="➡️")
+        page_link(page, link_label or f"Open {page_title(Path(page))}")
+
+
+def page_link(page: str, label: str, icon: str = "➡️") -> None:
+    """st.page_link, or a plain link when the page registry does not know the page (a page script
+    run on its own, e.g. by a test, sees no other pages)."""
+    try:
+        st.page_link(page, label=label, icon=icon)
+    except StreamlitPageNotFoundError:
+        st.markdown(f"{icon} [{label}](/{page_title(Path(page)).replace(' ', '_')})")
 
 
 def field_error(slot: Any, message: str | None) -> None:
@@ -214,37 +231,76 @@ def live(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 # -- background runs ----------------------------------------------------------------------------------
-def submit(kind: str, params: dict[str, Any], *, name: str = "", group: str | None = None,
-           cache_key: str | None = None) -> str | None:
+def submit(kind: str, params: dict[str, Any], *, name: str = "", group: str | None = None) -> str | None:
     """Queue a background run; a validation error is shown and nothing is queued (returns None)."""
     from samlab import jobs
 
     try:
-        return jobs.submit_task(kind, params, name=name, group=group, cache_key=cache_key, store=get_store())
+        return jobs.submit(params, kind=kind, name=name or None, group=group, store=get_store())
     except ValueError as err:
         show_exception(err, "Not queued")
         return None
 
 
+def submit_train(configs: Sequence[RunConfig]) -> list[str] | None:
+    """Queue training runs: one run, or several (one per seed) as one group. Errors are shown."""
+    from samlab import jobs
+
+    store = get_store()
+    try:
+        if len(configs) == 1:
+            return [jobs.submit(configs[0], store=store)]
+        first = configs[0]
+        name = first.name or first.label().rsplit(" seed=", 1)[0]
+        group = jobs.submit_sweep(list(configs), f"{name} × {len(configs)} seeds", store=store)
+    except ValueError as err:
+        show_exception(err, "Not queued")
+        return None
+    return [r["id"] for r in store.list_runs(group=group, limit=len(configs))]
+
+
 def cached_or_submit(kind: str, params: dict[str, Any], *, label: str, key: str) -> dict[str, Any] | None:
     """The newest queued, running or completed run of this analysis (same kind and params), else a
     button that submits it. Returns the run dict (with its result) or None."""
-    from samlab import jobs
+    from samlab import jobs, tasks
 
     try:
-        cache_key = jobs.task_cache_key(kind, params)
+        normalised = tasks.check_params(kind, params)
     except ValueError as err:
         show_exception(err, "Invalid settings")
         return None
     store = get_store()
-    found = store.find_cached(cache_key)
+    found = store.find_cached(jobs.cache_key(kind, normalised))
     if found is not None:
         return found
     if st.button(label, key=key, type="primary"):
-        run_id = submit(kind, params, cache_key=cache_key)
-        if run_id is not None:
-            return store.get_run(run_id)
+        try:
+            return store.get_run(jobs.submit_cached(kind, normalised, store=store))
+        except ValueError as err:
+            show_exception(err, "Not queued")
     return None
+
+
+def cancel_run(run_id: str) -> str:
+    """Cancel a queued run, or ask a running one to checkpoint and stop."""
+    from samlab import jobs
+
+    outcome = jobs.cancel(run_id, store=get_store())
+    return "cancelled" if outcome == "cancelled" else "stop requested: the run checkpoints, then stops"
+
+
+def resume_run(run_id: str) -> str:
+    from samlab import jobs
+
+    jobs.resume(run_id, store=get_store())
+    return f"run {run_id} queued to resume from its checkpoint"
+
+
+def delete_run(run_id: str) -> None:
+    """Delete a finished run's rows and its folder (checkpoints, log)."""
+    from samlab import jobs
+
+    jobs.delete(run_id, store=get_store(), files=True)
 
 
 def progress_text(run: dict[str, Any], now: datetime | None) -> tuple[float, str]:
@@ -297,3 +353,116 @@ def _first_lines(text: str, n: int = 12) -> str:
         return "\n".join(lines)
     # a traceback's last lines say what went wrong
     return "\n".join(["…", *lines[-n:]])
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+def load_metrics(run_ids: Sequence[str], names: Iterable[str] | None = None, kind: str | None = None,
+                 max_points: int | None = 2000):
+    """Long metrics frame (run_id, kind, name, step, value), each curve downsampled on the server."""
+    if not run_ids:
+        import pandas as pd
+
+        return pd.DataFrame(columns=["run_id", "kind", "name", "step", "value"])
+    return get_store().metrics(list(run_ids), names=names, kind=kind, max_points=max_points)
+
+
+def metric_times(run_ids: Sequence[str]):
+    """Wall-clock seconds of every logged (run, kind, step) since the run's first record.
+
+    Each metric row carries its writer's unix time; this reads the earliest per (run, kind, step),
+    so x = time plots show the real elapsed time including evaluation and checkpoints."""
+    import pandas as pd
+    import sqlalchemy as sa
+
+    from samlab.store import metrics_table
+
+    m = metrics_table.c
+    query = (sa.select(m.run_id, m.kind, m.step, sa.func.min(m.time))
+             .where(m.run_id.in_(list(run_ids)), m.time.is_not(None))
+             .group_by(m.run_id, m.kind, m.step))
+    with get_store().engine.connect() as conn:
+        rows = conn.execute(query).all()
+    frame = pd.DataFrame(rows, columns=["run_id", "kind", "step", "time"])
+    if not frame.empty:
+        frame["time"] = frame["time"] - frame.groupby("run_id")["time"].transform("min")
+    return frame
+
+
+# -- view state in the URL ----------------------------------------------------------------------------------
+class ViewParams:
+    """Widgets whose values live in the URL query parameters, so a view can be shared and reloaded.
+
+    Each widget reads its first value from `?name=...` (lists comma-separated, booleans 1/0), falls
+    back to `default`, drops values that are no longer options, and `sync()` (call it last) writes the
+    current values back into the URL. Widget keys are `<prefix>.<name>` in the session state.
+    """
+
+    def __init__(self, query_params: Any, prefix: str) -> None:
+        self.query_params = query_params
+        self.prefix = prefix
+        self.values: dict[str, str] = {}
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def _prepare(self, name: str, decode: Callable[[str], Any], default: Any, valid: Callable[[Any], Any]) -> str:
+        key = self.key(name)
+        if key not in st.session_state:
+            raw = self.query_params.get(name)
+            value = default
+            if raw is not None:
+                try:
+                    value = decode(raw)
+                except ValueError:
+                    value = default
+            st.session_state[key] = value
+        st.session_state[key] = valid(st.session_state[key])
+        return key
+
+    def multiselect(self, where: Any, label: str, name: str, options: Sequence[Any], *,
+                    default: Sequence[Any] = (), format_func: Callable[[Any], str] = str) -> list[Any]:
+        allowed = list(options)
+        key = self._prepare(name, lambda raw: [v for v in raw.split(",") if v], list(default),
+                            lambda vals: [v for v in vals if v in allowed])
+        value = where.multiselect(label, allowed, key=key, format_func=format_func)
+        self.values[name] = ",".join(str(v) for v in value)
+        return value
+
+    def selectbox(self, where: Any, label: str, name: str, options: Sequence[str], *, default: str) -> str:
+        allowed = list(options)
+        key = self._prepare(name, str, default, lambda v: v if v in allowed else default)
+        value = where.selectbox(label, allowed, key=key)
+        self.values[name] = str(value)
+        return value
+
+    def radio(self, where: Any, label: str, name: str, options: Sequence[str], *, default: str) -> str:
+        allowed = list(options)
+        key = self._prepare(name, str, default, lambda v: v if v in allowed else default)
+        value = where.radio(label, allowed, key=key, horizontal=True)
+        self.values[name] = str(value)
+        return value
+
+    def slider(self, where: Any, label: str, name: str, lo: float, hi: float, *, default: float,
+               step: float) -> float:
+        key = self._prepare(name, float, default, lambda v: min(max(float(v), lo), hi))
+        value = where.slider(label, lo, hi, step=step, key=key)
+        self.values[name] = f"{value:g}"
+        return value
+
+    def toggle(self, where: Any, label: str, name: str, *, default: bool = False) -> bool:
+        key = self._prepare(name, lambda raw: raw in ("1", "true", "True"), default, bool)
+        value = where.toggle(label, key=key)
+        self.values[name] = "1" if value else "0"
+        return value
+
+    def text_input(self, where: Any, label: str, name: str, *, default: str = "") -> str:
+        key = self._prepare(name, str, default, str)
+        value = where.text_input(label, key=key)
+        self.values[name] = value
+        return value
+
+    def sync(self) -> None:
+        """Write the non-empty values into the URL (replacing the page's query parameters)."""
+        wanted = {k: v for k, v in self.values.items() if v not in ("", None)}
+        if dict(self.query_params.to_dict()) != wanted:
+            self.query_params.from_dict(wanted)

@@ -273,9 +273,16 @@ def state_key(prefix: str, key: str) -> str:
 def load_config_into_state(cfg: RunConfig, state: MutableMapping[str, Any], prefix: str,
                            seeds: Sequence[int] | None = None) -> None:
     """Write a config's values into the widget keys, so the next draw of the form shows them."""
+    backup = state.setdefault(_backup_key(prefix), {})
     for key, value in config_values(cfg).items():
-        state[state_key(prefix, key)] = _widget_value(FIELDS_BY_KEY[key], value)
+        state[state_key(prefix, key)] = backup[key] = _widget_value(FIELDS_BY_KEY[key], value)
     state[state_key(prefix, SEEDS_FIELD)] = format_seeds(seeds if seeds is not None else [cfg.seed])
+
+
+def _backup_key(prefix: str) -> str:
+    # Streamlit forgets the state of a widget that was not drawn in a run; this copy (not a widget
+    # key) brings a hidden field back with its last value when it is shown again.
+    return f"{prefix}._values"
 
 
 def values_from_state(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -293,15 +300,21 @@ def render_config_form(prefix: str, *, device_options: Sequence[str] = ("auto", 
     import streamlit as st
 
     slots: dict[str, Any] = {}
+    backup = st.session_state.setdefault(_backup_key(prefix), {})
+    defaults = _default_values()
     for section, title in SECTIONS:
         st.markdown(f"**{title}**")
         current = values_from_state(st.session_state, prefix)
         specs = [f for f in visible_fields(current) if f.section == section]
         cols = st.columns(columns)
         for index, spec in enumerate(specs):
+            key = state_key(prefix, spec.key)
+            if key not in st.session_state:
+                st.session_state[key] = _widget_value(spec, backup.get(spec.key, defaults[spec.key]))
             with cols[index % columns]:
                 _draw_widget(spec, prefix, device_options)
                 slots[spec.key] = st.empty()
+            backup[spec.key] = st.session_state[key]
         if section == "run":
             with cols[len(specs) % columns]:
                 st.text_input("seeds", key=state_key(prefix, SEEDS_FIELD),

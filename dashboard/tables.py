@@ -14,10 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dashboard.forms import config_values, visible_fields
 from samlab.config import RunConfig
+from samlab.data import DATASET_INFO
 
 # Fields that say how a run is logged or stored, not what it computes: never a legend entry.
 BOOKKEEPING_FIELDS = {
@@ -210,3 +212,85 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(number) else number
+
+
+# -- curves -------------------------------------------------------------------------------------------
+METRIC_KINDS = ("step", "epoch")
+
+
+def data_task(config: RunConfig) -> str:
+    """'classification' or 'regression': what the run's dataset asks for (it sets the loss unit)."""
+    return DATASET_INFO[config.data.name]["task"]
+
+
+def steps_per_epoch(config: RunConfig) -> int:
+    """Optimizer steps per epoch as the engine counts them: full batches only (drop_last), with the
+    batch capped at the train-set size."""
+    available = DATASET_INFO[config.data.name]["n_train"]
+    n = config.data.n_train if config.data.n_train is not None else available
+    batch = min(config.batch_size, n)
+    return max(1, n // batch)
+
+
+def metric_key(kind: str, name: str) -> str:
+    """'epoch.test_acc': a metric choice that names its kind (the same name can be logged per step
+    and per epoch evaluation)."""
+    return f"{kind}.{name}"
+
+
+def split_metric_key(key: str) -> tuple[str, str]:
+    kind, sep, name = key.partition(".")
+    if not sep or kind not in METRIC_KINDS or not name:
+        raise ValueError(f"metric: expected 'step.<name>' or 'epoch.<name>' (got {key!r})")
+    return kind, name
+
+
+def metric_choices(names: Sequence[tuple[str, str]]) -> list[str]:
+    """Metric keys for the (kind, name) pairs a set of runs has, evaluation metrics first."""
+    order = {"epoch": 0, "step": 1}
+    return [metric_key(k, n) for k, n in sorted(names, key=lambda kn: (order.get(kn[0], 2), kn[1]))]
+
+
+def curve_xy(metrics: pd.DataFrame, run_id: str, key: str, x: str, *, spe: int,
+             times: pd.DataFrame | None = None) -> tuple[Any, Any]:
+    """One run's curve of `key` against x = step | epoch | time.
+
+    `metrics` is the store's long frame (run_id, kind, name, step, value): step rows count optimizer
+    steps, epoch rows count epochs. x = "epoch" divides steps by `spe` (steps per epoch); x = "step"
+    multiplies epochs by it; x = "time" uses `times` (run_id, kind, step, time: seconds since the run's
+    first record), interpolated between logged steps.
+    """
+    kind, name = split_metric_key(key)
+    rows = metrics[(metrics["run_id"] == run_id) & (metrics["kind"] == kind) & (metrics["name"] == name)]
+    rows = rows.sort_values("step")
+    steps = rows["step"].to_numpy(dtype=float)
+    values = rows["value"].to_numpy(dtype=float)
+    if x == "time":
+        if times is None or times.empty:
+            return steps[:0], values[:0]
+        known = times[(times["run_id"] == run_id) & (times["kind"] == kind)].sort_values("step")
+        if known.empty:
+            return steps[:0], values[:0]
+        # downsampled curves have fractional (bucket-mean) steps: interpolate their times
+        t = np.interp(steps, known["step"].to_numpy(dtype=float), known["time"].to_numpy(dtype=float))
+        return t, values
+    if x == "epoch":
+        return (steps / spe if kind == "step" else steps), values
+    if x == "step":
+        return (steps * spe if kind == "epoch" else steps), values
+    raise ValueError(f"x: must be one of step, epoch, time (got {x!r})")
+
+
+def wide_metrics(metrics: pd.DataFrame, run_id: str, kind: str, *, spe: int) -> pd.DataFrame:
+    """One run's metrics of one kind as columns (step, epoch, <metric>...), for the run panel."""
+    rows = metrics[(metrics["run_id"] == run_id) & (metrics["kind"] == kind)]
+    if rows.empty:
+        return pd.DataFrame(columns=["step", "epoch"])
+    wide = rows.pivot_table(index="step", columns="name", values="value", aggfunc="last").reset_index()
+    wide.columns.name = None
+    if kind == "epoch":
+        wide["epoch"] = wide["step"]
+        wide["step"] = wide["step"] * spe
+    else:
+        wide["epoch"] = wide["step"] / spe
+    return wide
