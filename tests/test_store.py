@@ -1,0 +1,242 @@
+"""Run store: schema and migrations, filtered reads, server-side downsampling, concurrent writers."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from samlab.store import SCHEMA_VERSION, Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}")
+
+
+def _make_runs(store: Store, n: int, **spec) -> list[str]:
+    return store.create_runs([{"kind": "train", "params": {"i": i}, "name": f"run {i}", **spec}
+                              for i in range(n)])
+
+
+def test_fresh_store_is_wal_versioned_and_puts_run_folders_beside_the_file(store, tmp_path):
+    assert store.schema_version() == SCHEMA_VERSION
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    (run_id,) = _make_runs(store, 1)
+    run = store.get_run(run_id)
+    assert run["status"] == "queued" and run["params"] == {"i": 0}
+    assert Path(run["workdir"]) == tmp_path / "runs" / run_id
+    assert run["log_path"].endswith(f"{run_id}/run.log")
+
+
+def _write_v1_file(path: Path) -> None:
+    """The v1 layout, written by hand: train runs with a `config` column, long-format metrics."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path)
+    con.executescript(textwrap.dedent("""
+        CREATE TABLE meta (key VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE runs (
+            id VARCHAR(32) PRIMARY KEY, name VARCHAR(200) NOT NULL DEFAULT '', group_id VARCHAR(32),
+            config TEXT NOT NULL, status VARCHAR(16) NOT NULL, created_at DATETIME, started_at DATETIME,
+            finished_at DATETIME, heartbeat_at DATETIME, pid INTEGER, host VARCHAR(255),
+            device VARCHAR(255), error TEXT, summary TEXT, workdir TEXT, log_path TEXT,
+            checkpoint_path TEXT);
+        CREATE TABLE metrics (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id VARCHAR(32) NOT NULL,
+            kind VARCHAR(16) NOT NULL, step INTEGER NOT NULL, name VARCHAR(64) NOT NULL, value FLOAT,
+            time FLOAT);
+        INSERT INTO runs (id, name, config, status, created_at, summary, workdir)
+            VALUES ('oldrun000001', 'old', '{"seed": 3}', 'completed', '2024-01-02 03:04:05.000000',
+                    '{"final_test_acc": 0.9}', '/somewhere/oldrun000001');
+        INSERT INTO metrics (run_id, kind, step, name, value, time)
+            VALUES ('oldrun000001', 'epoch', 0, 'test_acc', 0.5, 1.0),
+                   ('oldrun000001', 'epoch', 1, 'test_acc', 0.9, 2.0);
+    """))
+    con.commit()
+    con.close()
+
+
+def test_opening_a_v1_file_migrates_it_and_keeps_its_data(tmp_path):
+    path = tmp_path / "old" / "samlab.db"
+    _write_v1_file(path)
+    store = Store(f"sqlite:///{path}")
+    assert store.schema_version() == SCHEMA_VERSION
+    run = store.get_run("oldrun")  # unique prefix
+    assert run["id"] == "oldrun000001" and run["kind"] == "train" and run["params"] == {"seed": 3}
+    assert run["summary"] == {"final_test_acc": 0.9} and run["cancel_requested"] is False
+    frame = store.metrics(["oldrun000001"])
+    assert frame["value"].tolist() == [0.5, 0.9]
+    # the migrated file takes the new columns and tables
+    (new_id,) = store.create_runs([{"kind": "msharp", "params": {"m": [1, 2]}, "cache_key": "k"}])
+    store.add_artifact("oldrun000001", "log", "/x/run.log")
+    assert store.find_cached("k")["id"] == new_id
+    assert [a["name"] for a in store.artifacts("oldrun000001")] == ["log"]
+    indexes = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("metrics")}
+    assert "ix_metrics_run_kind_name_step" in indexes
+    # a second open of the migrated file is a no-op
+    assert Store(f"sqlite:///{path}").get_run(new_id)["kind"] == "msharp"
+
+
+def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path):
+    path = tmp_path / "samlab.db"
+    Store(f"sqlite:///{path}").schema_version()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(ValueError, match="schema version 99, newer"):
+        Store(f"sqlite:///{path}").list_runs()
+
+
+def test_list_filters_counts_and_ids(store):
+    a = _make_runs(store, 3, group_id="g1")
+    b = store.create_runs([{"kind": "hessian", "params": {"top": 5}, "name": "Curvature of x"}])
+    assert store.claim(a[0], "h", "local") and store.start_run(a[0], 1, "h", "cpu")
+    assert store.finish_run(a[0], "completed", summary={"acc": 1.0})
+    assert store.request_cancel(a[1]) == "cancelled"
+    assert {r["id"] for r in store.list_runs(group="g1")} == set(a)
+    assert [r["id"] for r in store.list_runs(kind="hessian")] == b
+    assert [r["id"] for r in store.list_runs(text="curvature")] == b
+    assert [r["id"] for r in store.list_runs(status=["completed", "cancelled"], limit=1)] in ([a[0]], [a[1]])
+    assert store.count_by_status() == {"queued": 2, "running": 0, "completed": 1, "failed": 0,
+                                       "cancelled": 1, "diverged": 0}
+    assert store.count_by_status(kind="hessian")["queued"] == 1
+    assert store.list_runs()[0]["id"] == b[0]  # newest first
+    with pytest.raises(ValueError, match="status"):
+        store.list_runs(status="bogus")
+    with pytest.raises(ValueError, match="limit"):
+        store.list_runs(limit=0)
+    with pytest.raises(ValueError, match="run_id: no run"):
+        store.get_run("zzz")
+
+
+def test_lifecycle_transitions_are_conditional(store):
+    (run_id,) = _make_runs(store, 1)
+    assert store.claim(run_id, "h", "local")
+    assert not store.claim(run_id, "h", "local")  # a second launcher loses
+    assert not store.start_run(run_id, 42, "other-host", "cpu")  # claimed for another host
+    assert store.start_run(run_id, 42, "h", "cpu")
+    assert store.request_cancel(run_id) == "requested"
+    assert store.flush(run_id, [], 0.5, "half") is True  # the worker reads the flag back
+    assert store.finish_run(run_id, "cancelled")
+    assert not store.finish_run(run_id, "completed")  # already final
+    assert store.request_cancel(run_id) == ""
+    assert store.requeue(run_id, resume=True)
+    run = store.get_run(run_id)
+    assert run["status"] == "queued" and run["resume_requested"] and not run["cancel_requested"]
+    with pytest.raises(ValueError, match="status"):
+        store.finish_run(run_id, "queued")
+
+
+def test_heartbeats_use_the_database_clock(store):
+    (run_id,) = _make_runs(store, 1)
+    store.claim(run_id, "h", "local")
+    store.start_run(run_id, 1, "h", "cpu")
+    t0 = store.server_now()
+    time.sleep(0.05)
+    store.flush(run_id, [])
+    beat = store.get_run(run_id)["heartbeat_at"]
+    assert beat > t0 and beat <= store.server_now()
+    assert store.stale_runs(3600) == []
+    time.sleep(0.3)
+    assert [r["id"] for r in store.stale_runs(0.2)] == [run_id]
+
+
+def _bucket_oracle(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """The documented downsampling, computed with numpy on the raw rows."""
+    out = []
+    for (run_id, kind, name), curve in frame.groupby(["run_id", "kind", "name"], sort=True):
+        lo, hi = curve["step"].min(), curve["step"].max()
+        bucket = (curve["step"] - lo) * max_points // (hi - lo + 1)
+        for _, group in curve.groupby(bucket, sort=True):
+            out.append((run_id, kind, name, group["step"].mean(), group["value"].mean()))
+    return pd.DataFrame(out, columns=["run_id", "kind", "name", "step", "value"])
+
+
+def test_downsampled_reads_match_a_numpy_oracle(store):
+    ids = _make_runs(store, 2)
+    rng = np.random.default_rng(0)
+    rows = {ids[0]: [], ids[1]: []}
+    for step in range(0, 3000, 3):
+        rows[ids[0]].append(("step", step, "loss", float(rng.normal()), 0.0))
+        rows[ids[0]].append(("step", step, "acc", float("nan") if step % 300 == 0 else float(rng.random()), 0.0))
+    for step in range(5, 80):
+        rows[ids[1]].append(("step", step, "loss", float(step) ** 0.5, 0.0))
+    for run_id, run_rows in rows.items():
+        store.flush(run_id, run_rows)
+    raw = store.metrics(ids)
+    assert len(raw) == 2 * 1000 + 75 and raw["value"].isna().sum() == 10  # NaN kept as missing
+    small = store.metrics(ids, names=["loss", "acc"], kind="step", max_points=50)
+    assert small.groupby(["run_id", "name"]).size().max() <= 50
+    expected = _bucket_oracle(raw, 50)
+    pd.testing.assert_frame_equal(small.reset_index(drop=True), expected, check_dtype=False, atol=1e-9)
+    # a curve shorter than max_points comes back point for point
+    short = store.metrics([ids[1]], max_points=500)
+    assert short["step"].tolist() == list(range(5, 80))
+    assert store.metric_names(ids) == [("step", "acc"), ("step", "loss")]
+
+
+def test_latest_metrics_restart_and_delete(store, tmp_path):
+    ids = _make_runs(store, 2)
+    store.flush(ids[0], [("epoch", e, "test_acc", 0.1 * e, 0.0) for e in range(5)])
+    store.flush(ids[1], [("epoch", 0, "test_acc", 0.3, 0.0), ("epoch", 0, "test_loss", 2.0, 0.0)])
+    assert store.latest_metrics(ids) == {ids[0]: {"test_acc": pytest.approx(0.4)},
+                                         ids[1]: {"test_acc": 0.3, "test_loss": 2.0}}
+    # a resumed run writes epochs 3.. again: the old tail is replaced, nothing duplicated
+    store.flush(ids[0], [("epoch", 3, "test_acc", 0.7, 0.0)], restart_from=[("epoch", "test_acc", 3)])
+    assert store.metrics([ids[0]])["value"].tolist() == pytest.approx([0.0, 0.1, 0.2, 0.7])
+    store.add_artifact(ids[0], "log", "x")
+    removed = store.delete_run(ids[0])
+    assert removed["id"] == ids[0]
+    assert store.metrics([ids[0]]).empty and store.artifacts(ids[0]) == []
+    assert [r["id"] for r in store.list_runs()] == [ids[1]]
+    store.claim(ids[1], "h", "local")
+    with pytest.raises(ValueError, match="cancel it before deleting"):
+        store.delete_run(ids[1])
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from samlab.store import Store
+    from samlab.worker import StoreReporter
+    url, run_id, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    store = Store(url)
+    reporter = StoreReporter(store, run_id, flush_s=0.02)
+    reporter.start()
+    for step in range(n):
+        reporter.metrics("step", step, {"a": float(step), "b": -float(step)})
+        if step % 50 == 0:
+            reporter.progress(step, n, "writing")
+    reporter.close()
+    print("errors", reporter.flush_errors)
+""")
+
+
+def test_eight_processes_write_concurrently_without_loss_or_lock_errors(store):
+    ids = _make_runs(store, 8)
+    n = 800
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, store.url, run_id, str(n)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run_id in ids]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert "errors 0" in out and "locked" not in err
+    frame = store.metrics(ids)
+    assert len(frame) == 8 * n * 2
+    counts = frame.groupby(["run_id", "name"]).size()
+    assert (counts == n).all()
+    for run_id in ids:
+        a = frame[(frame.run_id == run_id) & (frame.name == "a")]
+        assert a["step"].tolist() == list(range(n)) and a["value"].tolist() == [float(s) for s in range(n)]
