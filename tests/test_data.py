@@ -340,3 +340,68 @@ def test_augment_validates_inputs():
 def test_device_argument_places_all_tensors():
     ds = load_dataset(cfg(name="sparse-regression"), device=torch.device("cpu"))
     assert all(t.device.type == "cpu" for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.true_weights))
+
+
+# -- the torchvision path ----------------------------------------------------------------------------
+class FakeVisionSet:
+    """Stands in for torchvision.datasets classes: their documented `.data` / `.targets` layouts."""
+
+    splits: dict[bool, tuple] = {}
+    calls: list = []
+
+    def __init__(self, root, train, download):
+        type(self).calls.append((root, train, download))
+        if train not in self.splits:
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+        self.data, self.targets = self.splits[train]
+
+
+def fake_torchvision(cls):
+    datasets = type("datasets", (), {"MNIST": cls, "FashionMNIST": cls, "CIFAR10": cls, "CIFAR100": cls})
+    return type("torchvision", (), {"datasets": datasets})
+
+
+def test_torchvision_cifar_layout_matches_the_pickle_reader(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = [(random_images(rng, 2), rng.integers(0, 10, 2).tolist()) for _ in range(6)]
+    for name, (imgs, labs) in zip([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], batches):
+        write_cifar_batch(folder / name, imgs, labs, b"labels")
+    monkeypatch.setattr(data_module, "_torchvision", lambda: None)
+    native = load_dataset(cfg(name="cifar10", root=str(tmp_path)))
+
+    class FakeCIFAR(FakeVisionSet):  # torchvision keeps CIFAR as HWC numpy uint8 and a list of labels
+        splits = {
+            True: (np.concatenate([b[0] for b in batches[:5]]).transpose(0, 2, 3, 1), sum([b[1] for b in batches[:5]], [])),
+            False: (batches[5][0].transpose(0, 2, 3, 1), batches[5][1]),
+        }
+        calls = []
+
+    monkeypatch.setattr(data_module, "_torchvision", lambda: fake_torchvision(FakeCIFAR))
+    via = load_dataset(cfg(name="cifar10", root=str(tmp_path)))
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(native, field), getattr(via, field)), field
+    assert FakeCIFAR.calls == [(str(tmp_path), True, False), (str(tmp_path), False, False)]
+
+
+def test_torchvision_mnist_layout_and_missing_files(tmp_path, monkeypatch):
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+
+    class FakeMNIST(FakeVisionSet):  # torchvision keeps MNIST as a uint8 tensor [N, 28, 28]
+        splits = {True: (images, torch.tensor([1, 2, 3, 4])), False: (images[:2], torch.tensor([5, 6]))}
+        calls = []
+
+    monkeypatch.setattr(data_module, "_torchvision", lambda: fake_torchvision(FakeMNIST))
+    ds = load_dataset(cfg(name="mnist", root=str(tmp_path), standardize=False), download=True)
+    assert ds.x_train.shape == (4, 1, 28, 28) and ds.y_test.tolist() == [5, 6]
+    torch.testing.assert_close(ds.x_train[:, 0], images.float() / 255.0)
+    assert FakeMNIST.calls[0] == (str(tmp_path), True, True)
+
+    class Absent(FakeVisionSet):
+        splits = {}
+        calls = []
+
+    monkeypatch.setattr(data_module, "_torchvision", lambda: fake_torchvision(Absent))
+    with pytest.raises(ValueError, match="not found or corrupted .*download=True"):
+        load_dataset(cfg(name="fashion-mnist", root=str(tmp_path)))
