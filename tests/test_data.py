@@ -405,3 +405,13 @@ def test_torchvision_mnist_layout_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "_torchvision", lambda: fake_torchvision(Absent))
     with pytest.raises(ValueError, match="not found or corrupted .*download=True"):
         load_dataset(cfg(name="fashion-mnist", root=str(tmp_path)))
+
+
+def test_dataset_augment_uses_label_preserving_settings():
+    """Digits: crops padded by 1 pixel of 8 and never mirrored (a mirrored digit is another symbol)."""
+    ds = load_dataset(cfg(name="digits", standardize=False, n_train=64))
+    out = ds.augment(ds.x_train, torch.Generator().manual_seed(0))
+    for image, augmented in zip(ds.x_train.numpy(), out.numpy()):
+        assert any(np.array_equal(c, augmented) for c in crops_of(image, 1, "zeros"))
+    with pytest.raises(ValueError, match="data.augment"):
+        load_dataset(cfg(name="gaussian-mixture", n_train=10)).augment(torch.zeros(2, 30), torch.Generator())
