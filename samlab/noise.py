@@ -214,6 +214,52 @@ def microbatch_noise_curve(
     return rows
 
 
+# -- RW-SAM weights ---------------------------------------------------------------------------------
+def rwsam_weights(
+    model: nn.Module,
+    loss_fn: PerSampleLoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lam: float,
+    *,
+    estimator: str = "exact",
+    delta: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """The RW-SAM weight distribution p = softmax(λ s) over the samples of (x, y) (Luo et al. 2025).
+
+    s_i ≈ ‖∇f_i(w)‖ from `samlab.optim`'s own estimators (the ones RW-SAM trains with):
+    estimator="exact" gives per-sample gradient norms by torch.func; estimator="fd" gives
+    s_i = |f_i(w + δz) − f_i(w)| / δ for one Rademacher z from `generator` (one extra forward).
+    Measured in eval mode. Returns lam, estimator, scores, weights (lists), max_weight, entropy
+    (nats; log n is uniform) and effective_samples = 1 / Σ p_i².
+    """
+    from samlab.optim.sharpness import _check_arguments, _exact_scores, _finite_difference_scores, _trainable
+
+    spec = _check_arguments(model, x, y, method="rwsam", rho=0.0, m=None, impl="vmap", lam=lam,
+                            estimator=estimator, delta=delta, adaptive_eta=0.0, perturb_batch=None,
+                            generator=generator)
+    names, params = _trainable(model)
+    with eval_mode(model), torch.no_grad():
+        if estimator == "fd":
+            losses = loss_fn(model(x), y)
+            scores = _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec)
+        else:
+            with torch.enable_grad():
+                scores = _exact_scores(model, loss_fn, x, y, names)
+    weights = torch.softmax(lam * scores.detach(), dim=0)
+    entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum()
+    return {
+        "lam": float(lam),
+        "estimator": estimator,
+        "scores": scores.detach().tolist(),
+        "weights": weights.tolist(),
+        "max_weight": float(weights.max()),
+        "entropy": float(entropy),
+        "effective_samples": float(1.0 / weights.pow(2).sum()),
+    }
+
+
 # -- validation -----------------------------------------------------------------------------------
 def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     if len(x) == 0:

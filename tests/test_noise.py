@@ -133,3 +133,42 @@ def test_noise_metrics_are_the_scalars_of_gradient_noise_and_keep_train_mode():
     assert set(metrics) == {"trace_v", "full_grad_norm", "mean_sample_grad_norm"}
     assert metrics["trace_v"] == pytest.approx(full["trace_v"], rel=1e-12)
     assert model.training
+
+
+def test_rwsam_weights_are_a_softmax_of_the_exact_per_sample_gradient_norms():
+    from samlab.noise import rwsam_weights
+
+    model, (x, y) = tiny_bn_net(seed=12), data(seed=13)
+    norms = grads_by_loop(model, x, y).norm(dim=1)
+    got = rwsam_weights(model, cross_entropy_per_sample, x, y, 2.0, estimator="exact")
+    assert got["scores"] == pytest.approx(norms.tolist(), rel=1e-8)
+    expected = torch.softmax(2.0 * norms, dim=0)
+    assert got["weights"] == pytest.approx(expected.tolist(), rel=1e-8)
+    assert got["effective_samples"] == pytest.approx(float(1 / expected.pow(2).sum()), rel=1e-8)
+    uniform = rwsam_weights(model, cross_entropy_per_sample, x, y, 0.0)
+    assert uniform["weights"] == pytest.approx([1 / 24] * 24)
+    assert uniform["effective_samples"] == pytest.approx(24.0)
+    assert model.training
+
+
+def test_rwsam_finite_difference_scores_square_to_the_squared_gradient_norms_on_average():
+    # E_z[<g_i, z>²] = ‖g_i‖² for Rademacher z; the fd score is |<g_i, z>| up to O(δ).
+    from samlab.noise import rwsam_weights
+
+    model, (x, y) = tiny_bn_net(seed=14), data(n=8, seed=15)
+    norms_sq = grads_by_loop(model, x, y).norm(dim=1).pow(2)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([
+        torch.tensor(rwsam_weights(model, cross_entropy_per_sample, x, y, 1.0, estimator="fd", delta=1e-6,
+                                   generator=gen)["scores"], dtype=torch.float64).pow(2)
+        for _ in range(60)
+    ])
+    torch.testing.assert_close(draws.mean(0), norms_sq, rtol=0.35, atol=0.0)  # 60 seeded draws
+
+
+def test_rwsam_weights_reject_a_bad_estimator():
+    from samlab.noise import rwsam_weights
+
+    model, (x, y) = tiny_bn_net(), data()
+    with pytest.raises(ValueError, match="estimator"):
+        rwsam_weights(model, cross_entropy_per_sample, x, y, 1.0, estimator="guess")
