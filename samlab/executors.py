@@ -61,6 +61,8 @@ def hostname() -> str:
 
 
 def _visible_gpus() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return 0  # GPUs hidden on purpose: skip the torch import
     import torch  # only the scheduler pays for this import
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -59,6 +59,8 @@ def _normalise(kind: str, config_or_params: RunConfig | dict[str, Any]) -> dict[
     register_plugin_tasks()
     if kind == "train" and isinstance(config_or_params, RunConfig):
         return config_or_params.validate().to_dict()
+    if kind == "train" and isinstance(config_or_params, dict):  # no engine import (torch) to validate
+        return RunConfig.from_dict(config_or_params).validate().to_dict()
     if not isinstance(config_or_params, dict):
         raise ValueError(f"params: expected a dict{' or a RunConfig' if kind == 'train' else ''}, "
                          f"got {type(config_or_params).__name__}")

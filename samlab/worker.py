@@ -156,12 +156,15 @@ def _finite_or_none(value: Any) -> float | None:
 
 def _describe_device(params: dict[str, Any]) -> str:
     """The device the run will use, as recorded in the store (with the GPU's name)."""
+    asked = str(params.get("device", "auto"))
+    if asked in ("auto", "cpu") and os.environ.get("CUDA_VISIBLE_DEVICES") == "" and sys.platform != "darwin":
+        return "cpu"  # a CPU slot hides every GPU: no need to import torch to know
     try:
         from samlab.devices import resolve_device
 
-        dev = resolve_device(str(params.get("device", "auto")))
+        dev = resolve_device(asked)
     except Exception as exc:  # the task reports the error itself; the store records what was asked
-        return f"{params.get('device', 'auto')} (unavailable: {exc})"
+        return f"{asked} (unavailable: {exc})"
     text = str(dev)
     if dev.type == "cuda":
         import torch
