@@ -259,12 +259,13 @@ def test_cli_runs_commands_and_readable_errors(store):
     assert missing.returncode == 2 and "no run" in missing.stderr
 
 
+@pytest.mark.slow
 def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(store, tmp_path):
     torch = pytest.importorskip("torch")
     from samlab.reporting import RecordingReporter
     from samlab.train import load_trained, run
 
-    cfg = preset("digits-mlp", {"epochs": 12, "batch_size": 32, "data.n_train": 512, "model.width": 32,
+    cfg = preset("digits-mlp", {"epochs": 6, "batch_size": 32, "data.n_train": 256, "model.width": 32,
                                 "checkpoint_every": 1})
     reference_reporter = RecordingReporter()
     reference = run(cfg, reference_reporter, workdir=tmp_path / "reference")
