@@ -52,6 +52,7 @@ MODEL_INFO: dict[str, dict[str, Any]] = {
 
 WRN_BASE_WIDTH = 16  # WideResNet's fixed first-stage width (Zagoruyko & Komodakis 2016)
 _GN_MAX_GROUPS = 32  # GroupNorm's standard group count (Wu & He 2018), reduced for thin layers
+_GN_MIN_GROUP_SIZE = 2  # one channel per group would be InstanceNorm, which zeroes 1×1 feature maps
 
 
 def build_model(
@@ -124,11 +125,13 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
-    """BatchNorm2d, or GroupNorm with gcd(channels, 32) groups (32 for standard widths)."""
+    """BatchNorm2d, or GroupNorm with 32 groups (standard widths, >= 64 channels), fewer for thin
+    layers so that every group has at least two channels: gcd(channels, min(32, channels // 2))."""
     if norm == "bn":
         return nn.BatchNorm2d(channels)
     if norm == "gn":
-        return nn.GroupNorm(math.gcd(channels, _GN_MAX_GROUPS), channels)
+        groups = math.gcd(channels, min(_GN_MAX_GROUPS, channels // _GN_MIN_GROUP_SIZE))
+        return nn.GroupNorm(groups, channels)
     raise ValueError(f"model.norm: must be one of {', '.join(NORMS)} (got {norm!r})")
 
 
