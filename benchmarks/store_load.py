@@ -1,0 +1,148 @@
+"""Run-store load: N worker processes write metrics at a fixed rate while the dashboard reads.
+
+    python benchmarks/store_load.py [--writers 8] [--rate 200] [--seconds 10] [--store URL] [--json]
+
+Each writer is a real `StoreReporter` (the worker's write path: buffer, flush every --flush seconds in
+one transaction with the heartbeat) emitting --rate metric values per second for --seconds. Meanwhile
+this process repeats the dashboard's 100-run query (list 100 runs + counts by status + the loss curves
+of those 100 runs downsampled to 200 points) and times it. The same query is timed first with no
+writers, in the same process, as the baseline. Prints rows written vs expected (must be equal), the
+achieved write rate, and read latency median / p95 idle and under load with their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from samlab.store import Store  # noqa: E402
+from samlab.worker import StoreReporter  # noqa: E402
+
+HISTORY_STEPS = 2000  # per seeded run: the dashboard reads curves of this length
+
+
+def writer(url: str, run_id: str, rate: float, seconds: float, flush_s: float) -> None:
+    """Emit `rate` values per second (two metrics per step) for `seconds`; print how many."""
+    store = Store(url)
+    reporter = StoreReporter(store, run_id, flush_s=flush_s)
+    reporter.start()
+    t0 = time.monotonic()
+    step = 0
+    while (elapsed := time.monotonic() - t0) < seconds:
+        due = int(elapsed * rate / 2)
+        while step < due:
+            reporter.metrics("step", step, {"loss": 1.0 / (step + 1), "acc": step % 100 / 100})
+            step += 1
+        reporter.progress(elapsed, seconds, "writing")
+        time.sleep(0.005)
+    reporter.close()
+    print(json.dumps({"rows": 2 * step, "flush_errors": reporter.flush_errors}), flush=True)
+
+
+def seed(store: Store, runs: int) -> list[str]:
+    ids = store.create_runs([{"kind": "train", "params": {"seed": i}, "name": f"history {i}"}
+                             for i in range(runs)])
+    for run_id in ids:
+        store.flush(run_id, [("step", s, "train_loss", 1.0 / (s + 1), 0.0) for s in range(HISTORY_STEPS)])
+    return ids
+
+
+def dashboard_query(store: Store, ids: list[str]) -> float:
+    t0 = time.perf_counter()
+    store.list_runs(limit=100)
+    store.count_by_status()
+    store.metrics(ids, names=["train_loss"], kind="step", max_points=200)
+    return time.perf_counter() - t0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=200.0, help="metric values per second per writer")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--flush", type=float, default=0.5, help="writer flush interval (s)")
+    parser.add_argument("--store", default=None, help="store URL (default: a fresh SQLite file in /tmp)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--writer", nargs=5, metavar=("URL", "RUN_ID", "RATE", "SECONDS", "FLUSH"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.writer:
+        url, run_id, rate, seconds, flush = args.writer
+        writer(url, run_id, float(rate), float(seconds), float(flush))
+        return 0
+
+    url = args.store or f"sqlite:///{tempfile.mkdtemp(prefix='samlab-bench-')}/samlab.db"
+    store = Store(url)
+    history = seed(store, 100)
+    idle = [dashboard_query(store, history) for _ in range(15)]
+
+    run_ids = store.create_runs([{"kind": "train", "params": {"w": i}, "name": f"writer {i}"}
+                                 for i in range(args.writers)])
+    procs = [subprocess.Popen([sys.executable, __file__, "--writer", url, run_id, str(args.rate),
+                               str(args.seconds), str(args.flush)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for run_id in run_ids]
+    loaded = []
+    while any(p.poll() is None for p in procs):
+        loaded.append(dashboard_query(store, history))
+        time.sleep(0.05)
+    reports, errors = [], []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}")
+        else:
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    expected = sum(r["rows"] for r in reports)
+    written = int(store.metrics(run_ids).shape[0])
+    figures = {
+        "writers": args.writers,
+        "rate_per_writer": args.rate,
+        "seconds": args.seconds,
+        "flush_s": args.flush,
+        "rows_expected": expected,
+        "rows_written": written,
+        "rows_equal": expected == written and not errors,
+        "writer_errors": errors,
+        "flush_retries": sum(r["flush_errors"] for r in reports),
+        "achieved_rows_per_s": written / args.seconds,
+        "target_rows_per_s": args.writers * args.rate,
+        "history_rows": 100 * HISTORY_STEPS,
+        "read_idle_median_ms": 1000 * statistics.median(idle),
+        "read_idle_p95_ms": 1000 * percentile(idle, 0.95),
+        "read_loaded_median_ms": 1000 * statistics.median(loaded),
+        "read_loaded_p95_ms": 1000 * percentile(loaded, 0.95),
+        "reads_under_load": len(loaded),
+    }
+    figures["read_median_ratio_loaded_over_idle"] = figures["read_loaded_median_ms"] / figures["read_idle_median_ms"]
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
+    else:
+        print(f"{args.writers} writers x {args.rate:g} values/s for {args.seconds:g}s (flush {args.flush:g}s), "
+              f"store {url}")
+        print(f"rows written {written} / expected {expected}: {'EQUAL' if figures['rows_equal'] else 'MISMATCH'}"
+              f"  ({figures['achieved_rows_per_s']:.0f} rows/s of {figures['target_rows_per_s']:.0f} target; "
+              f"flush retries {figures['flush_retries']}; writer errors {len(errors)})")
+        print(f"100-run dashboard query ({figures['history_rows']} history rows, 200 points per curve):")
+        print(f"  idle        median {figures['read_idle_median_ms']:7.1f} ms  p95 {figures['read_idle_p95_ms']:7.1f} ms")
+        print(f"  under load  median {figures['read_loaded_median_ms']:7.1f} ms  p95 {figures['read_loaded_p95_ms']:7.1f} ms"
+              f"  ({len(loaded)} reads)")
+        print(f"  ratio loaded/idle (median) {figures['read_median_ratio_loaded_over_idle']:.2f}")
+    return 0 if figures["rows_equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
