@@ -1,0 +1,269 @@
+"""The Hessian of a model's mean loss as a linear operator on flat parameter vectors.
+
+`HessianOperator` is the one mechanism every curvature analysis in samlab goes through: it maps a
+flat vector v (the selected parameters concatenated in `model.named_parameters()` order, each
+flattened row-major) to H v, where H = ∇²_w L(w) and L is the mean loss over the given data.
+
+Two ways to compute H v:
+- "func": forward-over-reverse, H v = d/dt ∇L(w + t v) at t = 0, i.e. `torch.func.jvp` of
+  `torch.func.grad` of the loss written with `functional_call` on a flat vector; several vectors go
+  through one `vmap`ped pass (Pearlmutter 1994; the torch.func "hvp" recipe).
+- "autograd": reverse-over-reverse (double backward), H v = ∇_w ⟨∇_w L(w), v⟩, for models that
+  torch.func cannot transform.
+"auto" tries "func" and falls back to "autograd" for good when torch.func raises.
+
+The model's mode is explicit: "eval" (BatchNorm uses its running statistics, dropout is off) or
+"train" (BatchNorm normalises with the batch statistics). In train mode BatchNorm's running-statistic
+updates are switched off while the operator is open, so computing H never changes a buffer; entering
+and leaving the operator (a context manager) restores every module's mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Data = Batch | Iterable[Batch]
+ParamSelection = Sequence[str] | Sequence[nn.Parameter] | None
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+MODES = ("eval", "train")
+IMPLS = ("auto", "func", "autograd")
+
+
+class HessianOperator:
+    """v ↦ H v for the mean loss of `model` over `data`, restricted to the parameters `params`.
+
+    `data` is one (x, y) batch or an iterable of batches; the loss is averaged over all samples,
+    i.e. batch losses are weighted by batch size. Floating-point inputs and targets are cast to the
+    parameters' dtype and everything is moved to the parameters' device. `loss_fn(outputs, targets)`
+    returns the mean loss (a per-sample loss vector is averaged). `params` is a list of parameter
+    names or of the model's parameter tensors (None: every parameter that requires grad).
+
+    Use as a context manager: entering sets the mode, leaving restores the model's modes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Data,
+        *,
+        params: ParamSelection = None,
+        mode: str = "eval",
+        impl: str = "auto",
+        chunk_size: int = 16,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode: must be one of {', '.join(MODES)} (got {mode!r})")
+        if impl not in IMPLS:
+            raise ValueError(f"impl: must be one of {', '.join(IMPLS)} (got {impl!r})")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: must be a positive integer (got {chunk_size!r})")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.names = select_parameter_names(model, params)
+        named = dict(model.named_parameters())
+        self._selected = [named[n] for n in self.names]
+        self.shapes = [p.shape for p in self._selected]
+        self.numels = [p.numel() for p in self._selected]
+        self.dim = sum(self.numels)
+        self.device = self._selected[0].device
+        self.dtype = self._selected[0].dtype
+        self.batches = as_batches(data, self.device, self.dtype)
+        self.n_samples = sum(len(x) for x, _ in self.batches)
+        self.n_hvp = 0
+        self._fixed = {n: p.detach() for n, p in named.items() if n not in set(self.names)}
+        self._func_hvp = self._build_func_hvp()
+        self._restore: contextlib.ExitStack | None = None
+
+    # -- context: the model's mode ---------------------------------------------------------------
+    def __enter__(self) -> HessianOperator:
+        self._restore = contextlib.ExitStack()
+        self._restore.enter_context(model_mode(self.model, self.mode))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._restore is not None:
+            self._restore.close()
+            self._restore = None
+
+    # -- flat vectors ------------------------------------------------------------------------------
+    def flat_params(self) -> torch.Tensor:
+        """The selected parameters as one flat vector (a detached copy)."""
+        return torch.cat([p.detach().reshape(-1) for p in self._selected])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat vector (last dimension `dim`) → {name: tensor of the parameter's shape}."""
+        pieces = torch.split(flat, self.numels, dim=-1)
+        lead = flat.shape[:-1]
+        return {n: piece.reshape(*lead, *shape) for n, piece, shape in zip(self.names, pieces, self.shapes)}
+
+    def random_vectors(self, count: int, seed: int, kind: str = "gaussian") -> torch.Tensor:
+        """[count, dim] Gaussian or Rademacher vectors from a CPU generator (same numbers on any device)."""
+        gen = torch.Generator().manual_seed(int(seed))
+        if kind == "gaussian":
+            out = torch.randn(count, self.dim, generator=gen, dtype=torch.float64)
+        elif kind == "rademacher":
+            out = torch.randint(0, 2, (count, self.dim), generator=gen).to(torch.float64).mul_(2).sub_(1)
+        else:
+            raise ValueError(f"kind: must be 'gaussian' or 'rademacher' (got {kind!r})")
+        return out.to(device=self.device, dtype=self.dtype)
+
+    # -- products ----------------------------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat vector v of length `dim`."""
+        return self.matmat(v.reshape(1, -1))[0]
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """H applied to each row of `vectors` ([k, dim] → [k, dim]), `chunk_size` rows per pass."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"v: expected shape [k, {self.dim}] (flat parameter vectors), got {list(vectors.shape)}")
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        chunks = [self._apply(chunk) for chunk in torch.split(vectors, self.chunk_size)]
+        self.n_hvp += len(vectors)
+        return torch.cat(chunks)
+
+    def _apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        if self.impl != "autograd":
+            try:
+                return self._weighted_sum(self._func_hvp, vectors)
+            except Exception:
+                if self.impl == "func":
+                    raise
+                self.impl = "autograd"  # torch.func cannot transform this model: double backward from now on
+        return self._weighted_sum(self._autograd_hvp, vectors)
+
+    def _weighted_sum(self, batch_hvp: Callable, vectors: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(vectors)
+        for x, y in self.batches:
+            total.add_(batch_hvp(vectors, x, y), alpha=len(x) / self.n_samples)
+        return total
+
+    def _build_func_hvp(self) -> Callable:
+        def loss_at(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            outputs = functional_call(self.model, {**self._fixed, **self.unflatten(flat)}, (x,))
+            return as_scalar_loss(self.loss_fn(outputs, y))
+
+        gradient = grad(loss_at)
+
+        def hvp_one(v: torch.Tensor, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda flat: gradient(flat, x, y), (w,), (v,))[1]
+
+        hvp_many = vmap(hvp_one, in_dims=(0, None, None, None), randomness="same")
+
+        def batch_hvp(vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            w = self.flat_params()
+            if len(vectors) == 1:
+                return hvp_one(vectors[0], w, x, y).unsqueeze(0)
+            return hvp_many(vectors, w, x, y)
+
+        return batch_hvp
+
+    def _autograd_hvp(self, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = as_scalar_loss(self.loss_fn(self.model(x), y))
+            grads = torch.autograd.grad(loss, self._selected, create_graph=True)
+            rows = []
+            for i, v in enumerate(vectors):
+                pieces = self.unflatten(v)
+                hv = torch.autograd.grad(
+                    grads, self._selected, grad_outputs=[pieces[n] for n in self.names],
+                    retain_graph=i < len(vectors) - 1, allow_unused=True,
+                )  # fmt: skip
+                rows.append(torch.cat([_zeros_if_none(h, p).reshape(-1) for h, p in zip(hv, self._selected)]))
+        return torch.stack(rows).detach()
+
+
+# -- helpers shared by the analyses ----------------------------------------------------------------
+def select_parameter_names(model: nn.Module, params: ParamSelection) -> list[str]:
+    """Names of the selected parameters in model order (None: all that require grad)."""
+    named = list(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named if p.requires_grad]
+    else:
+        items = list(params)
+        by_id = {id(p): n for n, p in named}
+        known = {n for n, _ in named}
+        wanted = set()
+        for item in items:
+            if isinstance(item, str):
+                if item not in known:
+                    raise ValueError(f"params: {item!r} is not a parameter of the model; known: {sorted(known)}")
+                wanted.add(item)
+            elif isinstance(item, torch.Tensor) and id(item) in by_id:
+                wanted.add(by_id[id(item)])
+            else:
+                raise ValueError("params: expected parameter names or the model's own parameter tensors")
+        names = [n for n, _ in named if n in wanted]
+    if not names:
+        raise ValueError("params: the selection is empty (no parameter requires grad)")
+    return names
+
+
+def as_batches(data: Data, device: torch.device, dtype: torch.dtype) -> list[Batch]:
+    """One (x, y) batch or an iterable of batches → a list of batches on `device` (floats in `dtype`)."""
+    if _is_batch(data):
+        batches = [data]
+    else:
+        try:
+            batches = list(data)
+        except TypeError:
+            raise ValueError("data: expected an (x, y) batch or an iterable of (x, y) batches") from None
+        if not batches or not all(_is_batch(b) for b in batches):
+            raise ValueError("data: expected an (x, y) batch or a non-empty iterable of (x, y) batches")
+    out = []
+    for x, y in batches:
+        if len(x) == 0 or len(x) != len(y):
+            raise ValueError(f"data: a batch has {len(x)} inputs and {len(y)} targets (need equal, > 0)")
+        out.append((_to(x, device, dtype), _to(y, device, dtype)))
+    return out
+
+
+def as_scalar_loss(loss: torch.Tensor) -> torch.Tensor:
+    return loss if loss.ndim == 0 else loss.mean()
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, mode: str):
+    """Put `model` in eval or train mode (train: BatchNorm without running-statistic updates); restore after."""
+    modules = list(model.modules())
+    was_training = [m.training for m in modules]
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    model.train(mode == "train")
+    if mode == "train":
+        for m in norms:
+            m.track_running_stats = False  # batch statistics, and no in-place buffer updates
+    try:
+        yield
+    finally:
+        for m, flag in zip(norms, tracked):
+            m.track_running_stats = flag
+        for m, flag in zip(modules, was_training):
+            m.training = flag
+
+
+def _is_batch(item: Any) -> bool:
+    return (
+        isinstance(item, (tuple, list))
+        and len(item) == 2
+        and all(isinstance(t, torch.Tensor) for t in item)
+    )
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+
+
+def _zeros_if_none(h: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p) if h is None else h

@@ -1,0 +1,394 @@
+"""Hessian engine against the dense Hessian of tiny float64 models (torch.autograd.functional.hessian)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from samlab.hessian import (
+    hessian_trace,
+    hvp,
+    lambda_max_metric,
+    layer_groups,
+    spectral_density,
+    top_eigenvalues,
+)
+from samlab.losses import mean_loss
+
+CE = mean_loss("classification")
+MSE = mean_loss("regression")
+
+
+# -- tiny models and data ---------------------------------------------------------------------------
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4)).double()
+
+
+class BNDropoutNet(nn.Module):
+    """Conv → BatchNorm → tanh → dropout → linear: BatchNorm and dropout both active in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.tanh(self.bn(self.conv(x))))
+        return self.head(h.flatten(1))
+
+
+def bn_dropout_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = BNDropoutNet().double()
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def classification_data(n: int = 40, shape=(6,), classes: int = 4, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen, dtype=torch.float64), torch.randint(0, classes, (n,), generator=gen)
+
+
+def dense_hessian(model, loss_fn, batches, names=None, mode="eval") -> torch.Tensor:
+    """The oracle: the full Hessian of the size-weighted mean loss, by reverse-over-reverse autograd."""
+    was_training = model.training
+    model.train(mode == "train")
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    names = names or list(base)
+    sizes = [base[n].numel() for n in names]
+
+    def loss_of(flat):
+        pieces = {n: t.view_as(base[n]) for n, t in zip(names, flat.split(sizes))}
+        buffers = {n: b.clone() for n, b in model.named_buffers()}  # train-mode BN must not touch the model
+        total = sum(len(x) * loss_fn(functional_call(model, {**base, **buffers, **pieces}, (x,)), y) for x, y in batches)
+        return total / sum(len(x) for x, _ in batches)
+
+    flat = torch.cat([base[n].reshape(-1) for n in names])
+    hess = torch.autograd.functional.hessian(loss_of, flat)
+    model.train(was_training)
+    return hess
+
+
+def as64(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# -- hvp ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["func", "autograd"])
+def test_hvp_matches_dense_hessian(impl):
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert rel_err(hvp(model, CE, data, v, impl=impl), H @ v) < 1e-5
+    stack = torch.randn(5, H.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert rel_err(hvp(model, CE, data, stack, impl=impl), stack @ H) < 1e-5
+
+
+def test_hvp_regression_loss_and_per_sample_loss_is_averaged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Softplus(), nn.Linear(8, 1)).double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    y = torch.randn(30, dtype=torch.float64)
+    H = dense_hessian(model, MSE, [(x, y)])
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    per_sample = lambda out, t: 0.5 * (out.reshape(t.shape) - t) ** 2  # noqa: E731
+    assert rel_err(hvp(model, MSE, (x, y), v), H @ v) < 1e-5
+    assert rel_err(hvp(model, per_sample, (x, y), v), H @ v) < 1e-5
+
+
+def test_one_batch_and_uneven_batches_agree():
+    model, (x, y) = mlp(), classification_data(n=41)
+    batches = [(x[:7], y[:7]), (x[7:30], y[7:30]), (x[30:], y[30:])]
+    H = dense_hessian(model, CE, [(x, y)])
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    assert rel_err(hvp(model, CE, batches, v), H @ v) < 1e-5
+    one = top_eigenvalues(model, CE, (x, y), k=3, tol=1e-9)
+    split = top_eigenvalues(model, CE, iter(batches), k=3, tol=1e-9)
+    assert torch.allclose(as64(one.values), as64(split.values), rtol=1e-7)
+
+
+# -- eigenvalues -------------------------------------------------------------------------------------
+def test_top_and_bottom_k_match_dense_eigenvalues():
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    exact = torch.linalg.eigvalsh(H)  # ascending
+    assert exact[0] < 0  # the test needs negative curvature to find
+    top = top_eigenvalues(model, CE, data, k=4, tol=1e-8)
+    bottom = top_eigenvalues(model, CE, data, k=3, which="smallest", tol=1e-8)
+    assert top.converged and bottom.converged and top.mode == "eval"
+    assert torch.allclose(as64(top.values), exact.flip(0)[:4], rtol=1e-5, atol=0)
+    assert torch.allclose(as64(bottom.values), exact[:3].flip(0), rtol=1e-5, atol=0)
+    for values, vectors in ((top.values, top.vectors), (bottom.values, bottom.vectors)):
+        residual = vectors @ H - as64(values)[:, None] * vectors
+        assert float(residual.norm(dim=1).max()) < 1e-5 * max(abs(v) for v in values)
+        assert torch.allclose(vectors @ vectors.T, torch.eye(len(values), dtype=torch.float64), atol=1e-8)
+
+
+def test_thick_restart_with_small_basis_still_converges():
+    model, data = mlp(), classification_data()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, CE, [data])).flip(0)
+    small = top_eigenvalues(model, CE, data, k=3, tol=1e-8, basis_size=8, max_iter=2000)
+    assert small.converged
+    assert torch.allclose(as64(small.values), exact[:3], rtol=1e-5, atol=0)
+
+
+def test_params_subset_gives_the_sub_block_spectrum():
+    model, data = mlp(), classification_data()
+    names = ["0.weight", "0.bias"]
+    block = dense_hessian(model, CE, [data], names=names)
+    exact = torch.linalg.eigvalsh(block).flip(0)
+    by_name = top_eigenvalues(model, CE, data, k=2, params=names, tol=1e-9)
+    by_tensor = top_eigenvalues(model, CE, data, k=2, params=[model[0].bias, model[0].weight], tol=1e-9)
+    assert by_name.param_names == names == by_tensor.param_names
+    assert torch.allclose(as64(by_name.values), exact[:2], rtol=1e-5, atol=0)
+    assert torch.allclose(as64(by_tensor.values), exact[:2], rtol=1e-5, atol=0)
+    assert layer_groups(model) == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+
+
+def test_batchnorm_and_dropout_in_eval_mode_match_dense():
+    model = bn_dropout_net()
+    data = classification_data(n=24, shape=(1, 5, 5), classes=3)
+    H = dense_hessian(model, CE, [data], mode="eval")
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    assert rel_err(hvp(model, CE, data, v), H @ v) < 1e-5
+    top = top_eigenvalues(model, CE, data, k=2, tol=1e-9)
+    assert top.mode == "eval"
+    assert torch.allclose(as64(top.values), exact[:2], rtol=1e-5, atol=0)
+
+
+def test_train_mode_uses_batch_statistics_and_leaves_buffers_alone():
+    model = bn_dropout_net()
+    model.drop.p = 0.0  # dropout's masks are random in train mode; BatchNorm is what this test is about
+    data = classification_data(n=24, shape=(1, 5, 5), classes=3)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    H_train = dense_hessian(model, CE, [data], mode="train")
+    H_eval = dense_hessian(model, CE, [data], mode="eval")
+    assert rel_err(H_train, H_eval) > 1e-3  # the two modes are different Hessians
+    v = torch.randn(H_train.shape[0], dtype=torch.float64)
+    for impl in ("func", "autograd"):
+        assert rel_err(hvp(model, CE, data, v, mode="train", impl=impl), H_train @ v) < 1e-5
+    result = top_eigenvalues(model, CE, data, k=1, mode="train", tol=1e-9)
+    assert result.mode == "train"
+    assert math.isclose(result.values[0], float(torch.linalg.eigvalsh(H_train)[-1]), rel_tol=1e-5)
+    for name, buf in model.named_buffers():
+        assert torch.equal(buf, buffers[name]), name
+
+
+def test_model_parameters_modes_and_grads_unchanged():
+    model = bn_dropout_net()
+    model.train()
+    model.bn.eval()  # a mixed state must come back exactly
+    model.head.weight.grad = torch.ones_like(model.head.weight)
+    data = classification_data(n=16, shape=(1, 5, 5), classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    top_eigenvalues(model, CE, data, k=2)
+    top_eigenvalues(model, CE, data, k=1, backend="pyhessian", max_iter=20)
+    hessian_trace(model, CE, data, n_samples=9)
+    spectral_density(model, CE, data, n_runs=1, n_steps=5)
+    hvp(model, CE, data, torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64), mode="train")
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(model.head.weight.grad, torch.ones_like(model.head.weight))
+    assert model.conv.weight.grad is None
+
+
+class SmoothGate(torch.autograd.Function):
+    """x · tanh(x) with a hand-written (differentiable) backward and no forward-mode rule or
+    setup_context, so torch.func cannot transform it but double backward works."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(x)
+        return grad_out * (t + x * (1 - t * t))
+
+
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(SmoothGate.apply(self.a(x)))
+
+
+def test_automatic_fallback_to_double_backward():
+    torch.manual_seed(0)
+    model = GatedNet().double()
+    data = classification_data(n=20, shape=(4,), classes=3)
+    H = dense_hessian(model, CE, [data])
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        hvp(model, CE, data, v, impl="func")
+    assert rel_err(hvp(model, CE, data, v, impl="auto"), H @ v) < 1e-5
+
+
+# -- trace -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_trace_within_three_standard_errors(method):
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    exact = float(torch.trace(H))
+    result = hessian_trace(model, CE, data, n_samples=30, method=method, seed=5)
+    assert result.method == method and result.n_hvp == 30
+    assert 0 < result.stderr < abs(exact)
+    assert abs(result.mean - exact) <= 3 * result.stderr
+
+
+def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum():
+    # Least squares on inputs with geometrically decaying scales: H = E[(x, 1)(x, 1)ᵀ] has a fast-decaying
+    # spectrum, the case Hutch++ is built for (its sketch captures the top directions exactly).
+    torch.manual_seed(0)
+    model = nn.Linear(40, 1).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 40, generator=gen, dtype=torch.float64) * 0.7 ** torch.arange(40, dtype=torch.float64)
+    data = (x, torch.randn(200, generator=gen, dtype=torch.float64))
+    exact = float(torch.trace(dense_hessian(model, MSE, [data])))
+    plain = hessian_trace(model, MSE, data, n_samples=30, method="hutchinson", seed=2)
+    deflated = hessian_trace(model, MSE, data, n_samples=30, method="hutch++", seed=2)
+    for result in (plain, deflated):
+        assert abs(result.mean - exact) <= 3 * result.stderr
+    assert deflated.stderr < 0.1 * plain.stderr
+
+
+def test_trace_with_full_sketch_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)).double()  # 14 parameters
+    data = classification_data(n=20, shape=(3,), classes=2)
+    exact = float(torch.trace(dense_hessian(model, CE, [data])))
+    result = hessian_trace(model, CE, data, n_samples=48, method="hutch++")  # sketch of 16 ≥ 14 columns
+    assert math.isclose(result.mean, exact, rel_tol=1e-9)
+    assert result.stderr < 1e-9 * abs(exact)
+
+
+# -- density -----------------------------------------------------------------------------------------
+def test_density_is_normalised_and_its_mean_estimates_trace_over_dim():
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    dim = H.shape[0]
+    n_runs = 6
+    result = spectral_density(model, CE, data, n_runs=n_runs, n_steps=20, seed=1)
+    for w in result.weights:
+        assert math.isclose(sum(w), 1.0, rel_tol=1e-10)
+    grid, density = as64(result.grid), as64(result.density)
+    assert float(density.min()) >= 0
+    assert math.isclose(float(torch.trapezoid(density, grid)), 1.0, rel_tol=1e-4)
+    # mean of the quadrature = Hutchinson with n_runs Rademacher vectors, whose variance is known exactly:
+    # Var(zᵀHz) = 2 (‖H‖_F² − Σ H_ii²)
+    stderr = math.sqrt(2 * (float((H**2).sum()) - float((H.diag() ** 2).sum())) / n_runs) / dim
+    assert abs(result.mean - float(torch.trace(H)) / dim) <= 4 * stderr
+    assert math.isclose(float(torch.trapezoid(density * grid, grid)), result.mean, rel_tol=1e-3, abs_tol=1e-6)
+
+
+def test_density_nodes_are_exact_eigenvalues_when_the_krylov_space_is_exhausted():
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    exact = torch.linalg.eigvalsh(H)
+    result = spectral_density(model, CE, data, n_runs=1, n_steps=H.shape[0], seed=0)
+    nodes, weights = as64(result.nodes[0]), as64(result.weights[0])
+    heavy = nodes[weights > 1e-6]
+    distance = (heavy[:, None] - exact[None, :]).abs().min(dim=1).values
+    assert float(distance.max()) < 1e-6 * float(exact.abs().max())
+    assert math.isclose(float(nodes.max()), float(exact.max()), rel_tol=1e-8)
+
+
+# -- PyHessian backend -------------------------------------------------------------------------------
+def pyhessian_error_bound(exact_desc: torch.Tensor, tol: float) -> float:
+    """Power iteration stopped when the Rayleigh quotient changes by < tol (relative) is off by about
+    tol / (1 − (λ₂/λ₁)²); PyHessian's normalisation v / (‖v‖ + 1e-6) adds a bias of 2e-6 / λ₁."""
+    ratio = float(exact_desc[1] / exact_desc[0]) ** 2
+    return tol / (1 - ratio) + 2e-6 / float(exact_desc[0])
+
+
+def test_pyhessian_backend_agrees_on_the_top_eigenvalue():
+    model, data = mlp(), classification_data()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, CE, [data])).flip(0)
+    ours = top_eigenvalues(model, CE, data, k=1, tol=1e-8)
+    tol = 1e-4
+    theirs = top_eigenvalues(model, CE, data, k=1, tol=tol, max_iter=1000, backend="pyhessian", seed=0)
+    assert theirs.backend == "pyhessian" and theirs.n_hvp > 1
+    assert math.isclose(ours.values[0], float(exact[0]), rel_tol=1e-6)
+    assert math.isclose(theirs.values[0], ours.values[0], rel_tol=pyhessian_error_bound(exact, tol))
+    assert abs(float(theirs.vectors[0] @ ours.vectors[0])) > 0.99
+
+
+def test_pyhessian_backend_with_several_batches_and_trace():
+    model, (x, y) = mlp(), classification_data()
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    H = dense_hessian(model, CE, [(x, y)])
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    theirs = top_eigenvalues(model, CE, batches, k=1, tol=1e-4, max_iter=1000, backend="pyhessian")
+    assert math.isclose(theirs.values[0], float(exact[0]), rel_tol=pyhessian_error_bound(exact, 1e-4))
+    trace = hessian_trace(model, CE, batches, n_samples=40, backend="pyhessian", tol=1e-12)
+    assert trace.backend == "pyhessian" and len(trace.samples) == 40 == trace.n_hvp
+    assert abs(trace.mean - float(torch.trace(H))) <= 3 * trace.stderr
+
+
+# -- training hook and validation --------------------------------------------------------------------
+def test_lambda_max_metric_is_the_eval_mode_top_eigenvalue_and_restores_train_mode():
+    model = bn_dropout_net()
+    model.train()
+    data = classification_data(n=24, shape=(1, 5, 5), classes=3)
+    exact = float(torch.linalg.eigvalsh(dense_hessian(model, CE, [data], mode="eval"))[-1])
+    value = lambda_max_metric(model, CE, data, tol=1e-6, max_iter=100, seed=0)
+    assert math.isclose(value, exact, rel_tol=1e-5)
+    assert model.training and model.bn.training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"k": 0}, "k"),
+        ({"which": "middle"}, "which"),
+        ({"tol": 0.0}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"mode": "test"}, "mode"),
+        ({"backend": "scipy"}, "backend"),
+        ({"params": ["nope"]}, "params"),
+        ({"k": 1000, "max_iter": 5000}, "k"),
+        ({"k": 3, "max_iter": 2}, "max_iter"),
+        ({"impl": "jax"}, "impl"),
+        ({"which": "smallest", "backend": "pyhessian"}, "which"),
+        ({"params": ["0.bias"], "backend": "pyhessian"}, "params"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    model, data = mlp(), classification_data()
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        top_eigenvalues(model, CE, data, **kwargs)
+
+
+def test_bad_data_and_trace_arguments():
+    model, data = mlp(), classification_data()
+    with pytest.raises(ValueError, match="^data:"):
+        hvp(model, CE, [], torch.zeros(74, dtype=torch.float64))
+    with pytest.raises(ValueError, match="^v:"):
+        hvp(model, CE, data, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="^n_samples:"):
+        hessian_trace(model, CE, data, n_samples=4)
+    with pytest.raises(ValueError, match="^method:"):
+        hessian_trace(model, CE, data, method="exact")
+    with pytest.raises(ValueError, match="^n_steps:"):
+        spectral_density(model, CE, data, n_steps=0)
