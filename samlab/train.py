@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from samlab.config import RunConfig
-from samlab.data import Dataset, augment_images, iterate_batches, load_dataset
+from samlab.data import Dataset, iterate_batches, load_dataset
 from samlab.devices import resolve_device
 from samlab.losses import correct, mean_loss, per_sample_loss
 from samlab.models import build_model
@@ -179,6 +179,8 @@ class _Engine:
         self.reporter, self.workdir = reporter, workdir
         self.loss_fn = per_sample_loss(data.task)
         n = len(data.x_train)
+        if cfg.data.augment and not data.is_image:
+            raise ValueError(f"data.augment: {data.name!r} is not an image set; augmentation needs images")
         self.batch_size = min(cfg.batch_size, n)
         if cfg.optim.method == "msam" and self.batch_size % cfg.optim.m != 0:
             raise ValueError(
@@ -227,8 +229,8 @@ class _Engine:
         lr = learning_rate(cfg, step, self.steps_per_epoch)
         for group in self.base.param_groups:
             group["lr"] = lr
-        if cfg.data.augment and self.data.is_image:
-            x = augment_images(x, self.aux_gen)
+        if cfg.data.augment:
+            x = self.data.augment(x, self.aux_gen)
         t0 = time.perf_counter()
         with self._autocast():
             info = sharpness_gradient(
