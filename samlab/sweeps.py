@@ -1,0 +1,359 @@
+"""Sweeps: a group of training runs over m × ρ × seeds × methods, run fast, aggregated into tidy tables.
+
+A sweep is built from a base RunConfig and submitted through the run store as one group
+(`samlab.jobs.submit_sweep`): every member is an ordinary "train" run with its metrics, summary and
+checkpoint in the store. Small runs are many, so besides the scheduler (one worker process per run)
+a sweep can be executed by *sweep workers*: detached processes that claim the group's queued runs
+one after another and run each through the same worker code in-process, so a run costs its training
+and not a Python start-up plus the torch import.
+
+    python -m samlab.sweeps work GROUP_ID [--store URL]
+
+`aggregate(store, group_id)` turns the finished runs into pandas tables: per-run rows, the m × ρ
+heatmap, the best ρ per m (ρ tuned per m on the mean final test accuracy over seeds: the selection
+uses the test split, there is no separate validation split) with mean ± std over seeds and the seed
+count, the generalization gap against m, and reference rows for SGD, n-SAM and RW-SAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from samlab import jobs
+from samlab.config import RunConfig
+from samlab.store import FINAL, Store, open_store
+
+SWEEP_METHODS = ("sgd", "sam", "nsam", "msam", "rwsam")
+SWEEP_EXECUTOR = "sweep"
+
+
+@dataclass
+class SweepSpec:
+    """A grid of runs around `base`: methods × (ms for msam) × rhos × seeds.
+
+    sgd runs once per seed; sam, nsam and rwsam once per ρ and seed (rwsam with λ = `lam`); msam once
+    per m < batch size, ρ and seed (m = batch size is plain SAM: the "sam" runs stand for it).
+    Seeds change the training seed only (initialisation and batch order); the data split and any
+    label noise stay those of `base.data.data_seed`.
+    """
+
+    base: RunConfig
+    ms: list[int]
+    rhos: list[float]
+    seeds: list[int]
+    methods: list[str] = field(default_factory=lambda: ["sgd", "sam", "nsam", "msam"])
+    lam: float = 1.0
+    name: str = "sweep"
+
+    def validate(self) -> SweepSpec:
+        self.base.validate()
+        if not self.methods or any(m not in SWEEP_METHODS for m in self.methods):
+            raise ValueError(f"methods: choose from {', '.join(SWEEP_METHODS)} (got {self.methods!r})")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: each method once (got {self.methods!r})")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: a non-empty list of distinct seeds (got {self.seeds!r})")
+        needs_rho = any(m != "sgd" for m in self.methods)
+        if needs_rho and not self.rhos:
+            raise ValueError("rhos: at least one radius ρ > 0")
+        for rho in self.rhos:
+            if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+                raise ValueError(f"rhos: every ρ must be a number > 0 (got {rho!r})")
+        b = self.base.batch_size
+        if "msam" in self.methods:
+            if not self.ms:
+                raise ValueError("ms: msam needs at least one micro-batch size m")
+            for m in self.ms:
+                if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= b or b % m:
+                    raise ValueError(f"ms: every m must divide batch_size={b} (got {m!r})")
+        if "rwsam" in self.methods and not self.lam > 0:
+            raise ValueError(f"lam: RW-SAM needs λ > 0 (λ = 0 is SAM), got {self.lam!r}")
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("name: a sweep needs a non-empty name")
+        return self
+
+
+def sweep_configs(spec: SweepSpec) -> list[RunConfig]:
+    """The member configs of a sweep, seeds innermost (so early results cover every cell)."""
+    spec.validate()
+    cells: list[dict[str, Any]] = []
+    for method in spec.methods:
+        if method == "sgd":
+            cells.append({"optim.method": "sgd", "optim.m": None})
+        elif method == "msam":
+            cells += [{"optim.method": "msam", "optim.m": m, "optim.rho": float(rho)}
+                      for m in sorted(set(spec.ms), reverse=True) if m < spec.base.batch_size for rho in spec.rhos]
+        else:
+            extra = {"optim.lam": float(spec.lam)} if method == "rwsam" else {}
+            cells += [{"optim.method": method, "optim.m": None, "optim.rho": float(rho)} | extra
+                      for rho in spec.rhos]
+    return [spec.base.with_overrides(cell | {"seed": seed, "name": spec.name}).validate()
+            for cell in cells for seed in spec.seeds]
+
+
+# -- running --------------------------------------------------------------------------------------
+def submit(spec: SweepSpec, *, store: Store | str | None = None, workers: int | None = None,
+           runner: str = "sweep") -> str:
+    """Queue the sweep as one group and start it; returns the group id.
+
+    runner="sweep": `workers` detached sweep workers (default: one per local slot) run the members
+    in-process one after another; runner="scheduler": the scheduler starts one worker per run.
+    """
+    if runner not in ("sweep", "scheduler"):
+        raise ValueError(f"runner: must be 'sweep' or 'scheduler' (got {runner!r})")
+    st = _store(store)
+    group_id = jobs.submit_sweep(sweep_configs(spec), spec.name, store=st, start=runner == "scheduler")
+    if runner == "sweep":
+        start_workers(group_id, store=st, workers=workers)
+    return group_id
+
+
+def start_workers(group_id: str, *, store: Store | str | None = None, workers: int | None = None) -> list[int]:
+    """Launch detached sweep workers for a group (one per local slot unless `workers` is given)."""
+    from samlab.executors import REPO_ROOT, local_slots
+
+    st = _store(store)
+    slots = local_slots()
+    count = len(slots) if workers is None else workers
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"workers: must be an integer >= 1 (got {workers!r})")
+    log_dir = Path(st.runs_root) / "sweeps"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pids = []
+    for i in range(count):
+        env = dict(os.environ) | slots[i % len(slots)].env
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if workers is not None and workers > len(slots):  # split the cores between the extra workers
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
+        with open(log_dir / f"{group_id}-{i}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "samlab.sweeps", "work", group_id, "--store", st.url],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, cwd=str(REPO_ROOT),
+            )
+        pids.append(proc.pid)
+    return pids
+
+
+def work(group_id: str, *, store: Store | str | None = None, limit: int | None = None) -> int:
+    """Claim and run the group's queued runs one after another in this process; returns how many ran.
+
+    Each run goes through `samlab.worker.run_worker`, exactly as in its own process: same store
+    records, heartbeats, cancellation and failure handling. Claims are atomic, so several sweep
+    workers (and the scheduler) can drain one group together.
+    """
+    from samlab.executors import hostname
+    from samlab.worker import run_worker
+
+    st = _store(store)
+    ran = 0
+    while limit is None or ran < limit:
+        run_id = _claim_next(st, group_id, hostname())
+        if run_id is None:
+            break
+        st.set_launch(run_id, os.getpid(), f"{SWEEP_EXECUTOR}:{os.getpid()}")
+        run_worker(run_id, st.url)
+        ran += 1
+    return ran
+
+
+def _claim_next(st: Store, group_id: str, host: str) -> str | None:
+    for run in sorted(st.list_runs(status="queued", group=group_id, limit=100_000), key=_queue_order):
+        if st.claim(run["id"], host, SWEEP_EXECUTOR):
+            return run["id"]
+    return None
+
+
+def _queue_order(run: dict[str, Any]) -> tuple:
+    return (run["created_at"], run["id"])
+
+
+def cancel(group_id: str, *, store: Store | str | None = None) -> int:
+    """Cancel every queued or running member; returns how many were asked to stop."""
+    st = _store(store)
+    members = st.list_runs(status=["queued", "running"], group=group_id, limit=100_000)
+    for run in members:
+        jobs.cancel(run["id"], store=st)
+    return len(members)
+
+
+def progress(group_id: str, *, store: Store | str | None = None) -> dict[str, Any]:
+    """The sweep as a whole: counts by status, fraction done (running runs count by their own
+    progress), and throughput (finished runs per minute since the first start)."""
+    st = _store(store)
+    runs = st.list_runs(group=group_id, limit=100_000)
+    if not runs:
+        raise ValueError(f"group_id: no runs in group {group_id!r}")
+    counts = {status: 0 for status in ("queued", "running", *FINAL)}
+    for run in runs:
+        counts[run["status"]] = counts.get(run["status"], 0) + 1
+    finished = [r for r in runs if r["status"] in FINAL]
+    running = [r for r in runs if r["status"] == "running"]
+    done = len(finished) + sum(float(r["progress"] or 0.0) for r in running)
+    started = [r["started_at"] for r in runs if r["started_at"] is not None]
+    ended = [r["finished_at"] for r in finished if r["finished_at"] is not None]
+    minutes = (max(ended) - min(started)).total_seconds() / 60 if started and ended else float("nan")
+    return {
+        "group_id": group_id,
+        "total": len(runs),
+        "counts": counts,
+        "fraction": done / len(runs),
+        "finished": len(finished),
+        "runs_per_minute": len(finished) / minutes if minutes and minutes > 0 else float("nan"),
+        "done": len(finished) == len(runs),
+    }
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+@dataclass
+class SweepTables:
+    """Tidy tables of one sweep (see `aggregate`)."""
+
+    runs: pd.DataFrame
+    heatmap: pd.DataFrame
+    best_by_m: pd.DataFrame
+    references: pd.DataFrame
+    batch_size: int | None
+
+
+RUN_COLUMNS = ["run_id", "status", "method", "m", "rho", "lam", "seed", "test_acc", "train_acc", "gap",
+               "test_loss", "train_loss", "wall_time"]
+
+
+def aggregate(store: Store | str | None, group_id: str) -> SweepTables:
+    """Aggregate a sweep's finished runs.
+
+    - runs: one row per run (final test/train accuracy and loss from the run's summary; m is the
+      number of samples per perturbation: msam's m, the batch size for sam, NaN otherwise).
+    - heatmap: m × ρ cells of sam/msam runs: mean and std of test accuracy over completed seeds, n.
+    - best_by_m: for each m the ρ with the highest mean test accuracy over seeds (ρ is tuned per m on
+      the test split), with mean ± std of test accuracy and of the generalization gap (train − test
+      accuracy) over that ρ's seeds, and the seed count.
+    - references: the same best-ρ row for sgd (no ρ), nsam and rwsam.
+    Only completed runs enter the statistics; diverged / failed runs are counted in `n_not_completed`.
+    """
+    st = _store(store)
+    members = st.list_runs(group=group_id, limit=100_000)
+    if not members:
+        raise ValueError(f"group_id: no runs in group {group_id!r}")
+    runs = pd.DataFrame([_run_row(run) for run in members], columns=RUN_COLUMNS)
+    runs = runs.sort_values(["method", "m", "rho", "seed"], na_position="first").reset_index(drop=True)
+    batch_sizes = {run["params"].get("batch_size") for run in members}
+    batch = batch_sizes.pop() if len(batch_sizes) == 1 else None
+    sharp = runs[runs["method"].isin(["sam", "msam"])]
+    heatmap = _cell_stats(sharp, ["m", "rho"])
+    best = _best_rho(sharp, ["m"])
+    refs = _best_rho(runs[runs["method"].isin(["sgd", "nsam", "rwsam"])], ["method"])
+    return SweepTables(runs=runs, heatmap=heatmap, best_by_m=best, references=refs, batch_size=batch)
+
+
+def _run_row(run: dict[str, Any]) -> dict[str, Any]:
+    cfg = run["params"]
+    optim = cfg["optim"]
+    method = optim["method"]
+    summary = run.get("summary") or {}
+    m = optim["m"] if method == "msam" else cfg["batch_size"] if method == "sam" else math.nan
+    return {
+        "run_id": run["id"],
+        "status": run["status"],
+        "method": method,
+        "m": float(m),
+        "rho": float(optim["rho"]) if method != "sgd" else math.nan,
+        "lam": float(optim["lam"]) if method == "rwsam" else math.nan,
+        "seed": cfg["seed"],
+        "test_acc": _num(summary.get("final_test_acc")),
+        "train_acc": _num(summary.get("final_train_acc")),
+        "gap": _num(summary.get("generalization_gap")),
+        "test_loss": _num(summary.get("final_test_loss")),
+        "train_loss": _num(summary.get("final_train_loss")),
+        "wall_time": _num(summary.get("wall_time")),
+    }
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+STAT_COLUMNS = ["test_acc_mean", "test_acc_std", "gap_mean", "gap_std", "n_seeds", "n_not_completed"]
+
+
+def _cell_stats(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean / std (ddof 1) over the completed seeds of each cell; std is NaN with a single seed."""
+    keys_all = keys if "rho" in keys else [*keys, "rho"]
+    if runs.empty:
+        return pd.DataFrame(columns=[*keys_all, *STAT_COLUMNS])
+    rows = []
+    for key, cell in runs.groupby(keys_all, dropna=False, sort=True):
+        done = cell[cell["status"] == "completed"]
+        rows.append(dict(zip(keys_all, key if isinstance(key, tuple) else (key,))) | {
+            "test_acc_mean": done["test_acc"].mean(),
+            "test_acc_std": done["test_acc"].std(ddof=1),
+            "gap_mean": done["gap"].mean(),
+            "gap_std": done["gap"].std(ddof=1),
+            "n_seeds": int(len(done)),
+            "n_not_completed": int(len(cell) - len(done)),
+        })
+    return pd.DataFrame(rows)
+
+
+def _best_rho(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per group of `keys`, the ρ cell with the highest mean test accuracy (ties: the smaller ρ)."""
+    cells = _cell_stats(runs, keys)
+    if cells.empty:
+        return cells
+    ranked = cells[cells["n_seeds"] > 0].sort_values([*keys, "test_acc_mean", "rho"],
+                                                     ascending=[True] * len(keys) + [False, True])
+    best = ranked.groupby(keys, dropna=False, sort=True).head(1)
+    best = best.assign(rhos_tried=best.apply(lambda row: _count_rhos(cells, keys, row), axis=1))
+    return best.reset_index(drop=True)
+
+
+def _count_rhos(cells: pd.DataFrame, keys: list[str], row: pd.Series) -> int:
+    mask = pd.Series(True, index=cells.index)
+    for key in keys:
+        mask &= cells[key] == row[key]
+    return int(mask.sum())
+
+
+def _store(store: Store | str | None) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def wait(group_id: str, *, store: Store | str | None = None, timeout: float | None = None,
+         poll_s: float = 1.0) -> dict[str, Any]:
+    """Block until every member reached a final status (or `timeout` seconds); returns `progress`."""
+    st = _store(store)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = progress(group_id, store=st)
+        if state["done"] or (deadline is not None and time.monotonic() > deadline):
+            return state
+        time.sleep(poll_s)
+
+
+# -- command line -----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m samlab.sweeps", description="sweep workers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    work_cmd = sub.add_parser("work", help="run a group's queued runs one after another in this process")
+    work_cmd.add_argument("group_id")
+    work_cmd.add_argument("--store", default=None, help="store URL (default: SAMLAB_STORE or data/runs)")
+    args = parser.parse_args(argv)
+    print(f"sweep worker pid {os.getpid()}: group {args.group_id}", flush=True)
+    work(args.group_id, store=args.store)  # each run writes its own log from here on
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
