@@ -88,6 +88,6 @@ for column, heading, group in ((cols[0], "Tools", tools), (cols[1], "Lessons", l
             st.caption("none yet")
         for path in group:
             title = ui.page_title(path)
-            ui.page_link(f"pages/{path.name}", title, icon="📄" if path in tools else "🎓")
+            ui.page_link(f"pages/{path.name}", title, icon=":material/insights:" if path in tools else ":material/school:")
             if title in PAGE_NOTES:
                 st.caption(PAGE_NOTES[title])

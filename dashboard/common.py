@@ -45,7 +45,7 @@ Stable API (other pages rely on it; extend, do not change):
     task_progress(run)                           status line, progress bar with ETA, error text of a failed run
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
     log_tail(run, lines=20) -> str
-    status_label(status) -> str                  "● running" etc. (icons that read in both themes)
+    status_label(status) -> str                  markdown: material icon + the status in its colour
     page_files() -> list[Path]                   the multipage files under pages/, in menu order
 """
 
@@ -68,17 +68,21 @@ PAGES_DIR = ROOT / "pages"
 TRAIN_PAGE = "pages/1_Train.py"
 RUNS_PAGE = "pages/2_Runs.py"
 
-STATUS_ICONS: dict[str, str] = {
-    "queued": "⏳",
-    "running": "▶️",
-    "completed": "✅",
-    "failed": "❌",
-    "cancelled": "⏹️",
-    "diverged": "💥",
+# Material icons and theme colours: they render without emoji fonts and read in light and dark themes.
+STATUS_STYLES: dict[str, tuple[str, str]] = {
+    "queued": ("schedule", "gray"),
+    "running": ("play_circle", "blue"),
+    "completed": ("check_circle", "green"),
+    "failed": ("error", "red"),
+    "cancelled": ("stop_circle", "orange"),
+    "diverged": ("warning", "red"),
 }
+ICON_INFO = ":material/lightbulb:"
+ICON_WARNING = ":material/warning:"
+ICON_ERROR = ":material/error:"
 
 __all__ = [
-    "ACTIVE", "FINAL", "STATUSES", "page_setup", "get_store", "store_url", "list_runs", "run_config",
+    "ACTIVE", "FINAL", "STATUSES", "ICON_INFO", "ICON_WARNING", "ICON_ERROR", "page_setup", "get_store", "store_url", "list_runs", "run_config",
     "run_labels", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
     "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "metric_times",
     "ViewParams", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
@@ -88,7 +92,7 @@ __all__ = [
 # -- page and store ---------------------------------------------------------------------------------
 def page_setup(title: str, intro: str | None = None, icon: str | None = None) -> None:
     """The first call of every page: tab title, wide layout, the page title and a one-line intro."""
-    st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or "🏔️", layout="wide")
+    st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or ":material/landscape:", layout="wide")
     st.title(title)
     if intro:
         st.caption(intro)
@@ -132,7 +136,9 @@ def run_labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
 
 
 def status_label(status: str) -> str:
-    return f"{STATUS_ICONS.get(status, '•')} {status}"
+    """Markdown for a status: its icon and the word in the status colour, e.g. ':green[... completed]'."""
+    icon, colour = STATUS_STYLES.get(status, ("circle", "gray"))
+    return f":{colour}[:material/{icon}: {status}]"
 
 
 def page_files() -> list[Path]:
@@ -184,12 +190,12 @@ def run_picker(label: str, *, key: str, kind: str = "train", statuses: Sequence[
 
 def empty_state(message: str, page: str | None = None, link_label: str | None = None) -> None:
     """An info box that says what to do, with a link to the page where it is done."""
-    st.info(message, icon="💡")
+    st.info(message, icon=ICON_INFO)
     if page is not None and (ROOT / page).exists():
         page_link(page, link_label or f"Open {page_title(Path(page))}")
 
 
-def page_link(page: str, label: str, icon: str = "➡️") -> None:
+def page_link(page: str, label: str, icon: str = ":material/arrow_forward:") -> None:
     """st.page_link, or a plain link when the page registry does not know the page (a page script
     run on its own, e.g. by a test, sees no other pages)."""
     try:
@@ -201,7 +207,7 @@ def page_link(page: str, label: str, icon: str = "➡️") -> None:
 def field_error(slot: Any, message: str | None) -> None:
     """Show (or clear, with None) a validation message right under its widget."""
     if message:
-        slot.error(message, icon="⚠️")
+        slot.error(message, icon=ICON_WARNING)
     else:
         slot.empty()
 
@@ -209,9 +215,9 @@ def field_error(slot: Any, message: str | None) -> None:
 def show_exception(err: Exception, what: str) -> None:
     """A ValueError (bad input, missing data) as a readable error box; anything else with details."""
     if isinstance(err, ValueError):
-        st.error(f"{what}: {err}", icon="⚠️")
+        st.error(f"{what}: {err}", icon=ICON_WARNING)
     else:
-        st.error(f"{what} failed: {type(err).__name__}: {err}", icon="❌")
+        st.error(f"{what} failed: {type(err).__name__}: {err}", icon=ICON_ERROR)
         with st.expander("details"):
             st.exception(err)
 
@@ -329,7 +335,7 @@ def task_progress(run: dict[str, Any] | None) -> None:
     st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`")
     st.progress(fraction, text=text)
     if run.get("error") and run["status"] in ("failed", "diverged", "cancelled"):
-        st.error(_first_lines(run["error"]), icon="❌")
+        st.error(_first_lines(run["error"]), icon=ICON_ERROR)
 
 
 def log_tail(run: dict[str, Any], lines: int = 20) -> str:
@@ -428,10 +434,11 @@ class ViewParams:
         self.values[name] = ",".join(str(v) for v in value)
         return value
 
-    def selectbox(self, where: Any, label: str, name: str, options: Sequence[str], *, default: str) -> str:
+    def selectbox(self, where: Any, label: str, name: str, options: Sequence[str], *, default: str,
+                  format_func: Callable[[Any], str] = str) -> str:
         allowed = list(options)
         key = self._prepare(name, str, default, lambda v: v if v in allowed else default)
-        value = where.selectbox(label, allowed, key=key)
+        value = where.selectbox(label, allowed, key=key, format_func=format_func)
         self.values[name] = str(value)
         return value
 

@@ -158,6 +158,7 @@ def curves_figure(
             )
         )
     _finish_layout(fig, x_title=x_axis_title(x), y_title=y_title, title=title, height=height)
+    fig.update_layout(showlegend=True)  # name the run even when there is only one
     if log_y:
         fig.update_yaxes(type="log")
     return fig
@@ -188,6 +189,7 @@ def run_panel_figure(
         (2, 1, [("sharpness", step_metrics, "L(w+ε) − L(w)")], "sharpness"),
         (2, 2, [("lr", step_metrics, "learning rate")], "lr"),
     ]
+    shown_labels: set[str] = set()
     for row, col, series, axis_metric in panels:
         for name, frame, label in series:
             if frame is None or name not in frame.columns or x not in frame.columns:
@@ -200,7 +202,7 @@ def run_panel_figure(
             fig.add_trace(
                 go.Scatter(
                     x=rows[x].to_numpy(), y=values, name=label, legendgroup=label,
-                    showlegend=row == 1 and col == 1 or label not in _LOSS_PANEL_LABELS,
+                    showlegend=label not in shown_labels,
                     mode="lines" if is_step and len(rows) > 30 else "lines+markers",
                     opacity=0.45 if is_step and axis_metric in ("train_loss", "test_acc") else 1.0,
                     line={"color": _SERIES_COLOURS.get(label, _palette(0)), "width": 1.5 if is_step else 2.5},
@@ -209,9 +211,11 @@ def run_panel_figure(
                 ),
                 row=row, col=col,
             )
+            shown_labels.add(label)
         fig.update_xaxes(title_text=x_axis_title(x), row=row, col=col)
         fig.update_yaxes(title_text=_short_axis_title(axis_metric, task), row=row, col=col)
     _finish_layout(fig, x_title=None, y_title=None, title=None, height=height)
+    fig.update_layout(legend={"y": 1.1}, margin={"t": 90})  # above the subplot titles
     return fig
 
 
@@ -290,7 +294,6 @@ def _parcoords_dimension(name: str, column: pd.Series) -> dict:
             "ticktext": categories}
 
 
-_LOSS_PANEL_LABELS = {"train (per step)", "train (epoch)", "test (epoch)"}
 # Fixed meaning across the panel's subplots: the same colour is the same series everywhere.
 _SERIES_COLOURS = {
     "train (per step)": "#1f77b4",
@@ -309,15 +312,18 @@ def _palette(index: int) -> str:
 
 
 def _short_axis_title(metric: str, task: str | None) -> str:
+    unit = LOSS_UNITS.get(task or "", "mean per sample")
     if metric in ("train_loss", "test_loss"):
-        return f"loss ({LOSS_UNITS.get(task or '', 'mean per sample')})"
+        return f"loss ({unit})"
     if metric in ("train_acc", "test_acc"):
         return "accuracy (%)"
+    if metric == "sharpness":
+        return f"L(w+ε) − L(w) ({unit})"
     return metric_axis_title(metric, task)
 
 
 def _hovertemplate(label: str, x_title: str, y_title: str) -> str:
-    safe = label.replace("%", "%%").replace("{", "(").replace("}", ")")
+    safe = label.replace("{", "(").replace("}", ")")  # "%{" would start a plotly placeholder
     return f"<b>{safe}</b><br>{x_title}: %{{x:.4g}}<br>{y_title}: %{{y:.4g}}<extra></extra>"
 
 

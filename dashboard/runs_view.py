@@ -23,7 +23,7 @@ def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded:
         fraction, text = ui.progress_text(run, now)
         st.progress(fraction, text=text)
         if run.get("error") and run["status"] in ("failed", "diverged"):
-            st.error(f"This run {run['status']}:\n\n```\n{_tail(run['error'])}\n```", icon="❌")
+            st.error(f"This run {run['status']}:\n\n```\n{_tail(run['error'])}\n```", icon=ui.ICON_ERROR)
         _buttons(run)
         _curves(run)
         with st.popover("log tail", use_container_width=False):

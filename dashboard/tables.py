@@ -85,7 +85,7 @@ def distinguishing_labels(configs: Mapping[Any, RunConfig | Mapping[str, Any]],
                           names: Mapping[Any, str] | None = None) -> dict[Any, str]:
     """A legend label per run made of the hyperparameters that differ between the given runs.
 
-    A single run (or runs that agree on everything) is named by its method and its name; runs
+    A single run (or runs that agree on everything) is named by its name, else by its method; runs
     that agree on every hyperparameter get their id appended so no two labels coincide.
     """
     flats = {rid: used_hyperparameters(cfg) for rid, cfg in configs.items()}
@@ -93,11 +93,10 @@ def distinguishing_labels(configs: Mapping[Any, RunConfig | Mapping[str, Any]],
     differing = [k for k in keys if len({_hashable(flat.get(k)) for flat in flats.values()}) > 1]
     labels: dict[Any, str] = {}
     for rid, flat in flats.items():
-        shown = differing or ["optim.method"]
-        parts = [_label_part(k, flat[k]) for k in shown if k in flat]
-        label = " ".join(p for p in parts if p)
-        if not differing and names and names.get(rid):
-            label = f"{label} · {names[rid]}"
+        if differing:
+            label = " ".join(p for p in (_label_part(k, flat[k]) for k in differing if k in flat) if p)
+        else:
+            label = (names or {}).get(rid) or _label_part("optim.method", flat["optim.method"])
         labels[rid] = label or str(rid)
     counts: dict[str, int] = {}
     for label in labels.values():
@@ -243,6 +242,12 @@ def split_metric_key(key: str) -> tuple[str, str]:
     if not sep or kind not in METRIC_KINDS or not name:
         raise ValueError(f"metric: expected 'step.<name>' or 'epoch.<name>' (got {key!r})")
     return kind, name
+
+
+def metric_choice_label(key: str) -> str:
+    """'epoch.test_acc' → 'test_acc (per epoch evaluation)'."""
+    kind, name = split_metric_key(key)
+    return f"{name} ({'per epoch evaluation' if kind == 'epoch' else 'per optimizer step'})"
 
 
 def metric_choices(names: Sequence[tuple[str, str]]) -> list[str]:

@@ -27,8 +27,8 @@ top = st.columns([2, 1, 3])
 top[0].selectbox("Preset", sorted(PRESETS), key="train.preset", index=sorted(PRESETS).index("digits-mlp"),
                  help="fills the form; edit anything afterwards")
 top[1].button("Load preset", on_click=_load_preset, width="stretch")
-top[2].caption("Only the fields the chosen dataset, model, method and schedule use are shown. "
-               "Method fields: " + ", ".join(f"{m}: {', '.join(f) or '—'}" for m, f in forms.METHOD_FIELDS.items()))
+top[2].caption("Only the fields that the chosen dataset, model, method, base optimizer and schedule use "
+               "are shown. Several seeds launch several runs as one group.")
 
 
 def _device_options() -> list[str]:
@@ -47,7 +47,7 @@ with st.container(border=True):
     launch_cols = st.columns([1, 4])
     clicked = launch_cols[0].button("Launch", type="primary", key="train.launch", width="stretch")
     if errors:
-        launch_cols[1].warning("Fix the field marked above to launch.", icon="⚠️")
+        launch_cols[1].warning("Fix the field marked above to launch.", icon=ui.ICON_WARNING)
     elif len(configs) > 1:
         launch_cols[1].caption(f"{len(configs)} runs (one per seed) will be launched as one group.")
 
@@ -61,17 +61,27 @@ def _launch(configs: list[RunConfig]) -> None:
 
 if clicked:
     if errors:
-        st.error("Not launched: " + next(iter(errors.values())), icon="⚠️")
+        st.error("Not launched: " + next(iter(errors.values())), icon=ui.ICON_WARNING)
     else:
         _launch(configs)
 
 st.subheader("Runs")
 
 
-@ui.live(2)
+def _any_active() -> bool:
+    return bool(ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=1))
+
+
+ACTIVE_AT_START = _any_active()
+
+
+# Refresh every 2 s while runs are active, slowly otherwise (runs may also come from the CLI).
+@ui.live(2 if ACTIVE_AT_START else 15)
 def live_panel() -> None:
     store = ui.get_store()
     active = ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=50)
+    if bool(active) != ACTIVE_AT_START:
+        st.rerun()  # the refresh rate follows: re-run the page, which redefines the fragment
     finished = ui.list_runs(kind="train", status=list(ui.FINAL), limit=RECENT_FINISHED)
     runs = active + finished
     if not runs:
@@ -79,7 +89,8 @@ def live_panel() -> None:
         return
     labels = ui.run_labels(runs)
     now = store.server_now()
-    st.caption(f"{len(active)} active · the {len(finished)} most recent finished · refreshed every 2 s")
+    st.caption(f"{len(active)} active · the {len(finished)} most recent finished · "
+               f"refreshed every {2 if active else 15} s")
     for index, run in enumerate(runs):
         runs_view.run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE)
 

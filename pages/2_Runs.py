@@ -45,7 +45,7 @@ if text:
     filtered = filtered[filtered["id"].isin(matching) | filtered["label"].str.contains(text, case=False, regex=False)]
 
 if filtered.empty:
-    st.info("No run matches these filters — clear some of them.", icon="💡")
+    st.info("No run matches these filters — clear some of them.", icon=ui.ICON_INFO)
     st.stop()
 
 # -- selection ----------------------------------------------------------------------------------------
@@ -58,16 +58,17 @@ selected_runs = [r for r in all_runs if r["id"] in selected]
 # -- overlay ------------------------------------------------------------------------------------------
 st.subheader("Curves")
 if not selected:
-    st.info("Select runs above to overlay their curves.", icon="💡")
+    st.info("Select runs above to overlay their curves.", icon=ui.ICON_INFO)
 else:
     names = ui.get_store().metric_names(selected)
     choices = tables.metric_choices(names)
     if not choices:
-        st.info("The selected runs have no metrics yet.", icon="💡")
+        st.info("The selected runs have no metrics yet.", icon=ui.ICON_INFO)
     else:
         cols = st.columns([3, 2, 2, 1])
         metric = params.selectbox(cols[0], "metric", "metric", choices,
-                                  default=DEFAULT_METRIC if DEFAULT_METRIC in choices else choices[0])
+                                  default=DEFAULT_METRIC if DEFAULT_METRIC in choices else choices[0],
+                                  format_func=tables.metric_choice_label)
         x = params.radio(cols[1], "x axis", "x", X_OPTIONS, default="epoch")
         smoothing = params.slider(cols[2], "smoothing (EMA weight)", "smooth", 0.0, 0.99, default=0.0, step=0.01)
         log_y = params.toggle(cols[3], "log y", "log")
@@ -89,7 +90,7 @@ else:
             ui.show_figure(figures.curves_figure(curves, metric=name, x=x, smoothing=smoothing, log_y=log_y,
                                                  task=task), key="runs.curves")
         else:
-            st.info(f"No {metric} values for the selected runs on this axis yet.", icon="💡")
+            st.info(f"No {metric} values for the selected runs on this axis yet.", icon=ui.ICON_INFO)
 
 # -- summary table -------------------------------------------------------------------------------------
 st.subheader("Summary")
@@ -110,7 +111,7 @@ st.dataframe(shown, hide_index=True, column_config=column_config, key="runs.tabl
 st.subheader("Hyperparameters against final test accuracy")
 scored = filtered[filtered["final_test_acc"].notna()]
 if len(scored) < 2:
-    st.info("Needs at least two finished runs with a test accuracy among the filtered runs.", icon="💡")
+    st.info("Needs at least two finished runs with a test accuracy among the filtered runs.", icon=ui.ICON_INFO)
 else:
     dims = ["method", "dataset", "model", "rho", "m", "lam", "lr", "batch_size", "label_noise", "n_train",
             "weight_decay", "width", "epochs", "seed"]

@@ -1,0 +1,163 @@
+"""End to end in a real browser: launch a tiny run from the Train page, watch it complete, find it on Runs.
+
+Starts `streamlit run app.py` on a free loopback port with a temporary run store, drives headless
+Chromium through Playwright, and saves screenshots (light and dark theme) under `screenshots/`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "screenshots"
+COMPLETED = re.compile(r"100% · completed")  # the progress line of a completed run
+# Streamlit scrolls inside its own container, so a full-page screenshot is the viewport: make it tall.
+VIEWPORT = {"width": 1400, "height": 2600}
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"streamlit did not answer on {url} within {timeout:.0f} s")
+
+
+@pytest.fixture
+def server(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install the Debian 'chromium' package to run the browser test")
+    pytest.importorskip("playwright.sync_api")
+    port = _free_port()
+    env = dict(os.environ)
+    env.update({
+        "SAMLAB_STORE": f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}",
+        "SAMLAB_SCHEDULER_IDLE_S": "5",
+        "PYTHONPATH": str(ROOT),
+    })
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "streamlit.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            _wait_healthy(url, proc)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _fill_number(page, label: str, value: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.press("Enter")
+    page.wait_for_timeout(600)  # let the rerun that the new value triggers settle
+
+
+def test_launch_watch_and_compare_in_a_browser(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(exist_ok=True)
+    expect.set_options(timeout=60_000)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            expect(page.get_by_text("System status")).to_be_visible()
+            expect(page.get_by_text("No runs yet")).to_be_visible()  # the live status fragment
+            expect(page.get_by_role("link", name="Runs").last).to_be_visible()
+            page.screenshot(path=str(SHOTS / "home.png"), full_page=True)
+
+            page.goto(f"{server}/Train")
+            expect(page.get_by_role("button", name="Launch")).to_be_visible()
+            _fill_number(page, "train samples", "256")
+            _fill_number(page, "epochs", "2")
+            _fill_number(page, "batch size", "32")
+            # a bad value shows its error next to the field and blocks the launch
+            _fill_number(page, "learning rate", "-1")
+            expect(page.get_by_text("optim.lr: must be in (0, inf]").first).to_be_visible()
+            page.screenshot(path=str(SHOTS / "train_validation.png"), full_page=True)
+            _fill_number(page, "learning rate", "0.1")
+            expect(page.get_by_text("optim.lr: must be")).to_have_count(0)
+
+            page.get_by_role("button", name="Launch").click()
+            expect(page.get_by_text("Queued 1 run")).to_be_visible()
+            # the live panel refreshes on its own until the run has completed with curves drawn
+            try:
+                expect(page.get_by_text(COMPLETED).first).to_be_visible(timeout=240_000)
+            finally:
+                page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+            panel_chart = page.locator('[data-testid="stPlotlyChart"]').first
+            expect(panel_chart).to_be_visible()
+            expect(panel_chart.locator("g.scatterlayer .trace").first).to_be_attached()
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+
+            page.goto(f"{server}/Runs")
+            table = page.locator('[data-testid="stDataFrame"]')
+            expect(table).to_be_visible()
+            expect(table.get_by_text("completed", exact=True)).to_have_count(1)  # the grid's cells
+            expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
+            run_id = _first_run_id(page)
+            expect(table.get_by_text(run_id)).to_have_count(1)
+            assert "runs=" in page.url, f"the selection is not in the URL: {page.url}"
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
+
+            dark = browser.new_page(viewport=VIEWPORT, color_scheme="dark")
+            dark.set_default_timeout(60_000)
+            dark.goto(page.url)  # the shared URL reproduces the view
+            expect(dark.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
+            dark.wait_for_timeout(2000)
+            dark.screenshot(path=str(SHOTS / "runs_dark.png"), full_page=True)
+            dark.goto(f"{server}/Train")
+            expect(dark.get_by_text(COMPLETED).first).to_be_visible()
+            dark.wait_for_timeout(2000)
+            dark.screenshot(path=str(SHOTS / "train_dark.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def _first_run_id(page) -> str:
+    """The run id the Runs page put in the URL (`?runs=<id>`)."""
+    from urllib.parse import parse_qs, urlparse
+
+    query = parse_qs(urlparse(page.url).query)
+    assert query.get("runs"), f"no runs selected in {page.url}"
+    return query["runs"][0].split(",")[0]
