@@ -142,3 +142,13 @@ def test_cli_train_prints_a_json_summary_and_refuses_bad_values():
     bad = subprocess.run(cmd[:-1] + ["--set", "optim.rho=-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "error: optim.rho: must be in [0, inf]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_curvature_and_noise_are_logged_every_n_steps_on_a_fixed_subset():
+    rec = RecordingReporter()
+    run(tiny("hessian_every=3", "noise_every=4", "hessian_samples=64", "log_every=100"), rec)
+    rows = {step: values for kind, step, values in rec.rows if kind == "step"}
+    assert sorted(s for s, v in rows.items() if "lambda_max" in v) == [3, 6]
+    assert sorted(s for s, v in rows.items() if "trace_v" in v) == [4, 8]
+    assert all(rows[s]["lambda_max"] > 0 for s in (3, 6))
+    assert all(rows[s]["trace_v"] > 0 for s in (4, 8))
