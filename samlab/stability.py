@@ -48,6 +48,7 @@ PSD_RTOL = 1e-8  # (float64; 100·eps for coarser dtypes) asymmetry or eigenvalu
 RANK_RTOL = 1e-10  # eigenvalues below RANK_RTOL·(largest eigenvalue) count as zero
 EXACT_HESSIAN_BUDGET = 50_000_000  # n·p² entries for dense per-sample Hessians of a model
 GRID_STATE = "stability_grid.json"
+ETA_SCALES = ("absolute", "gd_limit")  # model check: η as given, or as multiples of 2/λ_max(H)
 MODEL_STATE = "stability_model.json"
 
 
@@ -503,8 +504,9 @@ _GRID_DEFAULTS: dict[str, Any] = {
     "repeats": 10, "steps": 1000, "seed": 0, "blowup": 1000.0,
 }
 _MODEL_DEFAULTS: dict[str, Any] = {
-    "checkpoint": None, "etas": None, "Bs": None, "n_samples": 256, "method": "exact", "steps": 300,
-    "repeats": 3, "seed": 0, "perturbation": 1e-3, "blowup": 1000.0,
+    "checkpoint": None, "etas": [0.1, 0.25, 0.5, 0.75, 1.0, 1.25], "eta_scale": "gd_limit",
+    "Bs": [1, 2, 4, 8, 16, 32, 64], "n_samples": 128, "method": "matrix_free", "steps": 300, "repeats": 3,
+    "seed": 0, "perturbation": 1e-3, "blowup": 1000.0,
 }
 
 
@@ -537,6 +539,8 @@ def check_task(params: dict[str, Any]) -> dict[str, Any]:
     out["etas"] = [_positive("etas", e) for e in _non_empty("etas", out["etas"])]
     out["Bs"] = [_batch("Bs", b, out["n_samples"]) for b in _non_empty("Bs", out["Bs"])]
     out["perturbation"] = _positive("perturbation", out["perturbation"])
+    if out["eta_scale"] not in ETA_SCALES:
+        raise ValueError(f"eta_scale: must be one of {ETA_SCALES} (got {out['eta_scale']!r})")
     if out["method"] not in ("exact", "matrix_free"):
         raise ValueError(f"method: must be 'exact' or 'matrix_free' (got {out['method']!r})")
     return out
@@ -588,7 +592,7 @@ def _run_model_task(params: dict[str, Any], reporter: Reporter, workdir: Path, r
     result = model_stability_check(
         trained.model, trained.loss_fn, x, y, params["etas"], params["Bs"], steps=params["steps"],
         repeats=params["repeats"], seed=params["seed"], perturbation=params["perturbation"],
-        blowup=params["blowup"], method=params["method"], reporter=reporter,
+        blowup=params["blowup"], method=params["method"], eta_scale=params["eta_scale"], reporter=reporter,
     )
     (workdir / MODEL_STATE).write_text(json.dumps(result))
     return result
@@ -782,6 +786,7 @@ def model_stability_check(
     perturbation: float = 1e-3,
     blowup: float = 1000.0,
     method: str = "exact",
+    eta_scale: str = "absolute",
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """The theorem against real SGD at a trained model's minimum (on the n samples x, y).
@@ -791,7 +796,8 @@ def model_stability_check(
     is the smaller of the two (both make the second moment diverge above them). Then restarts SGD
     with Bernoulli sampling (step −(η/B) Σ_i z_i ∇f_i) on the real loss from w* + perturbation·‖w*‖·u
     (u a random unit vector per run) on the (η, B) grid, `repeats` runs each, all runs vmapped; a
-    run diverged when ‖w − w*‖ grows blowup× or the loss stops being finite.
+    run diverged when ‖w − w*‖ grows blowup× or the loss stops being finite. eta_scale="gd_limit"
+    reads `etas` as multiples of 2/λ_max(H), which is only known once the curvature is measured.
     """
     reporter = reporter or Reporter()
     n = x.shape[0]
@@ -803,8 +809,12 @@ def model_stability_check(
     curvature = coherence_of_model(model, loss_fn, x, y, method=method, seed=seed)
     reporter.result({"coherence": curvature, "complete": False})
     sigma = min(max(curvature["sigma"], 1.0), float(n))
-    lam = curvature["lam_max"]
+    lam = _positive("lam_max", curvature["lam_max"])
     gd_limit = 2.0 / lam
+    if eta_scale not in ETA_SCALES:
+        raise ValueError(f"eta_scale: must be one of {ETA_SCALES} (got {eta_scale!r})")
+    if eta_scale == "gd_limit":
+        etas = [e * gd_limit for e in etas]
     theorem_lr = [divergence_lr(lam, sigma, b, n) for b in Bs]
     observed = _restart_sgd(model, loss_fn, x, y, etas, Bs, steps, repeats, seed, perturbation, blowup, reporter)
     cells = []
