@@ -5,6 +5,6 @@ Both share the perturbation rules of `samlab.optim.perturbations` (eps = rho * d
 
 from samlab.config import METHODS
 from samlab.optim.sam import SAM
-from samlab.optim.sharpness import sharpness_gradient
+from samlab.optim.sharpness import sample_scores, sharpness_gradient
 
-__all__ = ["METHODS", "SAM", "sharpness_gradient"]
+__all__ = ["METHODS", "SAM", "sample_scores", "sharpness_gradient"]

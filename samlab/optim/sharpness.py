@@ -150,7 +150,7 @@ def _ascent_gradient(model, loss_fn, x, y, names, params, losses, spec: _Spec):
 def _reweighted_ascent(model, loss_fn, x, y, names, params, losses, spec: _Spec):
     """RW-SAM: g_p = grad Σ_i p_i f_i(w), p = softmax(lam * s), s_i ≈ ‖grad f_i(w)‖."""
     if spec.estimator == "fd":
-        scores = _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec)
+        scores = _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec.delta, spec.generator)
     else:
         scores = _exact_scores(model, loss_fn, x, y, names)
     weights = torch.softmax(spec.lam * scores, dim=0)
@@ -161,12 +161,36 @@ def _reweighted_ascent(model, loss_fn, x, y, names, params, losses, spec: _Spec)
     return gradient, ascent, extras
 
 
-def _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec: _Spec) -> torch.Tensor:
+def sample_scores(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
+                  estimator: str = "fd", delta: float = 1e-3,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """RW-SAM's per-sample scores s_i ≈ ‖grad f_i(w)‖ (Luo et al., NeurIPS 2025), shape [b].
+
+    estimator="fd": s_i = |f_i(w + delta z) − f_i(w)| / delta, z with independent ±1 entries drawn
+    from `generator` (one tensor per trainable parameter, in `named_parameters` order): two
+    forwards, no backward. s_i → |⟨grad f_i, z⟩| as delta → 0, so E_z[s_i²] → ‖grad f_i‖² and
+    E_z[s_i] → E_z|⟨grad f_i, z⟩| ∈ [‖grad f_i‖/√2, ‖grad f_i‖].
+    estimator="exact": ‖grad f_i(w)‖ from the Jacobian of the per-sample losses (torch.func).
+    Forwards run in the model's current mode; buffers are left unchanged.
+    """
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_number("delta", delta, lower=0.0, open_lower=True)
+    _batch_size(x, y, "x", "y")
+    names, params = _trainable(model)
+    if estimator == "exact":
+        return _exact_scores(model, loss_fn, x, y, names)
+    with torch.no_grad():
+        losses = _per_sample(loss_fn(forward(model, x, track_stats=False), y), x.shape[0])
+    return _finite_difference_scores(model, loss_fn, x, y, names, params, losses, delta, generator)
+
+
+def _finite_difference_scores(model, loss_fn, x, y, names, params, losses, delta: float,
+                              generator: torch.Generator | None) -> torch.Tensor:
     """s_i = |f_i(w + delta z) − f_i(w)| / delta, z Rademacher: one extra forward, no backward."""
     with torch.no_grad():
-        shifted = {name: p + spec.delta * _rademacher_like(p, spec.generator) for name, p in zip(names, params)}
+        shifted = {name: p + delta * _rademacher_like(p, generator) for name, p in zip(names, params, strict=True)}
         shifted_losses = loss_fn(forward(model, x, shifted, track_stats=False), y)
-        return (shifted_losses - losses.detach()).abs() / spec.delta
+        return (shifted_losses - losses.detach()).abs() / delta
 
 
 def _exact_scores(model, loss_fn, x, y, names) -> torch.Tensor:

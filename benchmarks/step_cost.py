@@ -1,0 +1,170 @@
+"""Cost of one optimizer step (sharpness_gradient + a base SGD step) for every SAM-family method.
+
+All methods run side by side in one process on the same model initialisation and the same batch,
+interleaved round-robin so that machine-load drift hits every method alike; warm-up steps are
+excluded and each figure is the median over repeats. Prints the ratios against SAM / SGD:
+
+    sam_over_sgd, msam_vmap_over_sam_k{4,16,64}, msam_loop_over_sam_k{4,16,64}, rwsam_over_sam
+
+(k = b / m micro-batches). Workloads: the digits CNN (8x8 grayscale, 10 classes) at batch 128 on
+CPU; ResNet-18 on CIFAR-shaped batches of 128 with --device cuda.
+
+    python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from samlab.config import ModelConfig  # noqa: E402
+from samlab.losses import per_sample_loss  # noqa: E402
+from samlab.models import build_model  # noqa: E402
+from samlab.optim import sharpness_gradient  # noqa: E402
+
+MICRO_BATCH_COUNTS = (4, 16, 64)
+GOALS = {"sam_over_sgd": 2.1, "msam_vmap_over_sam_k16": 1.3, "rwsam_over_sam": 1.25}
+
+
+def workload(device: torch.device, batch: int, seed: int):
+    """(model, x, y, x_independent, y_independent, description) for the device's workload."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        shape, cfg, name = (3, 32, 32), ModelConfig(name="resnet18", width=64, norm="bn"), "resnet18 (bn) on 3x32x32"
+    else:
+        shape, cfg, name = (1, 8, 8), ModelConfig(name="cnn", width=16), "digits cnn (width 16, bn) on 1x8x8"
+    model = build_model(cfg, shape, 10).to(device).train()
+    x = torch.randn(batch, *shape, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    x_n = torch.randn(4 * batch, *shape, generator=gen).to(device)
+    y_n = torch.randint(0, 10, (4 * batch,), generator=gen).to(device)
+    return model, x, y, (x_n, y_n), name
+
+
+def configurations(batch: int, perturb_batch) -> dict[str, dict]:
+    """Label -> sharpness_gradient keyword arguments."""
+    configs = {
+        "sgd": {"method": "sgd"},
+        "sam": {"method": "sam"},
+        "asam": {"method": "asam"},
+        "usam": {"method": "usam"},
+        "nsam": {"method": "nsam", "perturb_batch": perturb_batch},
+        "rwsam": {"method": "rwsam", "lam": 1.0, "estimator": "fd"},
+    }
+    for k in MICRO_BATCH_COUNTS:
+        for impl in ("vmap", "loop"):
+            configs[f"msam_{impl}_k{k}"] = {"method": "msam", "m": batch // k, "impl": impl}
+    return configs
+
+
+def make_stepper(model, x, y, kwargs, device, seed):
+    """A closure running one full optimizer step on its own copy of the model."""
+    model = copy.deepcopy(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = per_sample_loss("classification")
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def step() -> None:
+        sharpness_gradient(model, loss_fn, x, y, rho=0.05, generator=generator, **kwargs)
+        base.step()
+        base.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(step, device: torch.device, inner: int) -> float:
+    """Seconds per step, averaged over `inner` consecutive steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / inner
+
+
+def measure(device: torch.device, batch: int, repeats: int, warmup: int, inner: int, seed: int) -> dict:
+    model, x, y, perturb_batch, name = workload(device, batch, seed)
+    steppers = {label: make_stepper(model, x, y, kw, device, seed)
+                for label, kw in configurations(batch, perturb_batch).items()}
+    for step in steppers.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {label: [] for label in steppers}
+    for _ in range(repeats):
+        for label, step in steppers.items():
+            samples[label].append(time_steps(step, device, inner))
+    median_ms = {label: 1e3 * statistics.median(values) for label, values in samples.items()}
+    return {
+        "device": str(device),
+        "workload": name,
+        "batch": batch,
+        "repeats": repeats,
+        "inner_steps": inner,
+        "threads": torch.get_num_threads(),
+        "median_ms": median_ms,
+        "ratios": ratios(median_ms),
+        "goals": GOALS,
+    }
+
+
+def ratios(ms: dict[str, float]) -> dict[str, float]:
+    out = {"sam_over_sgd": ms["sam"] / ms["sgd"]}
+    for k in MICRO_BATCH_COUNTS:
+        out[f"msam_vmap_over_sam_k{k}"] = ms[f"msam_vmap_k{k}"] / ms["sam"]
+    for k in MICRO_BATCH_COUNTS:
+        out[f"msam_loop_over_sam_k{k}"] = ms[f"msam_loop_k{k}"] / ms["sam"]
+    out["rwsam_over_sam"] = ms["rwsam"] / ms["sam"]
+    for method in ("asam", "usam", "nsam"):
+        out[f"{method}_over_sam"] = ms[method] / ms["sam"]
+    return out
+
+
+def print_report(result: dict) -> None:
+    print(f"{result['workload']}, batch {result['batch']}, device {result['device']}, "
+          f"{result['threads']} threads, median of {result['repeats']} x {result['inner_steps']} steps")
+    for label, ms in result["median_ms"].items():
+        print(f"  {label:<18} {ms:9.2f} ms/step")
+    for label, value in result["ratios"].items():
+        goal = result["goals"].get(label)
+        verdict = "" if goal is None else f"   goal <= {goal}: {'met' if value <= goal else 'MISSED'}"
+        print(f"  {label:<26} {value:6.3f}{verdict}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--inner", type=int, default=3, help="steps per timed sample")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("repeats", "inner", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: must be >= 1")
+    if args.batch % max(MICRO_BATCH_COUNTS):
+        parser.error(f"--batch: must be a multiple of {max(MICRO_BATCH_COUNTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    result = measure(torch.device(args.device), args.batch, args.repeats, max(args.warmup, 0), args.inner, args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_report(result)
+
+
+if __name__ == "__main__":
+    main()
