@@ -219,8 +219,10 @@ def parse_seeds(text: str) -> list[int]:
                 if hi < lo:
                     raise ValueError
                 seeds.extend(range(lo, hi + 1))
-            else:
+            elif re.fullmatch(r"\d+", part):
                 seeds.append(int(part))
+            else:
+                raise ValueError
         except ValueError:
             raise ValueError(
                 f"seeds: expected non-negative integers separated by commas or a range like 0-4 (got {part!r})"

@@ -21,10 +21,11 @@ from dashboard.forms import config_values, visible_fields
 from samlab.config import RunConfig
 from samlab.data import DATASET_INFO
 
-# Fields that say how a run is logged or stored, not what it computes: never a legend entry.
+# Fields that say how a run is logged, stored or computed, not what it computes (mSAM's vmap and loop
+# give the same numbers): never a legend entry.
 BOOKKEEPING_FIELDS = {
     "name", "data.root", "eval_every", "log_every", "checkpoint_every", "hessian_every",
-    "hessian_samples", "noise_every", "device", "precision",
+    "hessian_samples", "noise_every", "device", "precision", "optim.impl",
 }
 # Short legend names; a missing key shows its last dotted part.
 SHORT_NAMES: dict[str, str] = {
