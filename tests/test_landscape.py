@@ -365,3 +365,101 @@ def test_cache_key_is_canonical():
     k3 = L.cache_key("abc", {"norm": "filter", "seed": 1}, {"min": -1, "n": 41}, {"split": "train"}, "eval")
     k4 = L.cache_key("abc", {"norm": "filter", "seed": 0}, {"min": -1, "n": 41}, {"split": "train"}, "train")
     assert k1 == k2 and len({k1, k3, k4}) == 3 and len(k1) == 64
+
+
+# -- the background task on real checkpoints ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from samlab.config import preset
+    from samlab.train import run
+
+    paths = []
+    for method in ("sgd", "sam"):
+        workdir = tmp_path_factory.mktemp(method)
+        cfg = preset("digits-cnn", {"data.n_train": 64, "data.n_test": 48, "model.width": 4, "epochs": 4,
+                                    "batch_size": 32, "device": "cpu", "optim.method": method})
+        paths.append(str(run(cfg, workdir=workdir).checkpoint))
+    return paths
+
+
+def task(paths, **overrides):
+    params = {"checkpoints": paths, "kind": "2d", "n_samples": None, "device": "cpu",
+              "grid": {"xmin": -1.0, "xmax": 1.0, "nx": 3, "ymin": -0.5, "ymax": 0.5, "ny": 3}}
+    return {**params, **overrides}
+
+
+def test_task_2d_two_runs_same_grid_with_trajectory(checkpoints, tmp_path):
+    from samlab.train import load_trained
+
+    reporter = RecordingReporter()
+    result = L.run_task(task(checkpoints, trajectory=True), reporter, tmp_path, resume=False)
+    assert result["complete"] and result["axes"] == [[-1.0, 0.0, 1.0], [-0.5, 0.0, 0.5]]
+    assert reporter.progress_calls[-1][:2] == (18, 18)
+    for path, entry in zip(checkpoints, result["runs"]):
+        trained = load_trained(path)
+        x, y = trained.data.x_train, trained.data.y_train
+        with torch.no_grad():
+            centre = cross_entropy_per_sample(trained.model(x), y).mean().item()
+        assert entry["loss"][1][1] == pytest.approx(centre, abs=1e-5)
+        assert len(entry["trajectory"]["x"]) == 4 and entry["trajectory"]["epochs"] == [1, 2, 3, 4]
+        assert entry["trajectory"]["x"][-1] == pytest.approx(0.0, abs=1e-6)  # the last snapshot is the centre
+    assert result["runs"][0]["loss"] != result["runs"][1]["loss"]
+    assert L.task_cache_key(task(checkpoints, trajectory=True)) == result["key"]
+
+
+def test_task_cancelled_then_resumed_equals_uninterrupted(checkpoints, tmp_path):
+    params = task(checkpoints, max_memory_mb=1e-6)  # one grid point per chunk
+    stopper = StopAfter(11)
+    partial = L.run_task(params, stopper, tmp_path / "a", resume=False)
+    assert not partial["complete"] and stopper.results
+    assert partial["runs"][0]["done_fraction"] == 1.0 and partial["runs"][1]["done_fraction"] == pytest.approx(2 / 9)
+    again = RecordingReporter()
+    resumed = L.run_task(params, again, tmp_path / "a", resume=True)
+    assert resumed["complete"] and len(again.progress_calls) == 18 - 11
+    whole = L.run_task(params, RecordingReporter(), tmp_path / "b", resume=False)
+    for r, w in zip(resumed["runs"], whole["runs"]):
+        np.testing.assert_allclose(np.array(r["loss"], dtype=float), np.array(w["loss"], dtype=float), atol=1e-6)
+
+
+def test_task_interpolation_hits_both_endpoints_on_train_and_test(checkpoints, tmp_path):
+    from samlab.train import load_trained
+
+    params = {"checkpoints": checkpoints, "kind": "interpolation", "n_samples": None, "device": "cpu",
+              "grid": {"min": -0.5, "max": 1.5, "n": 5}}
+    result = L.run_task(params, RecordingReporter(), tmp_path, resume=False)
+    assert result["alphas"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
+    for k, path in ((1, checkpoints[0]), (3, checkpoints[1])):
+        trained = load_trained(path)
+        d = trained.data
+        with torch.no_grad():
+            train = cross_entropy_per_sample(trained.model(d.x_train), d.y_train).mean().item()
+            test = cross_entropy_per_sample(trained.model(d.x_test), d.y_test).mean().item()
+        assert result["train"]["loss"][k] == pytest.approx(train, abs=1e-5)
+        assert result["test"]["loss"][k] == pytest.approx(test, abs=1e-5)
+
+
+def test_task_flatness_and_pca(checkpoints, tmp_path):
+    flat = L.run_task({"checkpoints": checkpoints[:1], "kind": "flatness", "radii": [0.1, 0.5], "n_directions": 2,
+                       "device": "cpu"}, RecordingReporter(), tmp_path, resume=False)
+    entry = flat["runs"][0]
+    assert flat["complete"] and entry["radii"] == [0.1, 0.5] and entry["mean_increase"][1] > entry["mean_increase"][0]
+    pca = L.run_task(task(checkpoints[:1], directions="pca", trajectory=True), RecordingReporter(), tmp_path,
+                     resume=False)
+    run = pca["runs"][0]
+    assert len(run["explained_variance"]) == 2 and 0 < sum(run["explained_variance"]) <= 1 + 1e-9
+    assert np.isfinite(run["trajectory"]["x"]).all() and max(np.abs(run["trajectory"]["x"])) > 0
+
+
+def test_check_task_names_the_bad_field(checkpoints):
+    from samlab.tasks import check_params
+
+    assert check_params("landscape", task(checkpoints))["grid"]["nx"] == 3
+    bad = [({"kind": "3d"}, "kind"), ({"grid": {"nx": 1}}, "grid.nx"), ({"grid": {"xmin": 2.0}}, "grid.xmin"),
+           ({"checkpoints": ["/no/such.pt"]}, "checkpoints"), ({"kind": "interpolation", "grid": None}, "checkpoints"),
+           ({"colour": 1}, "colour"), ({"data": "val"}, "data"), ({"n_samples": 0}, "n_samples")]
+    for override, field in bad:
+        with pytest.raises(ValueError, match=field):
+            L.check_task(task(checkpoints[:1] if override.get("kind") == "interpolation" else checkpoints, **override))
+    assert L.task_cache_key(task(checkpoints)) != L.task_cache_key(task(checkpoints, seed=1))
