@@ -138,7 +138,11 @@ def model_panel() -> None:
     if result.get("cells"):
         st.dataframe(view.model_batch_table(result), hide_index=True)
         ui.show_figure(view.model_check_figure(result), key="stability.model_check")
-        st.caption(f"predicted divergence not observed (theorem false alarms): {result['false_alarms']}")
+        st.caption(
+            f"cells where the theorem predicts divergence but most restarts stayed: {result['false_alarms']} "
+            "(the theorem assumes PSD per-sample Hessians at an exact minimum; large negative curvature or a "
+            "non-zero gradient at the trained point break that assumption)"
+        )
 
 
 model_panel()

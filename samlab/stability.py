@@ -653,19 +653,37 @@ def _psd_part(stack: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _power_iteration(
-    apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, iters: int, tol: float
-) -> torch.Tensor:
-    """Rayleigh quotients of row-wise power iteration v_i ← A_i v_i / ‖A_i v_i‖ (rows are independent problems)."""
+    apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, iters: int, tol: float,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise power iteration on A_i + shift_i I (rows are independent problems).
+
+    Returns the Rayleigh quotients of A_i (shift removed) and the final vectors.
+    """
+    shift = torch.zeros(start.shape[0], dtype=start.dtype) if shift is None else shift.to(start.dtype)
     v = start / torch.linalg.norm(start, dim=1, keepdim=True)
     previous = torch.full((v.shape[0],), math.inf, dtype=v.dtype)
     for _ in range(iters):
-        av = apply(v)
+        av = apply(v) + shift[:, None] * v
         quotient = (v * av).sum(1)
         v = av / torch.linalg.norm(av, dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
         if ((quotient - previous).abs() <= tol * quotient.abs()).all():
             break
         previous = quotient
-    return quotient
+    return quotient - shift, v
+
+
+def _top_algebraic_eigenvalue(
+    apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, iters: int, tol: float
+) -> torch.Tensor:
+    """λ_max (not |λ|_max) of each row's symmetric operator: power iteration finds the dominant μ_i;
+    where μ_i < 0 a second pass on A_i − μ_i I (spectrum shifted into [0, λ_max − μ_i]) finds λ_max."""
+    dominant, vectors = _power_iteration(apply, start, iters, tol)
+    negative = dominant < 0
+    if not negative.any():
+        return dominant
+    shifted, _ = _power_iteration(apply, start, iters, tol, shift=(-dominant).clamp_min(0))
+    return torch.where(negative, shifted, dominant)
 
 
 def coherence_of_model(
@@ -693,7 +711,10 @@ def coherence_of_model(
     products (vmapped over samples): unbiased, with variance ≤ 2‖H_i H_j‖_F²/K per entry; S_ij takes
     the square root of the (clipped) estimate, which biases S down by O(variance). λ_max(H_i) comes
     from per-sample power iteration (vmapped HVPs) and λ_max(H) from power iteration with the mean
-    HVP; their Rayleigh quotients approach λ_max from below, so σ is biased slightly up. Memory n·K·p.
+    HVP, shifted by the dominant eigenvalue where that is negative so that the largest (algebraic)
+    eigenvalue is found; Rayleigh quotients approach λ_max from below, so σ is biased slightly up.
+    This path does not project onto the PSD cone: away from a minimum (indefinite H_i) it measures
+    tr(H_i H_j) of the full Hessians, and `sigma` may fall below 1. Memory n·K·p.
     """
     if method not in ("exact", "matrix_free"):
         raise ValueError(f"method: must be 'exact' or 'matrix_free' (got {method!r})")
@@ -758,8 +779,9 @@ def _matrix_free_coherence(
         return each_sample(v.expand(n, p)).mean(0, keepdim=True)
 
     start = torch.randn(n, p, generator=generator, dtype=dtype)
-    per_sample = _power_iteration(each_sample, start, power_iters, tol).to(torch.float64)
-    mean_top = _power_iteration(mean_hvp, torch.randn(1, p, generator=generator, dtype=dtype), power_iters, tol)
+    per_sample = _top_algebraic_eigenvalue(each_sample, start, power_iters, tol).to(torch.float64)
+    mean_start = torch.randn(1, p, generator=generator, dtype=dtype)
+    mean_top = _top_algebraic_eigenvalue(mean_hvp, mean_start, power_iters, tol)
     return {
         "method": "matrix_free",
         "sigma": coherence_from_traces(traces, per_sample),
@@ -831,6 +853,7 @@ def model_stability_check(
             })
     return {
         "coherence": curvature,
+        "sigma_used": sigma,  # the measured σ clipped to [1, n], the theorem's range
         "n": n,
         "gd_lr_limit": gd_limit,
         "per_batch": [

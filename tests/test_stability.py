@@ -355,6 +355,17 @@ def test_coherence_of_model_equals_coherence_of_dense_hessians():
     assert result["negative_curvature"] > 0  # an untrained tanh net has indefinite per-sample Hessians
 
 
+def test_power_iteration_finds_the_largest_algebraic_eigenvalue_of_indefinite_rows():
+    """The matrix-free path's eigenvalue routine, on symmetric matrices whose dominant eigenvalue is negative."""
+    g = torch.Generator().manual_seed(9)
+    basis, _ = torch.linalg.qr(torch.randn(6, 5, 5, generator=g, dtype=torch.float64))
+    spectra = torch.tensor([[-9.0, -1.0, 0.5, 1.0, 3.0]] * 3 + [[-1.0, 0.0, 0.2, 2.0, 6.0]] * 3, dtype=torch.float64)
+    matrices = basis @ torch.diag_embed(spectra) @ basis.transpose(1, 2)
+    start = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    top = st._top_algebraic_eigenvalue(lambda v: (matrices @ v[:, :, None])[:, :, 0], start, 3000, 1e-13)
+    assert top.tolist() == pytest.approx([3.0] * 3 + [6.0] * 3, rel=1e-6)
+
+
 def test_matrix_free_coherence_is_close_to_the_exact_value():
     """Linear softmax regression has PSD per-sample Hessians; 256 shared probes give σ within 5%."""
     torch.manual_seed(1)
