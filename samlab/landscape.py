@@ -628,15 +628,16 @@ def check_task(params: dict[str, Any]) -> dict[str, Any]:
     {"checkpoints": [paths], "kind": "1d"|"2d"|"interpolation"|"flatness", "grid": {...},
      "directions": "random"|"pca", "seed", "norm", "ignore", "data": "train"|"test", "n_samples",
      "mode": "eval"|"train", "device", "batch_size", "max_memory_mb", "trajectory": bool,
-     "radii": [...], "n_directions"}. Several checkpoints get the same directions seed and grid,
+     "radii": [...], "n_directions"}; "digests" (sha256 of each checkpoint) is filled in. Several checkpoints get the same directions seed and grid,
     each filter-normalized to its own weights; "interpolation" takes exactly two and evaluates
     train and test loss along (1 − α) θ_a + α θ_b.
     """
     if not isinstance(params, dict):
         raise ValueError("params: expected a mapping")
-    unknown = set(params) - set(TASK_DEFAULTS) - {"checkpoints", "grid"}
+    known = {*TASK_DEFAULTS, "checkpoints", "grid", "digests"}
+    unknown = set(params) - known
     if unknown:
-        raise ValueError(f"{sorted(unknown)[0]}: unknown field; known: {sorted([*TASK_DEFAULTS, 'checkpoints', 'grid'])}")
+        raise ValueError(f"{sorted(unknown)[0]}: unknown field; known: {sorted(known)}")
     p = {**TASK_DEFAULTS, **params}
     _check_choice("kind", p["kind"], KINDS)
     _check_choice("directions", p["directions"], DIRECTION_KINDS)
@@ -656,6 +657,8 @@ def check_task(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(p["device"], str):
         raise ValueError(f"device: must be a device name such as 'auto', 'cpu', 'cuda' (got {p['device']!r})")
     p["checkpoints"] = _checked_checkpoints(p.get("checkpoints"), p["kind"])
+    # the contents, not just the paths, so a checkpoint trained further is a new request
+    p["digests"] = [file_digest(c) for c in p["checkpoints"]]
     if p["kind"] == "flatness":
         p["radii"] = [float(r) for r in p["radii"]] if isinstance(p["radii"], list) else p["radii"]
         if not isinstance(p["radii"], list) or not p["radii"] or any(not r > 0 for r in p["radii"]):
@@ -705,7 +708,7 @@ def task_cache_key(params: dict[str, Any]) -> str:
         directions["n_directions"] = p["n_directions"]
     grid = p["grid"] if p["grid"] is not None else {"radii": p["radii"]}
     data = {"split": p["data"], "n_samples": p["n_samples"], "seed": p["seed"]}
-    return cache_key([file_digest(c) for c in p["checkpoints"]], directions, grid, data, p["mode"])
+    return cache_key(p["digests"], directions, grid, data, p["mode"])
 
 
 def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""Figures and tables for the Landscape page: pure functions of `samlab.landscape` task results.
+
+A "2d" result holds `axes` = [xs, ys] and, per run, `loss[i][j]` at (xs[i], ys[j]) with None where a
+point is not computed yet (plotly leaves a gap), so a partial result draws as a partial surface.
+Coordinates are in units of the filter-normalized directions (1 = each filter moved by its own norm).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+AXIS_UNIT = "filter-normalized units"
+
+
+def request(checkpoints: list[str], kind: str, *, span: float, points: int, seed: int, data: str,
+            n_samples: int | None, directions: str = "random", trajectory: bool = False) -> dict[str, Any]:
+    """Params of a "landscape" background run for the page's widgets (one grid for every run)."""
+    params: dict[str, Any] = {"checkpoints": list(checkpoints), "kind": kind, "seed": int(seed), "data": data,
+                              "n_samples": n_samples, "directions": directions, "trajectory": bool(trajectory)}
+    if kind == "2d":
+        params["grid"] = {"xmin": -span, "xmax": span, "nx": points, "ymin": -span, "ymax": span, "ny": points}
+    elif kind == "1d":
+        params["grid"] = {"min": -span, "max": span, "n": points}
+    return params
+
+
+def _values(rows: Any, log_scale: bool) -> np.ndarray:
+    array = np.array(rows, dtype=float)  # None → nan
+    return np.log10(np.maximum(array, 1e-12)) if log_scale else array
+
+
+def _loss_title(log_scale: bool, split: str = "train") -> str:
+    return f"log₁₀ {split} loss" if log_scale else f"{split} loss (cross-entropy)"
+
+
+def curves_1d_figure(result: dict[str, Any], log_scale: bool = False) -> go.Figure:
+    """Loss along one random direction for every run, same α axis."""
+    fig = go.Figure()
+    alphas = result["axes"][0]
+    for run in result["runs"]:
+        if "loss" in run:
+            fig.add_scatter(x=alphas, y=run["loss"], mode="lines+markers", name=run["label"])
+    fig.update_layout(xaxis_title=f"α ({AXIS_UNIT})", yaxis_title=_loss_title(False), legend_title="run",
+                      yaxis_type="log" if log_scale else "linear")
+    return fig
+
+
+def contour_figure(result: dict[str, Any], index: int, log_scale: bool = False,
+                   zrange: tuple[float, float] | None = None) -> go.Figure:
+    """Contours of one run's 2-D surface, with its projected training trajectory when there is one."""
+    run = result["runs"][index]
+    xs, ys = result["axes"]
+    z = _values(run.get("loss", [[None] * len(ys)] * len(xs)), log_scale).T  # rows = y, columns = x
+    fig = go.Figure()
+    fig.add_contour(x=xs, y=ys, z=z, colorscale="Viridis", ncontours=30, name=run["label"],
+                    zmin=zrange[0] if zrange else None, zmax=zrange[1] if zrange else None,
+                    colorbar={"title": _loss_title(log_scale)}, contours={"showlabels": True})
+    trajectory = run.get("trajectory") or {}
+    if trajectory.get("x"):
+        fig.add_scatter(x=trajectory["x"], y=trajectory["y"], mode="lines+markers", name="trajectory",
+                        text=[f"epoch {e}" for e in trajectory.get("epochs", [])], marker={"color": "white",
+                        "line": {"color": "black", "width": 1}}, line={"color": "white"})
+    fig.add_scatter(x=[0.0], y=[0.0], mode="markers", name="solution", marker={"symbol": "x", "size": 10,
+                    "color": "red"})
+    fig.update_layout(title=run["label"], xaxis_title=f"δ ({AXIS_UNIT})", yaxis_title=f"η ({AXIS_UNIT})",
+                      legend={"orientation": "h"})
+    return fig
+
+
+def surface_figure(result: dict[str, Any], index: int, log_scale: bool = False,
+                   zrange: tuple[float, float] | None = None) -> go.Figure:
+    """One run's 2-D surface in 3-D."""
+    run = result["runs"][index]
+    xs, ys = result["axes"]
+    z = _values(run.get("loss", [[None] * len(ys)] * len(xs)), log_scale).T
+    fig = go.Figure(go.Surface(x=xs, y=ys, z=z, colorscale="Viridis", cmin=zrange[0] if zrange else None,
+                               cmax=zrange[1] if zrange else None, colorbar={"title": _loss_title(log_scale)},
+                               name=run["label"]))
+    fig.update_layout(title=run["label"], scene={"xaxis_title": f"δ ({AXIS_UNIT})",
+                      "yaxis_title": f"η ({AXIS_UNIT})", "zaxis_title": _loss_title(log_scale)})
+    return fig
+
+
+def shared_zrange(result: dict[str, Any], log_scale: bool = False) -> tuple[float, float] | None:
+    """One colour scale for every run, so minima are compared on the same axis scale."""
+    values = [v for run in result["runs"] if "loss" in run for v in _values(run["loss"], log_scale).ravel()]
+    finite = [v for v in values if math.isfinite(v)]
+    return (min(finite), max(finite)) if finite else None
+
+
+def interpolation_figure(result: dict[str, Any], log_scale: bool = False) -> go.Figure:
+    """Train and test loss (left axis) and accuracy (right axis) along (1 − α) θ_a + α θ_b."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    alphas = result["alphas"]
+    for split, dash in (("train", "solid"), ("test", "dash")):
+        entry = result.get(split) or {}
+        if "loss" in entry:
+            fig.add_scatter(x=alphas, y=entry["loss"], name=f"{split} loss", line={"dash": dash},
+                            secondary_y=False)
+            fig.add_scatter(x=alphas, y=[None if a is None else 100 * a for a in entry["accuracy"]],
+                            name=f"{split} accuracy", line={"dash": dash, "width": 1}, opacity=0.6,
+                            secondary_y=True)
+    labels = [run["label"] for run in result["runs"]]
+    for alpha, label in zip((0.0, 1.0), labels):
+        fig.add_vline(x=alpha, line={"dash": "dot", "color": "gray"}, annotation_text=label)
+    fig.update_xaxes(title_text="α (0 = first run, 1 = second run)")
+    fig.update_yaxes(title_text="loss (cross-entropy)", type="log" if log_scale else "linear", secondary_y=False)
+    fig.update_yaxes(title_text="accuracy (%)", secondary_y=True)
+    fig.update_layout(legend={"orientation": "h"})
+    return fig
+
+
+def flatness_table(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per run and radius: the loss increase, mean and max over directions and signs."""
+    rows = []
+    for run in result["runs"]:
+        for r, mean, worst in zip(run.get("radii", []), run.get("mean_increase", []), run.get("max_increase", [])):
+            rows.append({"run": run["label"], "radius (filter-normalized)": r, "loss at minimum": run["base_loss"],
+                         "mean increase": mean, "max increase": worst})
+    return pd.DataFrame(rows)
+
+
+def flatness_figure(result: dict[str, Any]) -> go.Figure:
+    fig = go.Figure()
+    for run in result["runs"]:
+        if run.get("radii"):
+            fig.add_scatter(x=run["radii"], y=run["mean_increase"], mode="lines+markers", name=f"{run['label']} mean")
+            fig.add_scatter(x=run["radii"], y=run["max_increase"], mode="lines", line={"dash": "dot"},
+                            name=f"{run['label']} max")
+    fig.update_layout(xaxis_title=f"radius r ({AXIS_UNIT})", yaxis_title="loss increase L(θ ± r d) − L(θ)",
+                      legend_title="run")
+    return fig
