@@ -251,8 +251,12 @@ def parallel_coordinates_figure(
             "showscale": True,
             "colorbar": {"title": {"text": _column_title(color)}},
         }
-    fig = go.Figure(go.Parcoords(dimensions=dims, line=line))
+    fig = go.Figure(go.Parcoords(dimensions=dims, line=line, labelfont={"size": 13}, tickfont={"size": 11},
+                                 labelangle=0))
     fig.update_layout(height=height, margin={"l": 70, "r": 70, "t": 60, "b": 30})
+    # a parcoords trace has no cartesian axes; hide the empty ones a theme template would draw
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
     return fig
 
 

@@ -116,11 +116,15 @@ def test_launch_watch_and_compare_in_a_browser(server):
             _fill_number(page, "learning rate", "0.1")
             expect(page.get_by_text("optim.lr: must be")).to_have_count(0)
 
+            seeds = page.get_by_label("seeds", exact=True)
+            seeds.fill("0, 1")
+            seeds.press("Enter")
+            page.wait_for_timeout(600)
             page.get_by_role("button", name="Launch").click()
-            expect(page.get_by_text("Queued 1 run")).to_be_visible()
-            # the live panel refreshes on its own until the run has completed with curves drawn
+            expect(page.get_by_text("Queued 2 runs")).to_be_visible()
+            # the live panel refreshes on its own until both runs have completed with curves drawn
             try:
-                expect(page.get_by_text(COMPLETED).first).to_be_visible(timeout=240_000)
+                expect(page.get_by_text(COMPLETED)).to_have_count(2, timeout=300_000)
             finally:
                 page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
             panel_chart = page.locator('[data-testid="stPlotlyChart"]').first
@@ -132,10 +136,11 @@ def test_launch_watch_and_compare_in_a_browser(server):
             page.goto(f"{server}/Runs")
             table = page.locator('[data-testid="stDataFrame"]')
             expect(table).to_be_visible()
-            expect(table.get_by_text("completed", exact=True)).to_have_count(1)  # the grid's cells
+            expect(table.get_by_text("completed", exact=True)).to_have_count(2)  # the grid's cells
             expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
             run_id = _first_run_id(page)
             expect(table.get_by_text(run_id)).to_have_count(1)
+            expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(2)  # curves, parallel coords
             assert "runs=" in page.url, f"the selection is not in the URL: {page.url}"
             page.wait_for_timeout(1500)
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
