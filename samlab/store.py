@@ -235,6 +235,12 @@ def _decode(row: sa.Row) -> dict[str, Any]:
     return out
 
 
+def _nan_to_null(value: float | None) -> float | None:
+    """NaN is stored as NULL on every backend (SQLite does so itself; PostgreSQL would keep NaN and
+    poison the server-side means of downsampled reads)."""
+    return None if value is None or value != value else value
+
+
 def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -270,6 +276,8 @@ class Store:
         """This process's engine (re-created after a fork: connections never cross processes)."""
         with self._lock:
             if self._engine is None or self._pid != os.getpid():
+                if self._engine is not None:  # inherited through a fork: drop the parent's
+                    self._engine.dispose(close=False)  # connections without closing them for it
                 self._engine = self._make_engine()
                 self._pid = os.getpid()
                 self._ensure_schema()
@@ -426,7 +434,7 @@ class Store:
                     m.run_id == run_id, m.kind == kind, m.name == name, m.step >= step))
             if rows:
                 conn.execute(sa.insert(metrics_table), [
-                    {"run_id": run_id, "kind": k, "step": s, "name": n, "value": v, "time": t}
+                    {"run_id": run_id, "kind": k, "step": s, "name": n, "value": _nan_to_null(v), "time": t}
                     for k, s, n, v, t in rows
                 ])
             flag = conn.execute(

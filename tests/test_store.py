@@ -15,12 +15,20 @@ import pytest
 import sqlalchemy as sa
 
 from samlab.store import SCHEMA_VERSION, Store
+from tests.pg_fixtures import BACKENDS, store_on
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(params=BACKENDS)
+def store(request, tmp_path: Path) -> Store:
+    """The same tests on SQLite and (when SAMLAB_TEST_PG names a server) on PostgreSQL."""
+    with store_on(request.param, tmp_path) as st:
+        yield st
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def sqlite_store(tmp_path: Path) -> Store:
     return Store(f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}")
 
 
@@ -29,7 +37,8 @@ def _make_runs(store: Store, n: int, **spec) -> list[str]:
                               for i in range(n)])
 
 
-def test_fresh_store_is_wal_versioned_and_puts_run_folders_beside_the_file(store, tmp_path):
+def test_fresh_store_is_wal_versioned_and_puts_run_folders_beside_the_file(sqlite_store, tmp_path):
+    store = sqlite_store
     assert store.schema_version() == SCHEMA_VERSION
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
