@@ -162,8 +162,9 @@ def hessian_directions(
 ) -> list[Params]:
     """The top-k Hessian eigenvectors (unit norm) of the mean loss, as directions.
 
-    Uses `samlab.hessian.top_eigenvalues` (power iteration with deflation, Yao et al. 2020) on the mean
-    of the per-sample loss; its flat eigenvectors are split back into the model's parameter shapes.
+    Uses `samlab.hessian.top_eigenvalues` (Lanczos on Hessian-vector products; extra keyword arguments
+    go to it) on the mean of the per-sample loss; its flat eigenvectors over all parameters are split
+    back into the model's parameter shapes.
     """
     from samlab.hessian import top_eigenvalues
 

@@ -463,3 +463,23 @@ def test_check_task_names_the_bad_field(checkpoints):
         with pytest.raises(ValueError, match=field):
             L.check_task(task(checkpoints[:1] if override.get("kind") == "interpolation" else checkpoints, **override))
     assert L.task_cache_key(task(checkpoints)) != L.task_cache_key(task(checkpoints, seed=1))
+
+
+def test_hessian_directions_are_the_top_eigenvectors_of_the_dense_hessian():
+    model, (x, y) = mlp(), vector_data()
+    params = L.model_params(model)
+    flat = L.flatten(params).double()
+
+    def loss_of(vector):
+        state = {n: t.double() for n, t in L.unflatten(vector, {n: t.double() for n, t in params.items()}).items()}
+        out = torch.func.functional_call(model.double(), state, (x.double(),))
+        return cross_entropy_per_sample(out, y).mean()
+
+    dense = torch.autograd.functional.hessian(loss_of, flat)
+    model.float()
+    values, vectors = torch.linalg.eigh(dense)
+    directions = L.hessian_directions(model, cross_entropy_per_sample, (x, y), k=2, tol=1e-8)
+    for i, d in enumerate(directions):
+        assert set(d) == set(params)
+        cosine = torch.dot(L.flatten(d).double(), vectors[:, -1 - i]) / L.flatten(d).double().norm()
+        assert abs(cosine.item()) == pytest.approx(1.0, abs=1e-3)
