@@ -9,7 +9,10 @@ excluded and each figure is the median over repeats. Prints the ratios against S
 (k = b / m micro-batches). Workloads: the digits CNN (8x8 grayscale, 10 classes) at batch 128 on
 CPU; ResNet-18 on CIFAR-shaped batches of 128 with --device cuda.
 
-    python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda]
+    python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda] [--threads T] [--clock wall|cpu]
+
+On a CPU shared with other jobs, `--threads 1 --clock cpu` measures the work of each step
+rather than the time spent waiting for a core.
 """
 
 from __future__ import annotations
@@ -82,19 +85,23 @@ def make_stepper(model, x, y, kwargs, device, seed):
     return step
 
 
-def time_steps(step, device: torch.device, inner: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(step, device: torch.device, inner: int, clock) -> float:
     """Seconds per step, averaged over `inner` consecutive steps."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(inner):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / inner
+    return (clock() - t0) / inner
 
 
-def measure(device: torch.device, batch: int, repeats: int, warmup: int, inner: int, seed: int) -> dict:
+def measure(device: torch.device, batch: int, repeats: int, warmup: int, inner: int, seed: int,
+            clock: str = "wall") -> dict:
     model, x, y, perturb_batch, name = workload(device, batch, seed)
     steppers = {label: make_stepper(model, x, y, kw, device, seed)
                 for label, kw in configurations(batch, perturb_batch).items()}
@@ -104,7 +111,7 @@ def measure(device: torch.device, batch: int, repeats: int, warmup: int, inner: 
     samples: dict[str, list[float]] = {label: [] for label in steppers}
     for _ in range(repeats):
         for label, step in steppers.items():
-            samples[label].append(time_steps(step, device, inner))
+            samples[label].append(time_steps(step, device, inner, CLOCKS[clock]))
     median_ms = {label: 1e3 * statistics.median(values) for label, values in samples.items()}
     return {
         "device": str(device),
@@ -113,6 +120,7 @@ def measure(device: torch.device, batch: int, repeats: int, warmup: int, inner: 
         "repeats": repeats,
         "inner_steps": inner,
         "threads": torch.get_num_threads(),
+        "clock": clock,
         "median_ms": median_ms,
         "ratios": ratios(median_ms),
         "goals": GOALS,
@@ -133,7 +141,7 @@ def ratios(ms: dict[str, float]) -> dict[str, float]:
 
 def print_report(result: dict) -> None:
     print(f"{result['workload']}, batch {result['batch']}, device {result['device']}, "
-          f"{result['threads']} threads, median of {result['repeats']} x {result['inner_steps']} steps")
+          f"{result['threads']} threads, {result['clock']} clock, median of {result['repeats']} x {result['inner_steps']} steps")
     for label, ms in result["median_ms"].items():
         print(f"  {label:<18} {ms:9.2f} ms/step")
     for label, value in result["ratios"].items():
@@ -151,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall time, or process CPU time (robust on a shared CPU; with --threads 1)")
     args = parser.parse_args(argv)
     for name in ("repeats", "inner", "batch"):
         if getattr(args, name) < 1:
@@ -159,7 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--batch: must be a multiple of {max(MICRO_BATCH_COUNTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
-    result = measure(torch.device(args.device), args.batch, args.repeats, max(args.warmup, 0), args.inner, args.seed)
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu: CPU time does not measure GPU work; use --clock wall with --device cuda")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads: must be >= 1")
+        torch.set_num_threads(args.threads)
+    result = measure(torch.device(args.device), args.batch, args.repeats, max(args.warmup, 0), args.inner, args.seed,
+                     args.clock)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

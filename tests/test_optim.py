@@ -229,6 +229,11 @@ def test_rwsam_exact_matches_oracle():
     w = weights_of(model)
     out = sharpness_gradient(model, ce, x, y, method="rwsam", rho=RHO, lam=2.0, estimator="exact")
     assert_all_close(grads_of(model), oracle_rwsam_exact(w, x, y, lam=2.0))
+    norms = torch.stack([flat_norm(g) for g in per_sample_grads(w, x, y)])
+    p = torch.softmax(2.0 * norms, 0)
+    assert out["grad_norm"] == pytest.approx(flat_norm(grad_at(w, x, y, sample_weights=p)).item(), rel=1e-10)
+    assert out["weight_entropy"] == pytest.approx(-(p * p.log()).sum().item(), rel=1e-10)
+    assert out["max_weight"] == pytest.approx(p.max().item(), rel=1e-10)
     assert 0.0 < out["weight_entropy"] < math.log(8)
     assert 1 / 8 < out["max_weight"] < 1.0
 
@@ -303,6 +308,20 @@ def test_msam_micro_batches_normalise_with_their_own_statistics():
     assert_all_close(grads_of(model), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_ascent_hook_replaces_the_perturbation_gradient():
+    """A hook returning the gradient of another batch turns SAM into n-SAM; rescaling changes nothing."""
+    model, (x, y) = make_mlp(), batch()
+    xp, yp = batch(n=40, seed=7)
+    w = weights_of(model)
+    other = grad_at(w, xp, yp)
+    sharpness_gradient(model, ce, x, y, method="sam", rho=RHO, ascent_hook=lambda g: [t.clone() for t in other])
+    assert_all_close(grads_of(model), oracle_nsam(w, x, y, xp, yp))
+    sharpness_gradient(model, ce, x, y, method="sam", rho=RHO, ascent_hook=lambda g: [3.0 * t for t in g])
+    assert_all_close(grads_of(model), oracle_sam(w, x, y))
+    with pytest.raises(ValueError, match="^ascent_hook:"):
+        sharpness_gradient(model, ce, x, y, method="msam", m=2, rho=RHO, ascent_hook=lambda g: g)
+
+
 # -- the finite-difference estimator ------------------------------------------------------------------
 def exact_per_sample_norms(model, x, y) -> torch.Tensor:
     return torch.stack([flat_norm(g) for g in per_sample_grads(weights_of(model), x, y)])
@@ -375,19 +394,39 @@ def call_kwargs(method, extra):
     return kwargs
 
 
+def buffers_after_plain_forwards(x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Oracle: one plain train-mode forward per micro-batch, each on a fresh copy; their buffers averaged."""
+    copies = []
+    for part in x.chunk(k):
+        net = make_bn_net()
+        with torch.no_grad():
+            net(part)
+        copies.append(dict(net.named_buffers()))
+    return {name: torch.stack([c[name].to(DTYPE) for c in copies]).mean(0) for name in copies[0]}
+
+
 @pytest.mark.parametrize(("method", "extra"), ALL_CALLS)
-def test_weights_and_running_stats_as_after_one_plain_forward(method, extra):
+def test_weights_unchanged_and_running_stats_from_the_unperturbed_pass(method, extra):
+    """Buffers as after one plain forward of x; for m-SAM the mean over the micro-batches' forwards."""
     x, y = batch(n=8, shape=(1, 4, 4))
-    model, reference = make_bn_net(), make_bn_net()
+    model = make_bn_net()
     before = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        reference(x)
     out = sharpness_gradient(model, ce, x, y, **call_kwargs(method, extra))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    expected = buffers_after_plain_forwards(x, 8 // extra["m"] if method == "msam" else 1)
     for name, buf in model.named_buffers():
-        assert torch.equal(buf, dict(reference.named_buffers())[name]), name
+        torch.testing.assert_close(buf.to(DTYPE), expected[name], rtol=1e-12, atol=1e-14, msg=name)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert all(math.isfinite(v) for v in out.values())
+
+
+def test_eval_mode_leaves_buffers_alone():
+    x, y = batch(n=8, shape=(1, 4, 4))
+    for method, extra in ALL_CALLS:
+        model = make_bn_net().eval()
+        before = {name: b.clone() for name, b in model.named_buffers()}
+        sharpness_gradient(model, ce, x, y, **call_kwargs(method, extra))
+        assert all(torch.equal(b, before[name]) for name, b in model.named_buffers()), method
 
 
 @pytest.mark.parametrize(("method", "extra"), ALL_CALLS)

@@ -29,14 +29,34 @@ def scratch_buffers(model: nn.Module, copies: int | None = None) -> dict[str, to
 
 
 def forward(model: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
-            *, track_stats: bool) -> torch.Tensor:
-    """model(x) with `params` substituted for the module's own; buffers change only if track_stats."""
+            *, buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """model(x) with `params` substituted for the module's own parameters.
+
+    buffers=None: the module's own buffers are used (a train-mode BatchNorm updates them);
+    a dict (e.g. `scratch_buffers(model)`): those tensors are used and updated instead.
+    """
     overrides = dict(params) if params else {}
-    if not track_stats:
-        overrides.update(scratch_buffers(model))
+    if buffers is not None:
+        overrides.update(buffers)
     if not overrides:
         return model(x)
     return functional_call(model, overrides, (x,))
+
+
+def average_into_buffers(model: nn.Module, copies: dict[str, torch.Tensor]) -> None:
+    """Set each buffer to the mean of its k updated copies (`copies[name]` has shape [k, ...]).
+
+    Integer buffers (BatchNorm's num_batches_tracked) take the rounded mean, which is exact when
+    every copy advanced alike.
+    """
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name not in copies:
+                continue
+            if buf.is_floating_point():
+                buf.copy_(copies[name].mean(0))
+            else:
+                buf.copy_(copies[name].double().mean(0).round())
 
 
 def _micro_batch_loss(model: nn.Module, loss_fn: LossFn):
@@ -53,12 +73,14 @@ def micro_batch_gradients_vmap(model: nn.Module, loss_fn: LossFn, x: torch.Tenso
                                names: Sequence[str], k: int, *, rho: float) -> dict[str, torch.Tensor]:
     """m-SAM with all k micro-batches in parallel (Foret et al. 2021; Behdin et al. 2023).
 
-    g_j = grad L_{B_j}(w) for the k disjoint micro-batches in one vmapped grad call,
-    eps_j = rho * g_j / ‖g_j‖ by the shared perturbation rule (vmapped),
+    g_j = grad L_{B_j}(w) for the k disjoint micro-batches B_j = x.chunk(k)[j] in one vmapped grad
+    call, eps_j = rho * g_j / ‖g_j‖ by the shared perturbation rule (vmapped), and
     h_j = grad L_{B_j}(w + eps_j) in a second vmapped grad call; the descent gradient is mean_j h_j.
     Each micro-batch runs the model on its own m samples, so BatchNorm in train mode normalises
-    with micro-batch statistics exactly as a sequential loop does; running statistics go to
-    per-micro-batch scratch copies that are discarded.
+    with micro-batch statistics exactly as a sequential loop does. The unperturbed pass of each
+    micro-batch updates its own copy of the buffers; the module's buffers become their mean (as the
+    data-parallel m-SAM of Foret et al. averages the replicas' BatchNorm moving averages). The
+    perturbed pass runs on copies that are discarded.
 
     Returns the stacked per-micro-batch tensors: "first" (g_j, [k, ...] per name), "second"
     (h_j), "losses" and "perturbed_losses" ([k, m]).
@@ -68,19 +90,22 @@ def micro_batch_gradients_vmap(model: nn.Module, loss_fn: LossFn, x: torch.Tenso
     xs = x.reshape(k, x.shape[0] // k, *x.shape[1:])
     ys = y.reshape(k, y.shape[0] // k, *y.shape[1:])
     stateful = model.training and any(True for _ in model.buffers())
-    buffers = scratch_buffers(model, copies=k) if stateful else dict(model.named_buffers())
-    buffer_dim = 0 if stateful else None
     grad_fn = grad(_micro_batch_loss(model, loss_fn), has_aux=True)
 
-    first, losses = vmap(grad_fn, in_dims=(None, buffer_dim, 0, 0), randomness="different")(weights, buffers, xs, ys)
-    first_list = [first[name] for name in names]
+    def run(weights_dim, weights, buffers):
+        in_dims = (weights_dim, 0 if stateful else None, 0, 0)
+        return vmap(grad_fn, in_dims=in_dims, randomness="different")(weights, buffers, xs, ys)
+
+    own_buffers = dict(model.named_buffers())
+    first_buffers = scratch_buffers(model, copies=k) if stateful else own_buffers
+    first, losses = run(None, weights, first_buffers)
     ws = [weights[name] for name in names]
     etas = [0.0] * len(names)
-    eps = vmap(lambda gs: perturbation("normalized", gs, ws, rho, etas))(first_list)
+    eps = vmap(lambda gs: perturbation("normalized", gs, ws, rho, etas))([first[name] for name in names])
     perturbed = {name: weights[name] + e for name, e in zip(names, eps, strict=True)}
-    second, perturbed_losses = vmap(grad_fn, in_dims=(0, buffer_dim, 0, 0), randomness="different")(
-        perturbed, buffers, xs, ys
-    )
+    second, perturbed_losses = run(0, perturbed, scratch_buffers(model, copies=k) if stateful else own_buffers)
+    if stateful:
+        average_into_buffers(model, first_buffers)
     return {
         "first": [first[name] for name in names],
         "second": [second[name] for name in names],

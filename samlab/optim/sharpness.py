@@ -15,11 +15,18 @@ import torch
 from torch import nn
 
 from samlab.config import ESTIMATORS, IMPLS, METHODS
-from samlab.optim.functional import forward, micro_batch_gradients_vmap, per_sample_grad_norms
+from samlab.optim.functional import (
+    average_into_buffers,
+    forward,
+    micro_batch_gradients_vmap,
+    per_sample_grad_norms,
+    scratch_buffers,
+)
 from samlab.optim.perturbations import METHOD_RULES, global_norm, perturbation
 from samlab.optim.validation import check_choice, check_number
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AscentHook = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class _Spec:
     adaptive_eta: float
     perturb_batch: tuple[torch.Tensor, torch.Tensor] | None
     generator: torch.Generator | None
+    ascent_hook: AscentHook | None = None
 
     @property
     def rule(self) -> str | None:
@@ -67,6 +75,7 @@ def sharpness_gradient(
     adaptive_eta: float = 0.01,
     perturb_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    ascent_hook: AscentHook | None = None,
 ) -> dict[str, float]:
     """Set every trainable parameter's `.grad` to the descent gradient of `method`.
 
@@ -92,25 +101,32 @@ def sharpness_gradient(
       gradient is spread over many coordinates. estimator="exact": per-sample gradient norms by
       torch.func. lam = 0 is SAM (the scores are then not computed).
 
+    `ascent_hook(ascent) -> ascent`, when given, transforms the gradient the perturbation is built
+    from before eps is computed (one perturbation per call: not with msam's k > 1 micro-batches).
+    Data-parallel training passes an all-reduce mean here, so every rank perturbs with the gradient
+    of the global batch (plain SAM over it) instead of its own shard's (m-SAM, m = per-rank batch).
+
     A zero ascent gradient gives eps = 0. The weights are never modified (perturbed passes run
     through torch.func.functional_call on perturbed copies). Buffers such as BatchNorm running
-    statistics change exactly as in one plain forward of (x, y) in the model's current mode: the
-    unperturbed pass updates them, every other pass runs on scratch copies (for m-SAM with k > 1
-    micro-batches one extra no-grad forward of the whole batch does the update).
+    statistics are updated by the unperturbed pass only; every other pass runs on discarded
+    copies. So for every method but m-SAM they end as after one plain forward of x in the model's
+    current mode. m-SAM with k > 1: each micro-batch's unperturbed pass updates its own copy and
+    the buffers become the mean of the k copies (the data-parallel m-SAM of Foret et al. averages
+    the replicas' BatchNorm moving averages the same way); m = b is again one plain forward.
 
     Returns floats: loss (mean unperturbed loss; for m-SAM the mean over micro-batches, each
     normalised with its own statistics), perturbed_loss (mean loss at the perturbed weights; equal
-    to loss for sgd), grad_norm (‖grad L_B(w)‖; for m-SAM ‖mean_j g_j‖), and per method:
-    micro_grad_norm (msam: mean_j ‖g_j‖), perturb_grad_norm (nsam: ‖g_n‖), score_mean,
-    weight_entropy, max_weight (rwsam with lam > 0).
+    to loss for sgd), grad_norm (‖grad L_B(w)‖; for m-SAM ‖mean_j g_j‖; for rwsam with lam > 0
+    ‖g_p‖, so that RW-SAM costs SAM plus one forward), and per method: micro_grad_norm
+    (msam: mean_j ‖g_j‖), perturb_grad_norm (nsam: ‖g_n‖), score_mean (mean s_i), weight_entropy
+    and max_weight (of p; rwsam with lam > 0).
     """
     spec = _check_arguments(model, x, y, method=method, rho=rho, m=m, impl=impl, lam=lam, estimator=estimator,
-                            delta=delta, adaptive_eta=adaptive_eta, perturb_batch=perturb_batch, generator=generator)
+                            delta=delta, adaptive_eta=adaptive_eta, perturb_batch=perturb_batch, generator=generator,
+                            ascent_hook=ascent_hook)
     names, params = _trainable(model)
     k = x.shape[0] // m if method == "msam" else 1
     with torch.enable_grad():
-        if k > 1:
-            _update_running_stats(model, x)
         if k > 1 and impl == "vmap":
             step = _parallel_micro_batches(model, loss_fn, x, y, names, k, spec)
         else:
@@ -121,16 +137,22 @@ def sharpness_gradient(
 # -- one perturbation step --------------------------------------------------------------------------
 def _perturbation_step(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
                        names: Sequence[str], params: Sequence[torch.Tensor], spec: _Spec,
-                       *, track_stats: bool) -> _Step:
-    """w -> ascent gradient -> eps -> grad L(w + eps) on one batch (or micro-batch)."""
-    losses = _per_sample(loss_fn(forward(model, x, track_stats=track_stats), y), x.shape[0])
+                       *, buffers: dict[str, torch.Tensor] | None = None) -> _Step:
+    """w -> ascent gradient -> eps -> grad L(w + eps) on one batch (or micro-batch).
+
+    The unperturbed pass updates `buffers` (None: the module's own); every other pass runs on
+    discarded copies.
+    """
+    losses = _per_sample(loss_fn(forward(model, x, buffers=buffers), y), x.shape[0])
     gradient, ascent, extras = _ascent_gradient(model, loss_fn, x, y, names, params, losses, spec)
     if spec.rule is None:
         return _Step(losses.detach(), losses.detach(), gradient, gradient, extras)
+    if spec.ascent_hook is not None:
+        ascent = spec.ascent_hook(ascent)
     weights = [p.detach() for p in params]
     eps = perturbation(spec.rule, ascent, weights, spec.rho, [spec.adaptive_eta] * len(weights))
     perturbed = {name: (w + e).requires_grad_() for name, w, e in zip(names, weights, eps, strict=True)}
-    perturbed_losses = _per_sample(loss_fn(forward(model, x, perturbed, track_stats=False), y), x.shape[0])
+    perturbed_losses = _per_sample(loss_fn(forward(model, x, perturbed, buffers=scratch_buffers(model)), y), x.shape[0])
     descent = _grad(perturbed_losses.mean(), list(perturbed.values()))
     return _Step(losses.detach(), perturbed_losses.detach(), gradient, descent, extras)
 
@@ -142,7 +164,7 @@ def _ascent_gradient(model, loss_fn, x, y, names, params, losses, spec: _Spec):
     gradient = _grad(losses.mean(), params)
     if spec.method == "nsam":
         x_p, y_p = spec.perturb_batch
-        ascent = _grad(loss_fn(forward(model, x_p, track_stats=False), y_p).mean(), params)
+        ascent = _grad(loss_fn(forward(model, x_p, buffers=scratch_buffers(model)), y_p).mean(), params)
         return gradient, ascent, {"perturb_grad_norm": global_norm(ascent)}
     return gradient, gradient, {}
 
@@ -154,11 +176,12 @@ def _reweighted_ascent(model, loss_fn, x, y, names, params, losses, spec: _Spec)
     else:
         scores = _exact_scores(model, loss_fn, x, y, names)
     weights = torch.softmax(spec.lam * scores, dim=0)
-    ascent = _grad(losses @ weights, params, retain_graph=True)
-    gradient = _grad(losses.mean(), params)
+    # One backward, as in the paper's cost account (SAM + one forward): grad L_B(w) itself is not
+    # computed, so the reported grad_norm is ‖g_p‖, the gradient RW-SAM perturbs along.
+    ascent = _grad(losses @ weights, params)
     entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum()
     extras = {"score_mean": scores.mean(), "weight_entropy": entropy, "max_weight": weights.max()}
-    return gradient, ascent, extras
+    return ascent, ascent, extras
 
 
 def sample_scores(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
@@ -180,7 +203,7 @@ def sample_scores(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.T
     if estimator == "exact":
         return _exact_scores(model, loss_fn, x, y, names)
     with torch.no_grad():
-        losses = _per_sample(loss_fn(forward(model, x, track_stats=False), y), x.shape[0])
+        losses = _per_sample(loss_fn(forward(model, x, buffers=scratch_buffers(model)), y), x.shape[0])
     return _finite_difference_scores(model, loss_fn, x, y, names, params, losses, delta, generator)
 
 
@@ -189,7 +212,7 @@ def _finite_difference_scores(model, loss_fn, x, y, names, params, losses, delta
     """s_i = |f_i(w + delta z) − f_i(w)| / delta, z Rademacher: one extra forward, no backward."""
     with torch.no_grad():
         shifted = {name: p + delta * _rademacher_like(p, generator) for name, p in zip(names, params, strict=True)}
-        shifted_losses = loss_fn(forward(model, x, shifted, track_stats=False), y)
+        shifted_losses = loss_fn(forward(model, x, shifted, buffers=scratch_buffers(model)), y)
         return (shifted_losses - losses.detach()).abs() / delta
 
 
@@ -211,14 +234,17 @@ def _rademacher_like(p: torch.Tensor, generator: torch.Generator | None) -> torc
 def _sequential_micro_batches(model, loss_fn, x, y, names, params, k: int, spec: _Spec) -> _Step:
     """k = 1: the plain two-pass step; k > 1: the same step on each micro-batch in turn, averaged.
 
-    Gradients are summed in place as the micro-batches go, so memory does not grow with k.
+    Gradients are summed in place as the micro-batches go, so memory does not grow with k. Each
+    micro-batch's unperturbed pass updates its own copy of the buffers; the module's buffers
+    become their mean, as in the vmapped path.
     """
     if k == 1:
-        return _perturbation_step(model, loss_fn, x, y, names, params, spec, track_stats=True)
-    losses, perturbed_losses, micro_norms = [], [], []
+        return _perturbation_step(model, loss_fn, x, y, names, params, spec)
+    losses, perturbed_losses, micro_norms, buffer_copies = [], [], [], []
     gradient_sum = descent_sum = None
     for xj, yj in zip(x.chunk(k), y.chunk(k), strict=True):
-        step = _perturbation_step(model, loss_fn, xj, yj, names, params, spec, track_stats=False)
+        buffer_copies.append(scratch_buffers(model))
+        step = _perturbation_step(model, loss_fn, xj, yj, names, params, spec, buffers=buffer_copies[-1])
         losses.append(step.losses)
         perturbed_losses.append(step.perturbed_losses)
         micro_norms.append(global_norm(step.gradient))
@@ -227,6 +253,8 @@ def _sequential_micro_batches(model, loss_fn, x, y, names, params, k: int, spec:
         else:
             torch._foreach_add_(gradient_sum, step.gradient)
             torch._foreach_add_(descent_sum, step.descent)
+    if model.training:
+        average_into_buffers(model, {name: torch.stack([c[name] for c in buffer_copies]) for name in buffer_copies[0]})
     return _Step(
         losses=torch.cat(losses),
         perturbed_losses=torch.cat(perturbed_losses),
@@ -250,13 +278,6 @@ def _parallel_micro_batches(model, loss_fn, x, y, names, k: int, spec: _Spec) ->
         descent=[h.mean(0) for h in out["second"]],
         extras={"micro_grad_norm": micro_norms.mean()},
     )
-
-
-def _update_running_stats(model: nn.Module, x: torch.Tensor) -> None:
-    """One plain no-grad forward of the whole batch, so buffers move as in a single training pass."""
-    if model.training and any(True for _ in model.buffers()):
-        with torch.no_grad():
-            model(x)
 
 
 # -- combining and reporting --------------------------------------------------------------------------
@@ -301,7 +322,7 @@ def _trainable(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
 
 # -- validation ------------------------------------------------------------------------------------
 def _check_arguments(model, x, y, *, method, rho, m, impl, lam, estimator, delta, adaptive_eta, perturb_batch,
-                     generator) -> _Spec:
+                     generator, ascent_hook=None) -> _Spec:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: must be a torch.nn.Module (got {type(model).__name__})")
     check_choice("method", method, METHODS)
@@ -322,8 +343,13 @@ def _check_arguments(model, x, y, *, method, rho, m, impl, lam, estimator, delta
         _batch_size(perturb_batch[0], perturb_batch[1], "perturb_batch[0]", "perturb_batch[1]")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator: must be a torch.Generator or None (got {type(generator).__name__})")
+    if ascent_hook is not None and not callable(ascent_hook):
+        raise ValueError(f"ascent_hook: must be a callable or None (got {type(ascent_hook).__name__})")
+    if ascent_hook is not None and method == "msam" and m != batch:
+        raise ValueError(f"ascent_hook: transforms a single perturbation; msam with m={m} < batch {batch} has "
+                         f"{batch // m} (use m = batch, or no hook)")
     return _Spec(method, float(rho), float(lam), estimator, float(delta), float(adaptive_eta),
-                 tuple(perturb_batch) if method == "nsam" else None, generator)
+                 tuple(perturb_batch) if method == "nsam" else None, generator, ascent_hook)
 
 
 def _divides(m, batch: int) -> bool:
