@@ -245,6 +245,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 30,
         "batch_size": 64,
     },
+    "digits-msharp": {
+        # The m-sharpness sweep of the lesson: 512 digits with 20 % label noise, a one-hidden-layer MLP,
+        # small enough for a 5-seed m × ρ sweep on a 2-core CPU (see samlab.sweeps).
+        "name": "digits-msharp",
+        "data": {"name": "digits", "n_train": 512, "label_noise": 0.2},
+        "model": {"name": "mlp", "width": 128, "depth": 1},
+        "optim": {"method": "sam", "rho": 0.1, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine"},
+        "epochs": 30,
+        "batch_size": 64,
+        "device": "cpu",
+        "checkpoint_every": 0,
+    },
     "diag-sparse": {
         # Andriushchenko & Flammarion 2022: n=20, d=30, 3-sparse target, Gaussian inputs, unnormalized SAM.
         "name": "diag-sparse",

@@ -120,12 +120,20 @@ def submit(spec: SweepSpec, *, store: Store | str | None = None, workers: int | 
 
 
 def start_workers(group_id: str, *, store: Store | str | None = None, workers: int | None = None) -> list[int]:
-    """Launch detached sweep workers for a group (one per local slot unless `workers` is given)."""
+    """Launch detached sweep workers for a group; returns their pids.
+
+    With GPUs: one worker per visible GPU (the scheduler's slots). On a CPU: `workers` (default: one
+    per core) single-threaded workers, the cores split between them — small runs waste most of a
+    second thread on synchronisation, so several one-thread runs side by side finish more runs per
+    minute than one run using every core.
+    """
     from samlab.executors import REPO_ROOT, local_slots
 
     st = _store(store)
     slots = local_slots()
-    count = len(slots) if workers is None else workers
+    cores = os.cpu_count() or 1
+    on_gpu = slots[0].name.startswith("gpu")
+    count = (len(slots) if on_gpu else cores) if workers is None else workers
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"workers: must be an integer >= 1 (got {workers!r})")
     log_dir = Path(st.runs_root) / "sweeps"
@@ -133,9 +141,9 @@ def start_workers(group_id: str, *, store: Store | str | None = None, workers: i
     pids = []
     for i in range(count):
         env = dict(os.environ) | slots[i % len(slots)].env
+        if not on_gpu:
+            env["OMP_NUM_THREADS"] = str(max(1, cores // count))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        if workers is not None and workers > len(slots):  # split the cores between the extra workers
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
         with open(log_dir / f"{group_id}-{i}.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "samlab.sweeps", "work", group_id, "--store", st.url],

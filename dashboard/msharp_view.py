@@ -1,0 +1,224 @@
+"""Figures and captions of the m-sharpness pages (Sweeps and the lesson). Plotly only, no streamlit:
+every builder takes plain rows / DataFrames from `samlab.sweeps`, `samlab.msharp`, `samlab.noise` and
+`samlab.toy`, so the figures can be tested and reused outside a page."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from samlab.config import RunConfig
+from samlab.sweeps import SweepSpec
+
+METHOD_NAMES = {"gd": "GD", "sgd": "SGD", "sam": "SAM", "nsam": "n-SAM", "msam": "m-SAM", "rwsam": "RW-SAM",
+                "1sam": "1-SAM"}
+REFERENCE_COLOURS = {"sgd": "#7f7f7f", "nsam": "#d62728", "rwsam": "#2ca02c"}
+
+# The lesson's digits sweep: small enough for a 2-core CPU, with label noise so that flat minima matter.
+LESSON_SWEEP_NAME = "lesson: digits m-sharpness"
+
+
+def lesson_spec(seeds: int = 5) -> SweepSpec:
+    """The sweep the lesson launches (from the `digits-msharp` preset)."""
+    from samlab.config import preset
+
+    return SweepSpec(preset("digits-msharp"), ms=[64, 16, 4, 2], rhos=[0.05, 0.1, 0.2, 0.4], seeds=list(range(seeds)),
+                     methods=["sgd", "sam", "msam", "nsam"], name=LESSON_SWEEP_NAME)
+
+
+# -- step 1: the 2-D toy --------------------------------------------------------------------------------
+def toy_figure(grid: dict[str, list], path: Sequence[dict[str, Any]], upto: int,
+               gd_path: Sequence[dict[str, Any]] | None = None) -> go.Figure:
+    """Contours of the toy loss, the SAM iterates up to step `upto`, and step `upto`'s anatomy:
+    the gradient direction, the ascent point w + ε and the descent step −lr ∇L(w + ε)."""
+    fig = go.Figure(go.Contour(x=grid["x"], y=grid["y"], z=grid["z"], colorscale="Viridis", ncontours=30,
+                               showscale=False, name="loss"))
+    if gd_path:
+        xs = [p["w"][0] for p in gd_path] + [gd_path[-1]["next"][0]]
+        ys = [p["w"][1] for p in gd_path] + [gd_path[-1]["next"][1]]
+        fig.add_scatter(x=xs, y=ys, mode="lines", line={"color": "white", "dash": "dot"}, name="gradient descent")
+    shown = path[: upto + 1]
+    fig.add_scatter(x=[p["w"][0] for p in shown], y=[p["w"][1] for p in shown], mode="lines+markers",
+                    marker={"size": 4, "color": "orange"}, line={"color": "orange"}, name="SAM iterates")
+    step = path[upto]
+    w, ascent, nxt = step["w"], step["ascent"], step["next"]
+    fig.add_scatter(x=[w[0], ascent[0]], y=[w[1], ascent[1]], mode="lines+markers", name="ascent w → w + ε",
+                    line={"color": "red", "width": 3}, marker={"symbol": "arrow", "angleref": "previous", "size": 12})
+    fig.add_scatter(x=[w[0], nxt[0]], y=[w[1], nxt[1]], mode="lines+markers", name="descent −lr ∇L(w + ε)",
+                    line={"color": "cyan", "width": 3}, marker={"symbol": "arrow", "angleref": "previous", "size": 12})
+    fig.update_layout(xaxis_title="w₁", yaxis_title="w₂", height=480, legend={"orientation": "h", "y": -0.15})
+    fig.update_yaxes(scaleanchor="x", scaleratio=1)
+    return fig
+
+
+# -- step 2: the diagonal linear network -----------------------------------------------------------------
+def diag_table(result: dict[str, Any]) -> pd.DataFrame:
+    rows = pd.DataFrame(result["rows"])
+    rows["method"] = rows["method"].map(METHOD_NAMES)
+    return rows[["method", "rho", "test_loss", "population_loss", "train_loss", "diverged"]]
+
+
+def diag_best(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per method, the ρ with the lowest held-out test loss among runs that did not diverge."""
+    best: dict[str, dict[str, float]] = {}
+    for row in result["rows"]:
+        if row["diverged"]:
+            continue
+        if row["method"] not in best or row["test_loss"] < best[row["method"]]["test_loss"]:
+            best[row["method"]] = {"rho": row["rho"], "test_loss": row["test_loss"]}
+    return best
+
+
+def diag_figure(result: dict[str, Any]) -> go.Figure:
+    """Test loss after training against ρ (log scale); GD (no ρ) as a horizontal line."""
+    rows = [r for r in result["rows"] if not r["diverged"]]
+    fig = go.Figure()
+    for method in ("nsam", "1sam"):
+        pts = sorted((r["rho"], r["test_loss"]) for r in rows if r["method"] == method)
+        if pts:
+            fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                            name=METHOD_NAMES[method])
+    gd = [r["test_loss"] for r in rows if r["method"] == "gd"]
+    if gd:
+        fig.add_hline(y=gd[0], line_dash="dash", line_color=REFERENCE_COLOURS["sgd"], annotation_text="GD")
+    fig.update_yaxes(type="log", title="test loss (1000 held-out samples)")
+    fig.update_xaxes(title="ρ (unnormalised perturbation)")
+    fig.update_layout(height=420)
+    return fig
+
+
+# -- step 3: the sweep ------------------------------------------------------------------------------------
+def accuracy_vs_m_figure(best_by_m: pd.DataFrame, references: pd.DataFrame, *, error: bool = False) -> go.Figure:
+    """Best-ρ test accuracy (or error, %) against m with ±1 std error bars over seeds, n seeds in the
+    hover; SGD / n-SAM / RW-SAM as horizontal reference lines."""
+    fig = go.Figure()
+    if not best_by_m.empty:
+        data = best_by_m.sort_values("m")
+        y = _as_metric(data["test_acc_mean"], error)
+        fig.add_scatter(
+            x=data["m"], y=y, error_y={"type": "data", "array": 100 * data["test_acc_std"].fillna(0)},
+            mode="lines+markers", name="SAM / m-SAM (best ρ per m)",
+            customdata=list(zip(data["rho"], data["n_seeds"])),
+            hovertemplate="m=%{x}<br>%{y:.2f}% (best ρ=%{customdata[0]}, %{customdata[1]} seeds)<extra></extra>",
+        )
+    for _, ref in references.iterrows():
+        value = _as_metric(pd.Series([ref["test_acc_mean"]]), error).iloc[0]
+        rho = "" if pd.isna(ref["rho"]) else f", ρ={ref['rho']:g}"
+        fig.add_hline(y=value, line_dash="dash", line_color=REFERENCE_COLOURS.get(ref["method"], "black"),
+                      annotation_text=f"{METHOD_NAMES.get(ref['method'], ref['method'])}{rho} "
+                                      f"({int(ref['n_seeds'])} seeds)")
+    fig.update_xaxes(type="log", title="m (samples per perturbation)", autorange="reversed")
+    fig.update_yaxes(title="test error (%)" if error else "test accuracy (%)")
+    fig.update_layout(height=420)
+    return fig
+
+
+def _as_metric(acc: pd.Series, error: bool) -> pd.Series:
+    return 100 * (1 - acc) if error else 100 * acc
+
+
+def heatmap_figure(heatmap: pd.DataFrame) -> go.Figure:
+    """Mean test accuracy over seeds on the m × ρ grid."""
+    if heatmap.empty:
+        return go.Figure()
+    table = heatmap.pivot_table(index="m", columns="rho", values="test_acc_mean").sort_index(ascending=False)
+    seeds = heatmap.pivot_table(index="m", columns="rho", values="n_seeds").reindex_like(table)
+    fig = go.Figure(go.Heatmap(
+        z=100 * table.values, x=[f"{c:g}" for c in table.columns], y=[f"{int(i)}" for i in table.index],
+        text=seeds.values, colorscale="Viridis", colorbar={"title": "test acc. (%)"},
+        hovertemplate="m=%{y} ρ=%{x}<br>%{z:.2f}% (%{text} seeds)<extra></extra>",
+        texttemplate="%{z:.1f}",
+    ))
+    fig.update_layout(xaxis_title="ρ", yaxis_title="m", height=380)
+    return fig
+
+
+def gap_figure(best_by_m: pd.DataFrame) -> go.Figure:
+    """Generalization gap (train − test accuracy, %) of the best-ρ runs against m."""
+    fig = go.Figure()
+    if not best_by_m.empty:
+        data = best_by_m.sort_values("m")
+        fig.add_scatter(x=data["m"], y=100 * data["gap_mean"], mode="lines+markers",
+                        error_y={"type": "data", "array": 100 * data["gap_std"].fillna(0)}, name="gap")
+    fig.update_xaxes(type="log", title="m (samples per perturbation)", autorange="reversed")
+    fig.update_yaxes(title="train − test accuracy (%)")
+    fig.update_layout(height=380)
+    return fig
+
+
+def seeds_caption(tables: Any, config: RunConfig | None) -> str:
+    """How the sweep numbers were measured: runs, seeds, data, selection."""
+    runs = tables.runs
+    done = int((runs["status"] == "completed").sum())
+    seeds = sorted(runs["seed"].unique().tolist())
+    data = ""
+    if config is not None:
+        d = config.data
+        data = (f" Data: {d.name}, {d.n_train or 'all'} training samples, label noise {d.label_noise:g}; model "
+                f"{config.model.name} (width {config.model.width}); {config.epochs} epochs, batch {config.batch_size}.")
+    return (f"{done} of {len(runs)} runs completed; seeds {seeds} (training seed: initialisation and batch "
+            f"order; the data split is fixed). Mean ± std over seeds of the final test accuracy; ρ is chosen "
+            f"per m by the mean test accuracy (no separate validation split).{data}")
+
+
+# -- step 4: noise and m-sharpness against m --------------------------------------------------------------
+def noise_figure(curves: dict[str, dict[str, Any]]) -> go.Figure:
+    """E‖∇L_I‖ against m for each model (label → msharp task result)."""
+    fig = go.Figure()
+    for label, result in curves.items():
+        rows = sorted(result["noise_curve"], key=lambda r: r["m"])
+        fig.add_scatter(x=[r["m"] for r in rows], y=[r["mean"] for r in rows], mode="lines+markers", name=label,
+                        error_y={"type": "data", "array": [r["std_over_partitions"] for r in rows]})
+    fig.update_xaxes(type="log", title="m (micro-batch size)")
+    fig.update_yaxes(title="E‖∇L_I(w)‖")
+    fig.update_layout(height=380)
+    return fig
+
+
+def sharpness_figure(curves: dict[str, dict[str, Any]]) -> go.Figure:
+    """Measured m-sharpness S_m against m for each model."""
+    fig = go.Figure()
+    for label, result in curves.items():
+        rows = sorted(result["sharpness_curve"], key=lambda r: r["m"])
+        if rows:
+            fig.add_scatter(x=[r["m"] for r in rows], y=[r["sharpness"] for r in rows], mode="lines+markers",
+                            name=label)
+    fig.update_xaxes(type="log", title="m (micro-batch size)")
+    fig.update_yaxes(title="m-sharpness S_m")
+    fig.update_layout(height=380)
+    return fig
+
+
+def trace_table(curves: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"model": label, "tr V": r["noise"]["trace_v"], "‖∇L‖": r["noise"]["full_grad_norm"],
+         "mean ‖∇f_i‖": r["noise"]["mean_sample_grad_norm"], "samples": r["n"],
+         "partitions": r["params"]["partitions"], "ρ for S_m": r["params"]["rho"]}
+        for label, r in curves.items()
+    ])
+
+
+# -- step 5: RW-SAM ------------------------------------------------------------------------------------------
+def weights_figure(weights: dict[str, Any]) -> go.Figure:
+    """RW-SAM weights n·p_i sorted (1 = uniform, i.e. SAM) and the per-sample gradient-norm scores."""
+    order = sorted(range(len(weights["weights"])), key=lambda i: -weights["weights"][i])
+    n = len(order)
+    fig = go.Figure()
+    fig.add_bar(x=list(range(n)), y=[n * weights["weights"][i] for i in order], name="n · p_i")
+    fig.add_hline(y=1.0, line_dash="dash", annotation_text="uniform (SAM)")
+    fig.update_layout(xaxis_title="samples, by weight", yaxis_title="n · p_i", height=340)
+    return fig
+
+
+def norms_histogram(norms: Sequence[float]) -> go.Figure:
+    fig = go.Figure(go.Histogram(x=list(norms), nbinsx=40))
+    fig.update_layout(xaxis_title="‖∇f_i(w)‖", yaxis_title="samples", height=300)
+    return fig
+
+
+def format_float(value: float) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"

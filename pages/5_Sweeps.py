@@ -1,0 +1,131 @@
+"""Sweeps: launch a grid of runs over m × ρ × seeds × methods, follow it as a whole, and read the
+aggregated m-sharpness views."""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from dashboard import common as ui
+from dashboard import msharp_view as view
+from samlab import sweeps
+from samlab.config import PRESETS, preset
+
+ui.page_setup(
+    "Sweeps",
+    "Groups of runs over m (samples per perturbation) × ρ × seeds × methods, run several to a process, "
+    "aggregated with ρ tuned per m.",
+)
+params = ui.ViewParams(st.query_params, prefix="sweeps")
+store = ui.get_store()
+
+# -- launch ------------------------------------------------------------------------------------------------
+with st.expander("Launch a sweep", expanded=False):
+    c = st.columns(3)
+    preset_name = params.selectbox(c[0], "base preset", "preset", sorted(PRESETS), default="digits-msharp")
+    name = c[1].text_input("sweep name", value=f"{preset_name} sweep", key="sweeps.name")
+    overrides_text = c[2].text_input("overrides (JSON, dotted keys)", value="{}", key="sweeps.overrides",
+                                     help='e.g. {"epochs": 5, "data.label_noise": 0.1}')
+    c = st.columns(4)
+    methods = c[0].multiselect("methods", list(sweeps.SWEEP_METHODS), default=["sgd", "sam", "msam", "nsam"],
+                               key="sweeps.methods")
+    ms_text = c[1].text_input("m values (msam)", value="16, 4, 2", key="sweeps.ms")
+    rhos_text = c[2].text_input("ρ values", value="0.1, 0.3, 0.6", key="sweeps.rhos")
+    seeds = int(c[3].number_input("seeds", min_value=1, max_value=32, value=5, key="sweeps.seeds"))
+    lam = st.number_input("RW-SAM λ", min_value=0.0, value=5.0, key="sweeps.lam")
+    error_slot = st.empty()
+    try:
+        base = preset(preset_name, json.loads(overrides_text or "{}"))
+        spec = sweeps.SweepSpec(base, ms=[int(v) for v in ms_text.replace(",", " ").split()],
+                                rhos=[float(v) for v in rhos_text.replace(",", " ").split()],
+                                seeds=list(range(seeds)), methods=methods, lam=lam, name=name)
+        configs = sweeps.sweep_configs(spec)
+        st.caption(f"{len(configs)} runs; m = {base.batch_size} (the batch) is plain SAM.")
+        if st.button("Launch", type="primary", key="sweeps.launch"):
+            group = sweeps.submit(spec, store=store)
+            st.query_params["sweeps.group"] = group
+            st.rerun()
+    except (ValueError, json.JSONDecodeError) as err:
+        ui.field_error(error_slot, str(err))
+
+# -- pick a sweep ------------------------------------------------------------------------------------------
+members = store.list_runs(kind="train", limit=100_000)
+groups: dict[str, str] = {}
+for run in members:
+    if run["group_id"] and run["group_id"] not in groups:
+        groups[run["group_id"]] = run["name"].split(" · ")[0]
+if not groups:
+    ui.empty_state("No sweeps yet: launch one above.")
+    st.stop()
+labels = {gid: f"{label} ({gid})" for gid, label in groups.items()}
+default = st.query_params.get("sweeps.group", next(iter(groups)))
+group = st.selectbox("sweep", list(groups), index=list(groups).index(default) if default in groups else 0,
+                     format_func=labels.get, key="sweeps.group_pick")
+
+
+@ui.live(3.0)
+def progress_panel() -> None:
+    state = sweeps.progress(group, store=store)
+    st.progress(state["fraction"], text=f"{state['finished']} / {state['total']} runs finished · "
+                                         f"{state['counts']['running']} running · {state['counts']['queued']} queued")
+    if state["finished"] and state["runs_per_minute"] == state["runs_per_minute"]:
+        st.caption(f"{state['runs_per_minute']:.1f} runs per minute so far · failed {state['counts']['failed']}, "
+                   f"diverged {state['counts']['diverged']}, cancelled {state['counts']['cancelled']}")
+    if not state["done"]:
+        cols = st.columns(2)
+        if cols[0].button("Cancel the sweep", key="sweeps.cancel"):
+            sweeps.cancel(group, store=store)
+        if cols[1].button("Start sweep workers", key="sweeps.workers",
+                          help="for queued runs whose workers are gone (e.g. after a restart)"):
+            sweeps.start_workers(group, store=store)
+
+
+progress_panel()
+
+tables = sweeps.aggregate(store, group)
+first = store.get_run(tables.runs.iloc[0]["run_id"])
+config = ui.run_config(first)
+error = params.toggle(st, "show test error instead of accuracy", "error", default=False)
+st.subheader("Accuracy against m (best ρ per m)")
+ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=error), key="sweeps.acc")
+st.caption(view.seeds_caption(tables, config))
+c = st.columns(2)
+with c[0]:
+    st.subheader("m × ρ")
+    ui.show_figure(view.heatmap_figure(tables.heatmap), key="sweeps.heat")
+with c[1]:
+    st.subheader("Generalization gap against m")
+    ui.show_figure(view.gap_figure(tables.best_by_m), key="sweeps.gap")
+with st.expander("tables"):
+    st.markdown("**best ρ per m**")
+    st.dataframe(tables.best_by_m, hide_index=True)
+    st.markdown("**references**")
+    st.dataframe(tables.references, hide_index=True)
+    st.markdown("**runs**")
+    st.dataframe(tables.runs, hide_index=True)
+
+# -- tr V and m-sharpness of the trained models --------------------------------------------------------------
+st.subheader("tr V and m-sharpness against m")
+st.caption("Per trained model (seed 0 of each best-ρ cell and of SGD): gradient noise and S_m on 256 "
+           "training samples, measured by an `msharp` background run.")
+done = tables.runs[(tables.runs["status"] == "completed")]
+choices = {f"{r['method']} m={r['m']:g} ρ={r['rho']:g} seed={r['seed']}": r["run_id"] for _, r in done.iterrows()}
+picked = st.multiselect("models", list(choices), default=list(choices)[:2], key="sweeps.models")
+curves = {}
+for label in picked:
+    run = store.get_run(choices[label])
+    if not run.get("checkpoint_path"):
+        continue
+    request = {"checkpoint": run["checkpoint_path"], "ms": [256, 64, 16, 4, 1], "rho": 0.1, "n_samples": 256}
+    task = ui.cached_or_submit("msharp", request, label=f"Measure {label}", key=f"sweeps.msharp.{run['id']}")
+    if task and task.get("result"):
+        curves[label] = task["result"]
+if curves:
+    st.dataframe(view.trace_table(curves), hide_index=True)
+    c = st.columns(2)
+    with c[0]:
+        ui.show_figure(view.noise_figure(curves), key="sweeps.noise")
+    with c[1]:
+        ui.show_figure(view.sharpness_figure(curves), key="sweeps.sharp")
+params.sync()

@@ -1,0 +1,203 @@
+"""Lesson: why does smaller m generalize better? Five steps, each measured live or read from runs the
+page launches itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from dashboard import common as ui
+from dashboard import msharp_view as view
+from samlab import sweeps, toy
+from samlab.train import CHECKPOINT
+
+ui.page_setup(
+    "Lesson: m-sharpness",
+    "Why does SAM generalize better when each perturbation sees fewer samples? Five steps, every "
+    "number measured here.",
+)
+params = ui.ViewParams(st.query_params, prefix="lesson")
+
+# -- step 1 ------------------------------------------------------------------------------------------------
+st.header("1 · One SAM step, drawn")
+st.markdown(
+    "SAM (Foret et al., ICLR 2021) replaces the gradient at w by the gradient at the worst nearby point: "
+    "**g = ∇L(w)**, **ε = ρ g/‖g‖** (the ascent step), then **w ← w − lr ∇L(w + ε)** (the descent step). "
+    "Below, a 2-D loss with a narrow deep dip on the slope of a wide basin."
+)
+c = st.columns(4)
+rho = params.slider(c[0], "ρ", "toy_rho", 0.0, 0.8, default=0.4, step=0.05)
+lr = params.slider(c[1], "learning rate", "toy_lr", 0.005, 0.05, default=0.02, step=0.005)
+steps = int(params.slider(c[2], "steps", "toy_steps", 10.0, 400.0, default=300.0, step=10.0))
+surface = toy.ToyLoss2D()
+start = (-0.5, 0.3)
+path = toy.sam_path(surface, start, lr=lr, rho=rho, steps=steps)
+gd_path = toy.sam_path(surface, start, lr=lr, rho=0.0, steps=steps)
+upto = int(params.slider(c[3], "show step", "toy_step", 0.0, float(steps - 1), default=0.0, step=1.0))
+ui.show_figure(view.toy_figure(surface.grid(), path, upto, gd_path), key="lesson.toy")
+end, gd_end = path[-1], gd_path[-1]
+st.caption(
+    f"From w₀ = {start}, {steps} steps of lr = {lr:g}: gradient descent ends at loss {gd_end['loss']:.3f} "
+    f"(the dip's bottom is {float(surface(torch.tensor(surface.sharp_centre))):.3f}), SAM with "
+    f"ρ = {rho:g} at loss {end['loss']:.3f}, the worst loss within ρ there being {end['ascent_loss']:.3f}. "
+    "SAM cannot settle where a ρ-step uphill climbs steeply: it leaves dips narrower than ρ."
+)
+
+# -- step 2 ------------------------------------------------------------------------------------------------
+st.header("2 · The cheap demonstration: a diagonal linear network")
+st.markdown(
+    "Andriushchenko & Flammarion (ICML 2022) train w = u⊙u − v⊙v on sparse regression (n = 20 samples, "
+    "d = 30, a 3-sparse target, Gaussian inputs) with full-batch steps and unnormalised perturbations. "
+    "**n-SAM** perturbs once with the gradient of the whole training set; **1-SAM** perturbs each sample "
+    "with its own gradient. The paper reports test loss GD ≈ 1.6e-2, best n-SAM ≈ 1.6e-2, 1-SAM ≈ 6e-9 at "
+    "ρ = 0.3 (their parametrisation u⊙v). Here every (method, ρ) trains at once."
+)
+setup = toy.DiagonalNetworkSetup()
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def diagonal_demo(rhos: tuple[float, ...]) -> dict:
+    return toy.diagonal_network_demo(setup, list(rhos))
+
+
+if params.toggle(st, "run the diagonal-network demonstration (about 15 s on 2 cores)", "diag", default=False):
+    with st.spinner("training GD, n-SAM and 1-SAM for every ρ…"):
+        result = diagonal_demo(tuple(toy.DEFAULT_DIAG_RHOS))
+    best = view.diag_best(result)
+    m = st.columns(3)
+    for col, method in zip(m, ("gd", "nsam", "1sam")):
+        if method in best:
+            rho_text = "" if method == "gd" else f" at ρ = {best[method]['rho']:g}"
+            col.metric(f"{view.METHOD_NAMES[method]} test loss{rho_text}", f"{best[method]['test_loss']:.2e}")
+    ui.show_figure(view.diag_figure(result), key="lesson.diag")
+    st.caption(
+        f"Measured just now: one data draw (data seed {setup.data_seed}), {setup.iterations} iterations, lr "
+        f"{setup.lr:g}, init u = v = {setup.init_scale:g}; test loss on {setup.n_test} held-out samples; "
+        f"{result['seconds']:.1f} s for all {len(result['rows'])} configurations. Deterministic: no seeds "
+        "beyond the data."
+    )
+    with st.expander("all configurations"):
+        st.dataframe(view.diag_table(result), hide_index=True)
+
+# -- step 3 ------------------------------------------------------------------------------------------------
+st.header("3 · A CNN-sized check: digits, accuracy against m")
+spec = view.lesson_spec()
+st.markdown(
+    f"The sweep behind this step trains the `digits-msharp` preset with SGD, SAM (m = batch), m-SAM for m ∈ "
+    f"{sorted(spec.ms)} and n-SAM, for ρ ∈ {spec.rhos}, over {len(spec.seeds)} seeds "
+    f"({len(sweeps.sweep_configs(spec))} runs, a few minutes on 2 cores with sweep workers)."
+)
+store = ui.get_store()
+groups = sorted({r["group_id"] for r in store.list_runs(text=view.LESSON_SWEEP_NAME, limit=10_000)
+                 if r["group_id"]})
+group = groups[-1] if groups else None
+if group is None:
+    ui.empty_state("No lesson sweep yet.")
+    if st.button("Launch the lesson sweep", key="lesson.launch"):
+        try:
+            group = sweeps.submit(spec, store=store)
+            st.rerun()
+        except ValueError as err:
+            ui.show_exception(err, "Could not launch the sweep")
+tables = None
+if group is not None:
+    state = sweeps.progress(group, store=store)
+    st.progress(state["fraction"], text=f"{state['finished']} / {state['total']} runs finished "
+                                         f"({state['counts']['running']} running)")
+    tables = sweeps.aggregate(store, group)
+    if tables.best_by_m.empty:
+        st.info("No finished m-SAM runs yet; the figure fills in as runs finish (reload the page).")
+    else:
+        ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=True),
+                       key="lesson.acc")
+        st.caption(view.seeds_caption(tables, spec.base))
+        show = tables.best_by_m[["m", "rho", "test_acc_mean", "test_acc_std", "n_seeds", "rhos_tried"]]
+        st.dataframe(pd.concat([show, tables.references[["method", "rho", "test_acc_mean", "test_acc_std",
+                                                          "n_seeds"]]]), hide_index=True)
+
+# -- step 4 ------------------------------------------------------------------------------------------------
+st.header("4 · The explanation: gradient noise grows as m shrinks")
+st.markdown(
+    "The SDE account (Luo et al., NeurIPS 2025): m-USAM's drift carries the regularizer **(ρ/2m) tr V**, "
+    "V the covariance of per-sample gradients, and normalised m-SAM's carries **ρ E‖∇L_I‖** over "
+    "micro-batches I of size m — both grow as m shrinks, so smaller m penalises gradient noise harder."
+)
+if tables is None or tables.best_by_m.empty:
+    ui.empty_state("Measured on the models of the step-3 sweep once it has finished runs.")
+else:
+    done = tables.runs[(tables.runs["status"] == "completed") & (tables.runs["seed"] == 0)]
+    picks = {}
+    for _, row in tables.best_by_m.iterrows():
+        match = done[(done["m"] == row["m"]) & (done["rho"] == row["rho"])]
+        if not match.empty:
+            picks[f"trained with m={int(row['m'])}"] = match.iloc[0]["run_id"]
+    sgd = done[done["method"] == "sgd"]
+    if not sgd.empty:
+        picks["trained with SGD"] = sgd.iloc[0]["run_id"]
+    curves = {}
+    for label, run_id in picks.items():
+        run = store.get_run(run_id)
+        checkpoint = run.get("checkpoint_path") or str(Path(run["workdir"] or "") / CHECKPOINT)
+        request = {"checkpoint": checkpoint, "ms": [256, 64, 16, 4, 1], "rho": 0.1, "n_samples": 256,
+                   "partitions": 4, "seed": 0}
+        task = ui.cached_or_submit("msharp", request, label=f"Measure tr V and m-sharpness ({label})",
+                                   key=f"lesson.msharp.{run_id}")
+        if task and task.get("result"):
+            curves[label] = task["result"]
+    if curves:
+        st.dataframe(view.trace_table(curves), hide_index=True)
+        c = st.columns(2)
+        with c[0]:
+            ui.show_figure(view.noise_figure(curves), key="lesson.noise")
+        with c[1]:
+            ui.show_figure(view.sharpness_figure(curves), key="lesson.sharp")
+        st.caption("Seed-0 model of each best-ρ cell; 256 training samples (seeded subset), E‖∇L_I‖ over 4 "
+                   "random exact partitions (error bars: spread between partitions), S_m by one SAM ascent "
+                   "step at ρ = 0.1, tr V with 1/n.")
+
+# -- step 5 ------------------------------------------------------------------------------------------------
+st.header("5 · RW-SAM: m-SAM's regularizer without micro-batches")
+st.markdown(
+    "RW-SAM (Luo et al. 2025) keeps one perturbation but weights the samples by p = softmax(λ s), "
+    "s_i ≈ ‖∇f_i‖ (one extra forward pass with a random probe), so the perturbation leans toward "
+    "the noisiest samples as small-m SAM does; the paper reports about 1/6 extra cost over SAM."
+)
+if tables is None or tables.runs.empty:
+    ui.empty_state("Uses a trained model of the step-3 sweep.")
+else:
+    from samlab.noise import rwsam_weights
+    from samlab.train import load_trained
+
+    lam = params.slider(st, "λ", "lam", 0.0, 20.0, default=5.0, step=0.5)
+    done = tables.runs[tables.runs["status"] == "completed"]
+    if not done.empty:
+        run = store.get_run(done.iloc[0]["run_id"])
+        checkpoint = run.get("checkpoint_path") or str(Path(run["workdir"] or "") / CHECKPOINT)
+        if Path(checkpoint).is_file():
+            trained = load_trained(checkpoint)
+            x, y = trained.data.x_train[:256], trained.data.y_train[:256]
+            weights = rwsam_weights(trained.model, trained.loss_fn, x, y, lam, estimator="exact")
+            c = st.columns(2)
+            with c[0]:
+                ui.show_figure(view.weights_figure(weights), key="lesson.weights")
+            with c[1]:
+                ui.show_figure(view.norms_histogram(weights["scores"]), key="lesson.norms")
+            st.caption(f"Model {run['name']} ({run['id'][:8]}); first 256 training samples; exact per-sample "
+                       f"gradient norms. Effective sample count 1/Σp² = {weights['effective_samples']:.1f} of 256; "
+                       f"largest weight {weights['max_weight']:.3f}.")
+    cost = ui.load_metrics(done["run_id"].tolist(), names=["step_time"], kind="step") if not done.empty else None
+    if cost is not None and not cost.empty:
+        per_run = cost.groupby("run_id")["value"].median().rename("median step time (s)")
+        methods = tables.runs.set_index("run_id")["method"]
+        table = per_run.to_frame().join(methods).groupby("method")["median step time (s)"].agg(["median", "count"])
+        st.dataframe(table.rename(columns={"count": "runs"}))
+        st.caption("Cost per step: the median over runs of each run's median logged step time, measured "
+                   "during the sweep on this machine (shared; compare ratios).")
+    refs = tables.references
+    if "rwsam" not in set(refs["method"]):
+        st.info("This sweep has no RW-SAM runs; launch one from the Sweeps page with the method RW-SAM to "
+                "compare its accuracy with SAM and m-SAM.")
+params.sync()

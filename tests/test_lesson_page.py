@@ -1,0 +1,88 @@
+"""The m-sharpness lesson and the Sweeps page render with AppTest, with and without a finished sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard.msharp_view import LESSON_SWEEP_NAME, lesson_spec
+from samlab import jobs
+from samlab.store import Store
+from samlab.sweeps import sweep_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSON = "pages/6_Lesson_m-sharpness.py"
+SWEEPS = "pages/5_Sweeps.py"
+TIMEOUT = 120
+
+
+@pytest.fixture
+def store_env(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
+    monkeypatch.setenv("SAMLAB_STORE", url)
+    monkeypatch.setattr(jobs, "ensure_scheduler", lambda store=None: False)
+    return Store(url)
+
+
+def finished_lesson_sweep(store: Store, seeds: int = 2) -> str:
+    """The lesson's grid recorded as finished (accuracy rising as m falls), without training."""
+    configs = sweep_configs(lesson_spec(seeds=seeds))
+    group = jobs.submit_sweep(configs, LESSON_SWEEP_NAME, store=store, start=False)
+    for run in store.list_runs(group=group, limit=10_000):
+        optim = run["params"]["optim"]
+        m = optim["m"] or run["params"]["batch_size"]
+        acc = 0.85 if optim["method"] in ("sgd", "nsam") else 0.95 - 0.01 * m ** 0.5 - 0.05 * optim["rho"]
+        acc += 0.002 * run["params"]["seed"]
+        assert store.claim(run["id"], "test-host", "test")
+        store.finish_run(run["id"], "completed", summary={"final_test_acc": acc, "final_train_acc": 0.8,
+                                                          "generalization_gap": 0.8 - acc})
+    return group
+
+
+def app(page: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / page), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, "; ".join(str(e.value) for e in at.exception)
+    return at
+
+
+def test_lesson_renders_without_a_sweep_and_offers_to_launch_it(store_env):
+    at = app(LESSON)
+    headers = [h.value for h in at.header]
+    assert len(headers) == 5 and headers[0].startswith("1") and headers[4].startswith("5")
+    assert any(b.label == "Launch the lesson sweep" for b in at.button)
+    assert store_env.list_runs() == []
+
+
+def test_lesson_launch_button_queues_the_lesson_sweep(store_env, monkeypatch):
+    from samlab import sweeps
+
+    monkeypatch.setattr(sweeps, "start_workers", lambda group_id, store=None, workers=None: [])
+    at = app(LESSON)
+    at.button(key="lesson.launch").click().run()
+    assert not at.exception
+    runs = store_env.list_runs(limit=10_000)
+    assert len(runs) == len(sweep_configs(lesson_spec())) and {r["status"] for r in runs} == {"queued"}
+
+
+def test_lesson_renders_a_finished_sweep_with_seed_counts(store_env):
+    finished_lesson_sweep(store_env)
+    at = app(LESSON)
+    assert not any(b.label == "Launch the lesson sweep" for b in at.button)
+    best = at.dataframe[0].value
+    assert set(best["m"].dropna()) == {64.0, 16.0, 4.0, 2.0}
+    assert set(best["n_seeds"]) == {2}
+    captions = " ".join(c.value for c in at.caption)
+    assert "seeds [0, 1]" in captions and "runs completed" in captions
+    # step 4 offers the measurement of each best-ρ model as a background run
+    assert any(b.label.startswith("Measure tr V") for b in at.button)
+
+
+def test_sweeps_page_renders_empty_and_with_a_finished_sweep(store_env):
+    at = app(SWEEPS)
+    assert any("No sweeps yet" in i.value for i in at.info)
+    finished_lesson_sweep(store_env)
+    at = app(SWEEPS)
+    assert len(at.get("plotly_chart")) >= 3
