@@ -170,7 +170,7 @@ def run_panel_figure(
     *,
     task: str | None = None,
     x: str = "step",
-    height: int = 520,
+    height: int = 580,
 ) -> go.Figure:
     """The live training panel of one run: loss, accuracy, sharpness proxy and learning rate.
 
@@ -178,7 +178,7 @@ def run_panel_figure(
     metric columns; missing columns are skipped, so a run that has not evaluated yet still draws.
     """
     fig = make_subplots(
-        rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.2,
+        rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.26,
         subplot_titles=("loss", "accuracy", "sharpness proxy", "learning rate"),
     )
     panels = [
