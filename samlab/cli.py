@@ -25,6 +25,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--workdir", help="folder for checkpoints and snapshots (default: none kept)")
     train.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
     train.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="data-parallel processes on this machine (torchrun; see samlab.distributed)")
+    train.add_argument("--sync-perturbation", action="store_true",
+                       help="with --nproc: all-reduce the first gradient (SAM over the global batch) instead "
+                            "of per-process perturbations (m-SAM with m = batch_size / nproc)")
     train.set_defaults(func=_train)
     presets = sub.add_parser("presets", help="list the named presets with their configs")
     presets.set_defaults(func=_presets)
@@ -35,6 +40,10 @@ def _train(args: argparse.Namespace) -> int:
     from samlab.reporting import ConsoleReporter
     from samlab.train import run
 
+    if args.nproc != 1 or args.sync_perturbation:
+        from samlab.distributed import launch
+
+        return launch(args, args.nproc)
     cfg = preset(args.preset, args.overrides)
     reporter = ConsoleReporter()
     result = run(cfg, reporter, workdir=args.workdir, resume=args.resume)

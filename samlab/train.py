@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from samlab.losses import correct, mean_loss, per_sample_loss
 from samlab.models import build_model
 from samlab.optim import sharpness_gradient
 from samlab.reporting import Reporter
+
+if TYPE_CHECKING:
+    from samlab.distributed import DataParallel
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"
@@ -74,8 +77,13 @@ def run(
     *,
     workdir: str | Path | None = None,
     resume: bool = False,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
-    """Train `config` to completion, cancellation (reporter.should_stop()) or divergence."""
+    """Train `config` to completion, cancellation (reporter.should_stop()) or divergence.
+
+    `parallel` (samlab.distributed) makes this process one rank of a data-parallel run: each step
+    it trains on its shard of the global batch, gradients are averaged across ranks, and only the
+    writing rank saves checkpoints."""
     cfg = config.validate()
     reporter = reporter or Reporter()
     device = resolve_device(cfg.device)
@@ -98,8 +106,10 @@ def run(
         ckpt_path = _require_checkpoint(workdir)
         state, epoch_gen_state = _load_checkpoint(ckpt_path, model, base, batch_gen, aux_gen, device)
         reporter.log(f"resumed from {ckpt_path} at epoch {state.epoch}, step {state.step}")
+    if parallel is not None:
+        parallel.broadcast_(model)
 
-    engine = _Engine(cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir)
+    engine = _Engine(cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir, parallel)
     return engine.train(state, epoch_gen_state)
 
 
@@ -173,10 +183,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> d
 
 # -- the engine -----------------------------------------------------------------------------------
 class _Engine:
-    def __init__(self, cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir):
+    def __init__(self, cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir, parallel=None):
         self.cfg, self.data, self.model, self.base = cfg, data, model, base
         self.batch_gen, self.aux_gen, self.device = batch_gen, aux_gen, device
-        self.reporter, self.workdir = reporter, workdir
+        self.reporter, self.workdir, self.parallel = reporter, workdir, parallel
+        self.writes = workdir is not None and (parallel is None or parallel.is_writer)
         self.loss_fn = per_sample_loss(data.task)
         n = len(data.x_train)
         if cfg.data.augment and not data.is_image:
@@ -203,7 +214,7 @@ class _Engine:
             )
             epoch_t0 = time.monotonic()
             for x, y in itertools.islice(batches, state.step_in_epoch, None):
-                if self.reporter.should_stop():
+                if self._stop_requested():
                     state.wall_time = time.monotonic() - started
                     return self._finish("cancelled", state, epoch_gen_state)
                 metrics = self._step(x, y, state.step)
@@ -231,14 +242,18 @@ class _Engine:
             group["lr"] = lr
         if cfg.data.augment:
             x = self.data.augment(x, self.aux_gen)
+        if self.parallel is not None:
+            x, y = self.parallel.shard(x, y)
         t0 = time.perf_counter()
         with self._autocast():
             info = sharpness_gradient(
                 self.model, self.loss_fn, x, y,
                 method=o.method, rho=o.rho, m=o.m, impl=o.impl, lam=o.lam, estimator=o.estimator,
                 delta=o.delta, adaptive_eta=o.adaptive_eta, perturb_batch=self._perturb_batch(),
-                generator=self.aux_gen,
+                generator=self.aux_gen, ascent_hook=self.parallel.ascent_hook if self.parallel else None,
             )  # fmt: skip
+        if self.parallel is not None:
+            info = self.parallel.average(self.model, info)
         self.base.step()
         self.base.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -281,7 +296,7 @@ class _Engine:
             if not math.isnan(state.last_eval["test_acc"]):
                 state.best_test_acc = _nanmax(state.best_test_acc, state.last_eval["test_acc"])
             self.reporter.metrics("epoch", state.epoch, state.last_eval)
-        if self.workdir is not None and cfg.checkpoint_every and state.epoch % cfg.checkpoint_every == 0:
+        if self.writes and cfg.checkpoint_every and state.epoch % cfg.checkpoint_every == 0:
             self._save(state, epoch_gen_state)
             self._snapshot(state)
 
@@ -298,7 +313,7 @@ class _Engine:
 
     def _finish(self, status: str, state: _State, epoch_gen_state: torch.Tensor | None) -> TrainResult:
         checkpoint = None
-        if self.workdir is not None and epoch_gen_state is not None:
+        if self.writes and epoch_gen_state is not None:
             checkpoint = self._save(state, epoch_gen_state)
             if status == "completed":
                 self._snapshot(state)
@@ -327,6 +342,10 @@ class _Engine:
         }
 
     # helpers
+    def _stop_requested(self) -> bool:
+        asked = self.reporter.should_stop()
+        return self.parallel.agree_stop(asked) if self.parallel is not None else asked
+
     def _perturb_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.optim.method != "nsam":
             return None
