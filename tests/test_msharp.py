@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -170,3 +171,28 @@ def test_check_task_fills_defaults_and_names_bad_fields():
         check_task({"checkpoint": "c.pt", "ms": [0]})
     with pytest.raises(ValueError, match="colour"):
         check_task({"checkpoint": "c.pt", "colour": 1})
+
+
+def test_task_measures_a_checkpoint_and_resumes_from_its_partial_result(tmp_path):
+    from samlab.config import preset
+    from samlab.msharp import PARTIAL_FILE, run_task
+    from samlab.train import run
+
+    cfg = preset("digits-mlp", {"data.n_train": 64, "data.n_test": 32, "epochs": 1, "batch_size": 16,
+                                "model.width": 8, "device": "cpu"})
+    trained = run(cfg, workdir=tmp_path / "train")
+    params = {"checkpoint": str(trained.checkpoint), "ms": [32, 4, 1], "rho": 0.05, "n_samples": 32,
+              "partitions": 2}
+    reporter = RecordingReporter()
+    result = run_task(params, reporter, tmp_path / "task", resume=False)
+    assert [r["m"] for r in result["sharpness_curve"]] == [32, 4, 1]
+    assert [r["m"] for r in result["noise_curve"]] == [32, 4, 1]
+    assert result["n"] == 32 and len(result["noise"]["sample_grad_norms"]) == 32
+    assert reporter.results and reporter.progress_calls[-1][:2] == (3, 3)
+    # a resumed task keeps what was measured and computes only the missing m values
+    saved = json.loads((tmp_path / "task" / PARTIAL_FILE).read_text())
+    saved["sharpness_curve"] = saved["sharpness_curve"][:1]
+    (tmp_path / "task" / PARTIAL_FILE).write_text(json.dumps(saved))
+    resumed = run_task(params, RecordingReporter(), tmp_path / "task", resume=True)
+    assert resumed["sharpness_curve"] == result["sharpness_curve"]  # seeded: the same numbers
+    assert resumed["noise"]["trace_v"] == result["noise"]["trace_v"]
