@@ -73,7 +73,7 @@ def dense_hessian(model, loss_fn, batches, names=None, mode="eval") -> torch.Ten
         return total / sum(len(x) for x, _ in batches)
 
     flat = torch.cat([base[n].reshape(-1) for n in names])
-    hess = torch.autograd.functional.hessian(loss_of, flat)
+    hess = torch.autograd.functional.hessian(loss_of, flat, vectorize=True)
     model.train(was_training)
     return hess
 
@@ -392,3 +392,112 @@ def test_bad_data_and_trace_arguments():
         hessian_trace(model, CE, data, method="exact")
     with pytest.raises(ValueError, match="^n_steps:"):
         spectral_density(model, CE, data, n_steps=0)
+
+
+# -- background task and the training hook (a real checkpoint) ---------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A digits CNN (BatchNorm) trained for two epochs with the λ_max hook on the whole train set."""
+    from samlab.config import preset
+    from samlab.reporting import RecordingReporter
+    from samlab.train import load_trained, run
+
+    workdir = tmp_path_factory.mktemp("hessian-run")
+    cfg = preset("digits-cnn", {"data.n_train": 64, "data.n_test": 32, "model.width": 4, "epochs": 2,
+                                "batch_size": 32, "device": "cpu", "hessian_every": 2, "hessian_samples": 64})
+    reporter = RecordingReporter()
+    checkpoint = run(cfg, reporter, workdir=workdir).checkpoint
+    trained = load_trained(checkpoint)  # the oracle: dense float64 Hessian on the whole train set, eval mode
+    model, data = trained.model.double(), trained.data
+    H = dense_hessian(model, CE, [(data.x_train.double(), data.y_train)])
+    return checkpoint, reporter, H, model
+
+
+def test_training_hook_logs_lambda_max_of_the_eval_mode_hessian(trained_run):
+    _, reporter, H, _ = trained_run
+    steps = {step: values for kind, step, values in reporter.rows if kind == "step"}
+    assert sorted(steps) == [1, 2, 3, 4] and [s for s in steps if "lambda_max" in steps[s]] == [2, 4]
+    # the whole train set is the probe: the last value is λ_max of the final model
+    assert math.isclose(steps[4]["lambda_max"], float(torch.linalg.eigvalsh(H)[-1]), rel_tol=1e-3)
+
+
+def task_params(path, **overrides):
+    params = {"checkpoint": str(path), "k": 3, "n_samples": None, "batch_size": 24, "trace_samples": 12,
+              "density_runs": 2, "density_steps": 8, "tol": 1e-6, "device": "cpu"}
+    return {**params, **overrides}
+
+
+def test_task_result_matches_the_dense_hessian(trained_run, tmp_path):
+    from samlab.hessian import check_task, run_task
+    from samlab.reporting import RecordingReporter
+
+    checkpoint, _, H, model = trained_run
+    reporter = RecordingReporter()
+    result = run_task(task_params(checkpoint), reporter, tmp_path, resume=False)
+    exact = torch.linalg.eigvalsh(H)
+    scale = float(exact.abs().max())
+    assert result["complete"] and result["mode"] == "eval" and result["n_samples"] == 64
+    assert torch.allclose(as64(result["eigenvalues"]["largest"]["values"]), exact.flip(0)[:3], rtol=0, atol=1e-4 * scale)
+    assert torch.allclose(as64(result["eigenvalues"]["smallest"]["values"]), exact[:3].flip(0), rtol=0, atol=1e-4 * scale)
+    trace = result["trace"]
+    assert abs(trace["mean"] - float(exact.sum())) <= 3 * trace["stderr"] + 1e-5 * abs(float(exact.sum()))
+    assert all(math.isclose(sum(w), 1.0, rel_tol=1e-6) for w in result["density"]["weights"])
+    layers = {row["layer"]: row for row in result["per_layer"]}
+    assert set(layers) == set(layer_groups(model))
+    positions = torch.arange(H.shape[0]).split([p.numel() for p in model.parameters()])
+    position = dict(zip([n for n, _ in model.named_parameters()], positions))
+    for layer, names in layer_groups(model).items():
+        index = torch.cat([position[n] for n in names])  # the layer's sub-block of the full Hessian
+        top = float(torch.linalg.eigvalsh(H[index][:, index])[-1])
+        assert math.isclose(layers[layer]["lambda_max"], top, rel_tol=1e-4, abs_tol=1e-6 * scale), layer
+    assert reporter.results[-1] == result
+    assert reporter.progress_calls[-1][0] == reporter.progress_calls[-1][1]
+    assert check_task(task_params(checkpoint))["digest"] == result_digest(checkpoint)
+
+
+def result_digest(path):
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_task_stops_after_a_stage_and_resumes_without_recomputing(trained_run, tmp_path):
+    from samlab.hessian import run_task
+    from samlab.reporting import RecordingReporter
+
+    class StopAfterFirstStage(RecordingReporter):
+        def result(self, value):
+            super().result(value)
+            self.stop_requested = True
+
+    checkpoint = trained_run[0]
+    params = task_params(checkpoint, per_layer=False, density=False)
+    first = run_task(params, StopAfterFirstStage(), tmp_path, resume=False)
+    assert not first["complete"] and first["done"] == ["largest"]
+    again = RecordingReporter()
+    resumed = run_task(params, again, tmp_path, resume=True)
+    assert resumed["complete"] and resumed["done"] == ["largest", "smallest", "trace"]
+    assert resumed["eigenvalues"]["largest"] == first["eigenvalues"]["largest"]
+    assert not any(message.startswith("largest") for _, _, message in again.progress_calls)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"checkpoint": "/nonexistent/checkpoint.pt"}, "checkpoint"),
+        ({"k": 0}, "k"),
+        ({"mode": "test"}, "mode"),
+        ({"trace_samples": 3}, "trace_samples"),
+        ({"density": "yes"}, "density"),
+        ({"tol": 2.0}, "tol"),
+        ({"max_iter": 2}, "max_iter"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_check_task_names_the_bad_field(trained_run, overrides, field):
+    from samlab.hessian import check_task
+
+    checkpoint = trained_run[0]
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        check_task(task_params(checkpoint, **overrides))
