@@ -160,9 +160,32 @@ def seeds_caption(tables: Any, config: RunConfig | None) -> str:
         d = config.data
         data = (f" Data: {d.name}, {d.n_train or 'all'} training samples, label noise {d.label_noise:g}; model "
                 f"{config.model.name} (width {config.model.width}); {config.epochs} epochs, batch {config.batch_size}.")
+        if d.label_noise > 0:
+            data += (" Train accuracy (and so the gap) is measured against the noisy training labels, so "
+                     "a model that does not fit the noise has a negative gap.")
     return (f"{done} of {len(runs)} runs completed; seeds {seeds} (training seed: initialisation and batch "
             f"order; the data split is fixed). Mean ± std over seeds of the final test accuracy; ρ is chosen "
             f"per m by the mean test accuracy (no separate validation split).{data}")
+
+
+def trend_sentence(best_by_m: pd.DataFrame) -> str:
+    """Whether the smallest m beats the largest m by more than the seed spread, in words, from the data."""
+    rows = best_by_m.dropna(subset=["test_acc_mean"]).sort_values("m")
+    if len(rows) < 2:
+        return "Not enough finished cells to compare m values yet."
+    small, large = rows.iloc[0], rows.iloc[-1]
+    diff = small["test_acc_mean"] - large["test_acc_mean"]
+    spread = max(_zero_if_nan(small["test_acc_std"]), _zero_if_nan(large["test_acc_std"]))
+    verdict = ("larger than" if abs(diff) > spread else "within")
+    return (f"Best-ρ test accuracy at m = {int(small['m'])}: {100 * small['test_acc_mean']:.2f} ± "
+            f"{100 * _zero_if_nan(small['test_acc_std']):.2f} % ({int(small['n_seeds'])} seeds) against "
+            f"{100 * large['test_acc_mean']:.2f} ± {100 * _zero_if_nan(large['test_acc_std']):.2f} % at m = "
+            f"{int(large['m'])}: a difference of {100 * diff:+.2f} points, {verdict} the seed spread "
+            f"({100 * spread:.2f}).")
+
+
+def _zero_if_nan(value: float) -> float:
+    return 0.0 if value is None or value != value else float(value)
 
 
 # -- step 4: noise and m-sharpness against m --------------------------------------------------------------

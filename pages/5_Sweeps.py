@@ -90,6 +90,7 @@ error = params.toggle(st, "show test error instead of accuracy", "error", defaul
 st.subheader("Accuracy against m (best ρ per m)")
 ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=error), key="sweeps.acc")
 st.caption(view.seeds_caption(tables, config))
+st.markdown(view.trend_sentence(tables.best_by_m))
 c = st.columns(2)
 with c[0]:
     st.subheader("m × ρ")

@@ -114,6 +114,7 @@ if group is not None:
         ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=True),
                        key="lesson.acc")
         st.caption(view.seeds_caption(tables, spec.base))
+        st.markdown(view.trend_sentence(tables.best_by_m))
         show = tables.best_by_m[["m", "rho", "test_acc_mean", "test_acc_std", "n_seeds", "rhos_tried"]]
         st.dataframe(pd.concat([show, tables.references[["method", "rho", "test_acc_mean", "test_acc_std",
                                                           "n_seeds"]]]), hide_index=True)

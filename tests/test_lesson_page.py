@@ -86,3 +86,16 @@ def test_sweeps_page_renders_empty_and_with_a_finished_sweep(store_env):
     finished_lesson_sweep(store_env)
     at = app(SWEEPS)
     assert len(at.get("plotly_chart")) >= 3
+
+
+def test_trend_sentence_compares_the_difference_with_the_seed_spread():
+    import pandas as pd
+
+    from dashboard.msharp_view import trend_sentence
+
+    clear = pd.DataFrame({"m": [2.0, 64.0], "test_acc_mean": [0.95, 0.90], "test_acc_std": [0.01, 0.02],
+                          "n_seeds": [5, 5]})
+    assert "+5.00 points, larger than the seed spread (2.00)" in trend_sentence(clear)
+    noisy = clear.assign(test_acc_mean=[0.91, 0.90])
+    assert "within the seed spread" in trend_sentence(noisy)
+    assert "Not enough" in trend_sentence(clear.iloc[:1])
