@@ -268,6 +268,8 @@ def _parallel_micro_batches(model, loss_fn, x, y, names, k: int, spec: _Spec) ->
     """All k micro-batches at once (torch.func.vmap); folded into one _Step with mean gradients."""
     try:
         out = micro_batch_gradients_vmap(model, loss_fn, x, y, names, k, rho=spec.rho)
+    except torch.OutOfMemoryError:
+        raise  # k copies of the activations did not fit: not a model vmap cannot handle
     except RuntimeError as err:
         raise ValueError(f"impl: this model cannot run under torch.func.vmap ({err}); use impl='loop'") from err
     micro_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in out["first"]]).sum(0).sqrt()
