@@ -33,6 +33,17 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_train)
     presets = sub.add_parser("presets", help="list the named presets with their configs")
     presets.set_defaults(func=_presets)
+    analyze = sub.add_parser(
+        "analyze", help="run an analysis (hessian, landscape, stability, msharp) in this process"
+    )
+    analyze.add_argument("kind", help="the analysis kind: hessian, landscape, stability or msharp")
+    analyze.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                         help="a parameter, e.g. --set checkpoint=data/runs/ID/checkpoint.pt --set k=5; "
+                              "values are parsed as JSON where they can be")
+    analyze.add_argument("--workdir", help="folder for resumable state (default: a temporary folder)")
+    analyze.add_argument("--resume", action="store_true", help="continue from the state in WORKDIR")
+    analyze.add_argument("--out", help="also write the full result as JSON to this file")
+    analyze.set_defaults(func=_analyze)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -56,6 +67,28 @@ def _train(args: argparse.Namespace) -> int:
             if s.get(key) is not None:
                 print(f"  {key:18s} {s[key]:.6g}")
     return 0 if result.status == "completed" else 1
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from samlab import tasks
+    from samlab.config import parse_assignment
+    from samlab.reporting import ConsoleReporter
+
+    if args.kind == "train":
+        raise ValueError("kind: use `python -m samlab train` for training runs")
+    params = tasks.check_params(args.kind, dict(parse_assignment(item) for item in args.params))
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(args.workdir or scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = tasks.task_function(args.kind)(params, ConsoleReporter(), workdir, args.resume)
+    text = json.dumps(result, sort_keys=True, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
 
 
 def _presets(args: argparse.Namespace) -> int:

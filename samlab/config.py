@@ -204,7 +204,7 @@ class RunConfig:
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> RunConfig:
         """A copy with dotted-key overrides, e.g. {"optim.rho": 0.1} or ["optim.rho=0.1"]."""
         if isinstance(overrides, list):
-            overrides = dict(_parse_assignment(item) for item in overrides)
+            overrides = dict(parse_assignment(item) for item in overrides)
         raw = self.to_dict()
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
@@ -360,7 +360,7 @@ def _coerce(name: str, value: Any, type_name: str) -> Any:
     return value
 
 
-def _parse_assignment(item: str) -> tuple[str, Any]:
+def parse_assignment(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ValueError(f"--set {item!r}: expected key=value, e.g. optim.rho=0.1")
     key, _, text = item.partition("=")
