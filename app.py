@@ -58,6 +58,17 @@ with right:
         st.markdown(f"- `{dev['device']}` — {dev['name']}{memory}")
     st.markdown(f"Run store: `{ui.store_url()}`")
 
+    @st.cache_data(ttl=30, show_spinner=False)
+    def _backend() -> str:
+        from samlab.executors import describe_backend
+
+        try:
+            return describe_backend()
+        except ValueError as err:  # a bad SAMLAB_EXECUTOR / SAMLAB_RAY_ADDRESS is shown, not raised
+            return f"not usable: {err}"
+
+    st.markdown(f"Runs go to: {_backend()}")
+
     @ui.live(5)
     def status_counts() -> None:
         try:

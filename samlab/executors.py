@@ -13,6 +13,9 @@ Public API:
     LocalExecutor                       a detached OS process per run, in its own session and process group,
                                         stdout/stderr appended to the run's log file
     get_executor(name=None)             SAMLAB_EXECUTOR (default "local")
+    backend_name() -> str               "local" (scheduler + worker processes here) or "ray" (Ray jobs on the
+                                        cluster at SAMLAB_RAY_ADDRESS, samlab.ray_executor)
+    describe_backend() -> str           one line for the dashboard: the backend and its capacity / cluster
     worker_command(run_id, store_url)   the command line of a worker
     pid_alive(pid) -> bool              False for a missing or zombie process
     env_float(name, default, lo, hi)    a numeric setting from the environment, validated
@@ -184,9 +187,34 @@ def slot_of(run: dict[str, Any]) -> str | None:
     return parts[2] if len(parts) == 3 else None
 
 
+BACKENDS = ("local", "ray")
+
+
+def backend_name() -> str:
+    """SAMLAB_EXECUTOR, validated: "local" (default) or "ray"."""
+    name = os.environ.get("SAMLAB_EXECUTOR") or "local"
+    if name not in BACKENDS:
+        raise ValueError(f"SAMLAB_EXECUTOR: unknown executor {name!r}; available: {', '.join(BACKENDS)}")
+    return name
+
+
 def get_executor(name: str | None = None) -> Executor:
-    """The executor named by `name` or SAMLAB_EXECUTOR (default "local")."""
-    name = name or os.environ.get("SAMLAB_EXECUTOR") or "local"
+    """The executor named by `name` or SAMLAB_EXECUTOR (default "local") for the local scheduler."""
+    name = name or backend_name()
     if name == "local":
         return LocalExecutor()
-    raise ValueError(f"SAMLAB_EXECUTOR: unknown executor {name!r}; available: local")
+    if name == "ray":
+        raise ValueError("SAMLAB_EXECUTOR: with 'ray' runs are submitted to the cluster as Ray jobs "
+                         "(samlab.ray_executor); the local scheduler does not launch them")
+    raise ValueError(f"SAMLAB_EXECUTOR: unknown executor {name!r}; available: {', '.join(BACKENDS)}")
+
+
+def describe_backend() -> str:
+    """Where background runs go, in one line (the dashboard's status)."""
+    if backend_name() == "ray":
+        from samlab.ray_executor import describe
+
+        return f"executor ray: {describe()}"
+    slots = local_slots()
+    kind = "GPU" if slots and slots[0].name.startswith("gpu") else "CPU"
+    return f"executor local: {len(slots)} {kind} slot(s) on {hostname()}"

@@ -18,7 +18,11 @@ Public API (every function takes `store`: a Store, a URL, or None for `default_u
     resume(run_id, *, store=None) -> run_id    cancelled/failed -> queued with resume=True
     reconcile(store=None, *, stale_after_s=None) -> [(run_id, reason)]
         running runs whose heartbeat is older than SAMLAB_STALE_S (default 60, database clock), or whose
-        worker pid on this host is gone, become failed with the reason
+        worker pid on this host is gone, become failed with the reason; with the Ray backend, runs are
+        also matched with their Ray jobs' status (samlab.ray_executor.reconcile)
+    start_runs(store, run_ids, *, group=None, resubmit=False)
+        hand queued runs to the backend that SAMLAB_EXECUTOR selects: "local" (default) starts the
+        detached scheduler, "ray" submits one Ray job for them (samlab.ray_executor)
     ensure_scheduler(store=None) -> bool True when a scheduler was started (False: one is running)
     wait(run_ids, *, store=None, timeout=None, poll_s=0.5) -> {run_id: status}
     delete(run_id, *, store=None, files=True)  rows, and the run folder when it is marked as this run's
@@ -39,7 +43,7 @@ from typing import Any
 
 from samlab import tasks
 from samlab.config import RunConfig
-from samlab.executors import REPO_ROOT, env_float, hostname, pid_alive
+from samlab.executors import REPO_ROOT, backend_name, env_float, hostname, pid_alive
 from samlab.scheduler import lock_path, release, try_lock
 from samlab.store import FINAL, Store, open_store
 from samlab.worker import RUN_MARKER, register_plugin_tasks
@@ -94,7 +98,7 @@ def submit(config_or_params: RunConfig | dict[str, Any], *, kind: str = "train",
                                  "name": name or _default_name(kind, params),
                                  "cache_key": cache_key(kind, params)}])
     if start:
-        ensure_scheduler(st)
+        start_runs(st, [run_id])
     return run_id
 
 
@@ -128,10 +132,22 @@ def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, ki
     group_id = "g" + hashlib.sha256(f"{name}{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:11]
     for spec in specs:
         spec["group_id"] = group_id
-    st.create_runs(specs)
+    run_ids = st.create_runs(specs)
     if start:
-        ensure_scheduler(st)
+        start_runs(st, run_ids, group=group_id)
     return group_id
+
+
+def start_runs(store: Store | str | None, run_ids: Sequence[str], *, group: str | None = None,
+               resubmit: bool = False) -> None:
+    """Hand queued runs to the backend (SAMLAB_EXECUTOR): the local scheduler, or one Ray job for them."""
+    st = _store(store)
+    if backend_name() == "ray":
+        from samlab import ray_executor
+
+        ray_executor.submit(st, list(run_ids), group=group, resubmit=resubmit)
+    else:
+        ensure_scheduler(st)
 
 
 # -- control -----------------------------------------------------------------------------------------
@@ -143,7 +159,11 @@ def cancel(run_id: str, *, store: Store | str | None = None) -> str:
     if not outcome:
         raise ValueError(f"run_id: run {run['id']} is {st.get_run(run['id'])['status']}; "
                          "only queued or running runs can be cancelled")
-    if outcome == "requested":
+    if run["executor"] == "ray":
+        from samlab import ray_executor
+
+        ray_executor.after_cancel(st, run)  # the task reads the flag; the job stops once none is left
+    elif outcome == "requested":
         ensure_scheduler(st)  # the scheduler enforces the hard kill after the grace period
     return outcome
 
@@ -173,7 +193,7 @@ def resume(run_id: str, *, store: Store | str | None = None, start: bool = True)
     if not st.requeue(run["id"], resume=True):
         raise ValueError(f"run_id: run {run['id']} changed status meanwhile; try again")
     if start:
-        ensure_scheduler(st)
+        start_runs(st, [run["id"]], resubmit=True)
     return run["id"]
 
 
@@ -195,16 +215,21 @@ def reconcile(store: Store | str | None = None, *, stale_after_s: float | None =
     st = _store(store)
     stale = stale_after_s if stale_after_s is not None else env_float("SAMLAB_STALE_S", 60.0, 0.0)
     host = hostname()
+    ended_jobs = []
+    if backend_name() == "ray":
+        from samlab import ray_executor
+
+        ended_jobs = ray_executor.reconcile(st)
     running = st.runs_with_status(["running"])
     if not running:
-        return []
+        return ended_jobs
     now = st.server_now()
     failed = []
     for run in running:
         reason = _dead_reason(run, now, stale, host)
         if reason is not None and st.fail_run(run["id"], reason):
             failed.append((run["id"], reason))
-    return failed
+    return ended_jobs + failed
 
 
 def ensure_scheduler(store: Store | str | None = None) -> bool:

@@ -20,6 +20,7 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
     Store.claim(run_id, host, executor) -> bool          queued -> running (for a launcher; atomic)
     Store.start_run(run_id, pid, host, device) -> bool   worker takes the run (queued, or claimed for it)
     Store.set_launch(run_id, pid, executor_ref)          launcher records the process it started
+    Store.assign_executor(run_ids, executor, ref) -> int queued runs: the backend job that will run them
     Store.flush(run_id, rows, progress=None, message=None, result=None, restart_from=()) -> bool
         one transaction: metric rows [(kind, step, name, value, time)], heartbeat, progress, partial
         result; returns the run's cancel_requested flag
@@ -387,6 +388,15 @@ class Store:
             )
             return res.rowcount == 1
 
+    def assign_executor(self, run_ids: Sequence[str], executor: str, executor_ref: str) -> int:
+        """Record which backend and job will run these queued runs (before the job is submitted, so a
+        launcher that dies in between leaves the reference behind); returns how many were queued."""
+        c = runs_table.c
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(runs_table).where(c.id.in_(list(run_ids)), c.status == "queued")
+                               .values(executor=executor, executor_ref=executor_ref))
+            return res.rowcount
+
     def set_launch(self, run_id: str, pid: int | None, executor_ref: str | None) -> None:
         with self.engine.begin() as conn:
             conn.execute(
@@ -465,10 +475,13 @@ class Store:
             return res.rowcount == 1
 
     def fail_run(self, run_id: str, reason: str, *, only_if_running: bool = True,
-                 status: str = "failed") -> bool:
-        """Mark a run failed (or another final status) with a reason, unless it already ended."""
+                 status: str = "failed", only_if_active: bool = False) -> bool:
+        """Mark a run failed (or another final status) with a reason, unless it already ended
+        (`only_if_active`: a queued run too, e.g. one whose job died before starting it)."""
         cond = [runs_table.c.id == run_id]
-        if only_if_running:
+        if only_if_active:
+            cond.append(runs_table.c.status.in_(ACTIVE))
+        elif only_if_running:
             cond.append(runs_table.c.status == "running")
         with self.engine.begin() as conn:
             res = conn.execute(sa.update(runs_table).where(*cond).values(

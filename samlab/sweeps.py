@@ -109,9 +109,14 @@ def submit(spec: SweepSpec, *, store: Store | str | None = None, workers: int | 
 
     runner="sweep": `workers` detached sweep workers (default: one per local slot) run the members
     in-process one after another; runner="scheduler": the scheduler starts one worker per run.
+    With SAMLAB_EXECUTOR=ray the sweep is one Ray job whatever the runner (samlab.ray_executor).
     """
+    from samlab.executors import backend_name
+
     if runner not in ("sweep", "scheduler"):
         raise ValueError(f"runner: must be 'sweep' or 'scheduler' (got {runner!r})")
+    if backend_name() == "ray":
+        runner = "scheduler"  # jobs.submit_sweep hands the group to the cluster as one job
     st = _store(store)
     group_id = jobs.submit_sweep(sweep_configs(spec), spec.name, store=st, start=runner == "scheduler")
     if runner == "sweep":
