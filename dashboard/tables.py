@@ -120,7 +120,7 @@ def summary_row(summary: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def summary_table(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per run: id, name, status, group, scores, device and hyperparameter columns.
+    """One row per run: id, name, status, group, scores, device, host and hyperparameter columns.
 
     Each run is a mapping with `id`, `config` (RunConfig or dict) and optionally `name`, `status`,
     `group`, `device`, `summary` (the engine's summary dict), `created`.
@@ -133,10 +133,12 @@ def summary_table(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                "group": run.get("group") or ""}
         row.update(summary_row(run.get("summary")))
         row["device"] = run.get("device") or (run.get("summary") or {}).get("device") or ""
+        row["host"] = run.get("host") or ""  # where the run ran: this machine or a cluster node
         for key, column in HYPERPARAMETER_COLUMNS.items():
             row[column] = hyper.get(key)
         rows.append(row)
-    columns = ["id", "name", "status", "group", *summary_row(None), "device", *HYPERPARAMETER_COLUMNS.values()]
+    columns = ["id", "name", "status", "group", *summary_row(None), "device", "host",
+               *HYPERPARAMETER_COLUMNS.values()]
     return pd.DataFrame(rows, columns=columns)
 
 
