@@ -234,19 +234,12 @@ def rwsam_weights(
     Measured in eval mode. Returns lam, estimator, scores, weights (lists), max_weight, entropy
     (nats; log n is uniform) and effective_samples = 1 / Σ p_i².
     """
-    from samlab.optim.sharpness import _check_arguments, _exact_scores, _finite_difference_scores, _trainable
+    from samlab.optim import sample_scores
 
-    spec = _check_arguments(model, x, y, method="rwsam", rho=0.0, m=None, impl="vmap", lam=lam,
-                            estimator=estimator, delta=delta, adaptive_eta=0.0, perturb_batch=None,
-                            generator=generator)
-    names, params = _trainable(model)
-    with eval_mode(model), torch.no_grad():
-        if estimator == "fd":
-            losses = loss_fn(model(x), y)
-            scores = _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec)
-        else:
-            with torch.enable_grad():
-                scores = _exact_scores(model, loss_fn, x, y, names)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+        raise ValueError(f"lam: must be a number >= 0 (got {lam!r})")
+    with eval_mode(model), torch.enable_grad():
+        scores = sample_scores(model, loss_fn, x, y, estimator=estimator, delta=delta, generator=generator)
     weights = torch.softmax(lam * scores.detach(), dim=0)
     entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum()
     return {
