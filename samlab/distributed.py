@@ -144,14 +144,16 @@ def check_parallel_config(cfg: RunConfig, world_size: int) -> RunConfig:
     return cfg
 
 
-def _init_process_group() -> tuple[str, int]:
-    """Join the group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
+def _init_process_group(device: str) -> tuple[str, int]:
+    """Join the group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): nccl when
+    the run's device is CUDA (or "auto" with CUDA present), else gloo."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"environment: {', '.join(missing)} not set; start this module with torchrun "
                          "(or `python -m samlab train --nproc N`)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    wants_cuda = device.startswith("cuda") or device == "auto"
+    backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
@@ -167,7 +169,7 @@ def train(cfg: RunConfig, *, workdir: str | Path | None = None, resume: bool = F
     and writes the checkpoints; the other ranks report nothing."""
     from samlab.train import run
 
-    backend, local_rank = _init_process_group()
+    backend, local_rank = _init_process_group(cfg.device)
     check_parallel_config(cfg, dist.get_world_size())
     if backend == "nccl":
         cfg = cfg.with_overrides({"device": f"cuda:{local_rank}"})
