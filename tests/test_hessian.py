@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -501,3 +502,83 @@ def test_check_task_names_the_bad_field(trained_run, overrides, field):
     checkpoint = trained_run[0]
     with pytest.raises(ValueError, match=rf"^{field}:"):
         check_task(task_params(checkpoint, **overrides))
+
+
+# -- the Hessian page --------------------------------------------------------------------------------
+def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trained_run, tmp_path, monkeypatch):
+    import os
+    import time
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import hessian_view
+    from samlab import jobs
+    from samlab.hessian import run_task
+    from samlab.reporting import RecordingReporter
+    from samlab.store import Store
+
+    url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
+    monkeypatch.setenv("SAMLAB_STORE", url)
+    monkeypatch.setattr(jobs, "ensure_scheduler", lambda store=None: False)
+    store = Store(url)
+    checkpoint, reporter, _, _ = trained_run
+    from samlab.train import load_trained
+
+    train_params = load_trained(checkpoint).config.to_dict()
+    (train_id,) = store.create_runs([{"kind": "train", "params": train_params, "name": "tiny cnn"}])
+    store.start_run(train_id, pid=os.getpid(), host="test", device="cpu")
+    rows = [(kind, step, name, float(v), time.time()) for kind, step, values in reporter.rows for name, v in values.items()]
+    store.flush(train_id, rows, progress=1.0, message="completed")
+    store.finish_run(train_id, "completed", summary={}, checkpoint_path=str(checkpoint))
+    # the analysis the page asks for with these URL settings, computed for real and stored as cached
+    request = hessian_view.request(str(checkpoint), k=2, n_samples=64, trace_samples=12, mode="eval", seed=0,
+                                   per_layer=True)
+    analysis_id = jobs.submit_cached("hessian", request, store=store)
+    result = run_task(request, RecordingReporter(), tmp_path / "analysis", resume=False)
+    store.start_run(analysis_id, pid=os.getpid(), host="test", device="cpu")
+    store.finish_run(analysis_id, "completed", result=result, summary={})
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "pages" / "3_Hessian.py"), default_timeout=120)
+    at.query_params.update({"k": "2", "n_samples": "64", "trace": "12", "mode": "eval", "seed": "0", "per_layer": "1"})
+    at.run()
+    assert not at.exception
+    at.multiselect(key="hessian.runs").set_value([train_id]).run()
+    assert not at.exception
+    assert not [b for b in at.button if b.key == f"hessian.submit.{train_id}"]  # cached: nothing to submit
+    summary = at.dataframe[0].value
+    assert summary["λ_max"].iloc[0] == pytest.approx(result["eigenvalues"]["largest"]["values"][0])
+    assert summary["trace"].iloc[0] == pytest.approx(result["trace"]["mean"])
+    assert [c.key for c in at.get("plotly_chart")] == ["hessian.eigenvalues", "hessian.density", "hessian.layers"]
+    at.multiselect(key="hessian.trajectory_runs").set_value([train_id]).run()
+    assert not at.exception
+    trajectory = [c for c in at.get("plotly_chart") if c.key == "hessian.trajectory"]
+    spec = json.loads(trajectory[0].proto.spec)
+    curves = {trace["name"]: plotly_array(trace["y"]) for trace in spec["data"]}
+    logged = [values["lambda_max"] for _, _, values in reporter.rows if "lambda_max" in values]
+    assert curves["tiny cnn"] == pytest.approx(logged)
+    assert curves["2/η · tiny cnn"] == pytest.approx([2 / v["lr"] for _, _, v in reporter.rows if "lr" in v])
+
+
+def plotly_array(value) -> list[float]:
+    """A plotly figure's array (plain list, or base64 typed array in the JSON spec)."""
+    if isinstance(value, dict):
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
+def test_view_builders_draw_partial_results():
+    from dashboard import hessian_view
+
+    partial = {"eigenvalues": {"largest": {"values": [3.0, 1.0]}}, "lr": 0.1, "mode": "eval", "per_layer": []}
+    names, values = hessian_view._eigen_bars(partial)
+    assert names == ["λ1", "λ2"] and values == [3.0, 1.0]
+    table = hessian_view.summary_table([("run", partial)])
+    assert table["λ_max · η / 2"].iloc[0] == pytest.approx(0.15) and table["2/η"].iloc[0] == pytest.approx(20.0)
+    assert len(hessian_view.density_figure([("run", partial)]).data) == 0  # an empty-state figure
+    full = {**partial, "eigenvalues": {"largest": {"values": [3.0]}, "smallest": {"values": [-0.1, -0.5]}}}
+    assert hessian_view._eigen_bars(full) == (["λ1", "λn−1", "λn"], [3.0, -0.1, -0.5])

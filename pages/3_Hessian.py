@@ -1,0 +1,101 @@
+"""Hessian: top and most negative eigenvalues, trace, spectral density and per-layer curvature of trained
+runs side by side, and λ_max over training against the 2/η edge of stability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard import common as ui
+from dashboard import hessian_view as view
+from samlab.train import CHECKPOINT
+
+ui.page_setup(
+    "Hessian",
+    "Curvature of the training loss at the solutions SGD, SAM, mSAM and RW-SAM find: Lanczos eigenvalues, "
+    "Hutch++ trace and stochastic Lanczos quadrature (PyHessian, Yao et al. 2020).",
+)
+st.markdown(
+    """
+The **top eigenvalue λ_max** is the sharpest direction of the loss; the **trace** sums the curvature of
+all directions; the **spectral density** shows how it is spread (a bulk near zero and a few outliers is
+typical). Negative eigenvalues mean the point is not a minimum along those directions. Every run is
+measured on the **same seeded subset** of its train set, in eval mode (BatchNorm running statistics) unless
+you pick train mode.
+"""
+)
+
+params = ui.ViewParams(st.query_params, prefix="hessian")
+run_ids = ui.run_picker("runs to compare", key="hessian.runs", multi=True,
+                        help="e.g. SGD, SAM, mSAM and RW-SAM solutions of the same problem")
+cols = st.columns(6)
+k = int(params.slider(cols[0], "top-k eigenvalues", "k", 1.0, 20.0, default=5.0, step=1.0))
+n_samples = int(params.slider(cols[1], "samples", "n_samples", 64.0, 4096.0, default=512.0, step=64.0))
+trace_samples = int(params.slider(cols[2], "trace vectors (Hutch++)", "trace", 12.0, 300.0, default=99.0, step=3.0))
+mode = params.radio(cols[3], "model mode", "mode", ["eval", "train"], default="eval")
+seed = int(params.slider(cols[4], "seed", "seed", 0.0, 99.0, default=0.0, step=1.0))
+per_layer = params.toggle(cols[5], "per-layer table", "per_layer", default=True)
+log_density = params.toggle(st, "log-scale density", "log", default=True)
+params.sync()
+
+if not run_ids:
+    st.info("Pick one or more completed training runs to measure their curvature.", icon=ui.ICON_INFO)
+else:
+    store = ui.get_store()
+    runs = [store.get_run(i) for i in run_ids]
+    labels = ui.run_labels(runs)
+    analyses: dict[str, dict | None] = {}
+    for run in runs:
+        checkpoint = run.get("checkpoint_path") or str(Path(run.get("workdir") or "") / CHECKPOINT)
+        request = view.request(checkpoint, k=k, n_samples=n_samples, trace_samples=trace_samples, mode=mode,
+                               seed=seed, per_layer=per_layer)
+        analyses[run["id"]] = ui.cached_or_submit("hessian", request, label=f"Compute the spectrum of {labels[run['id']]}",
+                                                  key=f"hessian.submit.{run['id']}")
+
+    @ui.live(2.0)
+    def spectra_panel() -> None:
+        results = []
+        for run_id, analysis in analyses.items():
+            if analysis is None:
+                continue
+            current = store.get_run(analysis["id"])
+            if current["status"] != "completed":
+                st.caption(labels[run_id])
+                ui.task_progress(current)
+            if current.get("result"):
+                results.append((labels[run_id], current["result"]))
+        if not results:
+            return
+        st.dataframe(view.summary_table(results), hide_index=True)
+        st.caption("λ_max · η / 2 ≥ 1 means full-batch gradient descent at the run's base learning rate would be "
+                   "unstable at this point (Cohen et al. 2021). The trace's ± is the Hutch++ standard error.")
+        left, right = st.columns(2)
+        with left:
+            ui.show_figure(view.eigenvalue_figure(results), key="hessian.eigenvalues")
+        with right:
+            ui.show_figure(view.density_figure(results, log_density), key="hessian.density")
+        if per_layer:
+            ui.show_figure(view.layer_figure(results), key="hessian.layers")
+            for label, result in results:
+                with st.expander(f"per-layer table · {label}"):
+                    st.dataframe(view.layer_table(result), hide_index=True)
+
+    spectra_panel()
+
+# -- λ_max during training -----------------------------------------------------------------------------
+st.subheader("λ_max during training")
+st.caption("The top eigenvalue measured every N steps on a fixed subset (Train page: 'λ_max every (steps)'), "
+           "with 2/η(step) dashed: under full-batch gradient descent λ_max rises to 2/η and hovers there "
+           "(edge of stability, Cohen et al. 2021); SAM and small m keep it lower.")
+trajectory_ids = ui.run_picker("runs", key="hessian.trajectory_runs", multi=True,
+                               statuses=("completed", "running", "cancelled"), default=run_ids or None)
+if trajectory_ids:
+    trajectory_labels = ui.run_labels([ui.get_store().get_run(i) for i in trajectory_ids])
+
+    @ui.live(5.0)
+    def trajectory_panel() -> None:
+        metrics = ui.load_metrics(trajectory_ids, names=["lambda_max", "lr"], kind="step")
+        ui.show_figure(view.lambda_max_figure(metrics, trajectory_labels), key="hessian.trajectory")
+
+    trajectory_panel()
