@@ -56,7 +56,7 @@ with right:
     for dev in _devices():
         memory = f" · {dev['memory_gib']:.0f} GiB" if dev.get("memory_gib") else ""
         st.markdown(f"- `{dev['device']}` — {dev['name']}{memory}")
-    st.markdown(f"Run store: `{ui.store_url()}`")
+    st.markdown(f"Run store: `{ui.store_url_for_display()}`")
 
     @st.cache_data(ttl=30, show_spinner=False)
     def _backend() -> str:

@@ -102,6 +102,13 @@ def store_url() -> str:
     return default_url()
 
 
+def store_url_for_display() -> str:
+    """The store URL with any password masked: safe to show on a page or in a screenshot."""
+    import sqlalchemy as sa
+
+    return sa.make_url(store_url()).render_as_string(hide_password=True)
+
+
 @st.cache_resource(show_spinner=False)
 def _store_for(url: str) -> Store:
     return open_store(url)
