@@ -11,6 +11,7 @@ from dashboard import common as ui
 from dashboard import msharp_view as view
 from samlab import sweeps
 from samlab.config import PRESETS, preset
+from samlab.executors import backend_name
 
 ui.page_setup(
     "Sweeps",
@@ -76,8 +77,10 @@ def progress_panel() -> None:
         cols = st.columns(2)
         if cols[0].button("Cancel the sweep", key="sweeps.cancel"):
             sweeps.cancel(group, store=store)
-        if cols[1].button("Start sweep workers", key="sweeps.workers",
-                          help="for queued runs whose workers are gone (e.g. after a restart)"):
+        if backend_name() == "local" and cols[1].button(
+            "Start sweep workers", key="sweeps.workers",
+            help="for queued runs whose workers are gone (e.g. after a restart)",
+        ):
             sweeps.start_workers(group, store=store)
 
 

@@ -132,8 +132,11 @@ def start_workers(group_id: str, *, store: Store | str | None = None, workers: i
     second thread on synchronisation, so several one-thread runs side by side finish more runs per
     minute than one run using every core.
     """
-    from samlab.executors import REPO_ROOT, local_slots
+    from samlab.executors import REPO_ROOT, backend_name, local_slots
 
+    if backend_name() == "ray":
+        raise ValueError("workers: with SAMLAB_EXECUTOR=ray the sweep's Ray job runs its members; "
+                         "no local sweep workers are started")
     st = _store(store)
     slots = local_slots()
     cores = os.cpu_count() or 1

@@ -136,3 +136,11 @@ def test_a_tiny_sweep_runs_through_the_store_in_a_sweep_worker(tmp_path):
     epoch_rows = store.metrics([cell[0]["id"]], names=["test_acc"], kind="epoch")
     assert len(epoch_rows) == 1
     assert {r["executor"] for r in members} == {"sweep"}
+
+
+def test_no_local_sweep_workers_are_started_when_runs_go_to_ray(monkeypatch, tmp_path):
+    from samlab import sweeps as sweeps_module
+
+    monkeypatch.setenv("SAMLAB_EXECUTOR", "ray")
+    with pytest.raises(ValueError, match="workers: with SAMLAB_EXECUTOR=ray"):
+        sweeps_module.start_workers("g-none", store=f"sqlite:///{tmp_path}/s.db")
