@@ -79,12 +79,13 @@ class _PyHessianRun:
             return as_scalar_loss(self.loss_fn(outputs, targets))
 
         one = len(self.batches) == 1
-        with warnings.catch_warnings():  # its backward(create_graph=True) cycle is broken in __exit__
-            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            self.hessian = PyHessian(
-                self.model, criterion, data=self.batches[0] if one else None,
-                dataloader=None if one else self.batches, cuda=self.cuda,
-            )  # fmt: skip
+        self._warnings = warnings.catch_warnings()  # its backward(create_graph=True) cycles end in __exit__
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        self.hessian = PyHessian(
+            self.model, criterion, data=self.batches[0] if one else None,
+            dataloader=None if one else self.batches, cuda=self.cuda,
+        )  # fmt: skip
         self._setup_passes = self.passes
         return self
 
@@ -103,3 +104,4 @@ class _PyHessianRun:
         torch.set_default_dtype(self._default_dtype)
         self._rng.__exit__(None, None, None)
         self._mode.__exit__(None, None, None)
+        self._warnings.__exit__(None, None, None)
