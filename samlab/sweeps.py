@@ -44,6 +44,10 @@ class SweepSpec:
 
     sgd runs once per seed; sam, nsam and rwsam once per ρ and seed (rwsam with λ = `lam`); msam once
     per m < batch size, ρ and seed (m = batch size is plain SAM: the "sam" runs stand for it).
+    `rhos_by_m` gives the sam / msam runs of one m their own ρ grid (key: m, the batch size for sam;
+    m without an entry use `rhos`, as do nsam and rwsam). Normalised m-SAM moves each micro-batch
+    by the full radius ρ along that micro-batch's own gradient, so the best ρ shrinks with m and
+    one shared grid tends to bracket the optimum of one end only.
     Seeds change the training seed only (initialisation and batch order); the data split and any
     label noise stay those of `base.data.data_seed`.
     """
@@ -55,6 +59,11 @@ class SweepSpec:
     methods: list[str] = field(default_factory=lambda: ["sgd", "sam", "nsam", "msam"])
     lam: float = 1.0
     name: str = "sweep"
+    rhos_by_m: dict[int, list[float]] = field(default_factory=dict)
+
+    def rhos_for(self, m: int) -> list[float]:
+        """The ρ grid of SAM / m-SAM at micro-batch size m (m = batch size: SAM)."""
+        return self.rhos_by_m.get(m, self.rhos)
 
     def validate(self) -> SweepSpec:
         self.base.validate()
@@ -64,12 +73,6 @@ class SweepSpec:
             raise ValueError(f"methods: each method once (got {self.methods!r})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: a non-empty list of distinct seeds (got {self.seeds!r})")
-        needs_rho = any(m != "sgd" for m in self.methods)
-        if needs_rho and not self.rhos:
-            raise ValueError("rhos: at least one radius ρ > 0")
-        for rho in self.rhos:
-            if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
-                raise ValueError(f"rhos: every ρ must be a number > 0 (got {rho!r})")
         b = self.base.batch_size
         if "msam" in self.methods:
             if not self.ms:
@@ -77,11 +80,34 @@ class SweepSpec:
             for m in self.ms:
                 if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= b or b % m:
                     raise ValueError(f"ms: every m must divide batch_size={b} (got {m!r})")
+        self._validate_rhos(b)
         if "rwsam" in self.methods and not self.lam > 0:
             raise ValueError(f"lam: RW-SAM needs λ > 0 (λ = 0 is SAM), got {self.lam!r}")
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError("name: a sweep needs a non-empty name")
         return self
+
+    def _validate_rhos(self, batch_size: int) -> None:
+        grid_ms = set(self.ms) if "msam" in self.methods else set()
+        grid_ms |= {batch_size} if "sam" in self.methods else set()
+        if not isinstance(self.rhos_by_m, dict):
+            raise ValueError(f"rhos_by_m: a mapping m -> list of ρ (got {self.rhos_by_m!r})")
+        for m, rhos in self.rhos_by_m.items():
+            if m not in grid_ms:
+                raise ValueError(f"rhos_by_m: m={m!r} is not swept (sam stands for m={batch_size}; "
+                                 f"msam m values: {sorted(self.ms)})")
+            _check_rho_grid(f"rhos_by_m[{m}]", rhos)
+        uses_shared = ({"nsam", "rwsam"} & set(self.methods)) or any(m not in self.rhos_by_m for m in grid_ms)
+        if uses_shared or self.rhos:
+            _check_rho_grid("rhos", self.rhos)
+
+
+def _check_rho_grid(name: str, rhos: Any) -> None:
+    if not isinstance(rhos, (list, tuple)) or not rhos:
+        raise ValueError(f"{name}: at least one radius ρ > 0")
+    for rho in rhos:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+            raise ValueError(f"{name}: every ρ must be a number > 0 (got {rho!r})")
 
 
 def sweep_configs(spec: SweepSpec) -> list[RunConfig]:
@@ -93,11 +119,13 @@ def sweep_configs(spec: SweepSpec) -> list[RunConfig]:
             cells.append({"optim.method": "sgd", "optim.m": None})
         elif method == "msam":
             cells += [{"optim.method": "msam", "optim.m": m, "optim.rho": float(rho)}
-                      for m in sorted(set(spec.ms), reverse=True) if m < spec.base.batch_size for rho in spec.rhos]
+                      for m in sorted(set(spec.ms), reverse=True) if m < spec.base.batch_size
+                      for rho in spec.rhos_for(m)]
         else:
+            rhos = spec.rhos_for(spec.base.batch_size) if method == "sam" else spec.rhos
             extra = {"optim.lam": float(spec.lam)} if method == "rwsam" else {}
             cells += [{"optim.method": method, "optim.m": None, "optim.rho": float(rho)} | extra
-                      for rho in spec.rhos]
+                      for rho in rhos]
     return [spec.base.with_overrides(cell | {"seed": seed, "name": spec.name}).validate()
             for cell in cells for seed in spec.seeds]
 
@@ -340,6 +368,38 @@ def _count_rhos(cells: pd.DataFrame, keys: list[str], row: pd.Series) -> int:
     for key in keys:
         mask &= cells[key] == row[key]
     return int(mask.sum())
+
+
+PAIRED_COLUMNS = ["m", "rho", "reference_m", "reference_rho", "diff_mean", "diff_std", "n_pairs", "n_better"]
+
+
+def paired_differences(tables: SweepTables) -> pd.DataFrame:
+    """Per m, the per-seed difference of final test accuracy between m's best-ρ cell and the largest
+    m's best-ρ cell (same training seed, so the same initialisation and batch order), with the mean
+    and std (ddof 1) over the seeds completed in both, the pair count and how many pairs favour m.
+
+    Seeds share much of their run-to-run noise across m (the same starting point and batch order),
+    so the spread of the differences is usually smaller than the spread of either cell; the ρ of
+    each cell is the one `best_by_m` picked on the mean test accuracy.
+    """
+    best = tables.best_by_m.dropna(subset=["test_acc_mean"])
+    if best.empty:
+        return pd.DataFrame(columns=PAIRED_COLUMNS)
+    done = tables.runs[(tables.runs["status"] == "completed") & tables.runs["m"].notna()]
+    reference = best.loc[best["m"].idxmax()]
+    ref_acc = _accuracy_by_seed(done, reference["m"], reference["rho"])
+    rows = []
+    for _, cell in best.sort_values("m", ascending=False).iterrows():
+        diff = (_accuracy_by_seed(done, cell["m"], cell["rho"]) - ref_acc).dropna()
+        rows.append({"m": cell["m"], "rho": cell["rho"], "reference_m": reference["m"],
+                     "reference_rho": reference["rho"], "diff_mean": diff.mean(), "diff_std": diff.std(ddof=1),
+                     "n_pairs": int(len(diff)), "n_better": int((diff > 0).sum())})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def _accuracy_by_seed(runs: pd.DataFrame, m: float, rho: float) -> pd.Series:
+    cell = runs[(runs["m"] == m) & (runs["rho"] == rho) & runs["method"].isin(["sam", "msam"])]
+    return cell.set_index("seed")["test_acc"]
 
 
 def _store(store: Store | str | None) -> Store:

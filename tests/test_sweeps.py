@@ -144,3 +144,54 @@ def test_no_local_sweep_workers_are_started_when_runs_go_to_ray(monkeypatch, tmp
     monkeypatch.setenv("SAMLAB_EXECUTOR", "ray")
     with pytest.raises(ValueError, match="workers: with SAMLAB_EXECUTOR=ray"):
         sweeps_module.start_workers("g-none", store=f"sqlite:///{tmp_path}/s.db")
+
+
+def test_per_m_rho_grids_replace_the_shared_grid_for_their_m_only():
+    spec = SweepSpec(tiny_base(), ms=[16, 4, 2], rhos=[0.3], seeds=[0, 1], methods=["sgd", "sam", "msam", "nsam"],
+                     rhos_by_m={16: [0.2, 0.4], 2: [0.025, 0.05, 0.1]})
+    grid = {}
+    for cfg in sweep_configs(spec):
+        m = cfg.optim.m if cfg.optim.method == "msam" else cfg.optim.method
+        grid.setdefault(m, set()).add(cfg.optim.rho)
+    assert grid == {"sgd": {0.05}, "sam": {0.2, 0.4}, 4: {0.3}, 2: {0.025, 0.05, 0.1}, "nsam": {0.3}}
+    assert len(sweep_configs(spec)) == 2 * (1 + 2 + 1 + 3 + 1)
+    # every swept m has its own grid: the shared grid may then be empty
+    own = SweepSpec(tiny_base(), ms=[4], rhos=[], seeds=[0], methods=["sam", "msam"],
+                    rhos_by_m={16: [0.2], 4: [0.1]})
+    assert [c.optim.rho for c in sweep_configs(own)] == [0.2, 0.1]
+
+
+@pytest.mark.parametrize(
+    ("rhos_by_m", "rhos", "field"),
+    [({8: [0.1]}, [0.1], "rhos_by_m: m=8 is not swept"), ({4: []}, [0.1], r"rhos_by_m\[4\]"),
+     ({4: [-0.1]}, [0.1], r"rhos_by_m\[4\]"), ({4: [0.1]}, [], "rhos:")],
+)
+def test_bad_per_m_grids_name_the_field(rhos_by_m, rhos, field):
+    spec = SweepSpec(tiny_base(), ms=[4], rhos=rhos, seeds=[0], methods=["sam", "msam"], rhos_by_m=rhos_by_m)
+    with pytest.raises(ValueError, match=field):
+        sweep_configs(spec)
+
+
+def test_paired_differences_subtract_the_largest_m_seed_by_seed(tmp_path):
+    from samlab.sweeps import paired_differences
+
+    store = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    sam = [0.80, 0.90, 0.85]
+    m4 = [0.82, 0.93, float("nan")]  # seed 2 diverged: only two pairs
+    m2 = [0.81, 0.89, 0.88]
+    group = fake_finished_sweep(store, {
+        ("sam", None, 0.1): sam, ("sam", None, 0.2): [0.70, 0.70, 0.70],
+        ("msam", 4, 0.05): m4, ("msam", 2, 0.05): m2, ("msam", 2, 0.1): [0.5, 0.5, 0.5],
+        ("sgd", None, None): [0.6, 0.6, 0.6],
+    })
+    paired = paired_differences(aggregate(store, group)).set_index("m")
+    assert list(paired.index) == [16.0, 4.0, 2.0]
+    assert set(paired["reference_m"]) == {16.0} and set(paired["reference_rho"]) == {0.1}
+    assert paired.loc[16.0, "diff_mean"] == 0.0 and paired.loc[16.0, "n_pairs"] == 3
+    d4 = [m4[0] - sam[0], m4[1] - sam[1]]
+    assert paired.loc[4.0, "diff_mean"] == pytest.approx(statistics.mean(d4))
+    assert paired.loc[4.0, "diff_std"] == pytest.approx(statistics.stdev(d4))
+    assert paired.loc[4.0, "n_pairs"] == 2 and paired.loc[4.0, "n_better"] == 2
+    d2 = [a - b for a, b in zip(m2, sam)]
+    assert paired.loc[2.0, "rho"] == 0.05 and paired.loc[2.0, "diff_mean"] == pytest.approx(statistics.mean(d2))
+    assert paired.loc[2.0, "diff_std"] == pytest.approx(statistics.stdev(d2)) and paired.loc[2.0, "n_better"] == 2
