@@ -56,6 +56,8 @@ Schema history (SCHEMA_VERSION, `meta.schema_version`); opening an older file mi
     v2  runs.config renamed params; runs gain kind, cache_key, progress, progress_message,
         cancel_requested(+_at), resume_requested, result, executor, executor_ref, attempts; artifacts table;
         indexes for status/kind/group/cache_key and a covering (run_id, kind, name, step, value).
+    v3  runs gain seq, the creation order (the clock's millisecond cannot order runs created together);
+        older rows are numbered by (created_at, id).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import expression
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "diverged")
 ACTIVE = ("queued", "running")
 FINAL = ("completed", "failed", "cancelled", "diverged")
@@ -129,6 +131,7 @@ runs_table = sa.Table(
     sa.Column("cache_key", sa.String(64)),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", sa.DateTime),
+    sa.Column("seq", sa.BigInteger),  # creation order: one more than the largest so far
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
     sa.Column("heartbeat_at", sa.DateTime),
@@ -154,6 +157,7 @@ runs_table = sa.Table(
     sa.Index("ix_runs_group", "group_id"),
     sa.Index("ix_runs_cache_key", "cache_key"),
     sa.Index("ix_runs_created", "created_at"),
+    sa.Index("ix_runs_seq", "seq"),
 )
 
 metrics_table = sa.Table(
@@ -204,10 +208,25 @@ def _migrate_1_to_2(conn: sa.Connection) -> None:
     artifacts_table.create(conn, checkfirst=True)
     for table in (runs_table, metrics_table):
         for index in table.indexes:
+            if index.name not in V3_INDEXES:
+                index.create(conn, checkfirst=True)
+
+
+V3_INDEXES = {"ix_runs_seq"}
+
+
+def _migrate_2_to_3(conn: sa.Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN seq BIGINT"))
+    conn.execute(sa.text(
+        "UPDATE runs SET seq = (SELECT COUNT(*) FROM runs AS r2 WHERE r2.created_at < runs.created_at "
+        "OR (r2.created_at = runs.created_at AND r2.id <= runs.id))"
+    ))
+    for index in runs_table.indexes:
+        if index.name in V3_INDEXES:
             index.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {2: _migrate_1_to_2}  # target version -> step from the version before
+MIGRATIONS = {2: _migrate_1_to_2, 3: _migrate_2_to_3}  # target version -> step from the version before
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -372,8 +391,10 @@ class Store:
                 "log_path": str(workdir / "run.log"),
             })
         if rows:
+            # seq from a subquery inside each INSERT: the rows of a batch, and of later batches, count up
+            next_seq = sa.select(sa.func.coalesce(sa.func.max(runs_table.c.seq), 0) + 1).scalar_subquery()
             with self.engine.begin() as conn:
-                conn.execute(sa.insert(runs_table).values(created_at=utcnow()), rows)
+                conn.execute(sa.insert(runs_table).values(created_at=utcnow(), seq=next_seq), rows)
         return [r["id"] for r in rows]
 
     def claim(self, run_id: str, host: str, executor: str) -> bool:
@@ -583,7 +604,7 @@ class Store:
         if not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise ValueError(f"limit: must be an integer in [1, 100000] (got {limit!r})")
         query = (sa.select(*_LIST_COLUMNS).where(*self._filters(status, kind, group, text))
-                 .order_by(runs_table.c.created_at.desc(), runs_table.c.id).limit(limit).offset(offset))
+                 .order_by(runs_table.c.seq.desc(), runs_table.c.id).limit(limit).offset(offset))
         with self.engine.connect() as conn:
             return [_decode(row) for row in conn.execute(query)]
 
@@ -604,7 +625,7 @@ class Store:
         cond = [c.status.in_(list(statuses))]
         if host is not None:
             cond.append(c.host == host)
-        query = sa.select(*_LIST_COLUMNS).where(*cond).order_by(c.created_at, c.id).limit(limit)
+        query = sa.select(*_LIST_COLUMNS).where(*cond).order_by(c.seq, c.id).limit(limit)
         with self.engine.connect() as conn:
             return [_decode(row) for row in conn.execute(query)]
 
@@ -612,7 +633,7 @@ class Store:
         c = runs_table.c
         query = (sa.select(runs_table).where(c.cache_key == cache_key,
                                              c.status.in_(("queued", "running", "completed")))
-                 .order_by(c.created_at.desc()).limit(1))
+                 .order_by(c.seq.desc()).limit(1))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return _decode(row) if row is not None else None

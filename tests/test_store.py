@@ -94,6 +94,9 @@ def test_opening_a_v1_file_migrates_it_and_keeps_its_data(tmp_path):
     assert [a["name"] for a in store.artifacts("oldrun000001")] == ["log"]
     indexes = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("metrics")}
     assert "ix_metrics_run_kind_name_step" in indexes
+    # v3: the old run was numbered first, the new one after it
+    assert run["seq"] == 1 and store.get_run(new_id)["seq"] == 2
+    assert [r["id"] for r in store.list_runs()] == [new_id, "oldrun000001"]
     # a second open of the migrated file is a no-op
     assert Store(f"sqlite:///{path}").get_run(new_id)["kind"] == "msharp"
 
@@ -107,6 +110,15 @@ def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path):
     con.close()
     with pytest.raises(ValueError, match="schema version 99, newer"):
         Store(f"sqlite:///{path}").list_runs()
+
+
+def test_runs_created_in_one_batch_or_within_a_millisecond_keep_their_order(store):
+    first = store.create_runs([{"kind": "train", "params": {"i": i}} for i in range(5)])
+    second = store.create_runs([{"kind": "train", "params": {"i": 5}}])
+    seqs = [store.get_run(i)["seq"] for i in first + second]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 6
+    assert [r["id"] for r in store.list_runs()] == list(reversed(first + second))
+    assert [r["id"] for r in store.runs_with_status(["queued"])] == first + second
 
 
 def test_list_filters_counts_and_ids(store):
