@@ -25,15 +25,6 @@ DTYPE = torch.float64
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool wake-ups that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyMLP(nn.Module):
     """5 -> 12 -> 3 with tanh: 111 parameters."""
 
