@@ -258,6 +258,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device": "cpu",
         "checkpoint_every": 0,
     },
+    "digits-cnn-msharp": {
+        # The lesson's m-sharpness sweep: the small BatchNorm CNN on 512 digits with 20 % label noise.
+        # m-SAM runs each micro-batch (ascent and descent) with its own BatchNorm statistics, as
+        # data-parallel SAM does per device. A 105-run sweep (samlab dashboard.msharp_view.lesson_spec)
+        # fits in minutes on a 2-core CPU with sweep workers.
+        "name": "digits-cnn-msharp",
+        "data": {"name": "digits", "n_train": 512, "label_noise": 0.2},
+        "model": {"name": "cnn", "width": 16},
+        "optim": {"method": "sam", "rho": 0.28, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine"},
+        "epochs": 30,
+        "batch_size": 64,
+        "device": "cpu",
+        "checkpoint_every": 0,
+    },
     "diag-sparse": {
         # Andriushchenko & Flammarion 2022: n=20, d=30, 3-sparse target, Gaussian inputs, unnormalized SAM.
         "name": "diag-sparse",

@@ -370,35 +370,41 @@ def _count_rhos(cells: pd.DataFrame, keys: list[str], row: pd.Series) -> int:
     return int(mask.sum())
 
 
-PAIRED_COLUMNS = ["m", "rho", "reference_m", "reference_rho", "diff_mean", "diff_std", "n_pairs", "n_better"]
+PAIRED_COLUMNS = ["method", "m", "rho", "reference_m", "reference_rho", "diff_mean", "diff_std", "n_pairs",
+                  "n_better"]
 
 
 def paired_differences(tables: SweepTables) -> pd.DataFrame:
-    """Per m, the per-seed difference of final test accuracy between m's best-ρ cell and the largest
-    m's best-ρ cell (same training seed, so the same initialisation and batch order), with the mean
-    and std (ddof 1) over the seeds completed in both, the pair count and how many pairs favour m.
+    """Per best-ρ cell (each m of `best_by_m`, then each reference method), the per-seed difference of
+    final test accuracy against the largest m's best-ρ cell (same training seed, so the same
+    initialisation and batch order): mean and std (ddof 1) over the seeds completed in both, the
+    pair count and how many pairs favour the cell.
 
-    Seeds share much of their run-to-run noise across m (the same starting point and batch order),
-    so the spread of the differences is usually smaller than the spread of either cell; the ρ of
-    each cell is the one `best_by_m` picked on the mean test accuracy.
+    Seeds share much of their run-to-run noise across cells (the same starting point and batch
+    order), so the spread of the differences is usually smaller than the spread of either cell; the
+    ρ of each cell is the one `best_by_m` / `references` picked on the mean test accuracy.
     """
     best = tables.best_by_m.dropna(subset=["test_acc_mean"])
     if best.empty:
         return pd.DataFrame(columns=PAIRED_COLUMNS)
-    done = tables.runs[(tables.runs["status"] == "completed") & tables.runs["m"].notna()]
+    done = tables.runs[tables.runs["status"] == "completed"]
     reference = best.loc[best["m"].idxmax()]
-    ref_acc = _accuracy_by_seed(done, reference["m"], reference["rho"])
+    ref_acc = _accuracy_by_seed(done[done["m"] == reference["m"]], reference["rho"])
+    cells = [("msam", row["m"], row["rho"], done[done["m"] == row["m"]])
+             for _, row in best.sort_values("m", ascending=False).iterrows()]
+    cells += [(row["method"], math.nan, row["rho"], done[done["method"] == row["method"]])
+              for _, row in tables.references.dropna(subset=["test_acc_mean"]).iterrows()]
     rows = []
-    for _, cell in best.sort_values("m", ascending=False).iterrows():
-        diff = (_accuracy_by_seed(done, cell["m"], cell["rho"]) - ref_acc).dropna()
-        rows.append({"m": cell["m"], "rho": cell["rho"], "reference_m": reference["m"],
-                     "reference_rho": reference["rho"], "diff_mean": diff.mean(), "diff_std": diff.std(ddof=1),
-                     "n_pairs": int(len(diff)), "n_better": int((diff > 0).sum())})
+    for method, m, rho, runs in cells:
+        diff = (_accuracy_by_seed(runs, rho) - ref_acc).dropna()
+        rows.append({"method": "sam" if m == tables.batch_size else method, "m": m, "rho": rho,
+                     "reference_m": reference["m"], "reference_rho": reference["rho"], "diff_mean": diff.mean(),
+                     "diff_std": diff.std(ddof=1), "n_pairs": int(len(diff)), "n_better": int((diff > 0).sum())})
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
-def _accuracy_by_seed(runs: pd.DataFrame, m: float, rho: float) -> pd.Series:
-    cell = runs[(runs["m"] == m) & (runs["rho"] == rho) & runs["method"].isin(["sam", "msam"])]
+def _accuracy_by_seed(runs: pd.DataFrame, rho: float) -> pd.Series:
+    cell = runs[runs["rho"].isna()] if pd.isna(rho) else runs[runs["rho"] == rho]
     return cell.set_index("seed")["test_acc"]
 
 

@@ -184,7 +184,12 @@ def test_paired_differences_subtract_the_largest_m_seed_by_seed(tmp_path):
         ("msam", 4, 0.05): m4, ("msam", 2, 0.05): m2, ("msam", 2, 0.1): [0.5, 0.5, 0.5],
         ("sgd", None, None): [0.6, 0.6, 0.6],
     })
-    paired = paired_differences(aggregate(store, group)).set_index("m")
+    table = paired_differences(aggregate(store, group))
+    assert list(table["method"]) == ["sam", "msam", "msam", "sgd"]
+    sgd = table[table["method"] == "sgd"].iloc[0]
+    assert math.isnan(sgd["m"]) and sgd["diff_mean"] == pytest.approx(statistics.mean([-0.2, -0.3, -0.25]))
+    assert sgd["n_better"] == 0 and sgd["n_pairs"] == 3
+    paired = table.dropna(subset=["m"]).set_index("m")
     assert list(paired.index) == [16.0, 4.0, 2.0]
     assert set(paired["reference_m"]) == {16.0} and set(paired["reference_rho"]) == {0.1}
     assert paired.loc[16.0, "diff_mean"] == 0.0 and paired.loc[16.0, "n_pairs"] == 3
