@@ -4,6 +4,7 @@ every builder takes plain rows / DataFrames from `samlab.sweeps`, `samlab.msharp
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,14 +21,39 @@ REFERENCE_COLOURS = {"sgd": "#7f7f7f", "nsam": "#d62728", "rwsam": "#2ca02c"}
 
 # The lesson's digits sweep: small enough for a 2-core CPU, with label noise so that flat minima matter.
 LESSON_SWEEP_NAME = "lesson: digits m-sharpness"
+LESSON_PRESET = "digits-cnn-msharp"
+# Four ρ per m on one √2-spaced ladder, shifted down as m shrinks: the best ρ of normalised m-SAM falls
+# with m (each micro-batch is moved by the full ρ along its own gradient), so each grid brackets its
+# own optimum and every m gets the same number of tries. n-SAM (m = the whole train set) uses `rhos`.
+LESSON_RHOS_BY_M = {64: [0.2, 0.28, 0.4, 0.56], 32: [0.14, 0.2, 0.28, 0.4], 8: [0.1, 0.14, 0.2, 0.28],
+                    2: [0.05, 0.07, 0.1, 0.14]}
 
 
 def lesson_spec(seeds: int = 5) -> SweepSpec:
-    """The sweep the lesson launches (from the `digits-msharp` preset)."""
+    """The sweep the lesson launches (from the `digits-cnn-msharp` preset, batch 64)."""
     from samlab.config import preset
 
-    return SweepSpec(preset("digits-msharp"), ms=[64, 16, 4, 2], rhos=[0.05, 0.1, 0.2, 0.4], seeds=list(range(seeds)),
-                     methods=["sgd", "sam", "msam", "nsam"], name=LESSON_SWEEP_NAME)
+    return SweepSpec(preset(LESSON_PRESET), ms=sorted(LESSON_RHOS_BY_M, reverse=True), rhos=[0.1, 0.2, 0.4, 0.8],
+                     seeds=list(range(seeds)), methods=["sgd", "sam", "msam", "nsam"], name=LESSON_SWEEP_NAME,
+                     rhos_by_m={m: list(r) for m, r in LESSON_RHOS_BY_M.items()})
+
+
+def parse_rhos_by_m(text: str) -> dict[int, list[float]]:
+    """Per-m ρ grids from the Sweeps form: a JSON object m → list of ρ (empty text: none)."""
+    raw = json.loads(text or "{}")
+    if not isinstance(raw, dict):
+        raise ValueError(f"rhos_by_m: a JSON object m → list of ρ, e.g. {{\"64\": [0.2, 0.4]}} (got {text!r})")
+    grids = {}
+    for key, rhos in raw.items():
+        try:
+            m = int(key)
+        except ValueError:
+            raise ValueError(f"rhos_by_m: keys are micro-batch sizes m (got {key!r})") from None
+        if not isinstance(rhos, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                                 for r in rhos):
+            raise ValueError(f"rhos_by_m[{m}]: a list of numbers ρ > 0 (got {rhos!r})")
+        grids[m] = [float(r) for r in rhos]
+    return grids
 
 
 # -- step 1: the 2-D toy --------------------------------------------------------------------------------
@@ -182,6 +208,38 @@ def trend_sentence(best_by_m: pd.DataFrame) -> str:
             f"{100 * large['test_acc_mean']:.2f} ± {100 * _zero_if_nan(large['test_acc_std']):.2f} % at m = "
             f"{int(large['m'])}: a difference of {100 * diff:+.2f} points, {verdict} the seed spread "
             f"({100 * spread:.2f}).")
+
+
+def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences for display: one row per cell, differences in points."""
+    rows = paired.assign(
+        cell=[_cell_name(row) for _, row in paired.iterrows()],
+        diff_points=100 * paired["diff_mean"], std_points=100 * paired["diff_std"],
+        better=[f"{int(b)} of {int(n)}" for b, n in zip(paired["n_better"], paired["n_pairs"])],
+    )
+    return rows[["cell", "rho", "diff_points", "std_points", "better"]]
+
+
+def paired_sentence(paired: pd.DataFrame) -> str:
+    """Which paired differences against the largest m exceed their own seed-to-seed spread, in words."""
+    others = paired[(paired["n_pairs"] >= 2) & (paired["m"] != paired["reference_m"])]
+    if others.empty:
+        return "Not enough seeds finished in two cells to pair them yet."
+    ref = paired.iloc[0]
+    parts = []
+    for _, row in others.iterrows():
+        spread = _zero_if_nan(row["diff_std"])
+        verdict = "beyond" if abs(row["diff_mean"]) > spread else "within"
+        parts.append(f"{_cell_name(row)} {100 * row['diff_mean']:+.2f} ± {100 * spread:.2f} "
+                     f"({int(row['n_better'])} of {int(row['n_pairs'])} seeds better; {verdict} the spread)")
+    return (f"Paired by seed against m = {int(ref['reference_m'])} at ρ = {ref['reference_rho']:g}: "
+            + "; ".join(parts) + ".")
+
+
+def _cell_name(row: pd.Series) -> str:
+    if row["method"] in ("sam", "msam"):
+        return f"m = {int(row['m'])}"
+    return METHOD_NAMES.get(row["method"], row["method"])
 
 
 def _zero_if_nan(value: float) -> float:

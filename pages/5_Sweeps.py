@@ -24,23 +24,30 @@ store = ui.get_store()
 # -- launch ------------------------------------------------------------------------------------------------
 with st.expander("Launch a sweep", expanded=False):
     c = st.columns(3)
-    preset_name = params.selectbox(c[0], "base preset", "preset", sorted(PRESETS), default="digits-msharp")
+    preset_name = params.selectbox(c[0], "base preset", "preset", sorted(PRESETS), default=view.LESSON_PRESET)
     name = c[1].text_input("sweep name", value=f"{preset_name} sweep", key="sweeps.name")
     overrides_text = c[2].text_input("overrides (JSON, dotted keys)", value="{}", key="sweeps.overrides",
                                      help='e.g. {"epochs": 5, "data.label_noise": 0.1}')
     c = st.columns(4)
     methods = c[0].multiselect("methods", list(sweeps.SWEEP_METHODS), default=["sgd", "sam", "msam", "nsam"],
                                key="sweeps.methods")
-    ms_text = c[1].text_input("m values (msam)", value="16, 4, 2", key="sweeps.ms")
-    rhos_text = c[2].text_input("ρ values", value="0.1, 0.3, 0.6", key="sweeps.rhos")
+    ms_text = c[1].text_input("m values (msam)", value="32, 8, 2", key="sweeps.ms")
+    rhos_text = c[2].text_input("ρ values", value="0.1, 0.2, 0.4, 0.8", key="sweeps.rhos",
+                                help="for n-SAM, RW-SAM and every m without its own grid below")
     seeds = int(c[3].number_input("seeds", min_value=1, max_value=32, value=5, key="sweeps.seeds"))
-    lam = st.number_input("RW-SAM λ", min_value=0.0, value=5.0, key="sweeps.lam")
+    c = st.columns([3, 1])
+    rhos_by_m_text = c[0].text_input(
+        "ρ per m (JSON: m → list of ρ; m = the batch size is SAM)", key="sweeps.rhos_by_m",
+        value=json.dumps({str(m): r for m, r in view.LESSON_RHOS_BY_M.items()}),
+        help="the best ρ falls as m shrinks: give each m a grid around its own optimum ({} for none)")
+    lam = c[1].number_input("RW-SAM λ", min_value=0.0, value=5.0, key="sweeps.lam")
     error_slot = st.empty()
     try:
         base = preset(preset_name, json.loads(overrides_text or "{}"))
         spec = sweeps.SweepSpec(base, ms=[int(v) for v in ms_text.replace(",", " ").split()],
                                 rhos=[float(v) for v in rhos_text.replace(",", " ").split()],
-                                seeds=list(range(seeds)), methods=methods, lam=lam, name=name)
+                                seeds=list(range(seeds)), methods=methods, lam=lam, name=name,
+                                rhos_by_m=view.parse_rhos_by_m(rhos_by_m_text))
         configs = sweeps.sweep_configs(spec)
         st.caption(f"{len(configs)} runs; m = {base.batch_size} (the batch) is plain SAM.")
         if st.button("Launch", type="primary", key="sweeps.launch"):
@@ -94,6 +101,8 @@ st.subheader("Accuracy against m (best ρ per m)")
 ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=error), key="sweeps.acc")
 st.caption(view.seeds_caption(tables, config))
 st.markdown(view.trend_sentence(tables.best_by_m))
+paired = sweeps.paired_differences(tables)
+st.markdown(view.paired_sentence(paired))
 c = st.columns(2)
 with c[0]:
     st.subheader("m × ρ")
@@ -106,6 +115,8 @@ with st.expander("tables"):
     st.dataframe(tables.best_by_m, hide_index=True)
     st.markdown("**references**")
     st.dataframe(tables.references, hide_index=True)
+    st.markdown("**paired by seed against the largest m** (points)")
+    st.dataframe(view.paired_table(paired), hide_index=True)
     st.markdown("**runs**")
     st.dataframe(tables.runs, hide_index=True)
 

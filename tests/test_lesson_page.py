@@ -72,8 +72,16 @@ def test_lesson_renders_a_finished_sweep_with_seed_counts(store_env):
     at = app(LESSON)
     assert not any(b.label == "Launch the lesson sweep" for b in at.button)
     best = at.dataframe[0].value
-    assert set(best["m"].dropna()) == {64.0, 16.0, 4.0, 2.0}
+    assert set(best["m"].dropna()) == {64.0, 32.0, 8.0, 2.0}
     assert set(best["n_seeds"]) == {2}
+    # each m was tuned on its own grid, and the paired table subtracts m = 64 seed by seed
+    spec = lesson_spec(seeds=2)
+    for _, row in best.dropna(subset=["m"]).iterrows():
+        assert row["rho"] in spec.rhos_for(int(row["m"])) and row["rhos_tried"] == 4
+    paired = at.dataframe[1].value.set_index("cell")
+    assert paired.loc["m = 2", "diff_points"] > 0 and paired.loc["m = 64", "diff_points"] == 0
+    assert paired.loc["SGD", "better"] == "0 of 2"
+    assert any("Paired by seed against m = 64" in m.value for m in at.markdown)
     captions = " ".join(c.value for c in at.caption)
     assert "seeds [0, 1]" in captions and "runs completed" in captions
     # step 4 offers the measurement of each best-ρ model as a background run
@@ -99,3 +107,33 @@ def test_trend_sentence_compares_the_difference_with_the_seed_spread():
     noisy = clear.assign(test_acc_mean=[0.91, 0.90])
     assert "within the seed spread" in trend_sentence(noisy)
     assert "Not enough" in trend_sentence(clear.iloc[:1])
+
+
+def test_paired_sentence_says_which_differences_exceed_their_spread():
+    import pandas as pd
+
+    from dashboard.msharp_view import paired_sentence, paired_table
+
+    paired = pd.DataFrame({
+        "method": ["sam", "msam", "nsam"], "m": [64.0, 8.0, float("nan")], "rho": [0.3, 0.1, 0.4],
+        "reference_m": [64.0] * 3, "reference_rho": [0.3] * 3, "diff_mean": [0.0, 0.004, -0.012],
+        "diff_std": [0.0, 0.005, 0.002], "n_pairs": [5, 5, 5], "n_better": [0, 3, 0],
+    })
+    text = paired_sentence(paired)
+    assert text.startswith("Paired by seed against m = 64 at ρ = 0.3")
+    assert "m = 8 +0.40 ± 0.50 (3 of 5 seeds better; within the spread)" in text
+    assert "n-SAM -1.20 ± 0.20 (0 of 5 seeds better; beyond the spread)" in text
+    assert "m = 64 +0.00" not in text
+    assert list(paired_table(paired)["cell"]) == ["m = 64", "m = 8", "n-SAM"]
+    assert "Not enough" in paired_sentence(paired.iloc[:1])
+
+
+def test_per_m_grids_from_the_sweeps_form():
+    from dashboard.msharp_view import parse_rhos_by_m
+
+    assert parse_rhos_by_m('{"64": [0.2, 0.4], "2": [0.05]}') == {64: [0.2, 0.4], 2: [0.05]}
+    assert parse_rhos_by_m("") == {}
+    with pytest.raises(ValueError, match="rhos_by_m: keys"):
+        parse_rhos_by_m('{"big": [0.1]}')
+    with pytest.raises(ValueError, match=r"rhos_by_m\[4\]"):
+        parse_rhos_by_m('{"4": 0.1}')
