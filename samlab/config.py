@@ -261,8 +261,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits-cnn-msharp": {
         # The lesson's m-sharpness sweep: the small BatchNorm CNN on 512 digits with 20 % label noise.
         # m-SAM runs each micro-batch (ascent and descent) with its own BatchNorm statistics, as
-        # data-parallel SAM does per device. A 105-run sweep (samlab dashboard.msharp_view.lesson_spec)
-        # fits in minutes on a 2-core CPU with sweep workers.
+        # data-parallel SAM does per device. The lesson's 105-run sweep over m × ρ × 5 seeds fits in
+        # minutes on a 2-core CPU with sweep workers.
         "name": "digits-cnn-msharp",
         "data": {"name": "digits", "n_train": 512, "label_noise": 0.2},
         "model": {"name": "cnn", "width": 16},
