@@ -30,6 +30,10 @@ class Reporter:
         """True when the computation was asked to stop gracefully (checkpoint, then return)."""
         return False
 
+    def sync(self) -> None:
+        """Make everything reported so far durable. Called before each checkpoint is written, so a
+        run resumed from that checkpoint after a crash has no hole in its curves."""
+
 
 class ConsoleReporter(Reporter):
     """Progress bar on a terminal (stderr), plain lines when stderr is not a TTY."""

@@ -367,6 +367,7 @@ class _Engine:
         return contextlib.nullcontext()
 
     def _save(self, state: _State, epoch_gen_state: torch.Tensor) -> Path:
+        self.reporter.sync()  # metrics up to this checkpoint are stored before it exists
         path = self.workdir / CHECKPOINT
         payload = {
             "config": self.cfg.to_json(),

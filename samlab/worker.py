@@ -104,6 +104,10 @@ class StoreReporter(Reporter):
         self._closing.set()
         if self._thread is not None:
             self._thread.join()
+        self.sync()
+
+    def sync(self) -> None:
+        """Write everything buffered now, retrying: the engine calls it before each checkpoint."""
         for attempt in range(10):
             if self.flush():
                 return

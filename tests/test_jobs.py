@@ -268,7 +268,15 @@ def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_
     cfg = preset("digits-mlp", {"epochs": 6, "batch_size": 32, "data.n_train": 256, "model.width": 32,
                                 "checkpoint_every": 1})
     reference_reporter = RecordingReporter()
-    reference = run(cfg, reference_reporter, workdir=tmp_path / "reference")
+    # bit-identical only at the same thread count (reduction order): use the worker's slot threads
+    from samlab.executors import local_slots
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(local_slots()[0].env["OMP_NUM_THREADS"]))
+    try:
+        reference = run(cfg, reference_reporter, workdir=tmp_path / "reference")
+    finally:
+        torch.set_num_threads(threads)
     assert reference.status == "completed"
 
     run_id = jobs.submit(cfg, store=store)

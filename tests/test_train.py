@@ -152,3 +152,18 @@ def test_curvature_and_noise_are_logged_every_n_steps_on_a_fixed_subset():
     assert sorted(s for s, v in rows.items() if "trace_v" in v) == [4, 8]
     assert all(rows[s]["lambda_max"] > 0 for s in (3, 6))
     assert all(rows[s]["trace_v"] > 0 for s in (4, 8))
+
+
+def test_every_metric_is_reported_and_synced_before_each_checkpoint(tmp_path):
+    class SyncLog(RecordingReporter):
+        def __init__(self):
+            super().__init__()
+            self.synced_at = []
+
+        def sync(self):
+            self.synced_at.append(max((s for k, s, _ in self.rows if k == "step"), default=0))
+
+    rec = SyncLog()
+    run(tiny("epochs=3", "log_every=2"), rec, workdir=tmp_path)
+    # one sync per epoch checkpoint plus the final one, each after that epoch's last step was reported
+    assert rec.synced_at == [4, 8, 12, 12]
