@@ -246,7 +246,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
     },
     "digits-msharp": {
-        # The m-sharpness sweep of the lesson: 512 digits with 20 % label noise, a one-hidden-layer MLP,
+        # An MLP variant of the m-sharpness sweep: 512 digits with 20 % label noise, one hidden layer,
         # small enough for a 5-seed m × ρ sweep on a 2-core CPU (see samlab.sweeps).
         "name": "digits-msharp",
         "data": {"name": "digits", "n_train": 512, "label_noise": 0.2},
