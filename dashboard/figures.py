@@ -23,6 +23,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 REFERENCE_COLOR = "rgba(128, 128, 128, 0.8)"
+# Low → high score in mid-tone colours: every line reads on a white and on a dark background
+# (the dark end of Viridis vanishes on the dark theme).
+SCORE_COLORSCALE = [[0.0, "#d62728"], [0.35, "#ff7f0e"], [0.65, "#2ca02c"], [1.0, "#1f77b4"]]
 
 X_AXES: dict[str, str] = {
     "step": "optimizer step",
@@ -204,7 +207,7 @@ def run_panel_figure(
                     x=rows[x].to_numpy(), y=values, name=label, legendgroup=label,
                     showlegend=label not in shown_labels,
                     mode="lines" if is_step and len(rows) > 30 else "lines+markers",
-                    opacity=0.45 if is_step and axis_metric in ("train_loss", "test_acc") else 1.0,
+                    opacity=0.8 if is_step and axis_metric in ("train_loss", "test_acc") else 1.0,
                     line={"color": _SERIES_COLOURS.get(label, _palette(0)), "width": 1.5 if is_step else 2.5},
                     marker={"size": 6},
                     hovertemplate=_hovertemplate(label, x_axis_title(x), metric_axis_title(name, task)),
@@ -247,7 +250,7 @@ def parallel_coordinates_figure(
     if score is not None and score.notna().any():
         line = {
             "color": score.fillna(score.min()).to_numpy(),
-            "colorscale": "Viridis",
+            "colorscale": SCORE_COLORSCALE,
             "showscale": True,
             "colorbar": {"title": {"text": _column_title(color)}},
         }
@@ -283,16 +286,36 @@ COLUMN_TITLES: dict[str, str] = {
 }
 
 
+# Hyperparameter axes of the parallel-coordinates plot (summary-table column → axis title).
+HYPERPARAMETER_TITLES: dict[str, str] = {
+    "rho": "ρ",
+    "m": "m (samples / perturbation)",
+    "lam": "λ (RW-SAM)",
+    "lr": "learning rate",
+    "batch_size": "batch size",
+    "label_noise": "label noise",
+    "n_train": "train samples",
+    "weight_decay": "weight decay",
+}
+NOT_SET = "none"  # the tick of a run that has no value for a hyperparameter (m of an SGD run)
+
+
 def _column_title(name: str) -> str:
-    return COLUMN_TITLES.get(name, name)
+    return COLUMN_TITLES.get(name) or HYPERPARAMETER_TITLES.get(name, name.replace("_", " "))
 
 
 def _parcoords_dimension(name: str, column: pd.Series) -> dict:
+    """A numeric axis when every run has a number; otherwise one tick per value, so that a run
+    without a value (plotly drops a line with a NaN on any axis) is still drawn, at `none`."""
     numeric = pd.to_numeric(column, errors="coerce")
-    if numeric.notna().sum() == column.notna().sum() and column.notna().any():
+    if numeric.notna().all():
         return {"label": _column_title(name), "values": numeric.to_numpy()}
-    labels = column.astype(str)
-    categories = sorted(labels.unique())
+    if numeric.notna().sum() == column.notna().sum():  # numbers and gaps: numeric order, gaps first
+        labels = numeric.map(lambda v: NOT_SET if pd.isna(v) else f"{v:g}")
+        categories = [NOT_SET] * bool(numeric.isna().any()) + [f"{v:g}" for v in sorted(numeric.dropna().unique())]
+    else:
+        labels = column.map(lambda v: NOT_SET if pd.isna(v) else str(v))
+        categories = sorted(labels.unique())
     codes = labels.map({c: i for i, c in enumerate(categories)}).to_numpy()
     return {"label": _column_title(name), "values": codes, "tickvals": list(range(len(categories))),
             "ticktext": categories}
@@ -300,7 +323,7 @@ def _parcoords_dimension(name: str, column: pd.Series) -> dict:
 
 # Fixed meaning across the panel's subplots: the same colour is the same series everywhere.
 _SERIES_COLOURS = {
-    "train (per step)": "#1f77b4",
+    "train (per step)": "#6baed6",  # lighter than the epoch curve: reads on dark too
     "train (epoch)": "#1f77b4",
     "test (epoch)": "#ff7f0e",
     "L(w+ε) − L(w)": "#2ca02c",

@@ -81,8 +81,10 @@ def test_parallel_coordinates_drop_constant_axes_and_name_categories():
                           "final_test_acc": [91.0, 88.0, 93.0]})
     fig = figures.parallel_coordinates_figure(table, ["method", "rho", "lr", "missing"])
     dims = fig.data[0].dimensions
-    assert [d.label for d in dims] == ["method", "rho", "final test acc (%)"]
+    assert [d.label for d in dims] == ["method", "ρ", "final test acc (%)"]
     assert list(dims[0].ticktext) == ["msam", "sam", "sgd"] and list(dims[0].values) == [1, 2, 0]
+    # plotly drops a line with a NaN on any axis: the SGD run (no ρ) sits on a "none" tick instead
+    assert list(dims[1].ticktext) == ["none", "0.05", "0.1"] and list(dims[1].values) == [1, 0, 2]
     assert fig.data[0].line.colorbar.title.text == "final test acc (%)"
 
 
