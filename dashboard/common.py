@@ -402,6 +402,13 @@ def metric_times(run_ids: Sequence[str]):
 
 
 # -- view state in the URL ----------------------------------------------------------------------------------
+def step_format(step: float) -> str:
+    """A slider's printf format with as many decimals as its step: 5 (not 5.00) for a count, 0.025 (not
+    0.03) for a step of 0.005."""
+    decimals = f"{step:.10f}".rstrip("0").partition(".")[2]
+    return f"%0.{len(decimals)}f"
+
+
 class ViewParams:
     """Widgets whose values live in the URL query parameters, so a view can be shared and reloaded.
 
@@ -459,7 +466,7 @@ class ViewParams:
     def slider(self, where: Any, label: str, name: str, lo: float, hi: float, *, default: float,
                step: float) -> float:
         key = self._prepare(name, float, default, lambda v: min(max(float(v), lo), hi))
-        value = where.slider(label, lo, hi, step=step, key=key)
+        value = where.slider(label, lo, hi, step=step, key=key, format=step_format(step))
         self.values[name] = f"{value:g}"
         return value
 
