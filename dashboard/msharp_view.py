@@ -62,11 +62,14 @@ def toy_figure(grid: dict[str, list], path: Sequence[dict[str, Any]], upto: int,
     """Contours of the toy loss, the SAM iterates up to step `upto`, and step `upto`'s anatomy:
     the gradient direction, the ascent point w + ε and the descent step −lr ∇L(w + ε)."""
     fig = go.Figure(go.Contour(x=grid["x"], y=grid["y"], z=grid["z"], colorscale="Viridis", ncontours=30,
-                               showscale=False, name="loss"))
+                               colorbar={"title": {"text": "loss L(w)"}}, name="loss",
+                               hovertemplate="w₁ %{x:.3f}, w₂ %{y:.3f}<br>loss %{z:.4g}<extra></extra>"))
     if gd_path:
         xs = [p["w"][0] for p in gd_path] + [gd_path[-1]["next"][0]]
         ys = [p["w"][1] for p in gd_path] + [gd_path[-1]["next"][1]]
-        fig.add_scatter(x=xs, y=ys, mode="lines", line={"color": "white", "dash": "dot"}, name="gradient descent")
+        # pink, not white: the legend's sample must read on the light theme's white background too
+        fig.add_scatter(x=xs, y=ys, mode="lines", line={"color": "#e377c2", "dash": "dot", "width": 2.5},
+                        name="gradient descent")
     shown = path[: upto + 1]
     fig.add_scatter(x=[p["w"][0] for p in shown], y=[p["w"][1] for p in shown], mode="lines+markers",
                     marker={"size": 4, "color": "orange"}, line={"color": "orange"}, name="SAM iterates")
@@ -76,8 +79,11 @@ def toy_figure(grid: dict[str, list], path: Sequence[dict[str, Any]], upto: int,
                     line={"color": "red", "width": 3}, marker={"symbol": "arrow", "angleref": "previous", "size": 12})
     fig.add_scatter(x=[w[0], nxt[0]], y=[w[1], nxt[1]], mode="lines+markers", name="descent −lr ∇L(w + ε)",
                     line={"color": "cyan", "width": 3}, marker={"symbol": "arrow", "angleref": "previous", "size": 12})
-    fig.update_layout(xaxis_title="w₁", yaxis_title="w₂", height=480, legend={"orientation": "h", "y": -0.15})
-    fig.update_yaxes(scaleanchor="x", scaleratio=1)
+    # equal scales so circles look round; the legend above the plot keeps clear of the w₁ title
+    fig.update_layout(xaxis_title="weight w₁", yaxis_title="weight w₂", height=560, margin={"t": 60, "b": 50},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "center", "x": 0.5})
+    fig.update_xaxes(range=[min(grid["x"]), max(grid["x"])], constrain="domain")
+    fig.update_yaxes(range=[min(grid["y"]), max(grid["y"])], scaleanchor="x", scaleratio=1, constrain="domain")
     return fig
 
 
