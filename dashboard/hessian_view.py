@@ -70,6 +70,8 @@ def density_figure(results: Labelled, log_scale: bool = True) -> go.Figure:
     fig.update_layout(height=380, xaxis_title="eigenvalue λ", legend_title="run", margin={"t": 40},
                       yaxis_title="density (log scale)" if log_scale else "density",
                       yaxis_type="log" if log_scale else "linear")
+    if log_scale:  # 10⁻⁶, not plotly's SI "1µ", for a density
+        fig.update_yaxes(exponentformat="power", dtick=2)
     return fig
 
 
@@ -119,7 +121,8 @@ def layer_figure(results: Labelled) -> go.Figure:
     if not fig.data:
         return empty_figure("no per-layer spectra yet")
     fig.update_layout(barmode="group", height=360, yaxis_type="log", yaxis_title="λ_max of the layer's block",
-                      legend_title="run", margin={"t": 40})
+                      xaxis_title="layer (its diagonal Hessian block)", legend_title="run", margin={"t": 40})
+    fig.update_yaxes(dtick=1, exponentformat="power")  # one tick per decade, not "5, 2" between them
     return fig
 
 

@@ -88,9 +88,16 @@ st.subheader("λ_max during training")
 st.caption("The top eigenvalue measured every N steps on a fixed subset (Train page: 'λ_max every (steps)'), "
            "with 2/η(step) dashed: under full-batch gradient descent λ_max rises to 2/η and hovers there "
            "(edge of stability, Cohen et al. 2021); SAM and small m keep it lower.")
-trajectory_ids = ui.run_picker("runs", key="hessian.trajectory_runs", multi=True,
-                               statuses=("completed", "running", "cancelled"), default=run_ids or None)
-if trajectory_ids:
+if run_ids and not st.session_state.get("hessian.trajectory_runs"):
+    st.session_state["hessian.trajectory_runs"] = list(run_ids)  # follow the runs above until picked here
+TRAJECTORY_STATUSES = ("completed", "running", "cancelled")
+trajectory_ids = ui.run_picker("runs", key="hessian.trajectory_runs", multi=True, statuses=TRAJECTORY_STATUSES,
+                               default=run_ids or None)
+if not trajectory_ids:
+    if ui.list_runs(status=list(TRAJECTORY_STATUSES), limit=1):  # else the picker's empty state said it
+        st.info("Pick runs to draw their λ_max over training; only runs trained with 'λ_max every (steps)' > 0 "
+                "have these measurements.", icon=ui.ICON_INFO)
+else:
     trajectory_labels = ui.run_labels([ui.get_store().get_run(i) for i in trajectory_ids])
 
     @ui.live(5.0)
