@@ -15,6 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dashboard.figures import _PALETTE
+
 AXIS_UNIT = "filter-normalized units"
 
 
@@ -60,7 +62,8 @@ def contour_figure(result: dict[str, Any], index: int, log_scale: bool = False,
     fig = go.Figure()
     fig.add_contour(x=xs, y=ys, z=z, colorscale="Viridis", ncontours=30, name=run["label"],
                     zmin=zrange[0] if zrange else None, zmax=zrange[1] if zrange else None,
-                    colorbar={"title": _loss_title(log_scale)}, contours={"showlabels": True})
+                    colorbar=_colorbar(log_scale), contours={"showlabels": True},
+                    hovertemplate=f"δ %{{x:.3g}}, η %{{y:.3g}}<br>{_loss_title(log_scale)} %{{z:.4g}}<extra></extra>")
     trajectory = run.get("trajectory") or {}
     if trajectory.get("x"):
         fig.add_scatter(x=trajectory["x"], y=trajectory["y"], mode="lines+markers", name="trajectory",
@@ -69,8 +72,13 @@ def contour_figure(result: dict[str, Any], index: int, log_scale: bool = False,
     fig.add_scatter(x=[0.0], y=[0.0], mode="markers", name="solution", marker={"symbol": "x", "size": 10,
                     "color": "red"})
     fig.update_layout(title=run["label"], xaxis_title=f"δ ({AXIS_UNIT})", yaxis_title=f"η ({AXIS_UNIT})",
-                      legend={"orientation": "h"})
+                      legend={"orientation": "h"}, height=480)
     return fig
+
+
+def _colorbar(log_scale: bool) -> dict[str, Any]:
+    # the title along the bar: written across the top it is wider than the bar and squeezes the plot
+    return {"title": {"text": _loss_title(log_scale), "side": "right"}}
 
 
 def surface_figure(result: dict[str, Any], index: int, log_scale: bool = False,
@@ -80,7 +88,7 @@ def surface_figure(result: dict[str, Any], index: int, log_scale: bool = False,
     xs, ys = result["axes"]
     z = _values(run.get("loss", [[None] * len(ys)] * len(xs)), log_scale).T
     fig = go.Figure(go.Surface(x=xs, y=ys, z=z, colorscale="Viridis", cmin=zrange[0] if zrange else None,
-                               cmax=zrange[1] if zrange else None, colorbar={"title": _loss_title(log_scale)},
+                               cmax=zrange[1] if zrange else None, colorbar=_colorbar(log_scale),
                                name=run["label"]))
     fig.update_layout(title=run["label"], scene={"xaxis_title": f"δ ({AXIS_UNIT})",
                       "yaxis_title": f"η ({AXIS_UNIT})", "zaxis_title": _loss_title(log_scale)})
@@ -98,21 +106,28 @@ def interpolation_figure(result: dict[str, Any], log_scale: bool = False) -> go.
     """Train and test loss (left axis) and accuracy (right axis) along (1 − α) θ_a + α θ_b."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     alphas = result["alphas"]
-    for split, dash in (("train", "solid"), ("test", "dash")):
+    # colour = split, line style = quantity: loss solid on the left axis, accuracy dotted on the right
+    for index, split in enumerate(("train", "test")):
         entry = result.get(split) or {}
+        colour = _PALETTE[index]
         if "loss" in entry:
-            fig.add_scatter(x=alphas, y=entry["loss"], name=f"{split} loss", line={"dash": dash},
+            fig.add_scatter(x=alphas, y=entry["loss"], name=f"{split} loss (left)", line={"color": colour, "width": 2.5},
+                            hovertemplate=f"α %{{x:.3g}}<br>{split} loss %{{y:.4g}}<extra></extra>",
                             secondary_y=False)
             fig.add_scatter(x=alphas, y=[None if a is None else 100 * a for a in entry["accuracy"]],
-                            name=f"{split} accuracy", line={"dash": dash, "width": 1}, opacity=0.6,
+                            name=f"{split} accuracy (right)", line={"color": colour, "dash": "dot", "width": 1.5},
+                            hovertemplate=f"α %{{x:.3g}}<br>{split} accuracy %{{y:.2f}}%<extra></extra>",
                             secondary_y=True)
     labels = [run["label"] for run in result["runs"]]
     for alpha, label in zip((0.0, 1.0), labels):
         fig.add_vline(x=alpha, line={"dash": "dot", "color": "gray"}, annotation_text=label)
     fig.update_xaxes(title_text="α (0 = first run, 1 = second run)")
-    fig.update_yaxes(title_text="loss (cross-entropy)", type="log" if log_scale else "linear", secondary_y=False)
-    fig.update_yaxes(title_text="accuracy (%)", secondary_y=True)
-    fig.update_layout(legend={"orientation": "h"})
+    fig.update_yaxes(title_text="loss (cross-entropy, nats)", type="log" if log_scale else "linear", secondary_y=False)
+    # the right axis picks its own round ticks (synced ticks give values like 90.298) and draws no grid
+    fig.update_yaxes(title_text="accuracy (%)", secondary_y=True, tickmode="auto", showgrid=False)
+    # the legend above the plot: below it, it runs into the α title
+    fig.update_layout(height=440, margin={"t": 80},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.08, "xanchor": "left", "x": 0.0})
     return fig
 
 
