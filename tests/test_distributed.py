@@ -8,7 +8,6 @@ with synchronized perturbations it is plain SAM over the global batch.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,17 +22,12 @@ from samlab.config import preset
 from samlab.distributed import DataParallel, check_parallel_config
 from samlab.optim import sharpness_gradient
 from samlab.train import run
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD = 2
 BATCH = 16
 RHO = 0.2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +81,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
     # fork, not spawn: the ranks start from this process's imports in a fraction of the time
-    mp.start_processes(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -21,6 +21,7 @@ from samlab import jobs, tasks
 from samlab.config import preset
 from samlab.executors import REPO_ROOT, hostname, pid_alive, worker_command
 from samlab.store import Store
+from tests.helpers import wait_for
 
 TEST_ENV = {
     "SAMLAB_TASKS": "count=tests.job_tasks,boom=tests.job_boom",
@@ -51,16 +52,6 @@ def store(tmp_path: Path, monkeypatch) -> Store:
             proc.kill()
         proc.wait()
     jobs._spawned.clear()
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def k_steps(store: Store, run_id: str) -> list[int]:

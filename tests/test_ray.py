@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from samlab import jobs, sweeps  # noqa: E402
 from samlab.executors import describe_backend  # noqa: E402
 from samlab.ray_executor import submission_id  # noqa: E402
 from samlab.store import FINAL, Store  # noqa: E402
+from tests.helpers import free_port, wait_for  # noqa: E402
 from tests.pg_fixtures import PG_URL, fresh_schema_url  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -34,20 +34,14 @@ REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """`ray start --head --block` in its own process group; the group is ended at teardown."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay short
-    dashboard = _free_port()
+    dashboard = free_port()
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--port={free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", "--object-store-memory=100000000", f"--temp-dir={temp}",
          "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=temp,
@@ -97,16 +91,6 @@ def env(cluster, tmp_path, monkeypatch):
         store.dispose()
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
 def _job_ended(client: JobSubmissionClient, ref: str):
     status = client.get_job_status(ref)
     return status if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None
@@ -141,7 +125,7 @@ def test_a_tiny_training_sweep_runs_end_to_end_through_the_jobs_api(env):
     ref = submission_id(group)
     runs = store.list_runs(group=group)
     assert len(runs) == 2 and {r["executor_ref"] for r in runs} == {ref}
-    assert _wait(lambda: _job_ended(client, ref), 150, "the sweep's Ray job") == JobStatus.SUCCEEDED
+    assert wait_for(lambda: _job_ended(client, ref), 150, "the sweep's Ray job") == JobStatus.SUCCEEDED
     elapsed = time.monotonic() - t0
     print(f"\ntiny Ray sweep (2 runs, submit to all completed): {elapsed:.1f}s")
     for run in store.list_runs(group=group):
@@ -162,16 +146,16 @@ def test_cancel_of_a_running_sweep_stops_its_job_and_the_runs_checkpoint(env, tm
     group = jobs.submit_sweep([{"steps": 100_000, "sleep": 0.02, "checkpoint_every": 10_000}] * 2, "long",
                               kind="count", store=store)
     ref = submission_id(group)
-    _wait(lambda: all(r["status"] == "running" for r in store.list_runs(group=group))
+    wait_for(lambda: all(r["status"] == "running" for r in store.list_runs(group=group))
           and all(len(store.metrics([r["id"]])) > 0 for r in store.list_runs(group=group)), 90,
           "both runs to run and write metrics")
     assert sweeps.cancel(group, store=store) == 2
-    final = _wait(lambda: _all_final(store, group), 60, "the runs to end")
+    final = wait_for(lambda: _all_final(store, group), 60, "the runs to end")
     assert {r["status"] for r in final} == {"cancelled"}
     for run in final:
         assert (Path(run["workdir"]) / "state.json").is_file()  # the task checkpointed on the way out
         assert run["error"] is None  # a graceful stop, not a kill
-    assert _wait(lambda: _job_ended(client, ref), 60, "the job to end") == JobStatus.STOPPED
+    assert wait_for(lambda: _job_ended(client, ref), 60, "the job to end") == JobStatus.STOPPED
 
 
 def test_reconcile_after_the_submitting_process_restarts(env):
@@ -186,15 +170,15 @@ def test_reconcile_after_the_submitting_process_restarts(env):
     lost_ref = submission_id(lost)
     store.assign_executor([lost], "ray", lost_ref)
     client.submit_job(entrypoint=f"{sys.executable} -c 'raise SystemExit(4)'", submission_id=lost_ref)
-    _wait(lambda: _job_ended(client, lost_ref), 60, "the failing job")
+    wait_for(lambda: _job_ended(client, lost_ref), 60, "the failing job")
     # the restarted UI reconciles from the store and the cluster's job status
     out = _python("from samlab import jobs; print(jobs.reconcile())", values)
     assert out.returncode == 0, out.stderr
     lost_run = store.get_run(lost)
     assert lost_run["status"] == "failed" and f"Ray job {lost_ref} ended (FAILED" in lost_run["error"]
     assert lost in out.stdout
-    assert _wait(lambda: _job_ended(client, ref), 90, "the resubmitted job") == JobStatus.SUCCEEDED
-    for run in _wait(lambda: _all_final(store, group), 30, "the orphaned runs"):
+    assert wait_for(lambda: _job_ended(client, ref), 90, "the resubmitted job") == JobStatus.SUCCEEDED
+    for run in wait_for(lambda: _all_final(store, group), 30, "the orphaned runs"):
         assert run["status"] == "completed", run["error"]
         assert store.get_run(run["id"])["result"]["total"] == sum(range(run["params"]["steps"]))
     assert _no_foreign_drivers(client)
