@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from dashboard.figures import empty_figure
 from samlab.config import RunConfig
 from samlab.sweeps import SweepSpec
 
@@ -143,10 +144,19 @@ def accuracy_vs_m_figure(best_by_m: pd.DataFrame, references: pd.DataFrame, *, e
         fig.add_hline(y=value, line_dash="dash", line_color=REFERENCE_COLOURS.get(ref["method"], "black"),
                       annotation_text=f"{METHOD_NAMES.get(ref['method'], ref['method'])}{rho} "
                                       f"({int(ref['n_seeds'])} seeds)")
-    fig.update_xaxes(type="log", title="m (samples per perturbation)", autorange="reversed")
+    _m_axis(fig, best_by_m)
     fig.update_yaxes(title="test error (%)" if error else "test accuracy (%)")
-    fig.update_layout(height=420)
+    # the legend names the curve even when it is the only trace (the references are labelled lines)
+    fig.update_layout(height=420, showlegend=True, margin={"t": 40},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0.0})
     return fig
+
+
+def _m_axis(fig: go.Figure, best_by_m: pd.DataFrame) -> None:
+    """Log m axis, large m on the left (m falls to the right), one tick at each m of the sweep."""
+    ms = sorted(best_by_m["m"].unique().tolist()) if not best_by_m.empty else None
+    fig.update_xaxes(type="log", title="m (samples per perturbation, log scale)", autorange="reversed",
+                     tickvals=ms, ticktext=[f"{m:g}" for m in ms] if ms else None)
 
 
 def _as_metric(acc: pd.Series, error: bool) -> pd.Series:
@@ -156,7 +166,7 @@ def _as_metric(acc: pd.Series, error: bool) -> pd.Series:
 def heatmap_figure(heatmap: pd.DataFrame) -> go.Figure:
     """Mean test accuracy over seeds on the m × ρ grid."""
     if heatmap.empty:
-        return go.Figure()
+        return empty_figure("no finished SAM / m-SAM runs yet")
     table = heatmap.pivot_table(index="m", columns="rho", values="test_acc_mean").sort_index(ascending=False)
     seeds = heatmap.pivot_table(index="m", columns="rho", values="n_seeds").reindex_like(table)
     fig = go.Figure(go.Heatmap(
@@ -165,7 +175,10 @@ def heatmap_figure(heatmap: pd.DataFrame) -> go.Figure:
         hovertemplate="m=%{y} ρ=%{x}<br>%{z:.2f}% (%{text} seeds)<extra></extra>",
         texttemplate="%{z:.1f}",
     ))
-    fig.update_layout(xaxis_title="ρ", yaxis_title="m", height=380)
+    # categories: the grid's values evenly spaced (as numbers the cells would stretch over 0..80)
+    fig.update_xaxes(type="category", title="ρ (perturbation radius)")
+    fig.update_yaxes(type="category", title="m (samples per perturbation)")
+    fig.update_layout(height=380)
     return fig
 
 
@@ -176,8 +189,8 @@ def gap_figure(best_by_m: pd.DataFrame) -> go.Figure:
         data = best_by_m.sort_values("m")
         fig.add_scatter(x=data["m"], y=100 * data["gap_mean"], mode="lines+markers",
                         error_y={"type": "data", "array": 100 * data["gap_std"].fillna(0)}, name="gap")
-    fig.update_xaxes(type="log", title="m (samples per perturbation)", autorange="reversed")
-    fig.update_yaxes(title="train − test accuracy (%)")
+    _m_axis(fig, best_by_m)
+    fig.update_yaxes(title="train − test accuracy (points)")
     fig.update_layout(height=380)
     return fig
 
