@@ -117,7 +117,8 @@ if group is not None:
     else:
         ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=True),
                        key="lesson.acc")
-        st.caption(view.seeds_caption(tables, spec.base))
+        # describe the runs as they were trained (the preset may have changed since the sweep ran)
+        st.caption(view.seeds_caption(tables, ui.run_config(store.get_run(tables.runs.iloc[0]["run_id"]))))
         st.markdown(view.trend_sentence(tables.best_by_m))
         paired = sweeps.paired_differences(tables)
         st.markdown(view.paired_sentence(paired))
@@ -185,6 +186,18 @@ else:
                    "step at ρ = 0.1, tr V with 1/n.")
 
 # -- step 5 ------------------------------------------------------------------------------------------------
+@st.cache_data(show_spinner="computing per-sample gradient norms…", max_entries=16)
+def rwsam_demo_weights(checkpoint: str, modified: float, lam: float) -> dict:
+    """RW-SAM weights on the first 256 training samples (exact norms); cached per checkpoint version and λ
+    so that moving another slider on the page does not reload the model and its data."""
+    from samlab.noise import rwsam_weights
+    from samlab.train import load_trained
+
+    trained = load_trained(checkpoint)
+    x, y = trained.data.x_train[:256], trained.data.y_train[:256]
+    return rwsam_weights(trained.model, trained.loss_fn, x, y, lam, estimator="exact")
+
+
 st.header("5 · RW-SAM: m-SAM's regularizer without micro-batches")
 st.markdown(
     "RW-SAM (Luo et al. 2025) keeps one perturbation but weights the samples by p = softmax(λ s), "
@@ -194,18 +207,13 @@ st.markdown(
 if tables is None or tables.runs.empty:
     ui.empty_state("Uses a trained model of the step-3 sweep.")
 else:
-    from samlab.noise import rwsam_weights
-    from samlab.train import load_trained
-
     lam = params.slider(st, "λ", "lam", 0.0, 20.0, default=5.0, step=0.5)
     done = tables.runs[tables.runs["status"] == "completed"]
     if not done.empty:
         run = store.get_run(done.iloc[0]["run_id"])
         checkpoint = run.get("checkpoint_path") or str(Path(run["workdir"] or "") / CHECKPOINT)
         if Path(checkpoint).is_file():
-            trained = load_trained(checkpoint)
-            x, y = trained.data.x_train[:256], trained.data.y_train[:256]
-            weights = rwsam_weights(trained.model, trained.loss_fn, x, y, lam, estimator="exact")
+            weights = rwsam_demo_weights(checkpoint, Path(checkpoint).stat().st_mtime, lam)
             c = st.columns(2)
             with c[0]:
                 ui.show_figure(view.weights_figure(weights), key="lesson.weights")
