@@ -166,3 +166,52 @@ def _first_run_id(page) -> str:
     query = parse_qs(urlparse(page.url).query)
     assert query.get("runs"), f"no runs selected in {page.url}"
     return query["runs"][0].split(",")[0]
+
+
+PAGES = {"home": "", "train": "Train", "runs": "Runs", "hessian": "Hessian", "landscape": "Landscape",
+         "sweeps": "Sweeps", "lesson": "Lesson_m-sharpness", "stability": "Stability"}
+BUSY = ('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"], '
+        '[data-stale="true"], [data-testid="stSkeleton"]')
+
+
+def _settle(page, quiet_checks: int = 3, timeout_s: float = 60.0) -> None:
+    """Wait until the script run is over: no running indicator and no stale element, several checks in a row."""
+    quiet, deadline = 0, time.monotonic() + timeout_s
+    while quiet < quiet_checks and time.monotonic() < deadline:
+        quiet = quiet + 1 if page.locator(BUSY).count() == 0 else 0
+        page.wait_for_timeout(400)
+
+
+def _finished_run(store_url: str) -> None:
+    """A real tiny run trained by a background worker through the CLI, waited for."""
+    env = {**os.environ, "SAMLAB_STORE": store_url, "PYTHONPATH": str(ROOT), "SAMLAB_SCHEDULER_IDLE_S": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "samlab", "submit", "--preset", "digits-mlp", "--set", "epochs=2",
+         "--set", "data.n_train=128", "--set", "batch_size=32", "--name", "browser-tour", "--wait"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, f"the tiny run did not complete:\n{done.stdout}\n{done.stderr}"
+
+
+def test_every_page_renders_without_an_exception(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    _finished_run(f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}")  # the store the server fixture reads
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
+            page.set_default_timeout(60_000)
+            for slug, path in PAGES.items():
+                page.goto(f"{server}/{path}")
+                expect(page.locator("h1").first).to_be_visible()
+                _settle(page)
+                page.screenshot(path=str(SHOTS / f"tour_{slug}.png"), full_page=True)
+                expect(page.locator('[data-testid="stException"]'), f"exception on {slug}").to_have_count(0)
+                expect(page.get_by_text("Traceback"), f"traceback on {slug}").to_have_count(0)
+            # the finished run is listed where runs are picked, so the pages were drawn with data
+            page.goto(f"{server}/Runs")
+            expect(page.locator('[data-testid="stDataFrame"]').get_by_text("completed", exact=True)).to_have_count(1)
+        finally:
+            browser.close()
