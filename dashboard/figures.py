@@ -162,6 +162,8 @@ def curves_figure(
         )
     _finish_layout(fig, x_title=x_axis_title(x), y_title=y_title, title=title, height=height)
     fig.update_layout(showlegend=True)  # name the run even when there is only one
+    if _few_whole_numbers([c.x for c in curves]):
+        fig.update_xaxes(dtick=1)  # epochs 1, 2, 3 — not ticks at 1.2, 1.4, …
     if log_y:
         fig.update_yaxes(type="log")
     return fig
@@ -347,6 +349,13 @@ def _short_axis_title(metric: str, task: str | None) -> str:
     if metric == "sharpness":
         return f"L(w+ε) − L(w) ({unit})"
     return metric_axis_title(metric, task)
+
+
+def _few_whole_numbers(xs: Sequence[np.ndarray], most: int = 20) -> bool:
+    """True when every x is a whole number and they span at most `most` units (a short run by epoch)."""
+    values = np.concatenate([np.asarray(x, dtype=float) for x in xs]) if xs else np.array([])
+    values = values[np.isfinite(values)]
+    return bool(values.size) and bool(np.all(values == np.round(values))) and values.max() - values.min() <= most
 
 
 def _hovertemplate(label: str, x_title: str, y_title: str) -> str:
