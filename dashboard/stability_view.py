@@ -80,7 +80,7 @@ def plane_figure(
             marker={"symbol": "circle-open", "size": 14, "line": {"width": 3}},
         ))
     fig.update_layout(
-        xaxis={"title": "expected batch size B", "range": [0.5, max(Bs) + 0.5]},
+        xaxis={"title": "expected batch size B (samples)", "range": [0.5, max(Bs) + 0.5]},
         yaxis={"title": "coherence σ", "range": [0.5, max(sigmas) + 0.5]},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
         height=560, margin={"t": 90},
@@ -119,7 +119,7 @@ def model_check_figure(result: dict[str, Any]) -> go.Figure:
     z = cells.pivot(index="eta", columns="B", values="observed_fraction").loc[etas, bs].to_numpy()
     fig = go.Figure(go.Heatmap(
         x=[str(b) for b in bs], y=[f"{e:.3g}" for e in etas], z=z, zmin=0, zmax=1, colorscale="Reds",
-        colorbar={"title": "diverged runs"},
+        colorbar={"title": "diverged runs (fraction)"},
         hovertemplate="B = %{x}<br>η = %{y}<br>diverged: %{z:.0%}<extra></extra>", name="observed",
     ))
     predicted = cells[cells["predicted_diverges"]]
@@ -129,7 +129,7 @@ def model_check_figure(result: dict[str, Any]) -> go.Figure:
         name="predicted to diverge (theorem or η ≥ 2/λ_max)",
     ))
     fig.update_layout(
-        xaxis={"title": "expected batch size B", "type": "category"},
+        xaxis={"title": "expected batch size B (samples)", "type": "category"},
         yaxis={"title": "learning rate η", "type": "category"},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
         height=440, margin={"t": 80},
