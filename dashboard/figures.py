@@ -291,7 +291,7 @@ COLUMN_TITLES: dict[str, str] = {
 # Hyperparameter axes of the parallel-coordinates plot (summary-table column → axis title).
 HYPERPARAMETER_TITLES: dict[str, str] = {
     "rho": "ρ",
-    "m": "m (samples / perturbation)",
+    "m": "m (micro-batch)",
     "lam": "λ (RW-SAM)",
     "lr": "learning rate",
     "batch_size": "batch size",

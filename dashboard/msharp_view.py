@@ -178,7 +178,7 @@ def heatmap_figure(heatmap: pd.DataFrame) -> go.Figure:
     # categories: the grid's values evenly spaced (as numbers the cells would stretch over 0..80)
     fig.update_xaxes(type="category", title="ρ (perturbation radius)")
     fig.update_yaxes(type="category", title="m (samples per perturbation)")
-    fig.update_layout(height=380)
+    fig.update_layout(height=380, margin={"t": 30})
     return fig
 
 
@@ -191,7 +191,7 @@ def gap_figure(best_by_m: pd.DataFrame) -> go.Figure:
                         error_y={"type": "data", "array": 100 * data["gap_std"].fillna(0)}, name="gap")
     _m_axis(fig, best_by_m)
     fig.update_yaxes(title="train − test accuracy (points)")
-    fig.update_layout(height=380)
+    fig.update_layout(height=380, margin={"t": 30})
     return fig
 
 
