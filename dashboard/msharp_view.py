@@ -308,15 +308,24 @@ def weights_figure(weights: dict[str, Any]) -> go.Figure:
     order = sorted(range(len(weights["weights"])), key=lambda i: -weights["weights"][i])
     n = len(order)
     fig = go.Figure()
-    fig.add_bar(x=list(range(n)), y=[n * weights["weights"][i] for i in order], name="n · p_i")
-    fig.add_hline(y=1.0, line_dash="dash", annotation_text="uniform (SAM)")
-    fig.update_layout(xaxis_title="samples, by weight", yaxis_title="n · p_i", height=340)
+    # log scale: at large λ a few samples take almost all the weight and the rest fall by decades
+    fig.add_bar(x=list(range(n)), y=[max(n * weights["weights"][i], WEIGHT_FLOOR) for i in order], name="n · p_i",
+                hovertemplate="rank %{x}<br>n · p_i = %{y:.3g}<extra></extra>")
+    fig.add_hline(y=1.0, line_dash="dash", line_color=REFERENCE_COLOURS["sgd"], annotation_text="uniform (SAM)")
+    fig.update_layout(xaxis_title="samples, ranked by weight", yaxis_title="n · p_i (1 = uniform, log scale)",
+                      height=340, margin={"t": 30})
+    fig.update_yaxes(type="log", exponentformat="power")
     return fig
 
 
+WEIGHT_FLOOR = 1e-12  # weights below this are drawn at it (a log axis has no zero)
+
+
 def norms_histogram(norms: Sequence[float]) -> go.Figure:
-    fig = go.Figure(go.Histogram(x=list(norms), nbinsx=40))
-    fig.update_layout(xaxis_title="‖∇f_i(w)‖", yaxis_title="samples", height=300)
+    fig = go.Figure(go.Histogram(x=list(norms), nbinsx=40,
+                                 hovertemplate="‖∇f_i‖ %{x}<br>%{y} samples<extra></extra>"))
+    fig.update_layout(xaxis_title="per-sample gradient norm ‖∇f_i(w)‖", yaxis_title="samples (count)", height=340,
+                      margin={"t": 30})
     return fig
 
 

@@ -227,7 +227,7 @@ else:
         per_run = cost.groupby("run_id")["value"].median().rename("median step time (s)")
         methods = tables.runs.set_index("run_id")["method"]
         table = per_run.to_frame().join(methods).groupby("method")["median step time (s)"].agg(["median", "count"])
-        st.dataframe(table.rename(columns={"count": "runs"}))
+        st.dataframe(table.rename(columns={"median": "median step time (s)", "count": "runs"}))
         st.caption("Cost per step: the median over runs of each run's median logged step time, measured "
                    "during the sweep on this machine (shared; compare ratios).")
     refs = tables.references
