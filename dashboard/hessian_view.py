@@ -132,6 +132,7 @@ def lambda_max_figure(metrics: pd.DataFrame, labels: dict[str, str]) -> go.Figur
     fig = go.Figure()
     if metrics.empty or "lambda_max" not in set(metrics["name"]):
         return empty_figure("no λ_max measurements: train with 'λ_max every (steps)' > 0")
+    top = 0.0  # the y range: every λ_max and the lowest 2/η of each run, not 2/η of a decayed lr (→ ∞)
     for index, run_id in enumerate(sorted(set(metrics["run_id"]), key=lambda r: labels.get(r, r))):
         colour = _PALETTE[index % len(_PALETTE)]
         label = labels.get(run_id, run_id)
@@ -142,12 +143,16 @@ def lambda_max_figure(metrics: pd.DataFrame, labels: dict[str, str]) -> go.Figur
         fig.add_scatter(x=lam["step"], y=lam["value"], mode="lines+markers", name=label, line={"color": colour},
                         hovertemplate=f"<b>{_safe(label)}</b><br>step %{{x}}<br>λ_max %{{y:.4g}}<extra></extra>")
         lr = mine[(mine["name"] == "lr") & (mine["value"] > 0)].sort_values("step")
+        top = max(top, float(lam["value"].max()), 2 / float(lr["value"].max()) if not lr.empty else 0.0)
         if not lr.empty:
             fig.add_scatter(x=lr["step"], y=2 / lr["value"], mode="lines", name=f"2/η · {label}",
                             line={"color": colour, "dash": "dash"}, opacity=0.7,
                             hovertemplate=f"<b>2/η · {_safe(label)}</b><br>step %{{x}}<br>%{{y:.4g}}<extra></extra>")
-    fig.update_layout(height=380, xaxis_title="step", yaxis_title="top Hessian eigenvalue λ_max",
+    fig.update_layout(height=380, xaxis_title="optimizer step", yaxis_title="top Hessian eigenvalue λ_max",
                       legend_title="run", margin={"t": 40})
+    if top > 0:
+        fig.update_yaxes(range=[min(0.0, float(metrics.loc[metrics["name"] == "lambda_max", "value"].min())),
+                                1.2 * top])
     return fig
 
 

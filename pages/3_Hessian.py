@@ -88,8 +88,10 @@ st.subheader("λ_max during training")
 st.caption("The top eigenvalue measured every N steps on a fixed subset (Train page: 'λ_max every (steps)'), "
            "with 2/η(step) dashed: under full-batch gradient descent λ_max rises to 2/η and hovers there "
            "(edge of stability, Cohen et al. 2021); SAM and small m keep it lower.")
-if run_ids and not st.session_state.get("hessian.trajectory_runs"):
-    st.session_state["hessian.trajectory_runs"] = list(run_ids)  # follow the runs above until picked here
+# the trajectory picker follows the runs compared above until the user changes it
+followed = st.session_state.get("hessian.trajectory_followed")
+if run_ids and st.session_state.get("hessian.trajectory_runs") in (None, [], followed):
+    st.session_state["hessian.trajectory_runs"] = st.session_state["hessian.trajectory_followed"] = list(run_ids)
 TRAJECTORY_STATUSES = ("completed", "running", "cancelled")
 trajectory_ids = ui.run_picker("runs", key="hessian.trajectory_runs", multi=True, statuses=TRAJECTORY_STATUSES,
                                default=run_ids or None)

@@ -549,7 +549,10 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
     summary = at.dataframe[0].value
     assert summary["λ_max"].iloc[0] == pytest.approx(result["eigenvalues"]["largest"]["values"][0])
     assert summary["trace"].iloc[0] == pytest.approx(result["trace"]["mean"])
-    assert [c.key for c in at.get("plotly_chart")] == ["hessian.eigenvalues", "hessian.density", "hessian.layers"]
+    # the λ_max-trajectory picker follows the runs compared above, so its chart is drawn too
+    assert [c.key for c in at.get("plotly_chart")] == ["hessian.eigenvalues", "hessian.density", "hessian.layers",
+                                                        "hessian.trajectory"]
+    assert at.multiselect(key="hessian.trajectory_runs").value == [train_id]
     at.multiselect(key="hessian.trajectory_runs").set_value([train_id]).run()
     assert not at.exception
     trajectory = [c for c in at.get("plotly_chart") if c.key == "hessian.trajectory"]
