@@ -76,11 +76,14 @@ def _normalise(kind: str, config_or_params: RunConfig | dict[str, Any]) -> dict[
     return params
 
 
+def _label(kind: str, params: dict[str, Any]) -> str:
+    """What distinguishes a run: its hyperparameters for training, its kind for an analysis."""
+    return RunConfig.from_dict(params).label() if kind == "train" else kind
+
+
 def _default_name(kind: str, params: dict[str, Any]) -> str:
-    if kind == "train":
-        cfg = RunConfig.from_dict(params)
-        return cfg.name + " " + cfg.label() if cfg.name else cfg.label()
-    return kind
+    name = params.get("name") if kind == "train" else None
+    return f"{name} {_label(kind, params)}" if name else _label(kind, params)
 
 
 def cache_key(kind: str, params: dict[str, Any]) -> str:
@@ -126,7 +129,7 @@ def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, ki
             params = _normalise(kind, config)
         except ValueError as exc:
             raise ValueError(f"configs[{i}]: {exc}") from None
-        specs.append({"kind": kind, "params": params, "name": f"{name} · {_default_name(kind, params)}",
+        specs.append({"kind": kind, "params": params, "name": f"{name} · {_label(kind, params)}",
                       "cache_key": cache_key(kind, params)})
     st = _store(store)
     group_id = "g" + hashlib.sha256(f"{name}{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:11]

@@ -106,7 +106,9 @@ def test_cached_submissions_and_sweeps(store):
     group = jobs.submit_sweep(configs, "seeds", store=store, start=False)
     runs = store.list_runs(group=group)
     assert sorted(r["params"]["seed"] for r in runs) == [0, 1, 2]
-    assert all(r["name"].startswith("seeds · ") and r["status"] == "queued" for r in runs)
+    assert all(r["status"] == "queued" for r in runs)
+    # the sweep's name once, then what distinguishes the run (not the config's own name again)
+    assert {r["name"] for r in runs} == {f"seeds · sgd lr=0.1 seed={s}" for s in (0, 1, 2)}
 
 
 def test_cancel_queued_and_running_then_resume_matches_an_uninterrupted_run(store):
