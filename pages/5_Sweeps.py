@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import common as ui
 from dashboard import msharp_view as view
+from dashboard.msharp_panel import noise_and_sharpness_panel
 from samlab import sweeps
 from samlab.config import PRESETS, preset
 from samlab.executors import backend_name
@@ -122,25 +123,9 @@ with st.expander("tables"):
 
 # -- tr V and m-sharpness of the trained models --------------------------------------------------------------
 st.subheader("tr V and m-sharpness against m")
-st.caption("Per trained model (seed 0 of each best-ρ cell and of SGD): gradient noise and S_m on 256 "
-           "training samples, measured by an `msharp` background run.")
+st.caption("Per trained model: gradient noise and S_m, measured by an `msharp` background run.")
 done = tables.runs[(tables.runs["status"] == "completed")]
 choices = {f"{r['method']} m={r['m']:g} ρ={r['rho']:g} seed={r['seed']}": r["run_id"] for _, r in done.iterrows()}
 picked = st.multiselect("models", list(choices), default=list(choices)[:2], key="sweeps.models")
-curves = {}
-for label in picked:
-    run = store.get_run(choices[label])
-    if not run.get("checkpoint_path"):
-        continue
-    request = {"checkpoint": run["checkpoint_path"], "ms": [256, 64, 16, 4, 1], "rho": 0.1, "n_samples": 256}
-    task = ui.cached_or_submit("msharp", request, label=f"Measure {label}", key=f"sweeps.msharp.{run['id']}")
-    if task and task.get("result"):
-        curves[label] = task["result"]
-if curves:
-    st.dataframe(view.trace_table(curves), hide_index=True)
-    c = st.columns(2)
-    with c[0]:
-        ui.show_figure(view.noise_figure(curves), key="sweeps.noise")
-    with c[1]:
-        ui.show_figure(view.sharpness_figure(curves), key="sweeps.sharp")
+noise_and_sharpness_panel({label: store.get_run(choices[label]) for label in picked}, key="sweeps.msharp")
 params.sync()

@@ -11,6 +11,7 @@ import torch
 
 from dashboard import common as ui
 from dashboard import msharp_view as view
+from dashboard.msharp_panel import noise_and_sharpness_panel
 from samlab import sweeps, toy
 from samlab.train import CHECKPOINT
 
@@ -164,26 +165,9 @@ else:
     sgd = done[done["method"] == "sgd"]
     if not sgd.empty:
         picks["trained with SGD"] = sgd.iloc[0]["run_id"]
-    curves = {}
-    for label, run_id in picks.items():
-        run = store.get_run(run_id)
-        checkpoint = run.get("checkpoint_path") or str(Path(run["workdir"] or "") / CHECKPOINT)
-        request = {"checkpoint": checkpoint, "ms": [256, 64, 16, 4, 1], "rho": 0.1, "n_samples": 256,
-                   "partitions": 4, "seed": 0}
-        task = ui.cached_or_submit("msharp", request, label=f"Measure tr V and m-sharpness ({label})",
-                                   key=f"lesson.msharp.{run_id}")
-        if task and task.get("result"):
-            curves[label] = task["result"]
-    if curves:
-        st.dataframe(view.trace_table(curves), hide_index=True)
-        c = st.columns(2)
-        with c[0]:
-            ui.show_figure(view.noise_figure(curves), key="lesson.noise")
-        with c[1]:
-            ui.show_figure(view.sharpness_figure(curves), key="lesson.sharp")
-        st.caption("Seed-0 model of each best-ρ cell; 256 training samples (seeded subset), E‖∇L_I‖ over 4 "
-                   "random exact partitions (error bars: spread between partitions), S_m by one SAM ascent "
-                   "step at ρ = 0.1, tr V with 1/n.")
+    if noise_and_sharpness_panel({label: store.get_run(run_id) for label, run_id in picks.items()},
+                                 key="lesson.msharp"):
+        st.caption("Seed-0 model of each best-ρ cell and of SGD.")
 
 # -- step 5 ------------------------------------------------------------------------------------------------
 @st.cache_data(show_spinner="computing per-sample gradient norms…", max_entries=16)
