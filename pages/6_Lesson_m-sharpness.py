@@ -191,7 +191,9 @@ st.markdown(
 if tables is None or tables.runs.empty:
     ui.empty_state("Uses a trained model of the step-3 sweep.")
 else:
-    lam = params.slider(st, "λ", "lam", 0.0, 20.0, default=5.0, step=0.5)
+    # Per-sample gradient norms are O(1–10) on these models: λ of a few tenths spreads the weights, while
+    # λ ≳ 5 already puts them all on one sample. λ = 0 is SAM (uniform weights).
+    lam = params.slider(st, "λ (0 is plain SAM: uniform weights)", "lam", 0.0, 5.0, default=0.5, step=0.1)
     done = tables.runs[tables.runs["status"] == "completed"]
     if not done.empty:
         run = store.get_run(done.iloc[0]["run_id"])
