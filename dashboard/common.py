@@ -345,6 +345,17 @@ def task_progress(run: dict[str, Any] | None) -> None:
         st.error(_first_lines(run["error"]), icon=ICON_ERROR)
 
 
+def task_result(task: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Re-read a background analysis run, show its progress until it completes, and return its result
+    (partial while it computes; None before anything was published or when there is no run)."""
+    if task is None:
+        return None
+    run = get_store().get_run(task["id"])
+    if run["status"] != "completed":
+        task_progress(run)
+    return run.get("result")
+
+
 def log_tail(run: dict[str, Any], lines: int = 20) -> str:
     """The last lines of the run's log file, or a note saying why there is none."""
     path = run.get("log_path")

@@ -59,12 +59,7 @@ surface_run = ui.cached_or_submit("landscape", request, label="Compute the surfa
 
 @ui.live(2.0)
 def surface_panel() -> None:
-    if surface_run is None:
-        return
-    run = store.get_run(surface_run["id"])
-    if run["status"] != "completed":
-        ui.task_progress(run)
-    result = run.get("result")
+    result = ui.task_result(surface_run)
     if not result or "runs" not in result:
         return
     for entry, run_id in zip(result["runs"], run_ids):
@@ -107,12 +102,7 @@ else:
 
     @ui.live(2.0)
     def interpolation_panel() -> None:
-        if interp_run is None:
-            return
-        run = store.get_run(interp_run["id"])
-        if run["status"] != "completed":
-            ui.task_progress(run)
-        result = run.get("result")
+        result = ui.task_result(interp_run)
         if result and "alphas" in result:
             for entry, run_id in zip(result["runs"], (first, second)):
                 entry["label"] = labels.get(run_id, entry["label"])
@@ -135,12 +125,7 @@ if radii:
 
     @ui.live(2.0)
     def flatness_panel() -> None:
-        if flat_run is None:
-            return
-        run = store.get_run(flat_run["id"])
-        if run["status"] != "completed":
-            ui.task_progress(run)
-        result = run.get("result")
+        result = ui.task_result(flat_run)
         if result and any("radii" in r for r in result.get("runs", [])):
             for entry, run_id in zip(result["runs"], run_ids):
                 entry["label"] = labels.get(run_id, entry["label"])

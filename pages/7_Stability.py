@@ -71,16 +71,12 @@ with st.expander("simulation settings"):
 grid_request = view.grid_params(eta, n, lam_max, repeats=repeats, steps=steps, seed=seed)
 grid_run = ui.cached_or_submit("stability", grid_request, label="Compute the exact boundary and simulate SGD",
                                key="stability.grid")
-grid = grid_run.get("result") if grid_run else None
 plane_bs, plane_sigmas = grid_request["Bs"], grid_request["sigmas"]
 
 
 @ui.live(2.0)
 def grid_panel() -> None:
-    run = ui.get_store().get_run(grid_run["id"]) if grid_run else None
-    result = run.get("result") if run else grid
-    if run is not None and run["status"] != "completed":
-        ui.task_progress(run)
+    result = ui.task_result(grid_run)
     ui.show_figure(view.plane_figure(lam_max, eta, n, plane_bs, plane_sigmas, grid=result, marker=(B, sigma)),
                    key="stability.plane")
     if result and result.get("rows"):
@@ -122,10 +118,7 @@ model_run = ui.cached_or_submit("stability", model_request, label="Measure σ an
 def model_panel() -> None:
     if model_run is None:
         return
-    run = ui.get_store().get_run(model_run["id"])
-    if run["status"] != "completed":
-        ui.task_progress(run)
-    result = run.get("result") or {}
+    result = ui.task_result(model_run) or {}
     curvature = result.get("coherence")
     if curvature:
         m = st.columns(4)
