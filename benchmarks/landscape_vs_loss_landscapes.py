@@ -156,7 +156,7 @@ def main() -> None:
         print(json.dumps(report))
         return
     print(f"{args.setup} on {device}: {n}×{n} surface, {report['n_samples']} samples, "
-          f"{report['chunk_points']} points per vmapped call")
+          f"{report['chunk_points']} points per chunk")
     print(f"  samlab          {samlab_s:8.2f} s (median of {args.repeats}, interleaved)")
     print(f"  loss-landscapes {package_s:8.2f} s (median of {args.repeats}, interleaved)")
     print(f"  speedup         {report['speedup']:8.2f}×")

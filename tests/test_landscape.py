@@ -145,6 +145,21 @@ def test_tiny_memory_budget_chunks_give_the_same_values():
     np.testing.assert_array_equal(a.accuracy, b.accuracy)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_vmapped_and_sequential_evaluation_agree(mode):
+    """The accelerator path (one vmapped pass per chunk) and the CPU path (points one by one) agree."""
+    model, (x, y) = conv_bn_model(), image_data()
+    d1, d2 = L.random_directions(model, 2, seed=3)
+    coords = np.array([[0.0, 0.0], [0.5, -0.25], [-1.0, 1.0]])
+    vmapped = L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2], mode=mode, vectorize=True)
+    sequential = L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2], mode=mode, vectorize=False)
+    assert sequential.vectorize is False and vmapped.vectorize is True
+    (loss_v, acc_v), (loss_s, acc_s) = vmapped(coords), sequential(coords)
+    np.testing.assert_allclose(loss_v, loss_s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(acc_v, acc_s)
+    assert L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2]).vectorize is False  # CPU default
+
+
 # -- cancel and resume ---------------------------------------------------------------------------
 
 
