@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -28,12 +29,6 @@ COMPLETED = re.compile(r"100% · completed")  # the progress line of a completed
 VIEWPORT = {"width": 1400, "height": 2600}
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -55,7 +50,7 @@ def server(tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent: install the Debian 'chromium' package to run the browser test")
     pytest.importorskip("playwright.sync_api")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update({
         "SAMLAB_STORE": f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}",
