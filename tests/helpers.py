@@ -25,3 +25,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def mark_finished(store, run_id: str, **fields) -> None:
+    """Take a queued run through running to completed, as a worker would, with the given fields."""
+    assert store.claim(run_id, "h", "local") and store.start_run(run_id, 1, "h", "cpu")
+    assert store.finish_run(run_id, "completed", **fields)
+
+
+def stored_trained_run(store, workdir):
+    """A tiny digits MLP really trained in `workdir` and recorded as a completed run: (run id, checkpoint)."""
+    from samlab import jobs
+    from samlab.config import preset
+    from samlab.train import run
+
+    cfg = preset("digits-mlp", ["data.n_train=128", "epochs=1", "batch_size=64", "model.width=8"])
+    checkpoint = str(run(cfg, workdir=workdir).checkpoint)
+    run_id = jobs.submit(cfg, store=store, start=False)
+    mark_finished(store, run_id, checkpoint_path=checkpoint)
+    return run_id, checkpoint

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
-from dashboard import stability_view
-from samlab import jobs, stability
+from dashboard import landscape_view, stability_view
+from samlab import jobs, landscape, stability
 from samlab.reporting import RecordingReporter
 from samlab.store import Store
+from tests.helpers import mark_finished, stored_trained_run
 
 
 def _store_finished(store: Store, kind: str, params: dict, result: dict) -> str:
     run_id = jobs.submit_cached(kind, params, store=store, start=False)
-    assert store.claim(run_id, "h", "local") and store.start_run(run_id, 1, "h", "cpu")
-    assert store.finish_run(run_id, "completed", result=result)
+    mark_finished(store, run_id, result=result)
     return run_id
 
 
-def test_stability_page_overlays_a_cached_grid_and_summarises_it(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path}/s.db"
-    monkeypatch.setenv("SAMLAB_STORE", url)
+def test_stability_page_overlays_a_cached_grid_and_summarises_it(store_env, tmp_path):
     params = stability_view.grid_params(0.8, 10, 2.0, repeats=1, steps=100, seed=0)
     result = stability.run_task(stability.check_task(params), RecordingReporter(), tmp_path / "grid", False)
-    _store_finished(Store(url), "stability", params, result)
+    _store_finished(store_env, "stability", params, result)
 
     at = AppTest.from_file("../pages/7_Stability.py", default_timeout=60)
     for name, value in {"n": "10", "repeats": "1", "steps": "100"}.items():
@@ -38,24 +36,11 @@ def test_stability_page_overlays_a_cached_grid_and_summarises_it(tmp_path, monke
     assert predicted in row.values()  # the theorem's count, read from the stored result
 
 
-def test_landscape_page_draws_a_cached_surface_of_a_trained_run(tmp_path, monkeypatch):
-    from dashboard import landscape_view
-    from samlab import landscape
-    from samlab.config import preset
-    from samlab.train import run
-
-    url = f"sqlite:///{tmp_path}/s.db"
-    monkeypatch.setenv("SAMLAB_STORE", url)
-    store = Store(url)
-    cfg = preset("digits-mlp", ["data.n_train=128", "epochs=1", "batch_size=64", "model.width=8"])
-    trained = run(cfg, workdir=tmp_path / "train")
-    train_id = jobs.submit(cfg, store=store, start=False)
-    assert store.claim(train_id, "h", "local") and store.start_run(train_id, 1, "h", "cpu")
-    assert store.finish_run(train_id, "completed", checkpoint_path=str(trained.checkpoint))
-    params = landscape_view.request([str(trained.checkpoint)], "1d", span=1.0, points=5, seed=0, data="train",
-                                    n_samples=128)
+def test_landscape_page_draws_a_cached_surface_of_a_trained_run(store_env, tmp_path):
+    train_id, checkpoint = stored_trained_run(store_env, tmp_path / "train")
+    params = landscape_view.request([checkpoint], "1d", span=1.0, points=5, seed=0, data="train", n_samples=128)
     result = landscape.run_task(landscape.check_task(params), RecordingReporter(), tmp_path / "ls", False)
-    _store_finished(store, "landscape", params, result)
+    _store_finished(store_env, "landscape", params, result)
 
     at = AppTest.from_file("../pages/4_Landscape.py", default_timeout=60)
     for name, value in {"kind": "1d", "points": "5", "n_samples": "128"}.items():

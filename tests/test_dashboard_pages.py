@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from samlab import jobs
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.store import Store
@@ -38,15 +37,6 @@ def recorded_rows():
     rows = [(kind, step, name, float(value), t0 + 0.1 * i)
             for i, (kind, step, values) in enumerate(reporter.rows) for name, value in values.items()]
     return rows, result.summary
-
-
-@pytest.fixture
-def store_env(tmp_path, monkeypatch):
-    """An empty store in tmp_path, selected through SAMLAB_STORE; submitting starts no scheduler."""
-    url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
-    monkeypatch.setenv("SAMLAB_STORE", url)
-    monkeypatch.setattr(jobs, "ensure_scheduler", lambda store=None: False)
-    return Store(url)
 
 
 def _populate(store: Store, rows, summary) -> dict[str, str]:

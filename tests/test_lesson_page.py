@@ -18,14 +18,6 @@ SWEEPS = "pages/5_Sweeps.py"
 TIMEOUT = 120
 
 
-@pytest.fixture
-def store_env(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
-    monkeypatch.setenv("SAMLAB_STORE", url)
-    monkeypatch.setattr(jobs, "ensure_scheduler", lambda store=None: False)
-    return Store(url)
-
-
 def finished_lesson_sweep(store: Store, seeds: int = 2) -> str:
     """The lesson's grid recorded as finished (accuracy rising as m falls), without training."""
     configs = sweep_configs(lesson_spec(seeds=seeds))

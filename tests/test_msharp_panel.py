@@ -5,29 +5,16 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from samlab import jobs, msharp
-from samlab.config import preset
 from samlab.reporting import RecordingReporter
-from samlab.store import Store
-from samlab.train import run
+from tests.helpers import mark_finished, stored_trained_run
 
 
-def _finished(store: Store, run_id: str, **fields) -> None:
-    assert store.claim(run_id, "h", "local") and store.start_run(run_id, 1, "h", "cpu")
-    assert store.finish_run(run_id, "completed", **fields)
-
-
-def test_panel_draws_the_table_and_both_curves_of_a_cached_analysis(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path}/s.db"
-    monkeypatch.setenv("SAMLAB_STORE", url)
-    store = Store(url)
-    cfg = preset("digits-mlp", ["data.n_train=128", "epochs=1", "batch_size=64", "model.width=8"])
-    trained = run(cfg, workdir=tmp_path / "train")
-    train_id = jobs.submit(cfg, store=store, start=False)
-    _finished(store, train_id, checkpoint_path=str(trained.checkpoint))
+def test_panel_draws_the_table_and_both_curves_of_a_cached_analysis(store_env, tmp_path):
+    train_id, checkpoint = stored_trained_run(store_env, tmp_path / "train")
 
     from dashboard.msharp_panel import NOISE_REQUEST
 
-    params = {"checkpoint": str(trained.checkpoint), **NOISE_REQUEST, "n_samples": 64, "ms": [64, 8, 1]}
+    params = {"checkpoint": checkpoint, **NOISE_REQUEST, "n_samples": 64, "ms": [64, 8, 1]}
     result = msharp.run_task(msharp.check_task(params), RecordingReporter(), tmp_path / "ms", False)
 
     def page(run_id: str, request: dict) -> None:
@@ -46,8 +33,8 @@ def test_panel_draws_the_table_and_both_curves_of_a_cached_analysis(tmp_path, mo
     assert any("drawn=False" in m.value for m in before.markdown)
     assert [b.label for b in before.button] == ["Measure tr V and m-sharpness (sgd)"]
 
-    analysis_id = jobs.submit_cached("msharp", params, store=store, start=False)
-    _finished(store, analysis_id, result=result)
+    analysis_id = jobs.submit_cached("msharp", params, store=store_env, start=False)
+    mark_finished(store_env, analysis_id, result=result)
     after = AppTest.from_function(page, args=(train_id, request)).run(timeout=60)
     assert not after.exception
     assert any("drawn=True" in m.value for m in after.markdown)
