@@ -283,7 +283,7 @@ def cached_or_submit(kind: str, params: dict[str, Any], *, label: str, key: str)
         show_exception(err, "Invalid settings")
         return None
     store = get_store()
-    found = store.find_cached(jobs.cache_key(kind, normalised))
+    found = store.find_cached(tasks.cache_key(kind, normalised))
     if found is not None:
         return found
     if st.button(label, key=key, type="primary"):

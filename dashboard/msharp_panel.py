@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 from dashboard import common as ui
 from dashboard import msharp_view as view
-from samlab.train import CHECKPOINT
+from samlab.checkpoints import checkpoint_of
 
 # One request for every model: S_m and the gradient-noise curve on a seeded 256-sample subset.
 NOISE_REQUEST = {"ms": [256, 64, 16, 4, 1], "rho": 0.1, "n_samples": 256, "partitions": 4, "seed": 0}
@@ -22,7 +21,7 @@ def noise_and_sharpness_panel(runs: dict[str, dict[str, Any]], key: str) -> bool
     then the tr V table and the E‖∇L_I‖ and S_m curves. Returns whether anything was drawn."""
     curves = {}
     for label, run in runs.items():
-        checkpoint = run.get("checkpoint_path") or str(Path(run["workdir"] or "") / CHECKPOINT)
+        checkpoint = checkpoint_of(run)
         task = ui.cached_or_submit("msharp", {"checkpoint": checkpoint, **NOISE_REQUEST},
                                    label=f"Measure tr V and m-sharpness ({label})", key=f"{key}.{run['id']}")
         if task and task.get("result"):

@@ -3,13 +3,11 @@ runs side by side, and λ_max over training against the 2/η edge of stability."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
 from dashboard import common as ui
 from dashboard import hessian_view as view
-from samlab.train import CHECKPOINT
+from samlab.checkpoints import checkpoint_of
 
 ui.page_setup(
     "Hessian",
@@ -47,7 +45,7 @@ else:
     labels = ui.run_labels(runs)
     analyses: dict[str, dict | None] = {}
     for run in runs:
-        checkpoint = run.get("checkpoint_path") or str(Path(run.get("workdir") or "") / CHECKPOINT)
+        checkpoint = checkpoint_of(run)
         request = view.request(checkpoint, k=k, n_samples=n_samples, trace_samples=trace_samples, mode=mode,
                                seed=seed, per_layer=per_layer)
         analyses[run["id"]] = ui.cached_or_submit("hessian", request, label=f"Compute the spectrum of {labels[run['id']]}",

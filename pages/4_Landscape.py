@@ -3,13 +3,11 @@ solutions and a flatness readout (Li et al., NeurIPS 2018)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
 from dashboard import common as ui
 from dashboard import landscape_view as view
-from samlab.train import CHECKPOINT
+from samlab.checkpoints import checkpoint_of
 
 ui.page_setup(
     "Landscape",
@@ -34,7 +32,7 @@ if not run_ids:
 store = ui.get_store()
 runs = [store.get_run(i) for i in run_ids]
 labels = ui.run_labels(runs)
-checkpoints = [r.get("checkpoint_path") or str(Path(r.get("workdir") or "") / CHECKPOINT) for r in runs]
+checkpoints = [checkpoint_of(r) for r in runs]
 
 cols = st.columns(6)
 kind = params.radio(cols[0], "slice", "kind", ["2d", "1d"], default="2d")

@@ -13,7 +13,7 @@ from dashboard import common as ui
 from dashboard import msharp_view as view
 from dashboard.msharp_panel import noise_and_sharpness_panel
 from samlab import sweeps, toy
-from samlab.train import CHECKPOINT
+from samlab.checkpoints import checkpoint_of
 
 ui.page_setup(
     "Lesson: m-sharpness",
@@ -174,8 +174,8 @@ else:
 def rwsam_demo_weights(checkpoint: str, modified: float, lam: float) -> dict:
     """RW-SAM weights on the first 256 training samples (exact norms); cached per checkpoint version and λ
     so that moving another slider on the page does not reload the model and its data."""
+    from samlab.checkpoints import load_trained
     from samlab.noise import rwsam_weights
-    from samlab.train import load_trained
 
     trained = load_trained(checkpoint)
     x, y = trained.data.x_train[:256], trained.data.y_train[:256]
@@ -197,7 +197,7 @@ else:
     done = tables.runs[tables.runs["status"] == "completed"]
     if not done.empty:
         run = store.get_run(done.iloc[0]["run_id"])
-        checkpoint = run.get("checkpoint_path") or str(Path(run["workdir"] or "") / CHECKPOINT)
+        checkpoint = checkpoint_of(run)
         if Path(checkpoint).is_file():
             weights = rwsam_demo_weights(checkpoint, Path(checkpoint).stat().st_mtime, lam)
             c = st.columns(2)

@@ -3,14 +3,12 @@ on the paper's synthetic problem and at the minimum of a trained model."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
 from dashboard import common as ui
 from dashboard import stability_view as view
 from samlab import stability
-from samlab.train import CHECKPOINT
+from samlab.checkpoints import checkpoint_of
 
 ui.page_setup(
     "Stability",
@@ -98,7 +96,7 @@ run_id = ui.run_picker("trained run", key="stability.run")
 if run_id is None:
     st.stop()
 train_run = ui.get_store().get_run(run_id)
-checkpoint = train_run.get("checkpoint_path") or str(Path(train_run["workdir"] or "") / CHECKPOINT)
+checkpoint = checkpoint_of(train_run)
 c = st.columns(4)
 n_samples = int(params.slider(c[0], "samples n", "model_n", 16.0, 512.0, default=128.0, step=16.0))
 method = params.radio(c[1], "per-sample Hessians", "method", ["matrix_free", "exact"], default="matrix_free")

@@ -19,17 +19,13 @@ recorded in every result; the model's modes and parameters are left as they were
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from samlab.hessian_operator import (
-    MODES,
     Data,
     HessianOperator,
     LossFn,
@@ -442,216 +438,6 @@ def layer_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
-# -- background task "hessian" -----------------------------------------------------------------------
-TASK_DEFAULTS: dict[str, Any] = {
-    "k": 5,  # top-k (and, with "smallest", bottom-k) eigenvalues
-    "smallest": True,
-    "n_samples": 512,  # a seeded subset of the train split (None: all of it)
-    "batch_size": 256,
-    "trace_samples": 99,  # Hutch++ budget, also per layer
-    "density": True,
-    "density_runs": 3,
-    "density_steps": 60,
-    "per_layer": True,
-    "mode": "eval",
-    "seed": 0,
-    "tol": 1e-4,
-    "max_iter": 300,
-    "device": "auto",
-}
-STATE_FILE = "hessian_state.json"
-
-
-def check_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate and fill in a Hessian request (ValueError naming the field).
-
-    {"checkpoint": path, "k", "smallest", "n_samples", "batch_size", "trace_samples", "density",
-    "density_runs", "density_steps", "per_layer", "mode": "eval"|"train", "seed", "tol", "max_iter",
-    "device"}; "digest" (sha256 of the checkpoint file) is filled in, so a checkpoint trained further is
-    a new request for the run store's cache.
-    """
-    from samlab.landscape import file_digest
-
-    if not isinstance(params, dict):
-        raise ValueError("params: expected a mapping")
-    known = {*TASK_DEFAULTS, "checkpoint", "digest"}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown field; known: {sorted(known)}")
-    p = {**TASK_DEFAULTS, **params}
-    if not isinstance(p.get("checkpoint"), str) or not Path(p["checkpoint"]).is_file():
-        raise ValueError(f"checkpoint: no checkpoint file at {p.get('checkpoint')!r}")
-    _task_int("k", p["k"], 1, 100)
-    _task_int("batch_size", p["batch_size"], 1, 1_000_000)
-    _task_int("trace_samples", p["trace_samples"], 6, 100_000)
-    _task_int("density_runs", p["density_runs"], 1, 100)
-    _task_int("density_steps", p["density_steps"], 2, 1000)
-    _task_int("seed", p["seed"], 0, 2**31 - 1)
-    _task_int("max_iter", p["max_iter"], p["k"], 1_000_000)
-    if p["n_samples"] is not None:
-        _task_int("n_samples", p["n_samples"], 1, 100_000_000)
-    for name in ("smallest", "density", "per_layer"):
-        if not isinstance(p[name], bool):
-            raise ValueError(f"{name}: must be true or false (got {p[name]!r})")
-    if p["mode"] not in MODES:
-        raise ValueError(f"mode: must be one of {', '.join(MODES)} (got {p['mode']!r})")
-    if isinstance(p["tol"], bool) or not isinstance(p["tol"], (int, float)) or not 0 < p["tol"] < 1:
-        raise ValueError(f"tol: must be in (0, 1) (got {p['tol']!r})")
-    if not isinstance(p["device"], str):
-        raise ValueError(f"device: must be a device name such as 'auto', 'cpu', 'cuda' (got {p['device']!r})")
-    p["checkpoint"] = str(Path(p["checkpoint"]))
-    p["digest"] = file_digest(p["checkpoint"])
-    return p
-
-
-def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
-    """Background task "hessian": spectrum, trace, density and per-layer table of one checkpoint.
-
-    Stages run in turn (top-k, bottom-k, trace, density, one stage per layer); each finished stage is
-    saved to `workdir` and published with `reporter.result`, and `resume` skips the saved stages.
-    A stop request ends the task after the current stage with "complete": false.
-    """
-    from samlab.devices import resolve_device
-    from samlab.losses import mean_loss
-    from samlab.train import load_trained
-
-    p = check_task(params)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    trained = load_trained(p["checkpoint"], device=resolve_device(p["device"]))
-    job = _HessianJob(p, trained, mean_loss(trained.data.task), reporter, workdir / STATE_FILE, resume)
-    return job.run()
-
-
-class _HessianJob:
-    def __init__(self, p, trained, loss_fn, reporter: Reporter, state_path: Path, resume: bool) -> None:
-        self.p, self.trained, self.loss_fn, self.reporter, self.state_path = p, trained, loss_fn, reporter, state_path
-        self.batches = _task_batches(trained.data, p)
-        model = trained.model
-        self.stages = self._stages(model)
-        self.result = self._header()
-        if resume and state_path.is_file():
-            saved = json.loads(state_path.read_text())
-            if saved.get("digest") == p["digest"] and saved.get("params") == _jsonable(p):
-                self.result = saved["result"]
-
-    def _stages(self, model: nn.Module) -> list[tuple[str, Any]]:
-        stages: list[tuple[str, Any]] = [("largest", None)]
-        if self.p["smallest"]:
-            stages.append(("smallest", None))
-        stages.append(("trace", None))
-        if self.p["density"]:
-            stages.append(("density", None))
-        if self.p["per_layer"]:
-            stages += [(f"layer:{layer}", names) for layer, names in layer_groups(model).items()]
-        return stages
-
-    def _header(self) -> dict[str, Any]:
-        t, p = self.trained, self.p
-        return {
-            "checkpoint": p["checkpoint"], "label": t.config.label(), "method": t.config.optim.method,
-            "lr": t.config.optim.lr, "epoch": t.epoch, "step": t.step, "mode": p["mode"], "seed": p["seed"],
-            "n_samples": sum(len(x) for x, _ in self.batches),
-            "n_params": sum(p_.numel() for p_ in t.model.parameters() if p_.requires_grad),
-            "done": [], "complete": False, "per_layer": [],
-        }  # fmt: skip
-
-    def run(self) -> dict[str, Any]:
-        for index, (stage, names) in enumerate(self.stages):
-            if stage in self.result["done"]:
-                continue
-            if self.reporter.should_stop():
-                break
-            stage_reporter = _StageReporter(self.reporter, index, len(self.stages), stage)
-            output = self._compute(stage, names, stage_reporter)
-            if self.reporter.should_stop():  # the stage was cut short: not kept
-                break
-            self._store(stage, output)
-            self.result["done"].append(stage)
-            self._save()
-            self.reporter.result(self.result)
-        self.result["complete"] = len(self.result["done"]) == len(self.stages)
-        self.reporter.progress(len(self.result["done"]), len(self.stages), "done" if self.result["complete"] else "stopped")
-        self._save()
-        return self.result
-
-    def _compute(self, stage: str, names, reporter: Reporter) -> dict[str, Any]:
-        p, model = self.p, self.trained.model
-        common = {"mode": p["mode"], "reporter": reporter}
-        if stage in ("largest", "smallest"):
-            r = top_eigenvalues(model, self.loss_fn, self.batches, k=p["k"], which=stage, tol=p["tol"],
-                                max_iter=p["max_iter"], seed=p["seed"], **common)  # fmt: skip
-            return {"values": r.values, "residuals": r.residuals, "converged": r.converged, "n_hvp": r.n_hvp}
-        if stage == "trace":
-            r = hessian_trace(model, self.loss_fn, self.batches, n_samples=p["trace_samples"], seed=p["seed"], **common)
-            return {"mean": r.mean, "stderr": r.stderr, "method": r.method, "n_samples": p["trace_samples"],
-                    "n_hvp": r.n_hvp}  # fmt: skip
-        if stage == "density":
-            r = spectral_density(model, self.loss_fn, self.batches, n_runs=p["density_runs"],
-                                 n_steps=p["density_steps"], seed=p["seed"], **common)  # fmt: skip
-            return {"grid": r.grid, "density": r.density, "sigma": r.sigma, "nodes": r.nodes,
-                    "weights": r.weights, "n_hvp": r.n_hvp}  # fmt: skip
-        top = top_eigenvalues(model, self.loss_fn, self.batches, k=1, tol=p["tol"], max_iter=p["max_iter"],
-                              seed=p["seed"], params=names, **common)  # fmt: skip
-        dim = sum(dict(model.named_parameters())[n].numel() for n in names)
-        row = {"layer": stage.split(":", 1)[1], "params": names, "n_params": dim, "lambda_max": top.values[0]}
-        if dim >= 2:  # a trace estimate needs at least two numbers
-            tr = hessian_trace(model, self.loss_fn, self.batches, n_samples=p["trace_samples"], seed=p["seed"],
-                               params=names, **common)  # fmt: skip
-            row.update(trace=tr.mean, trace_stderr=tr.stderr)
-        return row
-
-    def _store(self, stage: str, output: dict[str, Any]) -> None:
-        if stage.startswith("layer:"):
-            self.result["per_layer"].append(output)
-        elif stage in ("largest", "smallest"):
-            self.result.setdefault("eigenvalues", {})[stage] = output
-        else:
-            self.result[stage] = output
-
-    def _save(self) -> None:
-        payload = {"digest": self.p["digest"], "params": _jsonable(self.p), "result": self.result}
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(self.state_path)
-
-
-class _StageReporter(Reporter):
-    """Maps a stage's own progress onto the whole task's bar (stage i of n)."""
-
-    def __init__(self, inner: Reporter, index: int, count: int, name: str) -> None:
-        self.inner, self.index, self.count, self.name = inner, index, count, name
-
-    def progress(self, done: float, total: float, message: str = "") -> None:
-        fraction = min(1.0, done / total) if total > 0 else 1.0
-        self.inner.progress(self.index + fraction, self.count, f"{self.name}: {message}")
-
-    def log(self, message: str) -> None:
-        self.inner.log(message)
-
-    def should_stop(self) -> bool:
-        return self.inner.should_stop()
-
-
-def _task_batches(data, p: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A seeded subset of `n_samples` train samples (the same for every run compared), in batches."""
-    x, y = data.x_train, data.y_train
-    if p["n_samples"] is not None and p["n_samples"] < len(x):
-        index = torch.randperm(len(x), generator=torch.Generator().manual_seed(p["seed"]))[: p["n_samples"]]
-        x, y = x[index.to(x.device)], y[index.to(y.device)]
-    size = p["batch_size"]
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
-
-
-def _task_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}] (got {value!r})")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
 # -- validation ------------------------------------------------------------------------------------
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
@@ -675,12 +461,10 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "TraceResult",
-    "check_task",
     "hessian_trace",
     "hvp",
     "lambda_max_metric",
     "layer_groups",
-    "run_task",
     "spectral_density",
     "top_eigenvalues",
 ]

@@ -12,7 +12,6 @@ Public API (every function takes `store`: a Store, a URL, or None for `default_u
         an existing queued/running/completed run with the same cache key, else a new one
     submit_sweep(configs, name, *, kind="train", store=None, start=True) -> group_id
         all validated first (ValueError "configs[i]: ..."), then queued in one transaction
-    cache_key(kind, params) -> str       sha256 of the canonical JSON of kind and normalised params
     cancel(run_id, *, store=None) -> str "cancelled" (was queued) or "requested" (running: graceful stop,
                                          hard kill after SAMLAB_CANCEL_TIMEOUT_S by the scheduler)
     resume(run_id, *, store=None) -> run_id    cancelled/failed -> queued with resume=True
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from samlab import tasks
+from samlab.checkpoints import checkpoint_of
 from samlab.config import RunConfig
 from samlab.executors import REPO_ROOT, backend_name, env_float, hostname, pid_alive
 from samlab.scheduler import lock_path, release, try_lock
@@ -86,12 +86,6 @@ def _default_name(kind: str, params: dict[str, Any]) -> str:
     return f"{name} {_label(kind, params)}" if name else _label(kind, params)
 
 
-def cache_key(kind: str, params: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of {kind, params} (params as normalised by the task's check)."""
-    canonical = json.dumps({"kind": kind, "params": params}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def submit(config_or_params: RunConfig | dict[str, Any], *, kind: str = "train", name: str | None = None,
            group: str | None = None, store: Store | str | None = None, start: bool = True) -> str:
     """Queue one run; returns its id. Validation errors raise ValueError and queue nothing."""
@@ -99,7 +93,7 @@ def submit(config_or_params: RunConfig | dict[str, Any], *, kind: str = "train",
     st = _store(store)
     (run_id,) = st.create_runs([{"kind": kind, "params": params, "group_id": group,
                                  "name": name or _default_name(kind, params),
-                                 "cache_key": cache_key(kind, params)}])
+                                 "cache_key": tasks.cache_key(kind, params)}])
     if start:
         start_runs(st, [run_id])
     return run_id
@@ -110,7 +104,7 @@ def submit_cached(kind: str, params: dict[str, Any], *, name: str | None = None,
     """The id of a queued, running or completed run of the same kind and params, or of a new one."""
     normalised = _normalise(kind, params)
     st = _store(store)
-    existing = st.find_cached(cache_key(kind, normalised))
+    existing = st.find_cached(tasks.cache_key(kind, normalised))
     if existing is not None:
         return existing["id"]
     return submit(normalised, kind=kind, name=name, store=st, start=start)
@@ -130,7 +124,7 @@ def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, ki
         except ValueError as exc:
             raise ValueError(f"configs[{i}]: {exc}") from None
         specs.append({"kind": kind, "params": params, "name": f"{name} · {_label(kind, params)}",
-                      "cache_key": cache_key(kind, params)})
+                      "cache_key": tasks.cache_key(kind, params)})
     st = _store(store)
     group_id = "g" + hashlib.sha256(f"{name}{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:11]
     for spec in specs:
@@ -171,12 +165,6 @@ def cancel(run_id: str, *, store: Store | str | None = None) -> str:
     return outcome
 
 
-def _train_checkpoint(run: dict[str, Any]) -> Path:
-    from samlab.train import CHECKPOINT
-
-    return Path(run["checkpoint_path"] or Path(run["workdir"]) / CHECKPOINT)
-
-
 def resume(run_id: str, *, store: Store | str | None = None, start: bool = True) -> str:
     """Queue a cancelled or failed run again, to continue from its checkpoint / saved state.
 
@@ -187,7 +175,7 @@ def resume(run_id: str, *, store: Store | str | None = None, start: bool = True)
     if run["status"] not in ("cancelled", "failed"):
         raise ValueError(f"run_id: run {run['id']} is {run['status']}; only cancelled or failed runs resume")
     if run["kind"] == "train" and run["host"] in (None, hostname()) and run["workdir"]:
-        checkpoint = _train_checkpoint(run)
+        checkpoint = Path(checkpoint_of(run))
         if not checkpoint.is_file():
             reason = (f"resume: no checkpoint at {checkpoint}; the run stopped before its first checkpoint, "
                       "submit it again instead")

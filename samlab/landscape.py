@@ -18,14 +18,9 @@ same forward pass gives the mean loss and the accuracy (`samlab.losses.correct`)
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +28,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from samlab.hessian import top_eigenvalues
 from samlab.losses import PerSampleLoss, correct
 from samlab.reporting import Reporter
+from samlab.validation import check_choice, check_int
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -107,10 +104,10 @@ def random_directions(
     tensor then being normalized as a single filter. The Gaussian draws come from a CPU generator
     seeded with `seed`, so models of the same architecture get the same raw directions on any device.
     """
-    _check_int("k", k, 1, 64)
-    _check_choice("norm", norm, NORMS)
-    _check_choice("ignore", ignore, IGNORES)
-    _check_int("seed", seed, 0, 2**63 - 1)
+    check_int("k", k, 1, 64)
+    check_choice("norm", norm, NORMS)
+    check_choice("ignore", ignore, IGNORES)
+    check_int("seed", seed, 0, 2**63 - 1)
     weights = dict(model.named_parameters())
     ignored = _ignored_names(model) if ignore == "biasbn" else set()
     if len(ignored) == len(weights):
@@ -166,9 +163,7 @@ def hessian_directions(
     go to it) on the mean of the per-sample loss; its flat eigenvectors over all parameters are split
     back into the model's parameter shapes.
     """
-    from samlab.hessian import top_eigenvalues
-
-    _check_int("k", k, 1, 64)
+    check_int("k", k, 1, 64)
     result = top_eigenvalues(model, loss_fn, data, k=k, **hessian_kwargs)
     like = {name: p.detach() for name, p in model.named_parameters()}
     return [unflatten(torch.as_tensor(v).to(next(iter(like.values())).device), like) for v in result.vectors]
@@ -182,7 +177,7 @@ def pca_directions(
     The rows θ_t − θ_T (t < T) are centered and decomposed by SVD, as scikit-learn's PCA does in the
     paper's code; returns unit-norm directions and the fraction of variance each explains.
     """
-    _check_int("k", k, 1, 64)
+    check_int("k", k, 1, 64)
     if len(trajectory_checkpoints) < k + 2:
         raise ValueError(
             f"trajectory_checkpoints: need at least k + 2 = {k + 2} checkpoints for {k} principal "
@@ -265,22 +260,6 @@ class Surface:
             "accuracy": _nan_to_none(self.accuracy),
             "done_fraction": float(self.done.mean()),
         }
-
-    def save(self, path: Path) -> None:
-        """Atomic write (temporary file + rename), so a kill mid-write leaves the last good state."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            arrays = {f"axis{i}": a for i, a in enumerate(self.axes)}
-            np.savez(fh, loss=self.loss, accuracy=self.accuracy, done=self.done, **arrays)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> Surface:
-        with np.load(Path(path)) as z:
-            n_axes = sum(1 for key in z.files if key.startswith("axis"))
-            axes = tuple(z[f"axis{i}"] for i in range(n_axes))
-            return cls(axes, z["loss"], z["accuracy"], z["done"])
 
 
 def _nan_to_none(array: np.ndarray) -> Any:
@@ -398,7 +377,7 @@ class PointEvaluator:
         task: str | None = None,
         vectorize: bool | None = None,
     ) -> None:
-        _check_choice("mode", mode, MODES)
+        check_choice("mode", mode, MODES)
         self.model, self.loss_fn, self.mode = model, loss_fn, mode
         self.device = _model_device(model)
         self.vectorize = self.device.type != "cpu" if vectorize is None else bool(vectorize)
@@ -585,342 +564,8 @@ def flatness(
 
 
 # ---------------------------------------------------------------------------------------------
-# cache key
-# ---------------------------------------------------------------------------------------------
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cache_key(checkpoint_digest: str | Sequence[str], directions: dict, grid: dict, data: dict, mode: str) -> str:
-    """Stable key of a landscape request: sha256 of the canonical JSON of its inputs."""
-    canonical = json.dumps(
-        {"checkpoints": checkpoint_digest, "directions": directions, "grid": grid, "data": data, "mode": mode},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# background task "landscape"
-# ---------------------------------------------------------------------------------------------
-
-KINDS = ("1d", "2d", "interpolation", "flatness")
-DIRECTION_KINDS = ("random", "pca")
-SPLITS = ("train", "test")
-DEFAULT_GRIDS: dict[str, dict[str, Any]] = {
-    "1d": {"min": -1.0, "max": 1.0, "n": 41},
-    "interpolation": {"min": -0.5, "max": 1.5, "n": 41},
-    "2d": {"xmin": -1.0, "xmax": 1.0, "nx": 41, "ymin": -1.0, "ymax": 1.0, "ny": 41},
-}
-TASK_DEFAULTS: dict[str, Any] = {
-    "kind": "2d",
-    "directions": "random",
-    "seed": 0,
-    "norm": "filter",
-    "ignore": "biasbn",
-    "data": "train",
-    "n_samples": 2048,
-    "mode": "eval",
-    "device": "auto",
-    "batch_size": 512,
-    "max_memory_mb": 1024.0,
-    "trajectory": False,
-    "radii": [0.05, 0.1, 0.2, 0.5],
-    "n_directions": 4,
-}
-PUBLISH_EVERY_S = 1.0
-
-
-def check_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate and fill in a landscape request (ValueError naming the field).
-
-    {"checkpoints": [paths], "kind": "1d"|"2d"|"interpolation"|"flatness", "grid": {...},
-     "directions": "random"|"pca", "seed", "norm", "ignore", "data": "train"|"test", "n_samples",
-     "mode": "eval"|"train", "device", "batch_size", "max_memory_mb", "trajectory": bool,
-     "radii": [...], "n_directions"}; "digests" (sha256 of each checkpoint) is filled in. Several checkpoints get the same directions seed and grid,
-    each filter-normalized to its own weights; "interpolation" takes exactly two and evaluates
-    train and test loss along (1 − α) θ_a + α θ_b.
-    """
-    if not isinstance(params, dict):
-        raise ValueError("params: expected a mapping")
-    known = {*TASK_DEFAULTS, "checkpoints", "grid", "digests"}
-    unknown = set(params) - known
-    if unknown:
-        raise ValueError(f"{sorted(unknown)[0]}: unknown field; known: {sorted(known)}")
-    p = {**TASK_DEFAULTS, **params}
-    _check_choice("kind", p["kind"], KINDS)
-    _check_choice("directions", p["directions"], DIRECTION_KINDS)
-    _check_choice("norm", p["norm"], NORMS)
-    _check_choice("ignore", p["ignore"], IGNORES)
-    _check_choice("data", p["data"], SPLITS)
-    _check_choice("mode", p["mode"], MODES)
-    _check_int("seed", p["seed"], 0, 2**31 - 1)
-    _check_int("batch_size", p["batch_size"], 1, 1_000_000)
-    _check_int("n_directions", p["n_directions"], 1, 64)
-    if p["n_samples"] is not None:
-        _check_int("n_samples", p["n_samples"], 1, 100_000_000)
-    if not isinstance(p["max_memory_mb"], (int, float)) or not p["max_memory_mb"] > 0:
-        raise ValueError(f"max_memory_mb: must be > 0 (got {p['max_memory_mb']!r})")
-    if not isinstance(p["trajectory"], bool):
-        raise ValueError(f"trajectory: must be true or false (got {p['trajectory']!r})")
-    if not isinstance(p["device"], str):
-        raise ValueError(f"device: must be a device name such as 'auto', 'cpu', 'cuda' (got {p['device']!r})")
-    p["checkpoints"] = _checked_checkpoints(p.get("checkpoints"), p["kind"])
-    # the contents, not just the paths, so a checkpoint trained further is a new request
-    p["digests"] = [file_digest(c) for c in p["checkpoints"]]
-    if p["kind"] == "flatness":
-        p["radii"] = [float(r) for r in p["radii"]] if isinstance(p["radii"], list) else p["radii"]
-        if not isinstance(p["radii"], list) or not p["radii"] or any(not r > 0 for r in p["radii"]):
-            raise ValueError(f"radii: need a non-empty list of radii > 0 (got {params.get('radii')!r})")
-        p["grid"] = None
-    else:
-        p["grid"] = _checked_grid(p.get("grid"), p["kind"])
-    return p
-
-
-def _checked_checkpoints(paths: Any, kind: str) -> list[str]:
-    if not isinstance(paths, list) or not paths or not all(isinstance(x, str) for x in paths):
-        raise ValueError("checkpoints: need a non-empty list of checkpoint paths")
-    if kind == "interpolation" and len(paths) != 2:
-        raise ValueError(f"checkpoints: interpolation needs exactly two checkpoints (got {len(paths)})")
-    if len(paths) > 8:
-        raise ValueError(f"checkpoints: at most 8 runs side by side (got {len(paths)})")
-    for path in paths:
-        if not Path(path).is_file():
-            raise ValueError(f"checkpoints: no file at {path}")
-    return [str(Path(x)) for x in paths]
-
-
-def _checked_grid(grid: Any, kind: str) -> dict[str, Any]:
-    defaults = DEFAULT_GRIDS[kind]
-    grid = {**defaults, **(grid or {})}
-    unknown = set(grid) - set(defaults)
-    if unknown:
-        raise ValueError(f"grid.{sorted(unknown)[0]}: unknown field; known: {sorted(defaults)}")
-    for axis in ("x", "y") if kind == "2d" else ("",):
-        lo, hi, n = f"{axis}min", f"{axis}max", f"n{axis}"
-        _check_int(f"grid.{n}", grid[n], 2, 1001)
-        for key in (lo, hi):
-            if not isinstance(grid[key], (int, float)) or isinstance(grid[key], bool) or not math.isfinite(grid[key]):
-                raise ValueError(f"grid.{key}: must be a finite number (got {grid[key]!r})")
-            grid[key] = float(grid[key])
-        if not grid[lo] < grid[hi]:
-            raise ValueError(f"grid.{lo}: must be below grid.{hi} (got {grid[lo]} and {grid[hi]})")
-    return grid
-
-
-def task_cache_key(params: dict[str, Any]) -> str:
-    """The cache key of a (checked) request: checkpoint contents, directions, grid, data and mode."""
-    p = check_task(params)
-    directions = {k: p[k] for k in ("kind", "directions", "seed", "norm", "ignore", "trajectory")}
-    if p["kind"] == "flatness":
-        directions["n_directions"] = p["n_directions"]
-    grid = p["grid"] if p["grid"] is not None else {"radii": p["radii"]}
-    data = {"split": p["data"], "n_samples": p["n_samples"], "seed": p["seed"]}
-    return cache_key(p["digests"], directions, grid, data, p["mode"])
-
-
-def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
-    """Background task "landscape": surfaces of one or more checkpoints, resumable from `workdir`.
-
-    Each finished chunk of grid points is saved to `workdir` (one file per surface, named by the
-    request's cache key) and published through `reporter.result` so a page can draw the partial
-    surface; with `resume` the saved points are not computed again.
-    """
-    from samlab.devices import resolve_device
-    from samlab.train import load_trained
-
-    p = check_task(params)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    key = task_cache_key(p)
-    device = resolve_device(p["device"])
-    runs = [load_trained(path, device=device) for path in p["checkpoints"]]
-    job = _LandscapeJob(p, runs, reporter, workdir, key, resume)
-    return job.run()
-
-
-class _LandscapeJob:
-    """One landscape request: builds the surfaces in turn, saving and publishing as it goes."""
-
-    def __init__(self, p, runs, reporter: Reporter, workdir: Path, key: str, resume: bool) -> None:
-        self.p, self.runs, self.reporter, self.workdir, self.key, self.resume = p, runs, reporter, workdir, key, resume
-        self.result: dict[str, Any] = {"kind": p["kind"], "key": key, "complete": False,
-                                       "runs": [_run_header(path, t) for path, t in zip(p["checkpoints"], runs)]}
-        self._published = 0.0
-
-    def run(self) -> dict[str, Any]:
-        kind = self.p["kind"]
-        if kind == "flatness":
-            self._flatness()
-        else:
-            self._surfaces()
-        self.result["complete"] = all(r.get("done_fraction", 1.0) == 1.0 for r in self._surface_entries())
-        self.reporter.result(self.result)
-        return self.result
-
-    def _surface_entries(self) -> list[dict[str, Any]]:
-        if self.p["kind"] == "interpolation":
-            return [self.result.get(split, {"done_fraction": 0.0}) for split in SPLITS]
-        return self.result["runs"]
-
-    # surfaces ---------------------------------------------------------------------------------
-    def _surfaces(self) -> None:
-        p = self.p
-        plans = self._plans()
-        total = sum(int(np.prod([len(a) for a in plan["axes"]])) for plan in plans)
-        offset = 0
-        for index, plan in enumerate(plans):
-            if self.reporter.should_stop():
-                break
-            state_path = self.workdir / f"landscape-{self.key[:16]}-{index}.npz"
-            previous = Surface.load(state_path) if self.resume and state_path.is_file() else None
-            trained = plan["trained"]
-            evaluate = surface_2d if len(plan["axes"]) == 2 else surface_1d
-            args = (*plan["directions"], *plan["axes"])
-            surface = evaluate(
-                trained.model, trained.loss_fn, _task_batches(trained, plan["split"], p), *args,
-                center=plan["center"], mode=p["mode"], task=trained.data.task, max_memory_mb=p["max_memory_mb"],
-                reporter=_OffsetReporter(self.reporter, offset, total), resume_from=previous,
-                on_update=lambda s, plan=plan, path=state_path: self._update(plan, s, path),
-            )
-            self._update(plan, surface, state_path, force=True)
-            offset += surface.done.size
-
-    def _plans(self) -> list[dict[str, Any]]:
-        p = self.p
-        if p["kind"] == "interpolation":
-            a, b = self.runs
-            direction = interpolation_direction(a.model, b.model)
-            axes = [_axis(p["grid"], "")]
-            self.result["alphas"] = axes[0].tolist()
-            return [{"trained": a, "split": split, "directions": [direction], "axes": axes,
-                     "center": model_state(a.model), "entry": self.result.setdefault(split, {})}
-                    for split in SPLITS]
-        axes = [_axis(p["grid"], "")] if p["kind"] == "1d" else [_axis(p["grid"], "x"), _axis(p["grid"], "y")]
-        self.result["axes"] = [a.tolist() for a in axes]
-        plans = []
-        for path, trained, entry in zip(p["checkpoints"], self.runs, self.result["runs"]):
-            directions = self._directions(path, trained, len(axes), entry)
-            if p["trajectory"] and len(axes) == 2:
-                entry["trajectory"] = _trajectory(path, trained.model, *directions)
-            plans.append({"trained": trained, "split": p["data"], "directions": directions, "axes": axes,
-                          "center": None, "entry": entry})
-        return plans
-
-    def _directions(self, path: str, trained, k: int, entry: dict[str, Any]) -> list[Params]:
-        p = self.p
-        if p["directions"] == "pca":
-            from samlab.train import list_snapshots
-
-            snapshots = [_snapshot_state(s, trained.model) for s in list_snapshots(Path(path).parent)]
-            directions, explained = pca_directions([*snapshots, model_params(trained.model)], k=k)
-            entry["explained_variance"] = explained.tolist()
-            return directions
-        return random_directions(trained.model, k, norm=p["norm"], ignore=p["ignore"], seed=p["seed"])
-
-    def _update(self, plan: dict[str, Any], surface: Surface, state_path: Path, force: bool = False) -> None:
-        surface.save(state_path)
-        plan["entry"].update(surface.to_dict())
-        plan["entry"].pop("axes", None)
-        now = time.monotonic()
-        if force or now - self._published >= PUBLISH_EVERY_S:
-            self._published = now
-            self.reporter.result(self.result)
-
-    # flatness ---------------------------------------------------------------------------------
-    def _flatness(self) -> None:
-        p = self.p
-        for i, (trained, entry) in enumerate(zip(self.runs, self.result["runs"])):
-            if self.reporter.should_stop():
-                break
-            directions = random_directions(trained.model, p["n_directions"], norm=p["norm"], ignore=p["ignore"],
-                                           seed=p["seed"])
-            entry.update(flatness(trained.model, trained.loss_fn, _task_batches(trained, p["data"], p), directions,
-                                  p["radii"], mode=p["mode"], task=trained.data.task,
-                                  max_memory_mb=p["max_memory_mb"]))
-            entry["done_fraction"] = 1.0
-            self.reporter.progress(i + 1, len(self.runs), f"flatness: {i + 1}/{len(self.runs)} runs")
-            self.reporter.result(self.result)
-        for entry in self.result["runs"]:
-            entry.setdefault("done_fraction", 0.0)
-
-
-class _OffsetReporter(Reporter):
-    """Forwards to a reporter, shifting progress so several surfaces add up to one bar."""
-
-    def __init__(self, inner: Reporter, offset: int, total: int) -> None:
-        self.inner, self.offset, self.total = inner, offset, total
-
-    def progress(self, done: float, total: float, message: str = "") -> None:
-        self.inner.progress(self.offset + done, self.total, message)
-
-    def log(self, message: str) -> None:
-        self.inner.log(message)
-
-    def should_stop(self) -> bool:
-        return self.inner.should_stop()
-
-
-def _run_header(path: str, trained) -> dict[str, Any]:
-    return {"checkpoint": path, "label": trained.config.label(), "epoch": trained.epoch, "step": trained.step}
-
-
-def _axis(grid: dict[str, Any], axis: str) -> np.ndarray:
-    return np.linspace(grid[f"{axis}min"], grid[f"{axis}max"], grid[f"n{axis}"])
-
-
-def _task_batches(trained, split: str, p: dict[str, Any]) -> list[Batch]:
-    """The requested split, a seeded subset of `n_samples` when smaller, cut into `batch_size` batches."""
-    data = trained.data
-    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
-    if p["n_samples"] is not None and p["n_samples"] < len(x):
-        generator = torch.Generator().manual_seed(p["seed"])
-        index = torch.randperm(len(x), generator=generator)[: p["n_samples"]].to(x.device)
-        x, y = x[index], y[index]
-    size = p["batch_size"]
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
-
-
-def _snapshot_state(path: Path, model: nn.Module) -> Params:
-    payload = torch.load(path, map_location=_model_device(model), weights_only=True)
-    names = {name for name, _ in model.named_parameters()}
-    return {name: t for name, t in payload["model"].items() if name in names}
-
-
-def _trajectory(path: str, model: nn.Module, d1: Params, d2: Params) -> dict[str, Any]:
-    """The run's saved snapshots projected on the plane of (d1, d2) centred at the final weights."""
-    from samlab.train import list_snapshots
-
-    snapshots = [_snapshot_state(s, model) for s in list_snapshots(Path(path).parent)]
-    if not snapshots:
-        return {"x": [], "y": [], "epochs": []}
-    xs, ys = project_trajectory(snapshots, model_params(model), d1, d2)
-    epochs = [int(s.stem.split("_")[-1]) for s in list_snapshots(Path(path).parent)]
-    return {"x": xs.tolist(), "y": ys.tolist(), "epochs": epochs}
-
-
-# ---------------------------------------------------------------------------------------------
 # validation helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {', '.join(allowed)} (got {value!r})")
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}] (got {value!r})")
 
 
 def _check_axis(name: str, axis: Any) -> None:

@@ -20,28 +20,19 @@ All micro-batches are processed at once: `vmap` over micro-batches of `grad_and_
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from samlab.noise import (
-    eval_mode,
-    functional_state,
-    microbatch_noise_curve,
-    noise_summary,
-    per_sample_grads,
-)
+from samlab.noise import eval_mode, functional_state
 from samlab.reporting import Reporter
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Params = dict[str, torch.Tensor]
 
-PARTIAL_FILE = "msharp_partial.json"
 
 
 def m_sharpness(
@@ -193,99 +184,6 @@ def _average_partitions(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-# -- background task "msharp": m-sharpness and gradient noise of a checkpoint -------------------
-TASK_DEFAULTS: dict[str, Any] = {
-    "ms": [256, 64, 16, 4, 1],
-    "rho": 0.05,
-    "steps": 1,
-    "n_samples": 512,
-    "partitions": 4,
-    "seed": 0,
-    "device": "cpu",
-}
-
-
-def check_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate and fill the params of an "msharp" task: checkpoint (path), ms, rho, steps, n_samples,
-    partitions, seed, device."""
-    unknown = set(params) - set(TASK_DEFAULTS) - {"checkpoint"}
-    if unknown:
-        raise ValueError(f"{sorted(unknown)[0]}: unknown field; known fields: {sorted([*TASK_DEFAULTS, 'checkpoint'])}")
-    out = TASK_DEFAULTS | dict(params)
-    if not isinstance(out.get("checkpoint"), str) or not out["checkpoint"]:
-        raise ValueError("checkpoint: path of a training checkpoint (checkpoint.pt) is required")
-    _positive_int("n_samples", out["n_samples"])
-    _positive_int("steps", out["steps"])
-    _positive_int("partitions", out["partitions"])
-    if isinstance(out["seed"], bool) or not isinstance(out["seed"], int) or out["seed"] < 0:
-        raise ValueError(f"seed: must be an integer >= 0 (got {out['seed']!r})")
-    if not isinstance(out["ms"], list) or not out["ms"]:
-        raise ValueError("ms: a non-empty list of micro-batch sizes")
-    for m in out["ms"]:
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= out["n_samples"]:
-            raise ValueError(f"ms: each m must be an integer in [1, n_samples={out['n_samples']}] (got {m!r})")
-    if isinstance(out["rho"], bool) or not isinstance(out["rho"], (int, float)) or not out["rho"] > 0:
-        raise ValueError(f"rho: must be a number > 0 (got {out['rho']!r})")
-    out["rho"] = float(out["rho"])
-    out["ms"] = sorted(set(out["ms"]), reverse=True)
-    return out
-
-
-def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
-    """m-sharpness S_m and the gradient-noise curve (tr V, E‖∇L_I‖, SDE regularizers) against m for
-    a checkpoint, on a seeded random subset of n_samples training samples. Partial results are
-    published after each m and kept in workdir, so a resumed task skips what it already measured."""
-    from samlab.train import load_trained
-
-    p = check_task(params)
-    trained = load_trained(p["checkpoint"], device=p["device"])
-    x, y = _subset(trained.data.x_train, trained.data.y_train, p["n_samples"], p["seed"])
-    state_file = Path(workdir) / PARTIAL_FILE
-    result = _read_partial(state_file) if resume else None
-    if result is None:
-        grads = per_sample_grads(trained.model, trained.loss_fn, x, y)
-        result = {
-            "params": p,
-            "checkpoint_epoch": trained.epoch,
-            "n": len(x),
-            "noise": noise_summary(grads, with_sample_norms=True),
-            "noise_curve": microbatch_noise_curve(grads, p["ms"], rho=p["rho"], partitions=p["partitions"],
-                                                  seed=p["seed"]),
-            "sharpness_curve": [],
-        }
-        _write_partial(state_file, result)
-        reporter.result(result)
-    done = {row["m"] for row in result["sharpness_curve"]}
-    todo = [m for m in p["ms"] if m not in done]
-    for i, m in enumerate(todo):
-        if reporter.should_stop():
-            return result
-        row = m_sharpness_curve(trained.model, trained.loss_fn, x, y, ms=[m], rho=p["rho"], steps=p["steps"],
-                                partitions=p["partitions"], seed=p["seed"])[0]
-        result["sharpness_curve"].append(row)
-        _write_partial(state_file, result)
-        reporter.result(result)
-        reporter.progress(len(done) + i + 1, len(p["ms"]), f"m-sharpness at m={m}")
-    return result
-
-
-def _subset(x: torch.Tensor, y: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(x), generator=gen)[: min(size, len(x))].to(x.device)
-    return x[idx], y[idx]
-
-
-def _read_partial(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_partial(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
-
-
 # -- validation -----------------------------------------------------------------------------------
 def _check_args(n: int, n_y: int, m: int, rho: float, steps: int, step_size: float | None) -> None:
     if n != n_y:
@@ -298,8 +196,3 @@ def _check_args(n: int, n_y: int, m: int, rho: float, steps: int, step_size: flo
         raise ValueError(f"steps: must be an integer >= 1 (got {steps!r})")
     if step_size is not None and not step_size > 0:
         raise ValueError(f"step_size: must be > 0 (got {step_size!r})")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be an integer >= 1 (got {value!r})")

@@ -28,11 +28,9 @@ full-batch GD (c = 0, T(M) = (I − ηH) M (I − ηH)) is stable exactly when �
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +38,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 from samlab.reporting import Reporter
+from samlab.validation import check_int, check_non_empty_list, check_positive
 
 HessianInput = torch.Tensor | Sequence[torch.Tensor]
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,36 +46,45 @@ PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PSD_RTOL = 1e-8  # (float64; 100·eps for coarser dtypes) asymmetry or eigenvalues below −PSD_RTOL·scale refused
 RANK_RTOL = 1e-10  # eigenvalues below RANK_RTOL·(largest eigenvalue) count as zero
 EXACT_HESSIAN_BUDGET = 50_000_000  # n·p² entries for dense per-sample Hessians of a model
-GRID_STATE = "stability_grid.json"
 ETA_SCALES = ("absolute", "gd_limit")  # model check: η as given, or as multiples of 2/λ_max(H)
-MODEL_STATE = "stability_model.json"
 
 
 # -- validation ------------------------------------------------------------------------------------
-def _positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: must be a finite number > 0 (got {value!r})")
-    return float(value)
-
-
-def _count(name: str, value: int, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: must be an integer ≥ {minimum} (got {value!r})")
-    return value
-
-
-def _batch(name: str, value: float, n: int) -> float:
-    b = _positive(name, value)
+def check_batch(name: str, value: float, n: int) -> float:
+    b = check_positive(name, value)
     if b > n:
         raise ValueError(f"{name}: the expected batch size must lie in (0, n] = (0, {n}] (got {value!r})")
     return b
 
 
-def _sigma(value: float, n: int) -> float:
-    s = _positive("sigma", value)
+def check_sigma(value: float, n: int) -> float:
+    s = check_positive("sigma", value)
     if not 1.0 - 1e-9 <= s <= n + 1e-9:
         raise ValueError(f"sigma: the coherence lies in [1, n] = [1, {n}] (got {value!r})")
     return s
+
+
+def check_repeats(params: dict[str, Any]) -> dict[str, Any]:
+    """The settings of repeated SGD runs (repeats, steps, seed, blowup), checked and normalised."""
+    out = dict(params)
+    for name in ("repeats", "steps"):
+        check_int(name, out[name], 1)
+    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):
+        raise ValueError(f"seed: must be an integer (got {out['seed']!r})")
+    out["blowup"] = check_positive("blowup", out["blowup"])
+    if out["blowup"] <= 1:
+        raise ValueError(f"blowup: must be > 1 (got {out['blowup']!r})")
+    return out
+
+
+def check_grid(params: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the (B, σ) grid (eta, Bs, sigmas, n, lam_max and those of `check_repeats`)."""
+    out = check_repeats(params)
+    out["n"] = check_int("n", out["n"], 2)
+    out["eta"], out["lam_max"] = check_positive("eta", out["eta"]), check_positive("lam_max", out["lam_max"])
+    out["Bs"] = [check_batch("Bs", b, out["n"]) for b in check_non_empty_list("Bs", out["Bs"])]
+    out["sigmas"] = [check_sigma(s, out["n"]) for s in check_non_empty_list("sigmas", out["sigmas"])]
+    return out
 
 
 # -- coherence -------------------------------------------------------------------------------------
@@ -138,8 +146,8 @@ def predicts_divergence(lam_max: float, sigma: float, eta: float, B: float, n: i
     At B = n (full batch) the right-hand side is +∞ and the answer is False: the theorem says nothing
     about GD, whose exact condition is `gd_stable`.
     """
-    n = _count("n", n)
-    lam, eta, sigma, B = _positive("lam_max", lam_max), _positive("eta", eta), _sigma(sigma, n), _batch("B", B, n)
+    n = check_int("n", n, 1)
+    lam, eta, sigma, B = check_positive("lam_max", lam_max), check_positive("eta", eta), check_sigma(sigma, n), check_batch("B", B, n)
     if n <= B:
         return False
     return lam >= (sigma / eta) / math.sqrt(n / B - 1.0)
@@ -147,8 +155,8 @@ def predicts_divergence(lam_max: float, sigma: float, eta: float, B: float, n: i
 
 def divergence_lr(lam_max: float, sigma: float, B: float, n: int) -> float:
     """η at and above which the theorem guarantees divergence: σ / (λ_max sqrt(n/B − 1)); +∞ at B = n."""
-    n = _count("n", n)
-    lam, sigma, B = _positive("lam_max", lam_max), _sigma(sigma, n), _batch("B", B, n)
+    n = check_int("n", n, 1)
+    lam, sigma, B = check_positive("lam_max", lam_max), check_sigma(sigma, n), check_batch("B", B, n)
     if n <= B:
         return math.inf
     return sigma / (lam * math.sqrt(n / B - 1.0))
@@ -159,14 +167,14 @@ def divergence_batch_size(lam_max: float, sigma: float, eta: float, n: int) -> f
 
     Always < n: the sufficient condition never covers full-batch GD.
     """
-    n = _count("n", n)
-    lam, eta, sigma = _positive("lam_max", lam_max), _positive("eta", eta), _sigma(sigma, n)
+    n = check_int("n", n, 1)
+    lam, eta, sigma = check_positive("lam_max", lam_max), check_positive("eta", eta), check_sigma(sigma, n)
     return n / (1.0 + (sigma / (eta * lam)) ** 2)
 
 
 def gd_stable(lam_max: float, eta: float) -> bool:
     """Full-batch GD on a quadratic with top curvature λ_max is stable iff η < 2/λ_max."""
-    return _positive("eta", eta) < 2.0 / _positive("lam_max", lam_max)
+    return check_positive("eta", eta) < 2.0 / check_positive("lam_max", lam_max)
 
 
 # -- per-sample Hessians as factors ----------------------------------------------------------------
@@ -270,9 +278,9 @@ def second_moment_radius(
     from the identity, which overlaps every PSD eigenvector.
     """
     fac = _factorize(hessians)
-    eta, B = _positive("eta", eta), _batch("B", B, fac.n)
-    _positive("tol", tol)
-    _count("max_iter", max_iter)
+    eta, B = check_positive("eta", eta), check_batch("B", B, fac.n)
+    check_positive("tol", tol)
+    check_int("max_iter", max_iter, 1)
     gd = _gd_factor(fac, eta)
     weight = eta**2 * _noise_constant(fac.n, B)
 
@@ -296,7 +304,7 @@ def exact_critical_batch_size(
     eigenvalue problem gives the whole boundary in B.
     """
     fac = _factorize(hessians)
-    eta = _positive("eta", eta)
+    eta = check_positive("eta", eta)
     gd = _gd_factor(fac, eta)
     if float((1.0 - eta * fac.eigenvalues).abs().amax()) >= 1.0:
         return math.inf
@@ -379,9 +387,9 @@ def simulate_sgd_quadratic(
     ‖w‖ ≥ blowup·‖w₀‖ and is frozen from then on.
     """
     fac = _factorize(hessians)
-    eta, B = _positive("eta", eta), _batch("B", B, fac.n)
-    steps, repeats = _count("steps", steps), _count("repeats", repeats)
-    blowup = _positive("blowup", blowup)
+    eta, B = check_positive("eta", eta), check_batch("B", B, fac.n)
+    steps, repeats = check_int("steps", steps, 1), check_int("repeats", repeats, 1)
+    blowup = check_positive("blowup", blowup)
     generator = torch.Generator().manual_seed(int(seed))
     d = fac.factors.shape[2]
     if w0 is None:
@@ -410,9 +418,9 @@ def paper_construction(
     lam_max. A seeded random isometry Rⁿ → R^dim (dim ≥ n) hides the coordinate axes.
     Returns [n, dim, dim] float64.
     """
-    n = _count("n", n, 2)
-    sigma, lam_max = _sigma(sigma, n), _positive("lam_max", lam_max)
-    dim = n if dim is None else _count("dim", dim)
+    n = check_int("n", n, 2)
+    sigma, lam_max = check_sigma(sigma, n), check_positive("lam_max", lam_max)
+    dim = n if dim is None else check_int("dim", dim, 1)
     if dim < n:
         raise ValueError(f"dim: must be ≥ n = {n} (σ near 1 needs n nearly orthogonal directions; got {dim})")
     c = min(max((sigma - 1.0) / (n - 1), 0.0), 1.0)
@@ -474,8 +482,8 @@ def stability_grid(
     Rows come one σ at a time (progress, `should_stop`, `on_row`); `done` holds rows already computed
     (resume). Returns {"params": ..., "rows": [...], "complete": bool}.
     """
-    params = check_task(
-        {"mode": "grid", "eta": eta, "Bs": list(Bs), "sigmas": list(sigmas), "n": n, "lam_max": lam_max,
+    params = check_grid(
+        {"eta": eta, "Bs": list(Bs), "sigmas": list(sigmas), "n": n, "lam_max": lam_max,
          "repeats": repeats, "steps": steps, "seed": seed, "blowup": blowup}
     )
     reporter = reporter or Reporter()
@@ -495,107 +503,7 @@ def stability_grid(
     complete = len(rows) == len(params["sigmas"])
     if complete:
         reporter.progress(len(rows), len(params["sigmas"]), "done")
-    return {"params": {k: v for k, v in params.items() if k != "mode"}, "rows": rows, "complete": complete}
-
-
-# -- background task ---------------------------------------------------------------------------------
-_GRID_DEFAULTS: dict[str, Any] = {
-    "eta": 0.8, "Bs": list(range(1, 50)), "sigmas": list(range(1, 51)), "n": 100, "lam_max": 2.0,
-    "repeats": 10, "steps": 1000, "seed": 0, "blowup": 1000.0,
-}
-_MODEL_DEFAULTS: dict[str, Any] = {
-    "checkpoint": None, "etas": [0.1, 0.25, 0.5, 0.75, 1.0, 1.25], "eta_scale": "gd_limit",
-    "Bs": [1, 2, 4, 8, 16, 32, 64], "n_samples": 128, "method": "matrix_free", "steps": 300, "repeats": 3,
-    "seed": 0, "perturbation": 1e-3, "blowup": 1000.0,
-}
-
-
-def check_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate and fill defaults of a "stability" task: mode "grid" (the paper's plane) or "model"."""
-    mode = params.get("mode", "grid")
-    if mode not in ("grid", "model"):
-        raise ValueError(f"mode: must be 'grid' or 'model' (got {mode!r})")
-    defaults = _GRID_DEFAULTS if mode == "grid" else _MODEL_DEFAULTS
-    unknown = sorted(set(params) - set(defaults) - {"mode"})
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown parameter for a {mode} stability task (known: {sorted(defaults)})")
-    out = {**defaults, **params, "mode": mode}
-    for name in ("repeats", "steps"):
-        _count(name, out[name])
-    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):
-        raise ValueError(f"seed: must be an integer (got {out['seed']!r})")
-    out["blowup"] = _positive("blowup", out["blowup"])
-    if out["blowup"] <= 1:
-        raise ValueError(f"blowup: must be > 1 (got {out['blowup']!r})")
-    if mode == "grid":
-        out["n"] = _count("n", out["n"], 2)
-        out["eta"], out["lam_max"] = _positive("eta", out["eta"]), _positive("lam_max", out["lam_max"])
-        out["Bs"] = [_batch("Bs", b, out["n"]) for b in _non_empty("Bs", out["Bs"])]
-        out["sigmas"] = [_sigma(s, out["n"]) for s in _non_empty("sigmas", out["sigmas"])]
-        return out
-    if not isinstance(out["checkpoint"], str) or not out["checkpoint"]:
-        raise ValueError("checkpoint: the path of a trained model's checkpoint is required")
-    out["n_samples"] = _count("n_samples", out["n_samples"], 2)
-    out["etas"] = [_positive("etas", e) for e in _non_empty("etas", out["etas"])]
-    out["Bs"] = [_batch("Bs", b, out["n_samples"]) for b in _non_empty("Bs", out["Bs"])]
-    out["perturbation"] = _positive("perturbation", out["perturbation"])
-    if out["eta_scale"] not in ETA_SCALES:
-        raise ValueError(f"eta_scale: must be one of {ETA_SCALES} (got {out['eta_scale']!r})")
-    if out["method"] not in ("exact", "matrix_free"):
-        raise ValueError(f"method: must be 'exact' or 'matrix_free' (got {out['method']!r})")
-    return out
-
-
-def _non_empty(name: str, values: Any) -> list:
-    if not isinstance(values, (list, tuple)) or not values:
-        raise ValueError(f"{name}: must be a non-empty list (got {values!r})")
-    return list(values)
-
-
-def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any] | None:
-    """Background task "stability": the (B, σ) grid or a trained model's check, resumable from workdir."""
-    params = check_task(params)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if params["mode"] == "model":
-        return _run_model_task(params, reporter, workdir, resume)
-    state_path = workdir / GRID_STATE
-    rows: list[dict[str, Any]] = []
-    if resume and state_path.is_file():
-        saved = json.loads(state_path.read_text())
-        if saved.get("params") == params:
-            rows = saved["rows"]
-            reporter.log(f"resumed the stability grid after {len(rows)} of {len(params['sigmas'])} rows")
-
-    def keep(row: dict[str, Any]) -> None:
-        rows.append(row)
-        state_path.write_text(json.dumps({"params": params, "rows": rows}))
-        reporter.result({"params": _grid_params(params), "rows": rows, "complete": False})
-
-    grid_args = {k: v for k, v in params.items() if k != "mode"}
-    result = stability_grid(**grid_args, reporter=reporter, done=list(rows), on_row=keep)
-    return result if result["complete"] else None
-
-
-def _grid_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k != "mode"}
-
-
-def _run_model_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
-    from samlab.train import load_trained  # the worker pays for the training stack only here
-
-    trained = load_trained(params["checkpoint"], device="cpu")
-    count = min(params["n_samples"], trained.data.n_train)
-    x, y = trained.data.x_train[:count], trained.data.y_train[:count]
-    for b in params["Bs"]:
-        _batch("Bs", b, count)
-    result = model_stability_check(
-        trained.model, trained.loss_fn, x, y, params["etas"], params["Bs"], steps=params["steps"],
-        repeats=params["repeats"], seed=params["seed"], perturbation=params["perturbation"],
-        blowup=params["blowup"], method=params["method"], eta_scale=params["eta_scale"], reporter=reporter,
-    )
-    (workdir / MODEL_STATE).write_text(json.dumps(result))
-    return result
+    return {"params": params, "rows": rows, "complete": complete}
 
 
 # -- a trained model ---------------------------------------------------------------------------------
@@ -720,9 +628,9 @@ def coherence_of_model(
         raise ValueError(f"method: must be 'exact' or 'matrix_free' (got {method!r})")
     if x.shape[0] != y.shape[0] or x.shape[0] < 1:
         raise ValueError(f"x, y: need the same number (≥ 1) of samples (got {x.shape[0]} and {y.shape[0]})")
-    _count("probes", probes)
-    _count("power_iters", power_iters)
-    _count("chunk", chunk)
+    check_int("probes", probes, 1)
+    check_int("power_iters", power_iters, 1)
+    check_int("chunk", chunk, 1)
     was_training = model.training
     model.eval()
     try:
@@ -823,15 +731,15 @@ def model_stability_check(
     """
     reporter = reporter or Reporter()
     n = x.shape[0]
-    etas = [_positive("etas", e) for e in _non_empty("etas", etas)]
-    Bs = [_batch("Bs", b, n) for b in _non_empty("Bs", Bs)]
-    steps, repeats = _count("steps", steps), _count("repeats", repeats)
-    perturbation, blowup = _positive("perturbation", perturbation), _positive("blowup", blowup)
+    etas = [check_positive("etas", e) for e in check_non_empty_list("etas", etas)]
+    Bs = [check_batch("Bs", b, n) for b in check_non_empty_list("Bs", Bs)]
+    steps, repeats = check_int("steps", steps, 1), check_int("repeats", repeats, 1)
+    perturbation, blowup = check_positive("perturbation", perturbation), check_positive("blowup", blowup)
     reporter.progress(0, steps + 1, "coherence")
     curvature = coherence_of_model(model, loss_fn, x, y, method=method, seed=seed)
     reporter.result({"coherence": curvature, "complete": False})
     sigma = min(max(curvature["sigma"], 1.0), float(n))
-    lam = _positive("lam_max", curvature["lam_max"])
+    lam = check_positive("lam_max", curvature["lam_max"])
     gd_limit = 2.0 / lam
     if eta_scale not in ETA_SCALES:
         raise ValueError(f"eta_scale: must be one of {ETA_SCALES} (got {eta_scale!r})")

@@ -23,20 +23,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from samlab.checkpoints import (
+    SNAPSHOT_MAX_PARAMS,
+    build_run_model,
+    read_checkpoint,
+    require_checkpoint,
+    write_checkpoint,
+    write_snapshot,
+)
 from samlab.config import RunConfig
-from samlab.data import Dataset, iterate_batches, load_dataset
+from samlab.data import iterate_batches, load_dataset
 from samlab.devices import resolve_device
 from samlab.losses import correct, mean_loss, per_sample_loss
-from samlab.models import build_model
 from samlab.optim import sharpness_gradient
 from samlab.reporting import Reporter
 
 if TYPE_CHECKING:
     from samlab.distributed import DataParallel
 
-CHECKPOINT = "checkpoint.pt"
-SNAPSHOT_DIR = "snapshots"
-SNAPSHOT_MAX_PARAMS = 5_000_000  # trajectory snapshots (for landscape PCA) only for models this small
 EVAL_BATCH = 1024
 
 
@@ -46,18 +50,6 @@ class TrainResult:
     summary: dict[str, Any]
     checkpoint: Path | None
     model: nn.Module = field(repr=False)
-
-
-@dataclass
-class Trained:
-    """A model restored from a checkpoint, with what the analyses need beside it."""
-
-    model: nn.Module
-    config: RunConfig
-    data: Dataset
-    loss_fn: Any  # per-sample loss
-    epoch: int
-    step: int
 
 
 @dataclass
@@ -95,7 +87,7 @@ def run(
 
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, device=device)
-    model = _build(cfg, data, device)
+    model = build_run_model(cfg, data, device)
     base = _base_optimizer(cfg, model)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     aux_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -103,7 +95,7 @@ def run(
     epoch_gen_state = batch_gen.get_state()
 
     if resume:
-        ckpt_path = _require_checkpoint(workdir)
+        ckpt_path = require_checkpoint(workdir)
         state, epoch_gen_state = _load_checkpoint(ckpt_path, model, base, batch_gen, aux_gen, device)
         reporter.log(f"resumed from {ckpt_path} at epoch {state.epoch}, step {state.step}")
     if parallel is not None:
@@ -111,42 +103,6 @@ def run(
 
     engine = _Engine(cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir, parallel)
     return engine.train(state, epoch_gen_state)
-
-
-def load_trained(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """Rebuild the model of a checkpoint (or a snapshot) with its config and data."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint: no file at {path}")
-    payload = _read(path)
-    cfg = RunConfig.from_json(payload["config"])
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
-    data = load_dataset(cfg.data, device=dev)
-    model = _build(cfg, data, dev)
-    model.load_state_dict(payload["model"])
-    model.eval()
-    return Trained(model, cfg, data, per_sample_loss(data.task), int(payload["epoch"]), int(payload["step"]))
-
-
-def list_snapshots(workdir: str | Path) -> list[Path]:
-    """Model snapshots saved at each checkpoint epoch (the training trajectory), oldest first."""
-    folder = Path(workdir) / SNAPSHOT_DIR
-    return sorted(folder.glob("epoch_*.pt")) if folder.is_dir() else []
-
-
-def check_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate a training config given as a dict (background task interface)."""
-    return RunConfig.from_dict(params).validate().to_dict()
-
-
-def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
-    """Background task "train": the worker's entry point."""
-    result = run(RunConfig.from_dict(params), reporter, workdir=workdir, resume=resume)
-    return {
-        "status": result.status,
-        "summary": result.summary,
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-    }
 
 
 def learning_rate(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
@@ -368,7 +324,6 @@ class _Engine:
 
     def _save(self, state: _State, epoch_gen_state: torch.Tensor) -> Path:
         self.reporter.sync()  # metrics up to this checkpoint are stored before it exists
-        path = self.workdir / CHECKPOINT
         payload = {
             "config": self.cfg.to_json(),
             "model": self.model.state_dict(),
@@ -383,27 +338,17 @@ class _Engine:
             "aux_gen_state": self.aux_gen.get_state(),
             "torch_rng_state": torch.get_rng_state(),
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
-        return path
+        return write_checkpoint(self.workdir, payload)
 
     def _snapshot(self, state: _State) -> None:
         if self.n_params > SNAPSHOT_MAX_PARAMS:
             return
-        folder = self.workdir / SNAPSHOT_DIR
-        folder.mkdir(exist_ok=True)
         payload = {"config": self.cfg.to_json(), "model": self.model.state_dict(), "epoch": state.epoch,
                    "step": state.step}
-        torch.save(payload, folder / f"epoch_{state.epoch:04d}.pt")
+        write_snapshot(self.workdir, state.epoch, payload)
 
 
 # -- module helpers -------------------------------------------------------------------------------
-def _build(cfg: RunConfig, data: Dataset, device: torch.device) -> nn.Module:
-    outputs = data.num_classes if data.task == "classification" else 1
-    return build_model(cfg.model, data.input_shape, outputs).to(device)
-
-
 def _base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.base == "sgd":
@@ -413,24 +358,8 @@ def _base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _require_checkpoint(workdir: Path | None) -> Path:
-    if workdir is None:
-        raise ValueError("resume: needs the run's workdir (where checkpoint.pt was written)")
-    path = workdir / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"resume: no checkpoint at {path}; the run stopped before its first checkpoint")
-    return path
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which and why
-        raise ValueError(f"checkpoint: cannot read {path} ({type(exc).__name__}: {exc})") from None
-
-
 def _load_checkpoint(path, model, base, batch_gen, aux_gen, device) -> tuple[_State, torch.Tensor]:
-    payload = _read(path)
+    payload = read_checkpoint(path)
     try:
         model.load_state_dict(payload["model"])
         base.load_state_dict(payload["optimizer"])

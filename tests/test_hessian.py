@@ -399,9 +399,10 @@ def test_bad_data_and_trace_arguments():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A digits CNN (BatchNorm) trained for two epochs with the λ_max hook on the whole train set."""
+    from samlab.checkpoints import load_trained
     from samlab.config import preset
     from samlab.reporting import RecordingReporter
-    from samlab.train import load_trained, run
+    from samlab.train import run
 
     workdir = tmp_path_factory.mktemp("hessian-run")
     cfg = preset("digits-cnn", {"data.n_train": 64, "data.n_test": 32, "model.width": 4, "epochs": 2,
@@ -429,8 +430,8 @@ def task_params(path, **overrides):
 
 
 def test_task_result_matches_the_dense_hessian(trained_run, tmp_path):
-    from samlab.hessian import check_task, run_task
     from samlab.reporting import RecordingReporter
+    from samlab.tasks.hessian import check_task, run_task
 
     checkpoint, _, H, model = trained_run
     reporter = RecordingReporter()
@@ -464,8 +465,8 @@ def result_digest(path):
 
 
 def test_task_stops_after_a_stage_and_resumes_without_recomputing(trained_run, tmp_path):
-    from samlab.hessian import run_task
     from samlab.reporting import RecordingReporter
+    from samlab.tasks.hessian import run_task
 
     class StopAfterFirstStage(RecordingReporter):
         def result(self, value):
@@ -497,7 +498,7 @@ def test_task_stops_after_a_stage_and_resumes_without_recomputing(trained_run, t
     ],
 )
 def test_check_task_names_the_bad_field(trained_run, overrides, field):
-    from samlab.hessian import check_task
+    from samlab.tasks.hessian import check_task
 
     checkpoint = trained_run[0]
     with pytest.raises(ValueError, match=rf"^{field}:"):
@@ -514,16 +515,16 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
 
     from dashboard import hessian_view
     from samlab import jobs
-    from samlab.hessian import run_task
     from samlab.reporting import RecordingReporter
     from samlab.store import Store
+    from samlab.tasks.hessian import run_task
 
     url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
     monkeypatch.setenv("SAMLAB_STORE", url)
     monkeypatch.setattr(jobs, "ensure_scheduler", lambda store=None: False)
     store = Store(url)
     checkpoint, reporter, _, _ = trained_run
-    from samlab.train import load_trained
+    from samlab.checkpoints import load_trained
 
     train_params = load_trained(checkpoint).config.to_dict()
     (train_id,) = store.create_runs([{"kind": "train", "params": train_params, "name": "tiny cnn"}])

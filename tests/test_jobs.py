@@ -255,8 +255,9 @@ def test_cli_runs_commands_and_readable_errors(store):
 @pytest.mark.slow
 def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(store, tmp_path):
     torch = pytest.importorskip("torch")
+    from samlab.checkpoints import load_trained
     from samlab.reporting import RecordingReporter
-    from samlab.train import load_trained, run
+    from samlab.train import run
 
     cfg = preset("digits-mlp", {"epochs": 6, "batch_size": 32, "data.n_train": 256, "model.width": 32,
                                 "checkpoint_every": 1})

@@ -13,6 +13,7 @@ from torch import nn
 from samlab import landscape as L
 from samlab.losses import cross_entropy_per_sample, squared_error_per_sample
 from samlab.reporting import RecordingReporter
+from samlab.tasks import landscape as LT
 
 
 def conv_bn_model(seed: int = 0) -> nn.Module:
@@ -184,8 +185,8 @@ def test_cancelled_then_resumed_equals_uninterrupted(tmp_path):
     assert int(partial.done.sum()) == 7 and not partial.complete and updates == list(range(1, 8))
     assert np.isnan(partial.loss[~partial.done]).all()
     path = tmp_path / "state.npz"
-    partial.save(path)
-    restored = L.Surface.load(path)
+    LT.save_surface(partial, path)
+    restored = LT.load_surface(path)
     calls = RecordingReporter()
     resumed = L.surface_2d(model, cross_entropy_per_sample, (x, y), d1, d2, xs, ys, max_memory_mb=budget,
                            reporter=calls, resume_from=restored)
@@ -375,10 +376,10 @@ def test_surface_json_has_none_for_missing_points():
 
 
 def test_cache_key_is_canonical():
-    k1 = L.cache_key("abc", {"seed": 0, "norm": "filter"}, {"n": 41, "min": -1}, {"split": "train"}, "eval")
-    k2 = L.cache_key("abc", {"norm": "filter", "seed": 0}, {"min": -1, "n": 41}, {"split": "train"}, "eval")
-    k3 = L.cache_key("abc", {"norm": "filter", "seed": 1}, {"min": -1, "n": 41}, {"split": "train"}, "eval")
-    k4 = L.cache_key("abc", {"norm": "filter", "seed": 0}, {"min": -1, "n": 41}, {"split": "train"}, "train")
+    k1 = LT.cache_key("abc", {"seed": 0, "norm": "filter"}, {"n": 41, "min": -1}, {"split": "train"}, "eval")
+    k2 = LT.cache_key("abc", {"norm": "filter", "seed": 0}, {"min": -1, "n": 41}, {"split": "train"}, "eval")
+    k3 = LT.cache_key("abc", {"norm": "filter", "seed": 1}, {"min": -1, "n": 41}, {"split": "train"}, "eval")
+    k4 = LT.cache_key("abc", {"norm": "filter", "seed": 0}, {"min": -1, "n": 41}, {"split": "train"}, "train")
     assert k1 == k2 and len({k1, k3, k4}) == 3 and len(k1) == 64
 
 
@@ -406,10 +407,10 @@ def task(paths, **overrides):
 
 
 def test_task_2d_two_runs_same_grid_with_trajectory(checkpoints, tmp_path):
-    from samlab.train import load_trained
+    from samlab.checkpoints import load_trained
 
     reporter = RecordingReporter()
-    result = L.run_task(task(checkpoints, trajectory=True), reporter, tmp_path, resume=False)
+    result = LT.run_task(task(checkpoints, trajectory=True), reporter, tmp_path, resume=False)
     assert result["complete"] and result["axes"] == [[-1.0, 0.0, 1.0], [-0.5, 0.0, 0.5]]
     assert reporter.progress_calls[-1][:2] == (18, 18)
     for path, entry in zip(checkpoints, result["runs"]):
@@ -421,29 +422,29 @@ def test_task_2d_two_runs_same_grid_with_trajectory(checkpoints, tmp_path):
         assert len(entry["trajectory"]["x"]) == 4 and entry["trajectory"]["epochs"] == [1, 2, 3, 4]
         assert entry["trajectory"]["x"][-1] == pytest.approx(0.0, abs=1e-6)  # the last snapshot is the centre
     assert result["runs"][0]["loss"] != result["runs"][1]["loss"]
-    assert L.task_cache_key(task(checkpoints, trajectory=True)) == result["key"]
+    assert LT.task_cache_key(task(checkpoints, trajectory=True)) == result["key"]
 
 
 def test_task_cancelled_then_resumed_equals_uninterrupted(checkpoints, tmp_path):
     params = task(checkpoints, max_memory_mb=1e-6)  # one grid point per chunk
     stopper = StopAfter(11)
-    partial = L.run_task(params, stopper, tmp_path / "a", resume=False)
+    partial = LT.run_task(params, stopper, tmp_path / "a", resume=False)
     assert not partial["complete"] and stopper.results
     assert partial["runs"][0]["done_fraction"] == 1.0 and partial["runs"][1]["done_fraction"] == pytest.approx(2 / 9)
     again = RecordingReporter()
-    resumed = L.run_task(params, again, tmp_path / "a", resume=True)
+    resumed = LT.run_task(params, again, tmp_path / "a", resume=True)
     assert resumed["complete"] and len(again.progress_calls) == 18 - 11
-    whole = L.run_task(params, RecordingReporter(), tmp_path / "b", resume=False)
+    whole = LT.run_task(params, RecordingReporter(), tmp_path / "b", resume=False)
     for r, w in zip(resumed["runs"], whole["runs"]):
         np.testing.assert_allclose(np.array(r["loss"], dtype=float), np.array(w["loss"], dtype=float), atol=1e-6)
 
 
 def test_task_interpolation_hits_both_endpoints_on_train_and_test(checkpoints, tmp_path):
-    from samlab.train import load_trained
+    from samlab.checkpoints import load_trained
 
     params = {"checkpoints": checkpoints, "kind": "interpolation", "n_samples": None, "device": "cpu",
               "grid": {"min": -0.5, "max": 1.5, "n": 5}}
-    result = L.run_task(params, RecordingReporter(), tmp_path, resume=False)
+    result = LT.run_task(params, RecordingReporter(), tmp_path, resume=False)
     assert result["alphas"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
     for k, path in ((1, checkpoints[0]), (3, checkpoints[1])):
         trained = load_trained(path)
@@ -456,11 +457,11 @@ def test_task_interpolation_hits_both_endpoints_on_train_and_test(checkpoints, t
 
 
 def test_task_flatness_and_pca(checkpoints, tmp_path):
-    flat = L.run_task({"checkpoints": checkpoints[:1], "kind": "flatness", "radii": [0.1, 0.5], "n_directions": 2,
+    flat = LT.run_task({"checkpoints": checkpoints[:1], "kind": "flatness", "radii": [0.1, 0.5], "n_directions": 2,
                        "device": "cpu"}, RecordingReporter(), tmp_path, resume=False)
     entry = flat["runs"][0]
     assert flat["complete"] and entry["radii"] == [0.1, 0.5] and entry["mean_increase"][1] > entry["mean_increase"][0]
-    pca = L.run_task(task(checkpoints[:1], directions="pca", trajectory=True), RecordingReporter(), tmp_path,
+    pca = LT.run_task(task(checkpoints[:1], directions="pca", trajectory=True), RecordingReporter(), tmp_path,
                      resume=False)
     run = pca["runs"][0]
     assert len(run["explained_variance"]) == 2 and 0 < sum(run["explained_variance"]) <= 1 + 1e-9
@@ -476,8 +477,8 @@ def test_check_task_names_the_bad_field(checkpoints):
            ({"colour": 1}, "colour"), ({"data": "val"}, "data"), ({"n_samples": 0}, "n_samples")]
     for override, field in bad:
         with pytest.raises(ValueError, match=field):
-            L.check_task(task(checkpoints[:1] if override.get("kind") == "interpolation" else checkpoints, **override))
-    assert L.task_cache_key(task(checkpoints)) != L.task_cache_key(task(checkpoints, seed=1))
+            LT.check_task(task(checkpoints[:1] if override.get("kind") == "interpolation" else checkpoints, **override))
+    assert LT.task_cache_key(task(checkpoints)) != LT.task_cache_key(task(checkpoints, seed=1))
 
 
 def test_hessian_directions_are_the_top_eigenvectors_of_the_dense_hessian():

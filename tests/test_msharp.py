@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from samlab.losses import cross_entropy_per_sample, squared_error_per_sample
-from samlab.msharp import check_task, m_sharpness, m_sharpness_curve
+from samlab.msharp import m_sharpness, m_sharpness_curve
 from samlab.reporting import RecordingReporter
+from samlab.tasks.msharp import check_task
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
@@ -175,7 +176,7 @@ def test_check_task_fills_defaults_and_names_bad_fields():
 
 def test_task_measures_a_checkpoint_and_resumes_from_its_partial_result(tmp_path):
     from samlab.config import preset
-    from samlab.msharp import PARTIAL_FILE, run_task
+    from samlab.tasks.msharp import PARTIAL_FILE, run_task
     from samlab.train import run
 
     cfg = preset("digits-mlp", {"data.n_train": 64, "data.n_test": 32, "epochs": 1, "batch_size": 16,

@@ -13,6 +13,7 @@ from torch import nn
 from samlab import stability as st
 from samlab.losses import per_sample_loss
 from samlab.reporting import RecordingReporter
+from samlab.tasks import stability as stt
 
 
 def random_psd_set(generator: torch.Generator, n: int, d: int, rank: int, aligned: bool = False) -> torch.Tensor:
@@ -283,13 +284,13 @@ class StopAfterRows(RecordingReporter):
 
 
 def test_task_publishes_partial_rows_and_resumes_to_the_same_result(tmp_path):
-    params = st.check_task(GRID)
+    params = stt.check_task(GRID)
     stopping = StopAfterRows(1)
-    assert st.run_task(GRID, stopping, tmp_path, resume=False) is None
+    assert stt.run_task(GRID, stopping, tmp_path, resume=False) is None
     assert len(stopping.results) == 1 and stopping.results[0]["complete"] is False
-    assert (tmp_path / st.GRID_STATE).is_file()
+    assert (tmp_path / stt.GRID_STATE).is_file()
     resumed = RecordingReporter()
-    result = st.run_task(GRID, resumed, tmp_path, resume=True)
+    result = stt.run_task(GRID, resumed, tmp_path, resume=True)
     assert any("resumed" in line for line in resumed.lines)
     assert len(resumed.results) == 2  # only the two missing rows were computed
     fresh = st.stability_grid(**{k: v for k, v in params.items() if k != "mode"})
@@ -313,7 +314,7 @@ def test_task_publishes_partial_rows_and_resumes_to_the_same_result(tmp_path):
 )
 def test_check_task_names_the_bad_field(params, field):
     with pytest.raises(ValueError, match=field):
-        st.check_task(params)
+        stt.check_task(params)
 
 
 # -- a model ------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ import sys
 import pytest
 import torch
 
+from samlab.checkpoints import list_snapshots, load_trained
 from samlab.config import preset
 from samlab.data import load_dataset
 from samlab.reporting import RecordingReporter
-from samlab.train import evaluate, learning_rate, list_snapshots, load_trained, run, run_task
+from samlab.tasks.train import run_task
+from samlab.train import evaluate, learning_rate, run
 
 
 def tiny(*overrides):

@@ -1,0 +1,171 @@
+"""Background task "hessian": spectrum, trace, density and per-layer table of one checkpoint.
+
+Stages run in turn (top-k, bottom-k, trace, density, one stage per layer); each finished stage is
+saved to the task's workdir and published with `reporter.result`, and `resume` skips the saved stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from samlab.checkpoints import Trained, file_digest, load_trained
+from samlab.devices import resolve_device
+from samlab.hessian import hessian_trace, layer_groups, spectral_density, top_eigenvalues
+from samlab.hessian_operator import MODES
+from samlab.losses import mean_loss
+from samlab.reporting import Reporter
+from samlab.tasks.protocol import PartReporter, TaskState, batches, seeded_subset
+from samlab.validation import (
+    check_bool,
+    check_checkpoint_file,
+    check_choice,
+    check_device_name,
+    check_int,
+    check_known_fields,
+    check_optional_int,
+)
+
+TASK_DEFAULTS: dict[str, Any] = {
+    "k": 5,  # top-k (and, with "smallest", bottom-k) eigenvalues
+    "smallest": True,
+    "n_samples": 512,  # a seeded subset of the train split (None: all of it)
+    "batch_size": 256,
+    "trace_samples": 99,  # Hutch++ budget, also per layer
+    "density": True,
+    "density_runs": 3,
+    "density_steps": 60,
+    "per_layer": True,
+    "mode": "eval",
+    "seed": 0,
+    "tol": 1e-4,
+    "max_iter": 300,
+    "device": "auto",
+}
+STATE_FILE = "hessian_state.json"
+
+
+def check_task(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate and fill in a Hessian request (ValueError naming the field).
+
+    {"checkpoint": path, "k", "smallest", "n_samples", "batch_size", "trace_samples", "density",
+    "density_runs", "density_steps", "per_layer", "mode": "eval"|"train", "seed", "tol", "max_iter",
+    "device"}; "digest" (sha256 of the checkpoint file) is filled in, so a checkpoint trained further is
+    a new request for the run store's cache.
+    """
+    check_known_fields(params, {*TASK_DEFAULTS, "checkpoint", "digest"})
+    p = {**TASK_DEFAULTS, **params}
+    p["checkpoint"] = check_checkpoint_file("checkpoint", p.get("checkpoint"))
+    check_int("k", p["k"], 1, 100)
+    check_int("batch_size", p["batch_size"], 1, 1_000_000)
+    check_int("trace_samples", p["trace_samples"], 6, 100_000)
+    check_int("density_runs", p["density_runs"], 1, 100)
+    check_int("density_steps", p["density_steps"], 2, 1000)
+    check_int("seed", p["seed"], 0, 2**31 - 1)
+    check_int("max_iter", p["max_iter"], p["k"], 1_000_000)
+    check_optional_int("n_samples", p["n_samples"], 1, 100_000_000)
+    for name in ("smallest", "density", "per_layer"):
+        check_bool(name, p[name])
+    check_choice("mode", p["mode"], MODES)
+    if isinstance(p["tol"], bool) or not isinstance(p["tol"], (int, float)) or not 0 < p["tol"] < 1:
+        raise ValueError(f"tol: must be in (0, 1) (got {p['tol']!r})")
+    check_device_name(p["device"])
+    p["digest"] = file_digest(p["checkpoint"])
+    return p
+
+
+def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
+    """Background task "hessian" (see the module docstring). A stop request ends the task after the
+    current stage with "complete": false."""
+    p = check_task(params)
+    trained = load_trained(p["checkpoint"], device=resolve_device(p["device"]))
+    state = TaskState(workdir, STATE_FILE, "hessian", p)
+    return _HessianJob(p, trained, reporter, state, resume).run()
+
+
+class _HessianJob:
+    def __init__(self, p: dict[str, Any], trained: Trained, reporter: Reporter, state: TaskState,
+                 resume: bool) -> None:
+        self.p, self.trained, self.reporter, self.state = p, trained, reporter, state
+        self.loss_fn = mean_loss(trained.data.task)
+        x, y = seeded_subset(trained.data.x_train, trained.data.y_train, p["n_samples"], p["seed"])
+        self.batches = batches(x, y, p["batch_size"])
+        self.stages = self._stages(trained.model)
+        saved = state.load(resume)
+        self.result = saved["result"] if saved is not None else self._header()
+
+    def _stages(self, model: nn.Module) -> list[tuple[str, Any]]:
+        stages: list[tuple[str, Any]] = [("largest", None)]
+        if self.p["smallest"]:
+            stages.append(("smallest", None))
+        stages.append(("trace", None))
+        if self.p["density"]:
+            stages.append(("density", None))
+        if self.p["per_layer"]:
+            stages += [(f"layer:{layer}", names) for layer, names in layer_groups(model).items()]
+        return stages
+
+    def _header(self) -> dict[str, Any]:
+        t, p = self.trained, self.p
+        return {
+            "checkpoint": p["checkpoint"], "label": t.config.label(), "method": t.config.optim.method,
+            "lr": t.config.optim.lr, "epoch": t.epoch, "step": t.step, "mode": p["mode"], "seed": p["seed"],
+            "n_samples": sum(len(x) for x, _ in self.batches),
+            "n_params": sum(p_.numel() for p_ in t.model.parameters() if p_.requires_grad),
+            "done": [], "complete": False, "per_layer": [],
+        }  # fmt: skip
+
+    def run(self) -> dict[str, Any]:
+        for index, (stage, names) in enumerate(self.stages):
+            if stage in self.result["done"]:
+                continue
+            if self.reporter.should_stop():
+                break
+            stage_reporter = PartReporter(self.reporter, index, 1, len(self.stages), stage)
+            output = self._compute(stage, names, stage_reporter)
+            if self.reporter.should_stop():  # the stage was cut short: not kept
+                break
+            self._store(stage, output)
+            self.result["done"].append(stage)
+            self.state.save({"result": self.result})
+            self.reporter.result(self.result)
+        self.result["complete"] = len(self.result["done"]) == len(self.stages)
+        self.reporter.progress(len(self.result["done"]), len(self.stages), "done" if self.result["complete"] else "stopped")
+        self.state.save({"result": self.result})
+        return self.result
+
+    def _compute(self, stage: str, names, reporter: Reporter) -> dict[str, Any]:
+        p, model = self.p, self.trained.model
+        common = {"mode": p["mode"], "reporter": reporter}
+        if stage in ("largest", "smallest"):
+            r = top_eigenvalues(model, self.loss_fn, self.batches, k=p["k"], which=stage, tol=p["tol"],
+                                max_iter=p["max_iter"], seed=p["seed"], **common)  # fmt: skip
+            return {"values": r.values, "residuals": r.residuals, "converged": r.converged, "n_hvp": r.n_hvp}
+        if stage == "trace":
+            r = hessian_trace(model, self.loss_fn, self.batches, n_samples=p["trace_samples"], seed=p["seed"], **common)
+            return {"mean": r.mean, "stderr": r.stderr, "method": r.method, "n_samples": p["trace_samples"],
+                    "n_hvp": r.n_hvp}  # fmt: skip
+        if stage == "density":
+            r = spectral_density(model, self.loss_fn, self.batches, n_runs=p["density_runs"],
+                                 n_steps=p["density_steps"], seed=p["seed"], **common)  # fmt: skip
+            return {"grid": r.grid, "density": r.density, "sigma": r.sigma, "nodes": r.nodes,
+                    "weights": r.weights, "n_hvp": r.n_hvp}  # fmt: skip
+        top = top_eigenvalues(model, self.loss_fn, self.batches, k=1, tol=p["tol"], max_iter=p["max_iter"],
+                              seed=p["seed"], params=names, **common)  # fmt: skip
+        dim = sum(dict(model.named_parameters())[n].numel() for n in names)
+        row = {"layer": stage.split(":", 1)[1], "params": names, "n_params": dim, "lambda_max": top.values[0]}
+        if dim >= 2:  # a trace estimate needs at least two numbers
+            tr = hessian_trace(model, self.loss_fn, self.batches, n_samples=p["trace_samples"], seed=p["seed"],
+                               params=names, **common)  # fmt: skip
+            row.update(trace=tr.mean, trace_stderr=tr.stderr)
+        return row
+
+    def _store(self, stage: str, output: dict[str, Any]) -> None:
+        if stage.startswith("layer:"):
+            self.result["per_layer"].append(output)
+        elif stage in ("largest", "smallest"):
+            self.result.setdefault("eigenvalues", {})[stage] = output
+        else:
+            self.result[stage] = output
