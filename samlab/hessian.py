@@ -25,15 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from samlab.hessian_operator import (
-    Data,
-    HessianOperator,
-    LossFn,
-    ParamSelection,
-    select_parameter_names,
-)
+from samlab.hessian_operator import HessianOperator, select_parameter_names
 from samlab.hessian_pyhessian import pyhessian_eigenvalues, pyhessian_trace
 from samlab.reporting import Reporter
+from samlab.tensors import Data, LossFn, ParamSelection
 
 BACKENDS = ("samlab", "pyhessian")
 TRACE_METHODS = ("hutch++", "hutchinson")

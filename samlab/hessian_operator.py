@@ -21,19 +21,15 @@ and leaving the operator (a context manager) restores every module's mode.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-Data = Batch | Iterable[Batch]
-ParamSelection = Sequence[str] | Sequence[nn.Parameter] | None
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from samlab.tensors import MODES, Batch, Data, LossFn, ParamSelection, model_mode
 
-MODES = ("eval", "train")
 IMPLS = ("auto", "func", "autograd")
 
 
@@ -231,26 +227,6 @@ def as_batches(data: Data, device: torch.device, dtype: torch.dtype) -> list[Bat
 
 def as_scalar_loss(loss: torch.Tensor) -> torch.Tensor:
     return loss if loss.ndim == 0 else loss.mean()
-
-
-@contextlib.contextmanager
-def model_mode(model: nn.Module, mode: str):
-    """Put `model` in eval or train mode (train: BatchNorm without running-statistic updates); restore after."""
-    modules = list(model.modules())
-    was_training = [m.training for m in modules]
-    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    tracked = [m.track_running_stats for m in norms]
-    model.train(mode == "train")
-    if mode == "train":
-        for m in norms:
-            m.track_running_stats = False  # batch statistics, and no in-place buffer updates
-    try:
-        yield
-    finally:
-        for m, flag in zip(norms, tracked):
-            m.track_running_stats = flag
-        for m, flag in zip(modules, was_training):
-            m.training = flag
 
 
 def _is_batch(item: Any) -> bool:

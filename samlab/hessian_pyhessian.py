@@ -12,7 +12,8 @@ import warnings
 import torch
 from torch import nn
 
-from samlab.hessian_operator import Data, LossFn, ParamSelection, as_batches, as_scalar_loss, model_mode
+from samlab.hessian_operator import as_batches, as_scalar_loss
+from samlab.tensors import Data, LossFn, ParamSelection, model_mode
 
 
 def pyhessian_eigenvalues(

@@ -17,9 +17,8 @@ same forward pass gives the mean loss and the accuracy (`samlab.losses.correct`)
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,17 +28,13 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from samlab.hessian import top_eigenvalues
-from samlab.losses import PerSampleLoss, correct
+from samlab.losses import correct
 from samlab.reporting import Reporter
+from samlab.tensors import MODES, Batch, Data, Params, PerSampleLoss, model_mode
 from samlab.validation import check_choice, check_int
-
-Params = dict[str, torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
-Data = Batch | Iterable[Batch]
 
 NORMS = ("filter", "layer", "none")
 IGNORES = ("biasbn", "none")
-MODES = ("eval", "train")
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _EPS = 1e-10  # Li et al. add it to the direction's norm before dividing
 
@@ -407,7 +402,7 @@ class PointEvaluator:
         loss_sum = torch.zeros(len(coords), dtype=torch.float64, device=self.device)
         correct_sum = torch.zeros_like(loss_sum)
         evaluate = self._vmapped_sums if self.vectorize else self._sequential_sums
-        with torch.no_grad(), _training_flag(self.model, self.mode == "train"):
+        with torch.no_grad(), model_mode(self.model, self.mode):
             for x, y in self.batches:
                 losses, hits = evaluate(points, x, y)
                 loss_sum += losses.double()
@@ -463,7 +458,7 @@ class PointEvaluator:
         handles = [m.register_forward_hook(count) for m in leaves]
         state = {**{n: t.clone() for n, t in self.base.items()}, **self.shared}
         try:
-            with torch.no_grad(), _training_flag(self.model, False):
+            with torch.no_grad(), model_mode(self.model, "eval"):
                 functional_call(self.model, state, (x[:1],))
         finally:
             for h in handles:
@@ -502,18 +497,6 @@ def _batches_on(data: Data, device: torch.device) -> list[Batch]:
 
 def _infer_task(targets: torch.Tensor) -> str:
     return "regression" if targets.is_floating_point() else "classification"
-
-
-@contextlib.contextmanager
-def _training_flag(model: nn.Module, training: bool):
-    """Set train/eval for the duration and restore every module's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 # ---------------------------------------------------------------------------------------------

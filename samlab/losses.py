@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from samlab.tensors import PerSampleLoss
 
 
 def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

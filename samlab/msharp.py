@@ -20,19 +20,16 @@ All micro-batches are processed at once: `vmap` over micro-batches of `grad_and_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from samlab.noise import eval_mode, functional_state
+from samlab.noise import functional_state
 from samlab.reporting import Reporter
-
-PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Params = dict[str, torch.Tensor]
-
+from samlab.tensors import Params, PerSampleLoss, model_mode
 
 
 def m_sharpness(
@@ -64,7 +61,7 @@ def m_sharpness(
     index = index[: k * m]
     xb = x[index].reshape(k, m, *x.shape[1:])
     yb = y[index].reshape(k, m, *y.shape[1:])
-    with eval_mode(model):
+    with model_mode(model, "eval"):
         base, best = _ascend(model, loss_fn, xb, yb, rho, steps, rho if step_size is None else step_size, chunk_size)
     per_microbatch = best - base
     return {

@@ -16,30 +16,17 @@ depend on the others. The model is left exactly as it was (parameters, buffers a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from samlab.tensors import PerSampleLoss, model_mode
 
 
 # -- functional view of a module ----------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put `model` in eval mode for the block and restore its training flags (per submodule) after."""
-    flags = {name: module.training for name, module in model.named_modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for name, module in model.named_modules():
-            module.training = flags[name]
-
-
 def functional_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Detached copies-by-reference of the parameters and buffers, for `torch.func.functional_call`."""
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -79,7 +66,7 @@ def per_sample_grads(
 
     grads_of_samples = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     chunks = []
-    with eval_mode(model):
+    with model_mode(model, "eval"):
         for start in range(0, len(x), chunk_size):
             chunk = grads_of_samples(params, x[start : start + chunk_size], y[start : start + chunk_size])
             chunks.append(flatten_per_sample(chunk, names))
@@ -238,7 +225,7 @@ def rwsam_weights(
 
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
         raise ValueError(f"lam: must be a number >= 0 (got {lam!r})")
-    with eval_mode(model), torch.enable_grad():
+    with model_mode(model, "eval"), torch.enable_grad():
         scores = sample_scores(model, loss_fn, x, y, estimator=estimator, delta=delta, generator=generator)
     weights = torch.softmax(lam * scores.detach(), dim=0)
     entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum()

@@ -38,10 +38,10 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 from samlab.reporting import Reporter
+from samlab.tensors import PerSampleLoss
 from samlab.validation import check_int, check_non_empty_list, check_positive
 
 HessianInput = torch.Tensor | Sequence[torch.Tensor]
-PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 PSD_RTOL = 1e-8  # (float64; 100·eps for coarser dtypes) asymmetry or eigenvalues below −PSD_RTOL·scale refused
 RANK_RTOL = 1e-10  # eigenvalues below RANK_RTOL·(largest eigenvalue) count as zero

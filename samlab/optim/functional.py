@@ -7,15 +7,14 @@ whenever a pass must leave them alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from samlab.optim.perturbations import perturbation
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from samlab.tensors import LossFn
 
 
 def scratch_buffers(model: nn.Module, copies: int | None = None) -> dict[str, torch.Tensor]:

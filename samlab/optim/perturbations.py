@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-Tensors = Sequence[torch.Tensor]
+from samlab.tensors import Tensors
+
 Rule = Callable[[Tensors, Tensors, Sequence[float]], list[torch.Tensor]]
 
 

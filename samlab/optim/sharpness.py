@@ -24,8 +24,8 @@ from samlab.optim.functional import (
 )
 from samlab.optim.perturbations import METHOD_RULES, global_norm, perturbation
 from samlab.optim.validation import check_choice, check_number
+from samlab.tensors import LossFn
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AscentHook = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 

@@ -14,10 +14,10 @@ from torch import nn
 from samlab.checkpoints import Trained, file_digest, load_trained
 from samlab.devices import resolve_device
 from samlab.hessian import hessian_trace, layer_groups, spectral_density, top_eigenvalues
-from samlab.hessian_operator import MODES
 from samlab.losses import mean_loss
 from samlab.reporting import Reporter
 from samlab.tasks.protocol import PartReporter, TaskState, batches, seeded_subset
+from samlab.tensors import MODES
 from samlab.validation import (
     check_bool,
     check_checkpoint_file,

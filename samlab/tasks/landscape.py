@@ -30,7 +30,6 @@ from samlab.checkpoints import (
 from samlab.devices import resolve_device
 from samlab.landscape import (
     IGNORES,
-    MODES,
     NORMS,
     Params,
     Surface,
@@ -46,6 +45,7 @@ from samlab.landscape import (
 )
 from samlab.reporting import Reporter
 from samlab.tasks.protocol import PartReporter, batches, seeded_subset
+from samlab.tensors import MODES
 from samlab.validation import check_bool, check_choice, check_device_name, check_int, check_known_fields
 
 KINDS = ("1d", "2d", "interpolation", "flatness")
