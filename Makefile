@@ -13,10 +13,11 @@ TEST_WORKERS ?= 2
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# Reinstall only when requirements.txt changes.
-$(STAMP): requirements.txt | $(BIN)/python
+# Reinstall only when requirements.txt or pyproject.toml changes. samlab itself is installed editable,
+# so the dashboard, the tests and every worker process import it without PYTHONPATH.
+$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install -r requirements.txt -e .
 	touch $(STAMP)
 
 run: $(STAMP)

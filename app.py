@@ -60,7 +60,7 @@ with right:
 
     @st.cache_data(ttl=30, show_spinner=False)
     def _backend() -> str:
-        from samlab.executors import describe_backend
+        from samlab.runs.executors import describe_backend
 
         try:
             return describe_backend()

@@ -28,17 +28,14 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from samlab.config import DataConfig, ModelConfig  # noqa: E402
-from samlab.data import load_dataset  # noqa: E402
-from samlab.hessian import hessian_trace, hvp, top_eigenvalues  # noqa: E402
-from samlab.losses import mean_loss  # noqa: E402
-from samlab.models import build_model  # noqa: E402
+from samlab.config import DataConfig, ModelConfig
+from samlab.data import load_dataset
+from samlab.hessian import hessian_trace, hvp, top_eigenvalues
+from samlab.losses import mean_loss
+from samlab.models import build_model
 
 SAMPLES, BATCH = 512, 128
 WORKLOADS = {"small": 10, "large": 80}  # digits CNN width

@@ -19,24 +19,19 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from loss_landscapes import planar_interpolation
+from loss_landscapes.metrics import Loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loss_landscapes import planar_interpolation  # noqa: E402
-from loss_landscapes.metrics import Loss  # noqa: E402
-
-from samlab import landscape as L  # noqa: E402
-from samlab.config import DataConfig, ModelConfig  # noqa: E402
-from samlab.data import iterate_batches, load_dataset  # noqa: E402
-from samlab.devices import resolve_device  # noqa: E402
-from samlab.losses import cross_entropy_per_sample  # noqa: E402
-from samlab.models import build_model  # noqa: E402
+from samlab import landscape as L
+from samlab.config import DataConfig, ModelConfig
+from samlab.data import iterate_batches, load_dataset
+from samlab.devices import resolve_device
+from samlab.losses import cross_entropy_per_sample
+from samlab.models import build_model
 
 
 def digits_cnn(device: torch.device, n_samples: int | None, seed: int):

@@ -21,18 +21,14 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from samlab.config import ModelConfig  # noqa: E402
-from samlab.losses import per_sample_loss  # noqa: E402
-from samlab.models import build_model  # noqa: E402
-from samlab.optim import sharpness_gradient  # noqa: E402
+from samlab.config import ModelConfig
+from samlab.losses import per_sample_loss
+from samlab.models import build_model
+from samlab.optim import sharpness_gradient
 
 MICRO_BATCH_COUNTS = (4, 16, 64)
 GOALS = {"sam_over_sgd": 2.1, "msam_vmap_over_sam_k16": 1.3, "rwsam_over_sam": 1.25}

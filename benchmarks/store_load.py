@@ -19,13 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from samlab.store import Store  # noqa: E402
-from samlab.worker import StoreReporter  # noqa: E402
+from samlab.runs.store import Store
+from samlab.runs.worker import StoreReporter
 
 HISTORY_STEPS = 2000  # per seeded run: the dashboard reads curves of this length
 

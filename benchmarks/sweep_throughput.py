@@ -4,7 +4,7 @@ the scheduler (one worker process per run), on the same grid, in the same proces
     python benchmarks/sweep_throughput.py [--seeds 4] [--epochs 2] [--json]
 
 Each path gets its own temporary store; the figure is finished runs per minute from the first start to
-the last finish (`samlab.sweeps.progress`). The machine is shared and noisy: compare the ratio, not the
+the last finish (`samlab.runs.sweeps.progress`). The machine is shared and noisy: compare the ratio, not the
 absolute numbers, and repeat (--repeats) to see the spread (medians are printed).
 """
 
@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from samlab.config import RunConfig  # noqa: E402
-from samlab.store import Store  # noqa: E402
-from samlab.sweeps import SweepSpec, submit, wait  # noqa: E402
+from samlab.config import RunConfig
+from samlab.runs.store import Store
+from samlab.runs.sweeps import submit, wait
+from samlab.sweeps import SweepSpec
 
 
 def tiny_spec(seeds: int, epochs: int) -> SweepSpec:

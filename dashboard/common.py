@@ -22,7 +22,7 @@ A page is thin — widgets → a config or params → a samlab call (usually a b
 Stable API (other pages rely on it; extend, do not change):
 
     page_setup(title, intro=None, icon=None)     set_page_config + title + intro; call first on a page
-    get_store() -> samlab.store.Store            one store per URL (SAMLAB_STORE or the default SQLite file)
+    get_store() -> samlab.runs.store.Store            one store per URL (SAMLAB_STORE or the default SQLite file)
     store_url() -> str
     list_runs(kind="train", status=None, group=None, text=None, limit=1000) -> list[dict]
     run_config(run) -> RunConfig | None          a train run's config (None when its params do not parse)
@@ -61,7 +61,7 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from dashboard import tables
 from samlab.config import RunConfig
-from samlab.store import ACTIVE, FINAL, STATUSES, Store, default_url, open_store
+from samlab.runs.store import ACTIVE, FINAL, STATUSES, Store, default_url, display_url, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES_DIR = ROOT / "pages"
@@ -104,9 +104,7 @@ def store_url() -> str:
 
 def store_url_for_display() -> str:
     """The store URL with any password masked: safe to show on a page or in a screenshot."""
-    import sqlalchemy as sa
-
-    return sa.make_url(store_url()).render_as_string(hide_password=True)
+    return display_url(store_url())
 
 
 @st.cache_resource(show_spinner=False)
@@ -246,7 +244,7 @@ def live(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 # -- background runs ----------------------------------------------------------------------------------
 def submit(kind: str, params: dict[str, Any], *, name: str = "", group: str | None = None) -> str | None:
     """Queue a background run; a validation error is shown and nothing is queued (returns None)."""
-    from samlab import jobs
+    from samlab.runs import jobs
 
     try:
         return jobs.submit(params, kind=kind, name=name or None, group=group, store=get_store())
@@ -257,7 +255,7 @@ def submit(kind: str, params: dict[str, Any], *, name: str = "", group: str | No
 
 def submit_train(configs: Sequence[RunConfig]) -> list[str] | None:
     """Queue training runs: one run, or several (one per seed) as one group. Errors are shown."""
-    from samlab import jobs
+    from samlab.runs import jobs
 
     store = get_store()
     try:
@@ -275,7 +273,8 @@ def submit_train(configs: Sequence[RunConfig]) -> list[str] | None:
 def cached_or_submit(kind: str, params: dict[str, Any], *, label: str, key: str) -> dict[str, Any] | None:
     """The newest queued, running or completed run of this analysis (same kind and params), else a
     button that submits it. Returns the run dict (with its result) or None."""
-    from samlab import jobs, tasks
+    from samlab import tasks
+    from samlab.runs import jobs
 
     try:
         normalised = tasks.check_params(kind, params)
@@ -296,14 +295,14 @@ def cached_or_submit(kind: str, params: dict[str, Any], *, label: str, key: str)
 
 def cancel_run(run_id: str) -> str:
     """Cancel a queued run, or ask a running one to checkpoint and stop."""
-    from samlab import jobs
+    from samlab.runs import jobs
 
     outcome = jobs.cancel(run_id, store=get_store())
     return "cancelled" if outcome == "cancelled" else "stop requested: the run checkpoints, then stops"
 
 
 def resume_run(run_id: str) -> str:
-    from samlab import jobs
+    from samlab.runs import jobs
 
     jobs.resume(run_id, store=get_store())
     return f"run {run_id} queued to resume from its checkpoint"
@@ -311,7 +310,7 @@ def resume_run(run_id: str) -> str:
 
 def delete_run(run_id: str) -> None:
     """Delete a finished run's rows and its folder (checkpoints, log)."""
-    from samlab import jobs
+    from samlab.runs import jobs
 
     jobs.delete(run_id, store=get_store(), files=True)
 
@@ -391,25 +390,9 @@ def load_metrics(run_ids: Sequence[str], names: Iterable[str] | None = None, kin
 
 
 def metric_times(run_ids: Sequence[str]):
-    """Wall-clock seconds of every logged (run, kind, step) since the run's first record.
-
-    Each metric row carries its writer's unix time; this reads the earliest per (run, kind, step),
-    so x = time plots show the real elapsed time including evaluation and checkpoints."""
-    import pandas as pd
-    import sqlalchemy as sa
-
-    from samlab.store import metrics_table
-
-    m = metrics_table.c
-    query = (sa.select(m.run_id, m.kind, m.step, sa.func.min(m.time))
-             .where(m.run_id.in_(list(run_ids)), m.time.is_not(None))
-             .group_by(m.run_id, m.kind, m.step))
-    with get_store().engine.connect() as conn:
-        rows = conn.execute(query).all()
-    frame = pd.DataFrame(rows, columns=["run_id", "kind", "step", "time"])
-    if not frame.empty:
-        frame["time"] = frame["time"] - frame.groupby("run_id")["time"].transform("min")
-    return frame
+    """Wall-clock seconds of every logged (run, kind, step) since the run's first record
+    (`Store.metric_times`)."""
+    return get_store().metric_times(run_ids)
 
 
 # -- view state in the URL ----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from dashboard import msharp_view as view
 from dashboard.msharp_panel import noise_and_sharpness_panel
 from samlab import sweeps
 from samlab.config import PRESETS, preset
-from samlab.executors import backend_name
+from samlab.runs import jobs
+from samlab.runs import sweeps as sweep_runs
+from samlab.runs.executors import backend_name
 
 ui.page_setup(
     "Sweeps",
@@ -52,18 +54,14 @@ with st.expander("Launch a sweep", expanded=False):
         configs = sweeps.sweep_configs(spec)
         st.caption(f"{len(configs)} runs; m = {base.batch_size} (the batch) is plain SAM.")
         if st.button("Launch", type="primary", key="sweeps.launch"):
-            group = sweeps.submit(spec, store=store)
+            group = sweep_runs.submit(spec, store=store)
             st.query_params["sweeps.group"] = group
             st.rerun()
     except (ValueError, json.JSONDecodeError) as err:
         ui.field_error(error_slot, str(err))
 
 # -- pick a sweep ------------------------------------------------------------------------------------------
-members = store.list_runs(kind="train", limit=100_000)
-groups: dict[str, str] = {}
-for run in members:
-    if run["group_id"] and run["group_id"] not in groups:
-        groups[run["group_id"]] = run["name"].split(" · ")[0]
+groups = jobs.sweeps(store)
 if not groups:
     ui.empty_state("No sweeps yet: launch one above.")
     st.stop()
@@ -75,7 +73,7 @@ group = st.selectbox("sweep", list(groups), index=list(groups).index(default) if
 
 @ui.live(3.0)
 def progress_panel() -> None:
-    state = sweeps.progress(group, store=store)
+    state = sweep_runs.progress(group, store=store)
     st.progress(state["fraction"], text=f"{state['finished']} / {state['total']} runs finished · "
                                          f"{state['counts']['running']} running · {state['counts']['queued']} queued")
     if state["finished"] and state["runs_per_minute"] == state["runs_per_minute"]:
@@ -84,12 +82,12 @@ def progress_panel() -> None:
     if not state["done"]:
         cols = st.columns(2)
         if cols[0].button("Cancel the sweep", key="sweeps.cancel"):
-            sweeps.cancel(group, store=store)
+            sweep_runs.cancel(group, store=store)
         if backend_name() == "local" and cols[1].button(
             "Start sweep workers", key="sweeps.workers",
             help="for queued runs whose workers are gone (e.g. after a restart)",
         ):
-            sweeps.start_workers(group, store=store)
+            sweep_runs.start_workers(group, store=store)
 
 
 progress_panel()

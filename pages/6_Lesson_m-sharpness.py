@@ -14,6 +14,7 @@ from dashboard import msharp_view as view
 from dashboard.msharp_panel import noise_and_sharpness_panel
 from samlab import sweeps, toy
 from samlab.checkpoints import checkpoint_of
+from samlab.runs import sweeps as sweep_runs
 
 ui.page_setup(
     "Lesson: m-sharpness",
@@ -103,13 +104,13 @@ if group is None:
     ui.empty_state("No lesson sweep yet.")
     if st.button("Launch the lesson sweep", key="lesson.launch"):
         try:
-            group = sweeps.submit(spec, store=store)
+            group = sweep_runs.submit(spec, store=store)
             st.rerun()
         except ValueError as err:
             ui.show_exception(err, "Could not launch the sweep")
 tables = None
 if group is not None:
-    state = sweeps.progress(group, store=store)
+    state = sweep_runs.progress(group, store=store)
     st.progress(state["fraction"], text=f"{state['finished']} / {state['total']} runs finished "
                                          f"({state['counts']['running']} running)")
     tables = sweeps.aggregate(store, group)

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from samlab import jobs
-from samlab.store import FINAL, open_store
+from samlab.runs import jobs
+from samlab.runs.store import FINAL, open_store
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:

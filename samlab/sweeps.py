@@ -1,13 +1,8 @@
-"""Sweeps: a group of training runs over m × ρ × seeds × methods, run fast, aggregated into tidy tables.
+"""Sweeps: a group of training runs over m × ρ × seeds × methods, aggregated into tidy tables.
 
-A sweep is built from a base RunConfig and submitted through the run store as one group
-(`samlab.jobs.submit_sweep`): every member is an ordinary "train" run with its metrics, summary and
-checkpoint in the store. Small runs are many, so besides the scheduler (one worker process per run)
-a sweep can be executed by *sweep workers*: detached processes that claim the group's queued runs
-one after another and run each through the same worker code in-process, so a run costs its training
-and not a Python start-up plus the torch import.
-
-    python -m samlab.sweeps work GROUP_ID [--store URL]
+A sweep is built from a base RunConfig (`SweepSpec`, `sweep_configs`) and submitted through the run
+store as one group (`samlab.runs.sweeps.submit`): every member is an ordinary "train" run with its
+metrics, summary and checkpoint in the store.
 
 `aggregate(store, group_id)` turns the finished runs into pandas tables: per-run rows, the m × ρ
 heatmap, the best ρ per m (ρ tuned per m on the mean final test accuracy over seeds: the selection
@@ -17,25 +12,16 @@ count, the generalization gap against m, and reference rows for SGD, n-SAM and R
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from samlab import jobs
 from samlab.config import RunConfig
-from samlab.store import FINAL, Store, open_store
+from samlab.runs.store import Store, open_store
 
 SWEEP_METHODS = ("sgd", "sam", "nsam", "msam", "rwsam")
-SWEEP_EXECUTOR = "sweep"
 
 
 @dataclass
@@ -130,135 +116,6 @@ def sweep_configs(spec: SweepSpec) -> list[RunConfig]:
             for cell in cells for seed in spec.seeds]
 
 
-# -- running --------------------------------------------------------------------------------------
-def submit(spec: SweepSpec, *, store: Store | str | None = None, workers: int | None = None,
-           runner: str = "sweep") -> str:
-    """Queue the sweep as one group and start it; returns the group id.
-
-    runner="sweep": `workers` detached sweep workers (default: one per local slot) run the members
-    in-process one after another; runner="scheduler": the scheduler starts one worker per run.
-    With SAMLAB_EXECUTOR=ray the sweep is one Ray job whatever the runner (samlab.ray_executor).
-    """
-    from samlab.executors import backend_name
-
-    if runner not in ("sweep", "scheduler"):
-        raise ValueError(f"runner: must be 'sweep' or 'scheduler' (got {runner!r})")
-    if backend_name() == "ray":
-        runner = "scheduler"  # jobs.submit_sweep hands the group to the cluster as one job
-    st = _store(store)
-    group_id = jobs.submit_sweep(sweep_configs(spec), spec.name, store=st, start=runner == "scheduler")
-    if runner == "sweep":
-        start_workers(group_id, store=st, workers=workers)
-    return group_id
-
-
-def start_workers(group_id: str, *, store: Store | str | None = None, workers: int | None = None) -> list[int]:
-    """Launch detached sweep workers for a group; returns their pids.
-
-    With GPUs: one worker per visible GPU (the scheduler's slots). On a CPU: `workers` (default: one
-    per core) single-threaded workers, the cores split between them — small runs waste most of a
-    second thread on synchronisation, so several one-thread runs side by side finish more runs per
-    minute than one run using every core.
-    """
-    from samlab.executors import REPO_ROOT, backend_name, local_slots
-
-    if backend_name() == "ray":
-        raise ValueError("workers: with SAMLAB_EXECUTOR=ray the sweep's Ray job runs its members; "
-                         "no local sweep workers are started")
-    st = _store(store)
-    slots = local_slots()
-    cores = os.cpu_count() or 1
-    on_gpu = slots[0].name.startswith("gpu")
-    count = (len(slots) if on_gpu else cores) if workers is None else workers
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"workers: must be an integer >= 1 (got {workers!r})")
-    log_dir = Path(st.runs_root) / "sweeps"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    pids = []
-    for i in range(count):
-        env = dict(os.environ) | slots[i % len(slots)].env
-        if not on_gpu:
-            env["OMP_NUM_THREADS"] = str(max(1, cores // count))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(log_dir / f"{group_id}-{i}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "samlab.sweeps", "work", group_id, "--store", st.url],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, cwd=str(REPO_ROOT),
-            )
-        pids.append(proc.pid)
-    return pids
-
-
-def work(group_id: str, *, store: Store | str | None = None, limit: int | None = None) -> int:
-    """Claim and run the group's queued runs one after another in this process; returns how many ran.
-
-    Each run goes through `samlab.worker.run_worker`, exactly as in its own process: same store
-    records, heartbeats, cancellation and failure handling. Claims are atomic, so several sweep
-    workers (and the scheduler) can drain one group together.
-    """
-    from samlab.executors import hostname
-    from samlab.worker import run_worker
-
-    st = _store(store)
-    ran = 0
-    while limit is None or ran < limit:
-        run_id = _claim_next(st, group_id, hostname())
-        if run_id is None:
-            break
-        st.set_launch(run_id, os.getpid(), f"{SWEEP_EXECUTOR}:{os.getpid()}")
-        run_worker(run_id, st.url)
-        ran += 1
-    return ran
-
-
-def _claim_next(st: Store, group_id: str, host: str) -> str | None:
-    for run in sorted(st.list_runs(status="queued", group=group_id, limit=100_000), key=_queue_order):
-        if st.claim(run["id"], host, SWEEP_EXECUTOR):
-            return run["id"]
-    return None
-
-
-def _queue_order(run: dict[str, Any]) -> tuple:
-    return (run["created_at"], run["id"])
-
-
-def cancel(group_id: str, *, store: Store | str | None = None) -> int:
-    """Cancel every queued or running member; returns how many were asked to stop."""
-    st = _store(store)
-    members = st.list_runs(status=["queued", "running"], group=group_id, limit=100_000)
-    for run in members:
-        jobs.cancel(run["id"], store=st)
-    return len(members)
-
-
-def progress(group_id: str, *, store: Store | str | None = None) -> dict[str, Any]:
-    """The sweep as a whole: counts by status, fraction done (running runs count by their own
-    progress), and throughput (finished runs per minute since the first start)."""
-    st = _store(store)
-    runs = st.list_runs(group=group_id, limit=100_000)
-    if not runs:
-        raise ValueError(f"group_id: no runs in group {group_id!r}")
-    counts = {status: 0 for status in ("queued", "running", *FINAL)}
-    for run in runs:
-        counts[run["status"]] = counts.get(run["status"], 0) + 1
-    finished = [r for r in runs if r["status"] in FINAL]
-    running = [r for r in runs if r["status"] == "running"]
-    done = len(finished) + sum(float(r["progress"] or 0.0) for r in running)
-    started = [r["started_at"] for r in runs if r["started_at"] is not None]
-    ended = [r["finished_at"] for r in finished if r["finished_at"] is not None]
-    minutes = (max(ended) - min(started)).total_seconds() / 60 if started and ended else float("nan")
-    return {
-        "group_id": group_id,
-        "total": len(runs),
-        "counts": counts,
-        "fraction": done / len(runs),
-        "finished": len(finished),
-        "runs_per_minute": len(finished) / minutes if minutes and minutes > 0 else float("nan"),
-        "done": len(finished) == len(runs),
-    }
-
-
 # -- aggregation ----------------------------------------------------------------------------------
 @dataclass
 class SweepTables:
@@ -287,7 +144,7 @@ def aggregate(store: Store | str | None, group_id: str) -> SweepTables:
     - references: the same best-ρ row for sgd (no ρ), nsam and rwsam.
     Only completed runs enter the statistics; diverged / failed runs are counted in `n_not_completed`.
     """
-    st = _store(store)
+    st = open_store(store)
     members = st.list_runs(group=group_id, limit=100_000)
     if not members:
         raise ValueError(f"group_id: no runs in group {group_id!r}")
@@ -406,36 +263,3 @@ def paired_differences(tables: SweepTables) -> pd.DataFrame:
 def _accuracy_by_seed(runs: pd.DataFrame, rho: float) -> pd.Series:
     cell = runs[runs["rho"].isna()] if pd.isna(rho) else runs[runs["rho"] == rho]
     return cell.set_index("seed")["test_acc"]
-
-
-def _store(store: Store | str | None) -> Store:
-    return store if isinstance(store, Store) else open_store(store)
-
-
-def wait(group_id: str, *, store: Store | str | None = None, timeout: float | None = None,
-         poll_s: float = 1.0) -> dict[str, Any]:
-    """Block until every member reached a final status (or `timeout` seconds); returns `progress`."""
-    st = _store(store)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        state = progress(group_id, store=st)
-        if state["done"] or (deadline is not None and time.monotonic() > deadline):
-            return state
-        time.sleep(poll_s)
-
-
-# -- command line -----------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m samlab.sweeps", description="sweep workers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    work_cmd = sub.add_parser("work", help="run a group's queued runs one after another in this process")
-    work_cmd.add_argument("group_id")
-    work_cmd.add_argument("--store", default=None, help="store URL (default: SAMLAB_STORE or data/runs)")
-    args = parser.parse_args(argv)
-    print(f"sweep worker pid {os.getpid()}: group {args.group_id}", flush=True)
-    work(args.group_id, store=args.store)  # each run writes its own log from here on
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

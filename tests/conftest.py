@@ -17,8 +17,8 @@ torch.set_num_threads(1)
 @pytest.fixture
 def store_env(tmp_path, monkeypatch):
     """An empty store in tmp_path, selected through SAMLAB_STORE; submitting starts no scheduler."""
-    from samlab import jobs
-    from samlab.store import Store
+    from samlab.runs import jobs
+    from samlab.runs.store import Store
 
     url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
     monkeypatch.setenv("SAMLAB_STORE", url)

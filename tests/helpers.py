@@ -35,8 +35,8 @@ def mark_finished(store, run_id: str, **fields) -> None:
 
 def stored_trained_run(store, workdir):
     """A tiny digits MLP really trained in `workdir` and recorded as a completed run: (run id, checkpoint)."""
-    from samlab import jobs
     from samlab.config import preset
+    from samlab.runs import jobs
     from samlab.train import run
 
     cfg = preset("digits-mlp", ["data.n_train=128", "epochs=1", "batch_size=64", "model.width=8"])

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from samlab.store import Store
+from samlab.runs.store import Store
 
 PG_URL = os.environ.get("SAMLAB_TEST_PG") or None
 SKIP_REASON = "SAMLAB_TEST_PG is not set (a postgresql+psycopg:// URL of a test server; .ci/run starts one)"

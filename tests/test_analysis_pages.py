@@ -5,9 +5,9 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from dashboard import landscape_view, stability_view
-from samlab import jobs
 from samlab.reporting import RecordingReporter
-from samlab.store import Store
+from samlab.runs import jobs
+from samlab.runs.store import Store
 from samlab.tasks import landscape, stability
 from tests.helpers import mark_finished, stored_trained_run
 

@@ -55,7 +55,6 @@ def server(tmp_path):
     env.update({
         "SAMLAB_STORE": f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}",
         "SAMLAB_SCHEDULER_IDLE_S": "5",
-        "PYTHONPATH": str(ROOT),
     })
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "streamlit.log", "wb") as log:
@@ -179,7 +178,7 @@ def _settle(page, quiet_checks: int = 3, timeout_s: float = 60.0) -> None:
 
 def _finished_run(store_url: str) -> None:
     """A real tiny run trained by a background worker through the CLI, waited for."""
-    env = {**os.environ, "SAMLAB_STORE": store_url, "PYTHONPATH": str(ROOT), "SAMLAB_SCHEDULER_IDLE_S": "2"}
+    env = {**os.environ, "SAMLAB_STORE": store_url, "SAMLAB_SCHEDULER_IDLE_S": "2"}
     done = subprocess.run(
         [sys.executable, "-m", "samlab", "submit", "--preset", "digits-mlp", "--set", "epochs=2",
          "--set", "data.n_train=128", "--set", "batch_size=32", "--name", "browser-tour", "--wait"],

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
-from samlab.store import Store
+from samlab.runs.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pages").glob("*.py"))
@@ -208,7 +208,7 @@ def test_runs_page_filters_and_deletes_with_confirmation(store_env, recorded_row
     ids = _populate(store_env, *recorded_rows)
     workdir = Path(store_env.get_run(ids["completed"])["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
-    from samlab.worker import RUN_MARKER
+    from samlab.runs.worker import RUN_MARKER
 
     (workdir / RUN_MARKER).write_text(ids["completed"])
     at = _app("pages/2_Runs.py")

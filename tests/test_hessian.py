@@ -514,9 +514,9 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
     from streamlit.testing.v1 import AppTest
 
     from dashboard import hessian_view
-    from samlab import jobs
     from samlab.reporting import RecordingReporter
-    from samlab.store import Store
+    from samlab.runs import jobs
+    from samlab.runs.store import Store
     from samlab.tasks.hessian import run_task
 
     url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from samlab import jobs, tasks
+from samlab import tasks
 from samlab.config import preset
-from samlab.executors import REPO_ROOT, hostname, pid_alive, worker_command
-from samlab.store import Store
+from samlab.runs import jobs, scheduler
+from samlab.runs.executors import REPO_ROOT, hostname, pid_alive, worker_command
+from samlab.runs.store import Store
 from tests.helpers import wait_for
 
 TEST_ENV = {
@@ -190,22 +191,22 @@ def test_a_worker_that_ignores_cancel_is_killed_after_the_grace_period(store):
 def test_reconcile_fails_dead_and_silent_workers_only(store):
     # a worker started by hand (no scheduler watching) and killed: its pid is gone on this host
     run_id = jobs.submit({"steps": 100_000, "sleep": 0.01}, kind="count", store=store, start=False)
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen(worker_command(run_id, store.url), cwd=REPO_ROOT, env=env)
     wait_for(lambda: len(k_steps(store, run_id)) >= 3, what="the hand-started worker")
-    assert jobs.reconcile(store) == []  # alive and beating
+    assert scheduler.reconcile(store) == []  # alive and beating
     proc.kill()
     proc.wait()
-    ((failed_id, reason),) = jobs.reconcile(store)
+    ((failed_id, reason),) = scheduler.reconcile(store)
     assert failed_id == run_id and f"worker process {proc.pid} on {hostname()} is gone" in reason
     assert store.get_run(run_id)["status"] == "failed"
 
     # a run on another host whose heartbeat stopped: judged by the database clock
     other = jobs.submit({"steps": 3}, kind="count", store=store, start=False)
     assert store.claim(other, "elsewhere", "local")
-    assert jobs.reconcile(store, stale_after_s=60) == []
+    assert scheduler.reconcile(store, stale_after_s=60) == []
     time.sleep(0.4)
-    ((failed_id, reason),) = jobs.reconcile(store, stale_after_s=0.3)
+    ((failed_id, reason),) = scheduler.reconcile(store, stale_after_s=0.3)
     assert failed_id == other and reason.startswith("heartbeat stale")
 
 
@@ -223,7 +224,7 @@ def test_resuming_a_train_run_without_checkpoint_is_a_clear_error(store):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "samlab", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+                          text=True, timeout=60, env=dict(os.environ))
 
 
 def test_cli_runs_commands_and_readable_errors(store):
@@ -263,7 +264,7 @@ def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_
                                 "checkpoint_every": 1})
     reference_reporter = RecordingReporter()
     # bit-identical only at the same thread count (reduction order): use the worker's slot threads
-    from samlab.executors import local_slots
+    from samlab.runs.executors import local_slots
 
     threads = torch.get_num_threads()
     torch.set_num_threads(int(local_slots()[0].env["OMP_NUM_THREADS"]))

@@ -8,8 +8,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard.msharp_view import LESSON_SWEEP_NAME, lesson_spec
-from samlab import jobs
-from samlab.store import Store
+from samlab.runs import jobs
+from samlab.runs.store import Store
 from samlab.sweeps import sweep_configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def test_lesson_renders_without_a_sweep_and_offers_to_launch_it(store_env):
 
 
 def test_lesson_launch_button_queues_the_lesson_sweep(store_env, monkeypatch):
-    from samlab import sweeps
+    from samlab.runs import sweeps
 
     monkeypatch.setattr(sweeps, "start_workers", lambda group_id, store=None, workers=None: [])
     at = app(LESSON)

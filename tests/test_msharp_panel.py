@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
-from samlab import jobs
 from samlab.reporting import RecordingReporter
+from samlab.runs import jobs
 from samlab.tasks import msharp
 from tests.helpers import mark_finished, stored_trained_run
 

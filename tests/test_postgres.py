@@ -13,8 +13,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from samlab import jobs
-from samlab.store import Store
+from samlab.runs import scheduler
+from samlab.runs.store import Store
 from tests.pg_fixtures import fresh_schema_url, require_pg
 
 
@@ -72,12 +72,12 @@ def test_heartbeats_and_staleness_use_the_server_clock_whatever_the_session_time
     skew = abs((east.server_now() - west.server_now()).total_seconds())
     assert skew < 5.0
     assert west.stale_runs(60) == []  # a fresh heartbeat from the other side of the date line
-    assert jobs.reconcile(west, stale_after_s=60) == []
+    assert scheduler.reconcile(west, stale_after_s=60) == []
     beat = west.get_run(run_id)["heartbeat_at"]
     assert abs((west.server_now() - beat).total_seconds()) < 5.0
     time.sleep(0.3)
     assert [r["id"] for r in west.stale_runs(0.2)] == [run_id]
-    failed = jobs.reconcile(west, stale_after_s=0.2)
+    failed = scheduler.reconcile(west, stale_after_s=0.2)
     assert [rid for rid, _ in failed] == [run_id] and "database clock" in failed[0][1]
     east.dispose()
     west.dispose()

@@ -22,10 +22,11 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[default]')")
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
-from samlab import jobs, sweeps  # noqa: E402
-from samlab.executors import describe_backend  # noqa: E402
-from samlab.ray_executor import submission_id  # noqa: E402
-from samlab.store import FINAL, Store  # noqa: E402
+from samlab.runs import jobs  # noqa: E402
+from samlab.runs import sweeps as sweep_runs  # noqa: E402
+from samlab.runs.executors import describe_backend  # noqa: E402
+from samlab.runs.ray_executor import submission_id  # noqa: E402
+from samlab.runs.store import FINAL, Store  # noqa: E402
 from tests.helpers import free_port, wait_for  # noqa: E402
 from tests.pg_fixtures import PG_URL, fresh_schema_url  # noqa: E402
 
@@ -108,7 +109,7 @@ def _no_foreign_drivers(client: JobSubmissionClient) -> bool:
 
 def _python(code: str, values: dict[str, str]) -> subprocess.CompletedProcess:
     """A fresh process with the UI's environment: a restarted dashboard, or the CLI."""
-    env = dict(os.environ) | values | {"PYTHONPATH": str(REPO)}
+    env = dict(os.environ) | values
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -149,7 +150,7 @@ def test_cancel_of_a_running_sweep_stops_its_job_and_the_runs_checkpoint(env, tm
     wait_for(lambda: all(r["status"] == "running" for r in store.list_runs(group=group))
           and all(len(store.metrics([r["id"]])) > 0 for r in store.list_runs(group=group)), 90,
           "both runs to run and write metrics")
-    assert sweeps.cancel(group, store=store) == 2
+    assert sweep_runs.cancel(group, store=store) == 2
     final = wait_for(lambda: _all_final(store, group), 60, "the runs to end")
     assert {r["status"] for r in final} == {"cancelled"}
     for run in final:
@@ -172,7 +173,7 @@ def test_reconcile_after_the_submitting_process_restarts(env):
     client.submit_job(entrypoint=f"{sys.executable} -c 'raise SystemExit(4)'", submission_id=lost_ref)
     wait_for(lambda: _job_ended(client, lost_ref), 60, "the failing job")
     # the restarted UI reconciles from the store and the cluster's job status
-    out = _python("from samlab import jobs; print(jobs.reconcile())", values)
+    out = _python("from samlab.runs import scheduler; print(scheduler.reconcile())", values)
     assert out.returncode == 0, out.stderr
     lost_run = store.get_run(lost)
     assert lost_run["status"] == "failed" and f"Ray job {lost_ref} ended (FAILED" in lost_run["error"]

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from samlab.store import SCHEMA_VERSION, Store
+from samlab.runs.store import SCHEMA_VERSION, Store
 from tests.pg_fixtures import BACKENDS, store_on
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,8 +230,8 @@ def test_latest_metrics_restart_and_delete(store, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from samlab.store import Store
-    from samlab.worker import StoreReporter
+    from samlab.runs.store import Store
+    from samlab.runs.worker import StoreReporter
     url, run_id, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = Store(url)
     reporter = StoreReporter(store, run_id, flush_s=0.02)
@@ -261,3 +261,24 @@ def test_eight_processes_write_concurrently_without_loss_or_lock_errors(store):
     for run_id in ids:
         a = frame[(frame.run_id == run_id) & (frame.name == "a")]
         assert a["step"].tolist() == list(range(n)) and a["value"].tolist() == [float(s) for s in range(n)]
+
+
+def test_groups_name_each_group_by_its_first_run_newest_group_first(store):
+    first = store.create_runs([{"kind": "train", "params": {"i": i}, "name": f"alpha · {i}", "group_id": "ga"}
+                               for i in range(2)])
+    _make_runs(store, 1)  # no group: not listed
+    store.create_runs([{"kind": "hessian", "params": {}, "name": "beta · h", "group_id": "gb"}])
+    assert len(first) == 2
+    assert store.groups() == [("gb", "beta · h"), ("ga", "alpha · 0")]
+    assert store.groups(kind="train") == [("ga", "alpha · 0")]
+
+
+def test_metric_times_are_seconds_since_each_runs_first_record(store):
+    ids = _make_runs(store, 2)
+    store.flush(ids[0], [("step", 1, "train_loss", 1.0, 100.0), ("step", 1, "lr", 0.1, 100.5),
+                         ("step", 2, "train_loss", 0.5, 103.0)])
+    store.flush(ids[1], [("epoch", 1, "test_acc", 0.5, 50.0), ("epoch", 2, "test_acc", 0.6, 60.0)])
+    frame = store.metric_times(ids).sort_values(["run_id", "kind", "step"])
+    got = {(r.run_id, r.kind, int(r.step)): float(r.time) for r in frame.itertuples()}
+    assert got == {(ids[0], "step", 1): 0.0, (ids[0], "step", 2): 3.0,
+                   (ids[1], "epoch", 1): 0.0, (ids[1], "epoch", 2): 10.0}

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from samlab.config import RunConfig
-from samlab.store import Store
-from samlab.sweeps import SweepSpec, aggregate, progress, sweep_configs
+from samlab.runs.store import Store
+from samlab.runs.sweeps import progress
+from samlab.sweeps import SweepSpec, aggregate, sweep_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,14 +113,14 @@ def test_unknown_group_is_a_value_error(tmp_path):
 
 
 def test_a_tiny_sweep_runs_through_the_store_in_a_sweep_worker(tmp_path):
-    from samlab import jobs
+    from samlab.runs import jobs
 
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     store = Store(url)
     spec = SweepSpec(tiny_base(), ms=[16, 4], rhos=[0.05, 0.2], seeds=[0, 1], methods=["sam", "msam"], name="tiny")
     group = jobs.submit_sweep(sweep_configs(spec), spec.name, store=store, start=False)
     assert progress(group, store=store)["counts"]["queued"] == 8
-    done = subprocess.run([sys.executable, "-m", "samlab.sweeps", "work", group, "--store", url], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "samlab.runs.sweeps", "work", group, "--store", url], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     state = progress(group, store=store)
@@ -139,7 +140,7 @@ def test_a_tiny_sweep_runs_through_the_store_in_a_sweep_worker(tmp_path):
 
 
 def test_no_local_sweep_workers_are_started_when_runs_go_to_ray(monkeypatch, tmp_path):
-    from samlab import sweeps as sweeps_module
+    from samlab.runs import sweeps as sweeps_module
 
     monkeypatch.setenv("SAMLAB_EXECUTOR", "ray")
     with pytest.raises(ValueError, match="workers: with SAMLAB_EXECUTOR=ray"):

@@ -1,8 +1,8 @@
 """Background runs: submit, cache, sweep, cancel, resume, reconcile, wait, delete.
 
 A submitted run is a row in the store with status `queued`; `ensure_scheduler()` (called by every
-submit) makes sure a detached scheduler process (samlab.scheduler) is there to start it on a free slot
-as its own worker process (samlab.worker). Nothing here blocks on a run, and the caller may exit at once.
+submit) makes sure a detached scheduler process (samlab.runs.scheduler) is there to start it on a free slot
+as its own worker process (samlab.runs.worker). Nothing here blocks on a run, and the caller may exit at once.
 
 Public API (every function takes `store`: a Store, a URL, or None for `default_url()`):
     submit(config_or_params, *, kind="train", name=None, group=None, store=None, start=True) -> run_id
@@ -12,16 +12,17 @@ Public API (every function takes `store`: a Store, a URL, or None for `default_u
         an existing queued/running/completed run with the same cache key, else a new one
     submit_sweep(configs, name, *, kind="train", store=None, start=True) -> group_id
         all validated first (ValueError "configs[i]: ..."), then queued in one transaction
+    sweeps(store=None, *, kind="train") -> {group_id: sweep name}, newest first
     cancel(run_id, *, store=None) -> str "cancelled" (was queued) or "requested" (running: graceful stop,
                                          hard kill after SAMLAB_CANCEL_TIMEOUT_S by the scheduler)
     resume(run_id, *, store=None) -> run_id    cancelled/failed -> queued with resume=True
     reconcile(store=None, *, stale_after_s=None) -> [(run_id, reason)]
         running runs whose heartbeat is older than SAMLAB_STALE_S (default 60, database clock), or whose
         worker pid on this host is gone, become failed with the reason; with the Ray backend, runs are
-        also matched with their Ray jobs' status (samlab.ray_executor.reconcile)
+        also matched with their Ray jobs' status (samlab.runs.ray_executor.reconcile)
     start_runs(store, run_ids, *, group=None, resubmit=False)
         hand queued runs to the backend that SAMLAB_EXECUTOR selects: "local" (default) starts the
-        detached scheduler, "ray" submits one Ray job for them (samlab.ray_executor)
+        detached scheduler, "ray" submits one Ray job for them (samlab.runs.ray_executor)
     ensure_scheduler(store=None) -> bool True when a scheduler was started (False: one is running)
     wait(run_ids, *, store=None, timeout=None, poll_s=0.5) -> {run_id: status}
     delete(run_id, *, store=None, files=True)  rows, and the run folder when it is marked as this run's
@@ -34,7 +35,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,16 +43,12 @@ from typing import Any
 from samlab import tasks
 from samlab.checkpoints import checkpoint_of
 from samlab.config import RunConfig
-from samlab.executors import REPO_ROOT, backend_name, env_float, hostname, pid_alive
-from samlab.scheduler import lock_path, release, try_lock
-from samlab.store import FINAL, Store, open_store
-from samlab.worker import RUN_MARKER, register_plugin_tasks
+from samlab.runs.executors import backend_name, hostname, spawn_module
+from samlab.runs.scheduler import lock_path, release, try_lock
+from samlab.runs.store import FINAL, Store, open_store
+from samlab.runs.worker import RUN_MARKER, register_plugin_tasks
 
 _spawned: list[subprocess.Popen] = []
-
-
-def _store(store: Store | str | None) -> Store:
-    return store if isinstance(store, Store) else open_store(store)
 
 
 # -- submit ------------------------------------------------------------------------------------------
@@ -90,7 +86,7 @@ def submit(config_or_params: RunConfig | dict[str, Any], *, kind: str = "train",
            group: str | None = None, store: Store | str | None = None, start: bool = True) -> str:
     """Queue one run; returns its id. Validation errors raise ValueError and queue nothing."""
     params = _normalise(kind, config_or_params)
-    st = _store(store)
+    st = open_store(store)
     (run_id,) = st.create_runs([{"kind": kind, "params": params, "group_id": group,
                                  "name": name or _default_name(kind, params),
                                  "cache_key": tasks.cache_key(kind, params)}])
@@ -103,11 +99,19 @@ def submit_cached(kind: str, params: dict[str, Any], *, name: str | None = None,
                   store: Store | str | None = None, start: bool = True) -> str:
     """The id of a queued, running or completed run of the same kind and params, or of a new one."""
     normalised = _normalise(kind, params)
-    st = _store(store)
+    st = open_store(store)
     existing = st.find_cached(tasks.cache_key(kind, normalised))
     if existing is not None:
         return existing["id"]
     return submit(normalised, kind=kind, name=name, store=st, start=start)
+
+
+SWEEP_NAME_SEP = " · "  # a sweep member is named "<sweep name> · <its hyperparameters>"
+
+
+def sweeps(store: Store | str | None = None, *, kind: str | None = "train") -> dict[str, str]:
+    """{group_id: sweep name} of every sweep (of `kind`), newest first."""
+    return {group: name.split(SWEEP_NAME_SEP)[0] for group, name in open_store(store).groups(kind)}
 
 
 def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, kind: str = "train",
@@ -123,9 +127,9 @@ def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, ki
             params = _normalise(kind, config)
         except ValueError as exc:
             raise ValueError(f"configs[{i}]: {exc}") from None
-        specs.append({"kind": kind, "params": params, "name": f"{name} · {_label(kind, params)}",
+        specs.append({"kind": kind, "params": params, "name": f"{name}{SWEEP_NAME_SEP}{_label(kind, params)}",
                       "cache_key": tasks.cache_key(kind, params)})
-    st = _store(store)
+    st = open_store(store)
     group_id = "g" + hashlib.sha256(f"{name}{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:11]
     for spec in specs:
         spec["group_id"] = group_id
@@ -138,9 +142,9 @@ def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, ki
 def start_runs(store: Store | str | None, run_ids: Sequence[str], *, group: str | None = None,
                resubmit: bool = False) -> None:
     """Hand queued runs to the backend (SAMLAB_EXECUTOR): the local scheduler, or one Ray job for them."""
-    st = _store(store)
+    st = open_store(store)
     if backend_name() == "ray":
-        from samlab import ray_executor
+        from samlab.runs import ray_executor
 
         ray_executor.submit(st, list(run_ids), group=group, resubmit=resubmit)
     else:
@@ -150,14 +154,14 @@ def start_runs(store: Store | str | None, run_ids: Sequence[str], *, group: str 
 # -- control -----------------------------------------------------------------------------------------
 def cancel(run_id: str, *, store: Store | str | None = None) -> str:
     """Cancel a queued run at once, or ask a running one to stop (checkpoint, then `cancelled`)."""
-    st = _store(store)
+    st = open_store(store)
     run = st.get_run(run_id)
     outcome = st.request_cancel(run["id"])
     if not outcome:
         raise ValueError(f"run_id: run {run['id']} is {st.get_run(run['id'])['status']}; "
                          "only queued or running runs can be cancelled")
     if run["executor"] == "ray":
-        from samlab import ray_executor
+        from samlab.runs import ray_executor
 
         ray_executor.after_cancel(st, run)  # the task reads the flag; the job stops once none is left
     elif outcome == "requested":
@@ -170,7 +174,7 @@ def resume(run_id: str, *, store: Store | str | None = None, start: bool = True)
 
     A train run whose checkpoint is visible from here and missing is refused with the reason
     recorded on the run; a corrupt one fails the resumed run in its worker, with the reason."""
-    st = _store(store)
+    st = open_store(store)
     run = st.get_run(run_id)
     if run["status"] not in ("cancelled", "failed"):
         raise ValueError(f"run_id: run {run['id']} is {run['status']}; only cancelled or failed runs resume")
@@ -188,44 +192,9 @@ def resume(run_id: str, *, store: Store | str | None = None, start: bool = True)
     return run["id"]
 
 
-def _dead_reason(run: dict[str, Any], now, stale_after_s: float, host: str) -> str | None:
-    if run["host"] == host and run["pid"] and not pid_alive(int(run["pid"])):
-        return (f"worker process {run['pid']} on {host} is gone without recording a final status "
-                "(killed, out of memory, or the machine restarted)")
-    beat = run["heartbeat_at"]
-    age = None if beat is None else (now - beat).total_seconds()
-    if age is None or age > stale_after_s:
-        shown = "never" if age is None else f"{age:.1f}s ago"
-        return (f"heartbeat stale: last {shown} (limit {stale_after_s:g}s, database clock); the worker on "
-                f"{run['host'] or 'an unknown host'} stopped without recording a final status")
-    return None
-
-
-def reconcile(store: Store | str | None = None, *, stale_after_s: float | None = None) -> list[tuple[str, str]]:
-    """Mark running runs whose worker is gone as failed, with the reason; returns (run_id, reason)."""
-    st = _store(store)
-    stale = stale_after_s if stale_after_s is not None else env_float("SAMLAB_STALE_S", 60.0, 0.0)
-    host = hostname()
-    ended_jobs = []
-    if backend_name() == "ray":
-        from samlab import ray_executor
-
-        ended_jobs = ray_executor.reconcile(st)
-    running = st.runs_with_status(["running"])
-    if not running:
-        return ended_jobs
-    now = st.server_now()
-    failed = []
-    for run in running:
-        reason = _dead_reason(run, now, stale, host)
-        if reason is not None and st.fail_run(run["id"], reason):
-            failed.append((run["id"], reason))
-    return ended_jobs + failed
-
-
 def ensure_scheduler(store: Store | str | None = None) -> bool:
     """Start a detached scheduler for this store on this host unless one is running."""
-    st = _store(store)
+    st = open_store(store)
     for proc in list(_spawned):  # collect schedulers of ours that have exited (no zombies in a long UI)
         if proc.poll() is not None:
             _spawned.remove(proc)
@@ -233,21 +202,14 @@ def ensure_scheduler(store: Store | str | None = None) -> bool:
     if fd is None:
         return False
     release(fd)
-    log_file = st.runs_root / "scheduler.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    with open(log_file, "ab") as log:
-        _spawned.append(subprocess.Popen(
-            [sys.executable, "-m", "samlab.scheduler", "--store", st.url], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env, start_new_session=True,
-        ))
+    _spawned.append(spawn_module("samlab.runs.scheduler", ["--store", st.url], st.runs_root / "scheduler.log"))
     return True
 
 
 def wait(run_ids: str | Iterable[str], *, store: Store | str | None = None, timeout: float | None = None,
          poll_s: float = 0.5) -> dict[str, str]:
     """Block until every run reaches a final status (or `timeout` seconds pass); returns the statuses."""
-    st = _store(store)
+    st = open_store(store)
     ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -261,7 +223,7 @@ def wait(run_ids: str | Iterable[str], *, store: Store | str | None = None, time
 
 def delete(run_id: str, *, store: Store | str | None = None, files: bool = True) -> None:
     """Delete a run's rows and (if `files`) its run folder, when the folder is marked as this run's."""
-    st = _store(store)
+    st = open_store(store)
     run = st.delete_run(run_id)
     workdir = Path(run["workdir"]) if run["workdir"] else None
     if files and workdir is not None and workdir.is_dir():

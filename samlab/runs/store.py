@@ -70,18 +70,21 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import expression
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 SCHEMA_VERSION = 3
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "diverged")
 ACTIVE = ("queued", "running")
 FINAL = ("completed", "failed", "cancelled", "diverged")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = REPO_ROOT / "data" / "runs" / "samlab.db"
 BUSY_TIMEOUT_MS = 30_000
 
@@ -187,6 +190,41 @@ _JSON_COLUMNS = ("params", "result", "summary")
 _LIST_COLUMNS = [c for c in runs_table.c if c.name not in ("result",)]
 
 
+class Run(TypedDict, total=False):
+    """A run as the store returns it: one row of `runs`, JSON columns decoded (`list_runs` leaves out
+    `result`, which only `get_run` and `find_cached` read)."""
+
+    id: str
+    kind: str  # a task kind of samlab.tasks: "train", "hessian", ...
+    name: str
+    group_id: str | None  # the sweep (or batch) the run belongs to
+    params: dict[str, Any]
+    cache_key: str | None
+    status: str  # one of STATUSES
+    created_at: datetime | None
+    seq: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    pid: int | None
+    host: str | None
+    device: str | None
+    executor: str | None
+    executor_ref: str | None
+    attempts: int
+    error: str | None
+    progress: float | None
+    progress_message: str | None
+    cancel_requested: bool
+    cancel_requested_at: datetime | None
+    resume_requested: bool
+    result: dict[str, Any] | None
+    summary: dict[str, Any] | None
+    workdir: str | None
+    log_path: str | None
+    checkpoint_path: str | None
+
+
 # -- migrations --------------------------------------------------------------------------------------
 def _migrate_1_to_2(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE runs RENAME COLUMN config TO params"))
@@ -235,6 +273,11 @@ def default_url() -> str:
     return os.environ.get("SAMLAB_STORE") or f"sqlite:///{DEFAULT_DB}"
 
 
+def display_url(url: str) -> str:
+    """A store URL with any password masked: safe to show on a page, in a log or a screenshot."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True)
 
@@ -243,7 +286,7 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def _decode(row: sa.Row) -> dict[str, Any]:
+def _decode(row: sa.Row) -> Run:
     out = dict(row._mapping)
     for key in _JSON_COLUMNS:
         if key in out:
@@ -252,7 +295,7 @@ def _decode(row: sa.Row) -> dict[str, Any]:
         out["cancel_requested"] = bool(out["cancel_requested"])
     if "resume_requested" in out:
         out["resume_requested"] = bool(out["resume_requested"])
-    return out
+    return out  # type: ignore[return-value]
 
 
 def _nan_to_null(value: float | None) -> float | None:
@@ -545,7 +588,7 @@ class Store:
             conn.execute(sa.insert(artifacts_table).values(run_id=run_id, name=name, path=str(path),
                                                            created_at=utcnow()))
 
-    def delete_run(self, run_id: str) -> dict[str, Any]:
+    def delete_run(self, run_id: str) -> Run:
         """Delete a run's rows (metrics, artifacts, run); refuses a running run. Returns the run."""
         run = self.get_run(run_id)
         if run["status"] == "running":
@@ -573,7 +616,7 @@ class Store:
             raise ValueError(f"run_id: {prefix!r} matches several runs; give more of the id")
         return prefix if prefix in ids else ids[0]
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
+    def get_run(self, run_id: str) -> Run:
         full = self.resolve_id(run_id)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(runs_table).where(runs_table.c.id == full)).one()
@@ -599,7 +642,7 @@ class Store:
 
     def list_runs(self, status: str | Iterable[str] | None = None, kind: str | Iterable[str] | None = None,
                   group: str | None = None, text: str | None = None, limit: int = 100,
-                  offset: int = 0) -> list[dict[str, Any]]:
+                  offset: int = 0) -> list[Run]:
         """Runs newest first, filtered; without the (possibly large) result column."""
         if not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise ValueError(f"limit: must be an integer in [1, 100000] (got {limit!r})")
@@ -619,7 +662,7 @@ class Store:
         return counts
 
     def runs_with_status(self, statuses: Iterable[str], host: str | None = None,
-                         limit: int = 10_000) -> list[dict[str, Any]]:
+                         limit: int = 10_000) -> list[Run]:
         """Runs in the given statuses, oldest first (the scheduler's queue order)."""
         c = runs_table.c
         cond = [c.status.in_(list(statuses))]
@@ -629,7 +672,7 @@ class Store:
         with self.engine.connect() as conn:
             return [_decode(row) for row in conn.execute(query)]
 
-    def find_cached(self, cache_key: str) -> dict[str, Any] | None:
+    def find_cached(self, cache_key: str) -> Run | None:
         c = runs_table.c
         query = (sa.select(runs_table).where(c.cache_key == cache_key,
                                              c.status.in_(("queued", "running", "completed")))
@@ -642,11 +685,41 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(utcnow())).scalar_one()
 
-    def stale_runs(self, stale_after_s: float) -> list[dict[str, Any]]:
+    def stale_runs(self, stale_after_s: float) -> list[Run]:
         """Running runs whose last heartbeat is older than `stale_after_s` by the server's clock."""
         now = self.server_now()
         return [r for r in self.runs_with_status(["running"])
                 if r["heartbeat_at"] is None or (now - r["heartbeat_at"]).total_seconds() > stale_after_s]
+
+    def metric_times(self, run_ids: Iterable[str]) -> pd.DataFrame:
+        """Wall-clock seconds of every logged (run, kind, step) since the run's first record.
+
+        Each metric row carries its writer's unix time; this reads the earliest per (run, kind, step),
+        so x = time plots show the real elapsed time including evaluation and checkpoints."""
+        import pandas as pd
+
+        m = metrics_table.c
+        query = (sa.select(m.run_id, m.kind, m.step, sa.func.min(m.time))
+                 .where(m.run_id.in_(list(run_ids)), m.time.is_not(None))
+                 .group_by(m.run_id, m.kind, m.step))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        frame = pd.DataFrame(rows, columns=["run_id", "kind", "step", "time"])
+        if not frame.empty:
+            frame["time"] = frame["time"] - frame.groupby("run_id")["time"].transform("min")
+        return frame
+
+    def groups(self, kind: str | None = None) -> list[tuple[str, str]]:
+        """(group_id, name of its first run) of every group of runs (of `kind`), newest group first."""
+        c = runs_table.c
+        cond = [c.group_id.is_not(None)] + ([c.kind == kind] if kind is not None else [])
+        first = (sa.select(c.group_id, sa.func.min(c.seq).label("seq")).where(*cond)
+                 .group_by(c.group_id).subquery())
+        query = (sa.select(c.group_id, c.name).join(first, sa.and_(c.group_id == first.c.group_id,
+                                                                     c.seq == first.c.seq))
+                 .order_by(first.c.seq.desc()))
+        with self.engine.connect() as conn:
+            return [(row.group_id, row.name) for row in conn.execute(query)]
 
     def metric_names(self, run_ids: Iterable[str]) -> list[tuple[str, str]]:
         m = metrics_table.c
@@ -739,8 +812,10 @@ def _default_runs_root(url: str) -> Path:
 _STORES: dict[tuple[int, str], Store] = {}
 
 
-def open_store(url: str | None = None) -> Store:
-    """The Store for `url` (default: `default_url()`), one per URL per process."""
+def open_store(url: Store | str | None = None) -> Store:
+    """The Store for `url` (default: `default_url()`), one per URL per process; a Store is returned as is."""
+    if isinstance(url, Store):
+        return url
     key = (os.getpid(), url or default_url())
     if key not in _STORES:
         _STORES[key] = Store(key[1])

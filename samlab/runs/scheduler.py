@@ -1,16 +1,16 @@
 """The local scheduler: starts queued runs on free slots, watches their processes, exits when idle.
 
-    python -m samlab.scheduler [--store URL]
+    python -m samlab.runs.scheduler [--store URL]
 
-`samlab.jobs.ensure_scheduler()` starts it on demand as a detached process (own session), so runs go on
+`samlab.runs.jobs.ensure_scheduler()` starts it on demand as a detached process (own session), so runs go on
 when the UI or the CLI that submitted them exits. A file lock (one per host and store URL, beside the
 run folders) keeps a single scheduler per host. Each tick it
   - reaps workers that exited: a run still `running` after its worker is gone is marked failed with the
     exit code and the tail of its log;
   - hard-kills (process group, SIGKILL) workers that ignored a cancel request for SAMLAB_CANCEL_TIMEOUT_S
     seconds (default 30) and marks them cancelled;
-  - reconciles every few seconds (stale heartbeats, dead pids on this host: `samlab.jobs.reconcile`);
-  - launches queued runs, oldest first, while slots are free (`samlab.executors.local_slots`).
+  - reconciles every few seconds (stale heartbeats, dead pids on this host: `reconcile`);
+  - launches queued runs, oldest first, while slots are free (`samlab.runs.executors.local_slots`).
 It exits after SAMLAB_SCHEDULER_IDLE_S seconds (default 30) with nothing queued and nothing running.
 
 Public API: Scheduler(store, executor, slots), Scheduler.tick() -> bool, Scheduler.serve() -> int,
@@ -27,9 +27,20 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from samlab.executors import Executor, Slot, env_float, get_executor, hostname, local_slots, slot_of
-from samlab.store import Store, open_store
+from samlab.runs.executors import (
+    Executor,
+    Slot,
+    backend_name,
+    env_float,
+    get_executor,
+    hostname,
+    local_slots,
+    pid_alive,
+    slot_of,
+)
+from samlab.runs.store import Store, open_store
 
 RECONCILE_EVERY_S = 5.0
 LOG_TAIL_CHARS = 2000
@@ -80,6 +91,41 @@ def _log_tail(path: str | None) -> str:
         return ""
 
 
+def _dead_reason(run: dict[str, Any], now, stale_after_s: float, host: str) -> str | None:
+    if run["host"] == host and run["pid"] and not pid_alive(int(run["pid"])):
+        return (f"worker process {run['pid']} on {host} is gone without recording a final status "
+                "(killed, out of memory, or the machine restarted)")
+    beat = run["heartbeat_at"]
+    age = None if beat is None else (now - beat).total_seconds()
+    if age is None or age > stale_after_s:
+        shown = "never" if age is None else f"{age:.1f}s ago"
+        return (f"heartbeat stale: last {shown} (limit {stale_after_s:g}s, database clock); the worker on "
+                f"{run['host'] or 'an unknown host'} stopped without recording a final status")
+    return None
+
+
+def reconcile(store: Store | str | None = None, *, stale_after_s: float | None = None) -> list[tuple[str, str]]:
+    """Mark running runs whose worker is gone as failed, with the reason; returns (run_id, reason)."""
+    st = open_store(store)
+    stale = stale_after_s if stale_after_s is not None else env_float("SAMLAB_STALE_S", 60.0, 0.0)
+    host = hostname()
+    ended_jobs = []
+    if backend_name() == "ray":
+        from samlab.runs import ray_executor
+
+        ended_jobs = ray_executor.reconcile(st)
+    running = st.runs_with_status(["running"])
+    if not running:
+        return ended_jobs
+    now = st.server_now()
+    failed = []
+    for run in running:
+        reason = _dead_reason(run, now, stale, host)
+        if reason is not None and st.fail_run(run["id"], reason):
+            failed.append((run["id"], reason))
+    return ended_jobs + failed
+
+
 class Scheduler:
     """Launches queued runs on free slots of this host and watches them."""
 
@@ -97,8 +143,6 @@ class Scheduler:
 
     def tick(self) -> bool:
         """One round; True while there is work (runs of ours alive or runs queued)."""
-        from samlab.jobs import reconcile
-
         self._reap()
         self._enforce_cancel_timeouts()
         if time.monotonic() - self._last_reconcile > RECONCILE_EVERY_S:
@@ -191,7 +235,7 @@ class Scheduler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m samlab.scheduler", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m samlab.runs.scheduler", description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=None, help="store URL (default: SAMLAB_STORE or data/runs)")
     args = parser.parse_args(argv)
     store = open_store(args.store)

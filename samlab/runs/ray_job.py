@@ -1,13 +1,13 @@
 """Entry point of a samlab Ray job: one Ray task per run, each writing to the shared store.
 
-    python -m samlab.ray_job --store URL --group ID        the queued runs of a sweep
-    python -m samlab.ray_job --store URL --run ID [...]    single runs
+    python -m samlab.runs.ray_job --store URL --group ID        the queued runs of a sweep
+    python -m samlab.runs.ray_job --store URL --run ID [...]    single runs
 
-Submitted by samlab.ray_executor through Ray's Jobs API; this process is the job's driver. Each run
+Submitted by samlab.runs.ray_executor through Ray's Jobs API; this process is the job's driver. Each run
 becomes a task with the resources it needs — num_gpus=1 when its device is CUDA (or "auto" on a
 cluster with GPUs), else num_cpus=1 — and max_retries=0 (a failed run is recorded, never silently
 re-run). The task claims the run in the store (atomically: a run cancelled meanwhile, or taken by
-another job, is skipped) and runs it through samlab.worker's run logic: heartbeats, metrics, the
+another job, is skipped) and runs it through samlab.runs.worker's run logic: heartbeats, metrics, the
 cancel flag, checkpoints, failure tracebacks. The driver watches its tasks: a run whose cancel
 request is older than SAMLAB_CANCEL_TIMEOUT_S (default 30) has its task killed and is marked
 cancelled; a task lost to a dead worker or node marks its run failed. On SIGTERM (the job is
@@ -23,16 +23,16 @@ import sys
 import time
 from typing import Any
 
-from samlab.executors import env_float, hostname
-from samlab.store import Store, open_store
+from samlab.runs.executors import env_float, hostname
+from samlab.runs.store import Store, open_store
 
 STOP_GRACE_S = 2.0  # Ray kills a stopped job's entry point a few seconds after SIGTERM
 
 
 def run_one(run_id: str, store_url: str) -> int:
     """The Ray task: claim the run and execute it exactly as a local worker process would."""
-    from samlab.ray_executor import EXECUTOR
-    from samlab.worker import run_worker
+    from samlab.runs.ray_executor import EXECUTOR
+    from samlab.runs.worker import run_worker
 
     store = open_store(store_url)
     if not store.claim(run_id, hostname(), EXECUTOR):
@@ -113,7 +113,7 @@ class Driver:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m samlab.ray_job", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m samlab.runs.ray_job", description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True, help="the shared store URL")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--group", help="run the queued runs of this sweep")

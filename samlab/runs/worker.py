@@ -1,6 +1,6 @@
 """The worker: runs one stored run in this process and writes everything back to the store.
 
-    python -m samlab.worker RUN_ID [--store URL]
+    python -m samlab.runs.worker RUN_ID [--store URL]
 
 It takes the run (queued, or claimed for it by the scheduler), records pid, host and device, and calls
 `samlab.tasks.task_function(kind)(params, reporter, workdir, resume)` with a `StoreReporter`. A
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from samlab import tasks
-from samlab.executors import env_float, hostname
 from samlab.reporting import Reporter
-from samlab.store import Store, open_store
+from samlab.runs.executors import env_float, hostname
+from samlab.runs.store import Store, open_store
 
 FINAL_TASK_STATUSES = ("completed", "cancelled", "diverged")
 RUN_MARKER = ".samlab-run"  # a run folder holds its run id here; jobs.delete removes only marked folders
@@ -251,7 +251,7 @@ def _close_quietly(reporter: StoreReporter) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m samlab.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m samlab.runs.worker", description=__doc__.splitlines()[0])
     parser.add_argument("run_id")
     parser.add_argument("--store", default=None, help="store URL (default: SAMLAB_STORE or data/runs)")
     args = parser.parse_args(argv)

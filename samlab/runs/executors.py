@@ -1,6 +1,6 @@
 """Executors: where a run's worker process is started, and how it is stopped.
 
-The scheduler (samlab.scheduler) decides *which* queued run starts and on which slot; an executor
+The scheduler (samlab.runs.scheduler) decides *which* queued run starts and on which slot; an executor
 decides *how*. Everything a worker needs travels through the store URL and the run's row (workdir and
 log path are recorded there), so a backend on other machines (Ray, later) needs no shared path.
 
@@ -14,7 +14,7 @@ Public API:
                                         stdout/stderr appended to the run's log file
     get_executor(name=None)             SAMLAB_EXECUTOR (default "local")
     backend_name() -> str               "local" (scheduler + worker processes here) or "ray" (Ray jobs on the
-                                        cluster at SAMLAB_RAY_ADDRESS, samlab.ray_executor)
+                                        cluster at SAMLAB_RAY_ADDRESS, samlab.runs.ray_executor)
     describe_backend() -> str           one line for the dashboard: the backend and its capacity / cluster
     worker_command(run_id, store_url)   the command line of a worker
     pid_alive(pid) -> bool              False for a missing or zombie process
@@ -30,11 +30,12 @@ import socket
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # workers run here, so relative data paths resolve alike
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,31 @@ def pid_alive(pid: int) -> bool:
         return True  # no procfs (macOS): existence is all we can tell
 
 
+def module_command(module: str, *args: str) -> list[str]:
+    """`python -m module args…` with this interpreter (where samlab is installed)."""
+    return [sys.executable, "-m", module, *args]
+
+
 def worker_command(run_id: str, store_url: str) -> list[str]:
-    return [sys.executable, "-m", "samlab.worker", run_id, "--store", store_url]
+    return module_command("samlab.runs.worker", run_id, "--store", store_url)
+
+
+def spawn_module(module: str, args: Sequence[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `python -m module args…` detached from this process: its own session and process group,
+    no stdin, stdout and stderr appended to `log_path`, so it outlives the caller (a UI, a CLI)."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            module_command(module, *args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT), env=env, start_new_session=True, close_fds=True,
+        )
 
 
 def _worker_env(slot: Slot) -> dict[str, str]:
     env = dict(os.environ)
     env.update(slot.env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -145,14 +163,8 @@ class LocalExecutor(Executor):
         self.children: dict[str, subprocess.Popen] = {}
 
     def launch(self, run: dict[str, Any], store_url: str, slot: Slot) -> tuple[int | None, str]:
-        log_path = Path(run["log_path"])
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                worker_command(run["id"], store_url),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=str(REPO_ROOT), env=_worker_env(slot), start_new_session=True, close_fds=True,
-            )
+        proc = spawn_module("samlab.runs.worker", [run["id"], "--store", store_url], Path(run["log_path"]),
+                            env=_worker_env(slot))
         self.children[run["id"]] = proc
         return proc.pid, f"{self.host}:{proc.pid}:{slot.name}"
 
@@ -205,14 +217,14 @@ def get_executor(name: str | None = None) -> Executor:
         return LocalExecutor()
     if name == "ray":
         raise ValueError("SAMLAB_EXECUTOR: with 'ray' runs are submitted to the cluster as Ray jobs "
-                         "(samlab.ray_executor); the local scheduler does not launch them")
+                         "(samlab.runs.ray_executor); the local scheduler does not launch them")
     raise ValueError(f"SAMLAB_EXECUTOR: unknown executor {name!r}; available: {', '.join(BACKENDS)}")
 
 
 def describe_backend() -> str:
     """Where background runs go, in one line (the dashboard's status)."""
     if backend_name() == "ray":
-        from samlab.ray_executor import describe
+        from samlab.runs.ray_executor import describe
 
         return f"executor ray: {describe()}"
     slots = local_slots()

@@ -7,8 +7,8 @@ HTTP). One job per sweep, or per single run:
 
 1. the submission id, derived from the sweep id (`samlab-<group>`) or the run id, is recorded on the
    runs in the store (`executor="ray"`, `executor_ref=<id>`) — before anything is submitted;
-2. the job is submitted with that id; its entry point `python -m samlab.ray_job --store URL --group ID`
-   (or `--run ID ...`) fans out one Ray task per run (samlab.ray_job), which writes to the store.
+2. the job is submitted with that id; its entry point `python -m samlab.runs.ray_job --store URL --group ID`
+   (or `--run ID ...`) fans out one Ray task per run (samlab.runs.ray_job), which writes to the store.
 
 Cancel: a run's cancel flag in the store (the task reads it, checkpoints and ends); once no run of
 a job is left without a stop request the job itself is stopped. Reconcile (after a restart of the UI,
@@ -34,8 +34,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from samlab.executors import REPO_ROOT
-from samlab.store import ACTIVE, Store, new_id
+from samlab.runs.store import ACTIVE, Store, new_id
 
 EXECUTOR = "ray"
 FORWARDED_ENV = ("SAMLAB_TASKS", "SAMLAB_FLUSH_S", "SAMLAB_RUNS_DIR", "SAMLAB_CANCEL_TIMEOUT_S",
@@ -74,16 +73,15 @@ def submission_id(key: str, resubmit: bool = False) -> str:
 
 
 def entrypoint(store_url: str, *, group: str | None = None, run_ids: Sequence[str] = ()) -> str:
-    """The job's shell command: this Python (or SAMLAB_RAY_PYTHON) running samlab.ray_job."""
+    """The job's shell command: this Python (or SAMLAB_RAY_PYTHON) running samlab.runs.ray_job."""
     python = os.environ.get("SAMLAB_RAY_PYTHON") or sys.executable
-    args = [python, "-m", "samlab.ray_job", "--store", store_url]
+    args = [python, "-m", "samlab.runs.ray_job", "--store", store_url]
     args += ["--group", group] if group else [item for run_id in run_ids for item in ("--run", run_id)]
     return shlex.join(args)
 
 
 def _runtime_env() -> dict[str, Any]:
     env = {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {"env_vars": env}
 
 
