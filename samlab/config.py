@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from samlab.validation import check_choice, check_in_range, check_int, check_optional_int
+
 METHODS = ("sgd", "sam", "asam", "usam", "nsam", "msam", "rwsam")
 DATASETS = (
     "digits",
@@ -120,69 +122,69 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ValueError naming the first bad field; return self when everything is in range."""
         d, mo, o, s = self.data, self.model, self.optim, self.schedule
-        _choice("data.name", d.name, DATASETS)
-        _optional_positive_int("data.n_train", d.n_train)
-        _optional_positive_int("data.n_test", d.n_test)
-        _in_range("data.label_noise", d.label_noise, 0.0, 1.0, hi_open=True)
-        _positive_int("data.n_features", d.n_features)
-        _int_range("data.n_classes", d.n_classes, 2, 1000)
-        _int_range("data.sparsity", d.sparsity, 1, d.n_features)
-        _in_range("data.noise_std", d.noise_std, 0.0, float("inf"))
-        _choice("model.name", mo.name, MODELS)
-        _positive_int("model.width", mo.width)
-        _int_range("model.depth", mo.depth, 1, 64)
-        _choice("model.norm", mo.norm, NORMS)
-        _int_range("model.widen", mo.widen, 1, 16)
-        _in_range("model.init_scale", mo.init_scale, 0.0, float("inf"), lo_open=True)
+        check_choice("data.name", d.name, DATASETS)
+        check_optional_int("data.n_train", d.n_train, 1, 10**12)
+        check_optional_int("data.n_test", d.n_test, 1, 10**12)
+        check_in_range("data.label_noise", d.label_noise, 0.0, 1.0, hi_open=True)
+        check_int("data.n_features", d.n_features, 1, 10**12)
+        check_int("data.n_classes", d.n_classes, 2, 1000)
+        check_int("data.sparsity", d.sparsity, 1, d.n_features)
+        check_in_range("data.noise_std", d.noise_std, 0.0, float("inf"))
+        check_choice("model.name", mo.name, MODELS)
+        check_int("model.width", mo.width, 1, 10**12)
+        check_int("model.depth", mo.depth, 1, 64)
+        check_choice("model.norm", mo.norm, NORMS)
+        check_int("model.widen", mo.widen, 1, 16)
+        check_in_range("model.init_scale", mo.init_scale, 0.0, float("inf"), lo_open=True)
         if (mo.name == "diag-linear") != (d.name == "sparse-regression"):
             raise ValueError(
                 "model.name: 'diag-linear' goes with data.name 'sparse-regression' and only with it "
                 f"(got model {mo.name!r}, data {d.name!r})"
             )
-        _choice("optim.method", o.method, METHODS)
-        _in_range("optim.rho", o.rho, 0.0, float("inf"))
-        _choice("optim.impl", o.impl, IMPLS)
-        _in_range("optim.lam", o.lam, 0.0, float("inf"))
-        _choice("optim.estimator", o.estimator, ESTIMATORS)
-        _in_range("optim.delta", o.delta, 0.0, float("inf"), lo_open=True)
-        _in_range("optim.adaptive_eta", o.adaptive_eta, 0.0, float("inf"))
-        _optional_positive_int("optim.nsam_batch", o.nsam_batch)
-        _choice("optim.base", o.base, BASE_OPTIMIZERS)
-        _in_range("optim.lr", o.lr, 0.0, float("inf"), lo_open=True)
-        _in_range("optim.momentum", o.momentum, 0.0, 1.0, hi_open=True)
-        _in_range("optim.weight_decay", o.weight_decay, 0.0, float("inf"))
+        check_choice("optim.method", o.method, METHODS)
+        check_in_range("optim.rho", o.rho, 0.0, float("inf"))
+        check_choice("optim.impl", o.impl, IMPLS)
+        check_in_range("optim.lam", o.lam, 0.0, float("inf"))
+        check_choice("optim.estimator", o.estimator, ESTIMATORS)
+        check_in_range("optim.delta", o.delta, 0.0, float("inf"), lo_open=True)
+        check_in_range("optim.adaptive_eta", o.adaptive_eta, 0.0, float("inf"))
+        check_optional_int("optim.nsam_batch", o.nsam_batch, 1, 10**12)
+        check_choice("optim.base", o.base, BASE_OPTIMIZERS)
+        check_in_range("optim.lr", o.lr, 0.0, float("inf"), lo_open=True)
+        check_in_range("optim.momentum", o.momentum, 0.0, 1.0, hi_open=True)
+        check_in_range("optim.weight_decay", o.weight_decay, 0.0, float("inf"))
         if o.nesterov and (o.base != "sgd" or o.momentum <= 0):
             raise ValueError("optim.nesterov: needs optim.base 'sgd' and optim.momentum > 0")
-        _choice("schedule.name", s.name, SCHEDULES)
-        _in_range("schedule.warmup_epochs", s.warmup_epochs, 0.0, float("inf"))
-        _positive_int("schedule.step_every", s.step_every)
-        _in_range("schedule.gamma", s.gamma, 0.0, 1.0, lo_open=True)
-        _in_range("schedule.min_lr", s.min_lr, 0.0, o.lr)
-        _int_range("epochs", self.epochs, 1, 100_000)
-        _int_range("batch_size", self.batch_size, 1, 1_000_000)
+        check_choice("schedule.name", s.name, SCHEDULES)
+        check_in_range("schedule.warmup_epochs", s.warmup_epochs, 0.0, float("inf"))
+        check_int("schedule.step_every", s.step_every, 1, 10**12)
+        check_in_range("schedule.gamma", s.gamma, 0.0, 1.0, lo_open=True)
+        check_in_range("schedule.min_lr", s.min_lr, 0.0, o.lr)
+        check_int("epochs", self.epochs, 1, 100_000)
+        check_int("batch_size", self.batch_size, 1, 1_000_000)
         if o.method == "msam":
             if o.m is None:
                 raise ValueError("optim.m: msam needs the micro-batch size m (samples per perturbation)")
-            _int_range("optim.m", o.m, 1, self.batch_size)
+            check_int("optim.m", o.m, 1, self.batch_size)
             if self.batch_size % o.m != 0:
                 raise ValueError(
                     f"optim.m: must divide batch_size={self.batch_size} (got m={o.m}); "
                     f"divisors: {_divisors(self.batch_size)}"
                 )
         elif o.m is not None:
-            _int_range("optim.m", o.m, 1, self.batch_size)
-        _int_range("seed", self.seed, 0, 2**31 - 1)
+            check_int("optim.m", o.m, 1, self.batch_size)
+        check_int("seed", self.seed, 0, 2**31 - 1)
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
         ):
             raise ValueError(f"device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (got {self.device!r})")
-        _choice("precision", self.precision, PRECISIONS)
-        _int_range("eval_every", self.eval_every, 1, 100_000)
-        _int_range("log_every", self.log_every, 1, 1_000_000)
-        _int_range("checkpoint_every", self.checkpoint_every, 0, 100_000)
-        _int_range("hessian_every", self.hessian_every, 0, 10_000_000)
-        _positive_int("hessian_samples", self.hessian_samples)
-        _int_range("noise_every", self.noise_every, 0, 10_000_000)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_int("eval_every", self.eval_every, 1, 100_000)
+        check_int("log_every", self.log_every, 1, 1_000_000)
+        check_int("checkpoint_every", self.checkpoint_every, 0, 100_000)
+        check_int("hessian_every", self.hessian_every, 0, 10_000_000)
+        check_int("hessian_samples", self.hessian_samples, 1, 10**12)
+        check_int("noise_every", self.noise_every, 0, 10_000_000)
         return self
 
     # -- serialisation --------------------------------------------------------------------------
@@ -400,31 +402,3 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {', '.join(allowed)} (got {value!r})")
-
-
-def _in_range(name, value, lo, hi, *, lo_open=False, hi_open=False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"{name}: must be in {left}{lo:g}, {hi:g}{right} (got {value!r})")
-
-
-def _int_range(name, value, lo, hi) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}] (got {value!r})")
-
-
-def _positive_int(name, value) -> None:
-    _int_range(name, value, 1, 10**12)
-
-
-def _optional_positive_int(name, value) -> None:
-    if value is not None:
-        _positive_int(name, value)

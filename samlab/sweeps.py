@@ -20,6 +20,7 @@ import pandas as pd
 
 from samlab.config import RunConfig
 from samlab.runs.store import Store, open_store
+from samlab.validation import check_rho_grid
 
 SWEEP_METHODS = ("sgd", "sam", "nsam", "msam", "rwsam")
 
@@ -82,18 +83,10 @@ class SweepSpec:
             if m not in grid_ms:
                 raise ValueError(f"rhos_by_m: m={m!r} is not swept (sam stands for m={batch_size}; "
                                  f"msam m values: {sorted(self.ms)})")
-            _check_rho_grid(f"rhos_by_m[{m}]", rhos)
+            check_rho_grid(f"rhos_by_m[{m}]", rhos)
         uses_shared = ({"nsam", "rwsam"} & set(self.methods)) or any(m not in self.rhos_by_m for m in grid_ms)
         if uses_shared or self.rhos:
-            _check_rho_grid("rhos", self.rhos)
-
-
-def _check_rho_grid(name: str, rhos: Any) -> None:
-    if not isinstance(rhos, (list, tuple)) or not rhos:
-        raise ValueError(f"{name}: at least one radius ρ > 0")
-    for rho in rhos:
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
-            raise ValueError(f"{name}: every ρ must be a number > 0 (got {rho!r})")
+            check_rho_grid("rhos", self.rhos)
 
 
 def sweep_configs(spec: SweepSpec) -> list[RunConfig]:

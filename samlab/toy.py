@@ -22,6 +22,7 @@ import torch
 
 from samlab.config import DataConfig
 from samlab.reporting import Reporter
+from samlab.validation import check_int, check_number, check_positive
 
 
 # -- 1. a 2-D loss with a sharp and a flat minimum ----------------------------------------------------
@@ -77,8 +78,8 @@ def sam_path(
     w ← w − lr · g_SAM. ρ = 0 is gradient descent. Each record holds w, loss, g, ascent (w + ε),
     g_sam and next (the new w) as plain lists.
     """
-    _check_positive("lr", lr)
-    _check_non_negative("rho", rho)
+    check_positive("lr", lr)
+    check_number("rho", rho, lower=0.0)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: must be an integer >= 1 (got {steps!r})")
     if len(start) != 2:
@@ -225,27 +226,14 @@ def _summary_rows(configs, u, v, data) -> list[dict[str, Any]]:
 
 def _check_setup(setup: DiagonalNetworkSetup, rhos: Sequence[float], methods: Sequence[str]) -> None:
     for name in ("n_train", "n_test", "n_features", "iterations"):
-        value = getattr(setup, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be an integer >= 1 (got {value!r})")
-    if not 1 <= setup.sparsity <= setup.n_features:
-        raise ValueError(f"sparsity: must be an integer in [1, {setup.n_features}] (got {setup.sparsity!r})")
-    _check_positive("init_scale", setup.init_scale)
-    _check_positive("lr", setup.lr)
+        check_int(name, getattr(setup, name), 1)
+    check_int("sparsity", setup.sparsity, 1, setup.n_features)
+    check_positive("init_scale", setup.init_scale)
+    check_positive("lr", setup.lr)
     unknown = [m for m in methods if m not in DIAG_METHODS]
     if unknown or not methods:
         raise ValueError(f"methods: choose from {', '.join(DIAG_METHODS)} (got {list(methods)!r})")
     if any(m != "gd" for m in methods) and not rhos:
         raise ValueError("rhos: at least one radius for n-SAM / 1-SAM")
     for rho in rhos:
-        _check_non_negative("rhos", rho)
-
-
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number > 0 (got {value!r})")
-
-
-def _check_non_negative(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number >= 0 (got {value!r})")
+        check_number("rhos", rho, lower=0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -81,8 +82,15 @@ def check_device_name(value: Any) -> None:
 
 def check_checkpoint_file(name: str, path: Any) -> str:
     """The path of an existing checkpoint file, as a normalised string."""
-    from pathlib import Path
-
     if not isinstance(path, str) or not Path(path).is_file():
         raise ValueError(f"{name}: no checkpoint file at {path!r}")
     return str(Path(path))
+
+
+def check_rho_grid(name: str, rhos: Any) -> None:
+    """A non-empty list of SAM radii, each a number > 0."""
+    if not isinstance(rhos, (list, tuple)) or not rhos:
+        raise ValueError(f"{name}: at least one radius ρ > 0")
+    for rho in rhos:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+            raise ValueError(f"{name}: every ρ must be a number > 0 (got {rho!r})")

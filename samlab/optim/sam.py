@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from samlab.optim.perturbations import perturbation
-from samlab.optim.validation import check_number
+from samlab.validation import check_number
 
 
 class SAM(torch.optim.Optimizer):

@@ -23,8 +23,8 @@ from samlab.optim.functional import (
     scratch_buffers,
 )
 from samlab.optim.perturbations import METHOD_RULES, global_norm, perturbation
-from samlab.optim.validation import check_choice, check_number
 from samlab.tensors import LossFn
+from samlab.validation import check_choice, check_number
 
 AscentHook = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
