@@ -1,6 +1,6 @@
 """Figures and tables for the Hessian page: pure functions of `samlab.hessian` task results, no streamlit.
 
-A result (see `samlab.hessian.run_task`) holds "eigenvalues" {"largest", "smallest"} (values
+A result (see `samlab.tasks.hessian.run_task`) holds "eigenvalues" {"largest", "smallest"} (values
 descending), "trace" {mean, stderr}, "density" {grid, density}, "per_layer" rows and the run's "lr";
 a partial result lacks the stages not finished yet, and every builder draws what is there.
 """

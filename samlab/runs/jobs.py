@@ -1,4 +1,4 @@
-"""Background runs: submit, cache, sweep, cancel, resume, reconcile, wait, delete.
+"""Background runs: submit, cache, sweep, cancel, resume, wait, delete.
 
 A submitted run is a row in the store with status `queued`; `ensure_scheduler()` (called by every
 submit) makes sure a detached scheduler process (samlab.runs.scheduler) is there to start it on a free slot
@@ -16,16 +16,15 @@ Public API (every function takes `store`: a Store, a URL, or None for `default_u
     cancel(run_id, *, store=None) -> str "cancelled" (was queued) or "requested" (running: graceful stop,
                                          hard kill after SAMLAB_CANCEL_TIMEOUT_S by the scheduler)
     resume(run_id, *, store=None) -> run_id    cancelled/failed -> queued with resume=True
-    reconcile(store=None, *, stale_after_s=None) -> [(run_id, reason)]
-        running runs whose heartbeat is older than SAMLAB_STALE_S (default 60, database clock), or whose
-        worker pid on this host is gone, become failed with the reason; with the Ray backend, runs are
-        also matched with their Ray jobs' status (samlab.runs.ray_executor.reconcile)
     start_runs(store, run_ids, *, group=None, resubmit=False)
         hand queued runs to the backend that SAMLAB_EXECUTOR selects: "local" (default) starts the
         detached scheduler, "ray" submits one Ray job for them (samlab.runs.ray_executor)
     ensure_scheduler(store=None) -> bool True when a scheduler was started (False: one is running)
     wait(run_ids, *, store=None, timeout=None, poll_s=0.5) -> {run_id: status}
     delete(run_id, *, store=None, files=True)  rows, and the run folder when it is marked as this run's
+
+Runs whose worker is gone are marked failed by `samlab.runs.scheduler.reconcile`, which the scheduler
+calls every few seconds.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ run folders) keeps a single scheduler per host. Each tick it
 It exits after SAMLAB_SCHEDULER_IDLE_S seconds (default 30) with nothing queued and nothing running.
 
 Public API: Scheduler(store, executor, slots), Scheduler.tick() -> bool, Scheduler.serve() -> int,
+reconcile(store=None, *, stale_after_s=None) -> [(run_id, reason)] (running runs whose heartbeat is older
+than SAMLAB_STALE_S, default 60 s by the database clock, or whose worker pid on this host is gone, become
+failed with the reason; with the Ray backend runs are also matched with their Ray jobs' status),
 lock_path(store), try_lock(path) -> fd | None, main(argv).
 """
 
