@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
+
+# `.ci/run` sets it: every layer must run, and a skip is a failure (tests/conftest.py)
+REQUIRE_ALL = os.environ.get("SAMLAB_REQUIRE_ALL") == "1"
 
 
 def free_port() -> int:
@@ -44,3 +49,14 @@ def stored_trained_run(store, workdir):
     run_id = jobs.submit(cfg, store=store, start=False)
     mark_finished(store, run_id, checkpoint_path=checkpoint)
     return run_id, checkpoint
+
+
+def backdate_heartbeat(store, run_id: str, seconds: float) -> None:
+    """Move a run's last heartbeat `seconds` into the past, as if its worker had been silent that long."""
+    import sqlalchemy as sa
+
+    beat = store.get_run(run_id)["heartbeat_at"] - timedelta(seconds=seconds)
+    query = sa.text("UPDATE runs SET heartbeat_at = :beat WHERE id = :id").bindparams(
+        sa.bindparam("beat", type_=sa.DateTime))
+    with store.engine.begin() as conn:
+        conn.execute(query, {"beat": beat, "id": run_id})

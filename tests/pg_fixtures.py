@@ -1,7 +1,8 @@
 """A fresh PostgreSQL schema per test on the server that SAMLAB_TEST_PG names (a SQLAlchemy URL).
 
 Without SAMLAB_TEST_PG the PostgreSQL variants of the store tests are skipped; `.ci/run` starts a
-throwaway cluster on loopback and sets it, so CI always runs them. Each test gets its own schema
+throwaway cluster on loopback and sets it, and sets SAMLAB_REQUIRE_ALL=1, under which such a skip is a
+failure (tests/conftest.py), so CI always runs them. Each test gets its own schema
 (selected through the connection's search_path) and the schema is dropped afterwards.
 """
 

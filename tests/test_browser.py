@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from tests.helpers import free_port
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
+# found on PATH, as `.ci/run` finds it (`command -v chromium`) before it installs the package
+CHROMIUM = shutil.which("chromium")
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "screenshots"
 COMPLETED = re.compile(r"100% · completed")  # the progress line of a completed run
@@ -47,8 +49,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
 
 @pytest.fixture
 def server(tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install the Debian 'chromium' package to run the browser test")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: install the Debian 'chromium' package to run the browser tests")
     pytest.importorskip("playwright.sync_api")
     port = free_port()
     env = dict(os.environ)
@@ -79,7 +81,7 @@ def _fill_number(page, label: str, value: str) -> None:
     box = page.get_by_label(label, exact=True)
     box.fill(value)
     box.press("Enter")
-    page.wait_for_timeout(600)  # let the rerun that the new value triggers settle
+    _settle(page)  # the rerun that the new value triggers is over
 
 
 def test_launch_watch_and_compare_in_a_browser(server):
@@ -88,10 +90,12 @@ def test_launch_watch_and_compare_in_a_browser(server):
     SHOTS.mkdir(exist_ok=True)
     expect.set_options(timeout=60_000)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
             page.set_default_timeout(60_000)
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(server)
             expect(page.get_by_text("System status")).to_be_visible()
             expect(page.get_by_text("No runs yet")).to_be_visible()  # the live status fragment
@@ -113,7 +117,7 @@ def test_launch_watch_and_compare_in_a_browser(server):
             seeds = page.get_by_label("seeds", exact=True)
             seeds.fill("0, 1")
             seeds.press("Enter")
-            page.wait_for_timeout(600)
+            _settle(page)
             page.get_by_role("button", name="Launch").click()
             expect(page.get_by_text("Queued 2 runs")).to_be_visible()
             # the live panel refreshes on its own until both runs have completed with curves drawn
@@ -124,7 +128,7 @@ def test_launch_watch_and_compare_in_a_browser(server):
             panel_chart = page.locator('[data-testid="stPlotlyChart"]').first
             expect(panel_chart).to_be_visible()
             expect(panel_chart.locator("g.scatterlayer .trace").first).to_be_attached()
-            page.wait_for_timeout(1500)
+            _settle(page)
             page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
 
             page.goto(f"{server}/Runs")
@@ -136,19 +140,22 @@ def test_launch_watch_and_compare_in_a_browser(server):
             expect(table.get_by_text(run_id)).to_have_count(1)
             expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(2)  # curves, parallel coords
             assert "runs=" in page.url, f"the selection is not in the URL: {page.url}"
-            page.wait_for_timeout(1500)
+            _settle(page)
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
+            _assert_clean(page, "Runs", page_errors)
 
             dark = browser.new_page(viewport=VIEWPORT, color_scheme="dark")
             dark.set_default_timeout(60_000)
+            dark.on("pageerror", lambda error: page_errors.append(str(error)))
             dark.goto(page.url)  # the shared URL reproduces the view
             expect(dark.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
-            dark.wait_for_timeout(2000)
+            _settle(dark)
             dark.screenshot(path=str(SHOTS / "runs_dark.png"), full_page=True)
             dark.goto(f"{server}/Train")
             expect(dark.get_by_text(COMPLETED).first).to_be_visible()
-            dark.wait_for_timeout(2000)
+            _settle(dark)
             dark.screenshot(path=str(SHOTS / "train_dark.png"), full_page=True)
+            _assert_clean(dark, "Train (dark)", page_errors)
         finally:
             browser.close()
 
@@ -168,12 +175,28 @@ BUSY = ('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidget
         '[data-stale="true"], [data-testid="stSkeleton"]')
 
 
-def _settle(page, quiet_checks: int = 3, timeout_s: float = 60.0) -> None:
-    """Wait until the script run is over: no running indicator and no stale element, several checks in a row."""
+def _settle(page, quiet_checks: int = 3, timeout_s: float = 90.0) -> None:
+    """Wait until the script run is over: no running indicator and no stale element, several checks in a row.
+
+    Fails when the page is still busy after `timeout_s`: a check made then could pass too early.
+    """
     quiet, deadline = 0, time.monotonic() + timeout_s
-    while quiet < quiet_checks and time.monotonic() < deadline:
+    while quiet < quiet_checks:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{page.url} still running after {timeout_s:g} s")
         quiet = quiet + 1 if page.locator(BUSY).count() == 0 else 0
         page.wait_for_timeout(400)
+
+
+def _assert_clean(page, where: str, page_errors: list[str]) -> None:
+    """After the page settled: no exception element, no error box, no uncaught error in the browser."""
+    from playwright.sync_api import expect
+
+    expect(page.locator('[data-testid="stException"]'), f"exception on {where}").to_have_count(0)
+    expect(page.get_by_text("Traceback"), f"traceback on {where}").to_have_count(0)
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    assert errors.count() == 0, f"error box on {where}: {errors.all_inner_texts()}"
+    assert not page_errors, f"uncaught errors in the browser on {where}: {page_errors}"
 
 
 def _finished_run(store_url: str) -> None:
@@ -193,17 +216,18 @@ def test_every_page_renders_without_an_exception(server, tmp_path):
     _finished_run(f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}")  # the store the server fixture reads
     SHOTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
             page.set_default_timeout(60_000)
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
             for slug, path in PAGES.items():
                 page.goto(f"{server}/{path}")
                 expect(page.locator("h1").first).to_be_visible()
                 _settle(page)
                 page.screenshot(path=str(SHOTS / f"tour_{slug}.png"), full_page=True)
-                expect(page.locator('[data-testid="stException"]'), f"exception on {slug}").to_have_count(0)
-                expect(page.get_by_text("Traceback"), f"traceback on {slug}").to_have_count(0)
+                _assert_clean(page, slug, page_errors)
             # the finished run is listed where runs are picked, so the pages were drawn with data
             page.goto(f"{server}/Runs")
             expect(page.locator('[data-testid="stDataFrame"]').get_by_text("completed", exact=True)).to_have_count(1)

@@ -23,6 +23,7 @@ from samlab.distributed import DataParallel, check_parallel_config
 from samlab.optim import sharpness_gradient
 from samlab.train import run
 from tests.helpers import free_port
+from tests.oracles import first_pass_gradient, msam_by_copies, sam_by_copy
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -132,6 +133,31 @@ def test_batch_norm_statistics_stay_per_rank(ranks):
         assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"], strict=True))
         running_mean0, running_mean1 = r0["buffers"][0], r1["buffers"][0]
         assert not torch.allclose(running_mean0, running_mean1)  # each rank saw its own shard
+
+
+def _shards() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = _data()
+    per = BATCH // WORLD
+    return [(x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]) for r in range(WORLD)]
+
+
+def test_batch_norm_steps_match_deep_copies_perturbed_in_place(ranks):
+    """Independent oracle (tests/oracles.py): one deep copy per shard in train mode, perturbed in place."""
+    model = _model(batch_norm=True)
+    # each rank perturbs with its own shard's gradient: m-SAM with m = the per-rank batch
+    own, _ = msam_by_copies(model, _loss, *_data(), rho=RHO, m=BATCH // WORLD)
+    assert _close(ranks[0]["own_bn"]["grads"], own)
+    # synchronized: one eps from the mean of the shards' first-pass gradients (each with its shard's statistics)
+    firsts = [first_pass_gradient(model, _loss, x, y) for x, y in _shards()]
+    ascent = [torch.stack(gs).mean(0) for gs in zip(*firsts)]
+    assert _close(ranks[0]["sync_bn"]["perturbed_with"], ascent)
+    parts = [sam_by_copy(model, _loss, x, y, RHO, ascent=ascent) for x, y in _shards()]
+    assert _close(ranks[0]["sync_bn"]["grads"], [torch.stack(gs).mean(0) for gs in zip(*(p[0] for p in parts))])
+    # and each rank's running statistics are those of one plain forward of its shard
+    for rank, (_, buffers) in enumerate(parts):
+        for mode in ("own_bn", "sync_bn"):
+            for got, want in zip(ranks[rank][mode]["buffers"], buffers.values(), strict=True):
+                torch.testing.assert_close(got, want, msg=f"rank {rank} {mode}")
 
 
 def test_a_stop_asked_on_one_rank_stops_every_rank(ranks):

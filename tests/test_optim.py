@@ -18,6 +18,7 @@ from torch import nn
 from samlab.config import METHODS as CONFIG_METHODS
 from samlab.optim import METHODS, SAM, sample_scores, sharpness_gradient
 from samlab.optim.perturbations import METHOD_RULES, perturbation
+from tests.oracles import msam_by_copies, sam_by_copy
 
 RHO = 0.3
 ETA = 0.01
@@ -297,6 +298,26 @@ def test_msam_micro_batches_normalise_with_their_own_statistics():
         expected = grads if expected is None else [a + b for a, b in zip(expected, grads)]
     sharpness_gradient(model, ce, x, y, method="msam", rho=RHO, m=m, impl="vmap")
     assert_all_close(grads_of(model), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("method", "extra"), [("sam", {}), ("msam", {"m": 8, "impl": "vmap"}),
+                                               ("msam", {"m": 4, "impl": "vmap"}), ("msam", {"m": 2, "impl": "vmap"}),
+                                               ("msam", {"m": 4, "impl": "loop"}), ("msam", {"m": 2, "impl": "loop"})])
+def test_sam_and_msam_with_batchnorm_match_deep_copies_perturbed_in_place(method, extra):
+    """The independent oracle (tests/oracles.py): per (micro-)batch a deep copy in train mode, its weights
+    moved in place, backpropagated with the batch's statistics; the buffers as the unperturbed passes leave
+    them (averaged over the micro-batches' copies, the convention sharpness_gradient documents)."""
+    x, y = batch(n=8, shape=(1, 4, 4))
+    model = make_bn_net()
+    expected, buffers = msam_by_copies(model, ce, x, y, rho=RHO, m=extra.get("m", 8))
+    sharpness_gradient(model, ce, x, y, method=method, rho=RHO, **extra)
+    assert_all_close(grads_of(model), expected, rtol=1e-9, atol=1e-12)
+    for name, buf in model.named_buffers():
+        torch.testing.assert_close(buf.to(DTYPE), buffers[name], rtol=1e-12, atol=1e-14, msg=name)
+    # with batch statistics the m-SAM gradient is not SAM's: the oracle tells the two apart
+    if extra.get("m", 8) < 8:
+        sam_grads, _ = sam_by_copy(make_bn_net(), ce, x, y, rho=RHO)
+        assert any((a - b).abs().max() > 1e-6 for a, b in zip(grads_of(model), sam_grads))
 
 
 def test_ascent_hook_replaces_the_perturbation_gradient():

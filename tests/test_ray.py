@@ -1,6 +1,7 @@
 """The Ray backend against a real local Ray cluster started by the test (head node on 127.0.0.1).
 
-The store is on PostgreSQL when SAMLAB_TEST_PG names a server, else a SQLite file. Every submission
+The store is on PostgreSQL when SAMLAB_TEST_PG names a server (always under SAMLAB_REQUIRE_ALL), else a
+SQLite file. Every submission
 goes through the Jobs API from a process that never joins the cluster; the cluster's own job list
 must show no driver other than samlab's submitted jobs.
 """
@@ -27,7 +28,7 @@ from samlab.runs import sweeps as sweep_runs  # noqa: E402
 from samlab.runs.executors import describe_backend  # noqa: E402
 from samlab.runs.ray_executor import submission_id  # noqa: E402
 from samlab.runs.store import FINAL, Store  # noqa: E402
-from tests.helpers import free_port, wait_for  # noqa: E402
+from tests.helpers import REQUIRE_ALL, free_port, wait_for  # noqa: E402
 from tests.pg_fixtures import PG_URL, fresh_schema_url  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,9 @@ def env(cluster, tmp_path, monkeypatch):
     """The UI side's environment: the Ray backend, the shared store, small test task kinds."""
     address, client = cluster
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(fresh_schema_url("ray")) if PG_URL else f"sqlite:///{tmp_path / 'runs.db'}"
+        # under SAMLAB_REQUIRE_ALL the store must be the PostgreSQL server (fresh_schema_url fails without one)
+        shared = PG_URL or REQUIRE_ALL
+        url = stack.enter_context(fresh_schema_url("ray")) if shared else f"sqlite:///{tmp_path / 'runs.db'}"
         values = {"SAMLAB_EXECUTOR": "ray", "SAMLAB_RAY_ADDRESS": address, "SAMLAB_STORE": url,
                   "SAMLAB_RUNS_DIR": str(tmp_path / "runs"), "SAMLAB_TASKS": "count=tests.job_tasks",
                   "SAMLAB_FLUSH_S": "0.2", "SAMLAB_CANCEL_TIMEOUT_S": "20", "CUDA_VISIBLE_DEVICES": ""}

@@ -6,7 +6,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from samlab.runs.store import SCHEMA_VERSION, Store
+from tests.helpers import backdate_heartbeat
 from tests.pg_fixtures import BACKENDS, store_on
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,14 +165,15 @@ def test_heartbeats_use_the_database_clock(store):
     (run_id,) = _make_runs(store, 1)
     store.claim(run_id, "h", "local")
     store.start_run(run_id, 1, "h", "cpu")
+    backdate_heartbeat(store, run_id, 7200)
+    old = store.get_run(run_id)["heartbeat_at"]
     t0 = store.server_now()
-    time.sleep(0.05)
     store.flush(run_id, [])
     beat = store.get_run(run_id)["heartbeat_at"]
-    assert beat > t0 and beat <= store.server_now()
+    assert old < t0 <= beat <= store.server_now()  # the flush wrote the database's time, not the old beat
     assert store.stale_runs(3600) == []
-    time.sleep(0.3)
-    assert [r["id"] for r in store.stale_runs(0.2)] == [run_id]
+    backdate_heartbeat(store, run_id, 7200)  # then silent for two hours
+    assert [r["id"] for r in store.stale_runs(3600)] == [run_id]
 
 
 def _bucket_oracle(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:

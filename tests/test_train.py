@@ -16,7 +16,7 @@ from samlab.train import evaluate, learning_rate, run
 
 def tiny(*overrides):
     base = ["data.n_train=256", "data.n_test=128", "epochs=2", "batch_size=64", "model.width=16",
-            "optim.lr=0.05", "log_every=1"]
+            "optim.lr=0.05", "log_every=1", "device=cpu"]  # bit-identity checks: one device for every run
     return preset("digits-mlp", base + list(overrides))
 
 
@@ -123,10 +123,11 @@ def test_learning_rate_schedules():
 
 
 def test_bf16_needs_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: bf16 is allowed")
     with pytest.raises(ValueError, match="precision: bf16"):
-        run(tiny("precision=bf16"))
+        run(tiny("precision=bf16"))  # device pinned to cpu
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="precision: bf16"):
+            run(tiny("precision=bf16", "device=auto"))
 
 
 def test_run_task_returns_status_and_summary(tmp_path):
