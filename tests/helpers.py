@@ -60,3 +60,22 @@ def backdate_heartbeat(store, run_id: str, seconds: float) -> None:
         sa.bindparam("beat", type_=sa.DateTime))
     with store.engine.begin() as conn:
         conn.execute(query, {"beat": beat, "id": run_id})
+
+
+def plotly_array(value) -> list[float]:
+    """A plotly figure's array (plain list, or base64 typed array in the JSON spec)."""
+    if isinstance(value, dict):
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
+def chart_traces(at, key: str) -> list[dict]:
+    """The traces of the plotly chart an AppTest run drew under `key`, from its JSON spec."""
+    import json
+
+    (chart,) = [c for c in at.get("plotly_chart") if c.key == key]
+    return json.loads(chart.proto.spec)["data"]

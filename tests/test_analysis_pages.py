@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import landscape_view, stability_view
+from dashboard.common import run_labels
 from samlab.reporting import RecordingReporter
 from samlab.runs import jobs
 from samlab.runs.store import Store
 from samlab.tasks import landscape, stability
-from tests.helpers import mark_finished, stored_trained_run
+from tests.helpers import chart_traces, mark_finished, plotly_array, stored_trained_run
 
 
 def _store_finished(store: Store, kind: str, params: dict, result: dict) -> str:
@@ -27,7 +29,7 @@ def test_stability_page_overlays_a_cached_grid_and_summarises_it(store_env, tmp_
     for name, value in {"n": "10", "repeats": "1", "steps": "100"}.items():
         at.query_params[name] = value
     at.run()
-    assert not at.exception
+    assert not at.exception and not at.error, [e.value for e in at.error]
     assert not [b for b in at.button if b.label.startswith("Compute")]  # cached: nothing to launch
     (summary,) = at.dataframe
     row = summary.value.iloc[0].to_dict()
@@ -48,6 +50,11 @@ def test_landscape_page_draws_a_cached_surface_of_a_trained_run(store_env, tmp_p
         at.query_params[name] = value
     at.run()
     at.multiselect(key="landscape.runs").set_value([train_id]).run()
-    assert not at.exception
+    assert not at.exception and not at.error, [e.value for e in at.error]
     assert "Compute the surfaces" not in [b.label for b in at.button]  # the stored surface is used
     assert len(at.get("plotly_chart")) >= 1
+    # the curve drawn is the stored surface, labelled with the run
+    (curve,) = chart_traces(at, "landscape.curves")
+    assert plotly_array(curve["x"]) == pytest.approx(result["axes"][0], rel=1e-12)
+    assert plotly_array(curve["y"]) == pytest.approx(result["runs"][0]["loss"], rel=1e-12)
+    assert curve["name"] == run_labels([store_env.get_run(train_id)])[train_id]

@@ -18,6 +18,8 @@ from samlab.runs.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pages").glob("*.py"))
 TIMEOUT = 120
+# the failed run's recorded error: the pages that list runs show it in an error box, on purpose
+FAILED_RUN_ERROR = "out of memory in the test"
 
 
 def _tiny_config(seed: int = 0, **overrides):
@@ -61,7 +63,7 @@ def _populate(store: Store, rows, summary) -> dict[str, str]:
     log.write_text("started\nepoch 1 done\n")
     store.start_run(failed, pid=os.getpid(), host="test-host", device="cpu")
     store.flush(failed, rows[:5], progress=0.1, message="epoch 1/2")
-    store.fail_run(failed, "Traceback (most recent call last):\nRuntimeError: out of memory in the test")
+    store.fail_run(failed, f"Traceback (most recent call last):\nRuntimeError: {FAILED_RUN_ERROR}")
     return {"completed": done0, "completed2": done1, "running": running, "queued": queued, "failed": failed}
 
 
@@ -74,8 +76,11 @@ def _app(page: str | None = None) -> AppTest:
     return at
 
 
-def _no_exception(at: AppTest, where: str) -> None:
+def _no_exception(at: AppTest, where: str, expected_error: str | None = None) -> None:
+    """No exception element, and no error box but the one showing `expected_error`."""
     assert not at.exception, f"{where}: " + "; ".join(str(e.value) for e in at.exception)
+    unexpected = [e.value for e in at.error if expected_error is None or expected_error not in e.value]
+    assert not unexpected, f"{where}: error boxes {unexpected}"
 
 
 def test_every_page_is_found():
@@ -92,7 +97,7 @@ def test_page_renders_on_an_empty_store(store_env, page):
 def test_page_renders_on_a_populated_store(store_env, recorded_rows, page):
     _populate(store_env, *recorded_rows)
     at = _app(page)
-    _no_exception(at, f"{page or 'app.py'} on a populated store")
+    _no_exception(at, f"{page or 'app.py'} on a populated store", FAILED_RUN_ERROR)
 
 
 def test_home_counts_runs_by_status(store_env, recorded_rows):
@@ -174,7 +179,7 @@ def test_live_panel_shows_progress_error_and_controls(store_env, recorded_rows):
     expanders = " ".join(e.label for e in at.expander)
     for status in ("running", "queued", "failed", "completed"):
         assert ids[status] in expanders, status
-    assert any("out of memory in the test" in e.value for e in at.error)
+    assert any(FAILED_RUN_ERROR in e.value for e in at.error)
     assert at.button(key=f"cancel.{ids['running']}") is not None
     assert at.button(key=f"resume.{ids['failed']}") is not None
     bars = [p.value for p in at.get("progress")]
@@ -194,7 +199,7 @@ def test_runs_page_view_lives_in_the_url(store_env, recorded_rows):
     at.query_params["x"] = "step"
     at.query_params["log"] = "1"
     at.run()
-    _no_exception(at, "Runs with query parameters")
+    _no_exception(at, "Runs with query parameters", FAILED_RUN_ERROR)
     assert at.multiselect(key="runs.runs").value == chosen
     assert at.selectbox(key="runs.metric").value == "step.train_loss"
     assert at.radio(key="runs.x").value == "step"
@@ -220,7 +225,7 @@ def test_runs_page_filters_and_deletes_with_confirmation(store_env, recorded_row
     assert delete.disabled  # confirmation first
     at.checkbox(key="runs.confirm_delete").check().run()
     at.button(key="runs.delete").click().run()
-    _no_exception(at, "delete")
+    _no_exception(at, "delete", FAILED_RUN_ERROR)
     remaining = {r["id"] for r in store_env.list_runs()}
     assert ids["completed"] not in remaining and ids["completed2"] in remaining
     assert not workdir.exists()

@@ -19,6 +19,7 @@ from samlab.hessian import (
     top_eigenvalues,
 )
 from samlab.losses import mean_loss
+from tests.helpers import plotly_array
 
 CE = mean_loss("classification")
 MSE = mean_loss("regression")
@@ -77,6 +78,37 @@ def dense_hessian(model, loss_fn, batches, names=None, mode="eval") -> torch.Ten
     hess = torch.autograd.functional.hessian(loss_of, flat, vectorize=True)
     model.train(was_training)
     return hess
+
+
+def hutchinson_sd(H: torch.Tensor, n: int) -> float:
+    """Standard deviation of the mean of n Rademacher quadratic forms zᵀHz: Var(zᵀHz) = 2 (‖H‖_F² − Σ H_ii²)."""
+    return math.sqrt(2 * (float((H**2).sum()) - float((H.diag() ** 2).sum())) / n)
+
+
+def hutch_plus_plus_sd(H: torch.Tensor, sketch: torch.Tensor, g: int) -> float:
+    """Standard deviation of Hutch++'s estimate given its sketch S [s × dim]: with Q an orthonormal basis of
+    range(H Sᵀ) and P = I − QQᵀ, tr(QᵀHQ) is exact and the rest is the mean of g forms zᵀ(PHP)z."""
+    q = torch.linalg.qr(H @ sketch.T, mode="reduced").Q
+    projector = torch.eye(H.shape[0], dtype=H.dtype) - q @ q.T
+    return hutchinson_sd(projector @ H @ projector, g)
+
+
+@pytest.fixture
+def rademacher_draws(monkeypatch) -> list[torch.Tensor]:
+    """The Rademacher blocks the Hessian operator draws (in order: Hutch++ sketch S, then its probes)."""
+    from samlab.hessian_operator import HessianOperator
+
+    draws: list[torch.Tensor] = []
+    original = HessianOperator.random_vectors
+
+    def recording(self, count, seed, kind="gaussian"):
+        out = original(self, count, seed, kind)
+        if kind == "rademacher":
+            draws.append(out.detach().double().cpu())
+        return out
+
+    monkeypatch.setattr(HessianOperator, "random_vectors", recording)
+    return draws
 
 
 def as64(values) -> torch.Tensor:
@@ -247,18 +279,31 @@ def test_automatic_fallback_to_double_backward():
 
 
 # -- trace -------------------------------------------------------------------------------------------
+# The reported stderr is a sample standard deviation over the draws: checked against the exact one within
+# a factor that the sample spread of 30 draws (Hutchinson) or 10 (the remainder of Hutch++ at 30) allows.
+STDERR_FACTOR = {"hutchinson": 1.5, "hutch++": 2.5}
+
+
 @pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
-def test_trace_within_three_standard_errors(method):
+def test_trace_within_three_standard_errors(method, rademacher_draws):
     model, data = mlp(), classification_data()
     H = dense_hessian(model, CE, [data])
     exact = float(torch.trace(H))
     result = hessian_trace(model, CE, data, n_samples=30, method=method, seed=5)
     assert result.method == method and result.n_hvp == 30
     assert 0 < result.stderr < abs(exact)
-    assert abs(result.mean - exact) <= 3 * result.stderr
+    # the estimator's spread computed from the dense Hessian, not from the estimator
+    if method == "hutchinson":
+        sd = hutchinson_sd(H, 30)
+    else:
+        sketch, probes = rademacher_draws
+        assert len(sketch) == 10 and len(probes) == 10  # the budget 30 = 2 × 10 sketch products + 10 probes
+        sd = hutch_plus_plus_sd(H, sketch, len(probes))
+    assert abs(result.mean - exact) <= 3 * sd
+    assert sd / STDERR_FACTOR[method] <= result.stderr <= sd * STDERR_FACTOR[method]
 
 
-def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum():
+def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum(rademacher_draws):
     # Least squares on inputs with geometrically decaying scales: H = E[(x, 1)(x, 1)ᵀ] has a fast-decaying
     # spectrum, the case Hutch++ is built for (its sketch captures the top directions exactly).
     torch.manual_seed(0)
@@ -266,12 +311,19 @@ def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 40, generator=gen, dtype=torch.float64) * 0.7 ** torch.arange(40, dtype=torch.float64)
     data = (x, torch.randn(200, generator=gen, dtype=torch.float64))
-    exact = float(torch.trace(dense_hessian(model, MSE, [data])))
+    H = dense_hessian(model, MSE, [data])
+    exact = float(torch.trace(H))
     plain = hessian_trace(model, MSE, data, n_samples=30, method="hutchinson", seed=2)
     deflated = hessian_trace(model, MSE, data, n_samples=30, method="hutch++", seed=2)
+    sketch, probes = rademacher_draws[1:]  # after the Hutchinson run's 30 vectors
+    sds = {"hutchinson": hutchinson_sd(H, 30), "hutch++": hutch_plus_plus_sd(H, sketch, len(probes))}
     for result in (plain, deflated):
+        sd = sds[result.method]
         assert abs(result.mean - exact) <= 3 * result.stderr
+        assert abs(result.mean - exact) <= 3 * sd
+        assert sd / STDERR_FACTOR[result.method] <= result.stderr <= sd * STDERR_FACTOR[result.method]
     assert deflated.stderr < 0.1 * plain.stderr
+    assert sds["hutch++"] < 0.1 * sds["hutchinson"]
 
 
 def test_trace_with_full_sketch_is_exact():
@@ -298,7 +350,7 @@ def test_density_is_normalised_and_its_mean_estimates_trace_over_dim():
     assert math.isclose(float(torch.trapezoid(density, grid)), 1.0, rel_tol=1e-4)
     # mean of the quadrature = Hutchinson with n_runs Rademacher vectors, whose variance is known exactly:
     # Var(zᵀHz) = 2 (‖H‖_F² − Σ H_ii²)
-    stderr = math.sqrt(2 * (float((H**2).sum()) - float((H.diag() ** 2).sum())) / n_runs) / dim
+    stderr = hutchinson_sd(H, n_runs) / dim
     assert abs(result.mean - float(torch.trace(H)) / dim) <= 4 * stderr
     assert math.isclose(float(torch.trapezoid(density * grid, grid)), result.mean, rel_tol=1e-3, abs_tol=1e-6)
 
@@ -345,6 +397,9 @@ def test_pyhessian_backend_with_several_batches_and_trace():
     trace = hessian_trace(model, CE, batches, n_samples=40, backend="pyhessian", tol=1e-12)
     assert trace.backend == "pyhessian" and len(trace.samples) == 40 == trace.n_hvp
     assert abs(trace.mean - float(torch.trace(H))) <= 3 * trace.stderr
+    sd = hutchinson_sd(H, 40)  # PyHessian draws Rademacher vectors too
+    assert abs(trace.mean - float(torch.trace(H))) <= 3 * sd
+    assert sd / STDERR_FACTOR["hutchinson"] <= trace.stderr <= sd * STDERR_FACTOR["hutchinson"]
 
 
 # -- training hook and validation --------------------------------------------------------------------
@@ -429,7 +484,7 @@ def task_params(path, **overrides):
     return {**params, **overrides}
 
 
-def test_task_result_matches_the_dense_hessian(trained_run, tmp_path):
+def test_task_result_matches_the_dense_hessian(trained_run, tmp_path, rademacher_draws):
     from samlab.reporting import RecordingReporter
     from samlab.tasks.hessian import check_task, run_task
 
@@ -443,6 +498,10 @@ def test_task_result_matches_the_dense_hessian(trained_run, tmp_path):
     assert torch.allclose(as64(result["eigenvalues"]["smallest"]["values"]), exact[:3].flip(0), rtol=0, atol=1e-4 * scale)
     trace = result["trace"]
     assert abs(trace["mean"] - float(exact.sum())) <= 3 * trace["stderr"] + 1e-5 * abs(float(exact.sum()))
+    sketch, probes = rademacher_draws[:2]  # the trace stage's Hutch++ draws (the density's come after)
+    assert len(sketch) == 4 and len(probes) == 4  # trace_samples 12 = 2 × 4 + 4
+    sd = hutch_plus_plus_sd(H, sketch, len(probes))
+    assert abs(trace["mean"] - float(exact.sum())) <= 3 * sd + 1e-5 * abs(float(exact.sum()))
     assert all(math.isclose(sum(w), 1.0, rel_tol=1e-6) for w in result["density"]["weights"])
     layers = {row["layer"]: row for row in result["per_layer"]}
     assert set(layers) == set(layer_groups(model))
@@ -543,9 +602,9 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "pages" / "3_Hessian.py"), default_timeout=120)
     at.query_params.update({"k": "2", "n_samples": "64", "trace": "12", "mode": "eval", "seed": "0", "per_layer": "1"})
     at.run()
-    assert not at.exception
+    assert not at.exception and not at.error, [e.value for e in at.error]
     at.multiselect(key="hessian.runs").set_value([train_id]).run()
-    assert not at.exception
+    assert not at.exception and not at.error, [e.value for e in at.error]
     assert not [b for b in at.button if b.key == f"hessian.submit.{train_id}"]  # cached: nothing to submit
     summary = at.dataframe[0].value
     assert summary["λ_max"].iloc[0] == pytest.approx(result["eigenvalues"]["largest"]["values"][0])
@@ -555,24 +614,13 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
                                                         "hessian.trajectory"]
     assert at.multiselect(key="hessian.trajectory_runs").value == [train_id]
     at.multiselect(key="hessian.trajectory_runs").set_value([train_id]).run()
-    assert not at.exception
+    assert not at.exception and not at.error, [e.value for e in at.error]
     trajectory = [c for c in at.get("plotly_chart") if c.key == "hessian.trajectory"]
     spec = json.loads(trajectory[0].proto.spec)
     curves = {trace["name"]: plotly_array(trace["y"]) for trace in spec["data"]}
     logged = [values["lambda_max"] for _, _, values in reporter.rows if "lambda_max" in values]
     assert curves["tiny cnn"] == pytest.approx(logged)
     assert curves["2/η · tiny cnn"] == pytest.approx([2 / v["lr"] for _, _, v in reporter.rows if "lr" in v])
-
-
-def plotly_array(value) -> list[float]:
-    """A plotly figure's array (plain list, or base64 typed array in the JSON spec)."""
-    if isinstance(value, dict):
-        import base64
-
-        import numpy as np
-
-        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
-    return list(value)
 
 
 def test_view_builders_draw_partial_results():

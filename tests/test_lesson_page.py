@@ -11,6 +11,7 @@ from dashboard.msharp_view import LESSON_SWEEP_NAME, lesson_spec
 from samlab.runs import jobs
 from samlab.runs.store import Store
 from samlab.sweeps import sweep_configs
+from tests.helpers import chart_traces, plotly_array
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSON = "pages/6_Lesson_m-sharpness.py"
@@ -37,6 +38,7 @@ def app(page: str) -> AppTest:
     at = AppTest.from_file(str(ROOT / page), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, "; ".join(str(e.value) for e in at.exception)
+    assert not at.error, [e.value for e in at.error]
     return at
 
 
@@ -54,7 +56,7 @@ def test_lesson_launch_button_queues_the_lesson_sweep(store_env, monkeypatch):
     monkeypatch.setattr(sweeps, "start_workers", lambda group_id, store=None, workers=None: [])
     at = app(LESSON)
     at.button(key="lesson.launch").click().run()
-    assert not at.exception
+    assert not at.exception and not at.error, [e.value for e in at.error]
     runs = store_env.list_runs(limit=10_000)
     assert len(runs) == len(sweep_configs(lesson_spec())) and {r["status"] for r in runs} == {"queued"}
 
@@ -86,6 +88,14 @@ def test_sweeps_page_renders_empty_and_with_a_finished_sweep(store_env):
     finished_lesson_sweep(store_env)
     at = app(SWEEPS)
     assert len(at.get("plotly_chart")) >= 3
+    # the accuracy curve is the recorded sweep's: at each m the best ρ is the smallest of its grid (the
+    # recorded accuracy falls with ρ), averaged over seeds 0 and 1 (+0.000 and +0.002)
+    spec = lesson_spec(seeds=2)
+    ms = sorted({m or spec.base.batch_size for m in spec.ms})
+    best = [100 * (0.95 - 0.01 * m ** 0.5 - 0.05 * min(spec.rhos_for(m)) + 0.001) for m in ms]
+    (curve,) = [t for t in chart_traces(at, "sweeps.acc") if t.get("mode") == "lines+markers"]
+    assert plotly_array(curve["x"]) == ms and plotly_array(curve["y"]) == pytest.approx(best, rel=1e-9)
+    assert plotly_array(curve["error_y"]["array"]) == pytest.approx([100 * 0.002 / 2 ** 0.5] * len(ms), rel=1e-9)
 
 
 def test_trend_sentence_compares_the_difference_with_the_seed_spread():
