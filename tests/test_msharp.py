@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import pytest
@@ -111,6 +112,31 @@ def test_m_sharpness_is_non_negative_in_expectation_on_a_non_convex_net():
     assert all(r["partitions"] == 5 for r in rows)
 
 
+def test_curve_values_equal_hand_loops_and_the_mean_over_all_micro_batches():
+    """m = n and m = 1 do not depend on the partition: the hand loop gives them exactly. At m = 3 every
+    micro-batch of a random partition is a uniformly drawn 3-subset, so the curve estimates the mean over
+    all C(12, 3) = 220 subsets; a partition's mean varies at most as much as one subset's value, hence the
+    mean over 6 independent partitions lies within 4 sd / sqrt(6) of it."""
+    model, (x, y) = tiny_mlp(seed=7), classification_data(n=12, seed=8)
+    loss_fn, rho = cross_entropy_per_sample, 0.05
+    rows = m_sharpness_curve(model, loss_fn, x, y, ms=[12, 3, 1], rho=rho, partitions=6, seed=2)
+    assert [(r["m"], r["num_microbatches"], r["partitions"]) for r in rows] == [(12, 1, 6), (3, 4, 6), (1, 12, 6)]
+    whole, _ = sam_estimate_by_hand(model, x, y, loss_fn, rho)
+    singles = [sam_estimate_by_hand(model, x[i:i + 1], y[i:i + 1], loss_fn, rho)[0] for i in range(12)]
+    assert rows[0]["sharpness"] == pytest.approx(whole, rel=1e-9)
+    assert rows[2]["sharpness"] == pytest.approx(sum(singles) / 12, rel=1e-9)
+    for row in (rows[0], rows[2]):
+        assert row["sharpness_std_over_partitions"] == pytest.approx(0.0, abs=1e-12)
+    loss = float(loss_at(model, x, y, loss_fn).detach())
+    assert rows[0]["loss"] == pytest.approx(loss, rel=1e-12) and rows[2]["loss"] == pytest.approx(loss, rel=1e-12)
+    assert rows[0]["perturbed_loss"] == pytest.approx(loss + whole, rel=1e-9)
+    subsets = torch.tensor([sam_estimate_by_hand(model, x[list(c)], y[list(c)], loss_fn, rho)[0]
+                            for c in itertools.combinations(range(12), 3)], dtype=torch.float64)
+    mean, sd = float(subsets.mean()), float(subsets.std(unbiased=False))
+    assert abs(rows[1]["sharpness"] - mean) <= 4 * sd / 6 ** 0.5
+    assert rows[1]["sharpness_std_over_partitions"] <= 4 * sd
+
+
 def test_more_ascent_steps_never_lower_the_estimate():
     model, (x, y) = tiny_mlp(seed=2), classification_data(seed=3)
     one = m_sharpness(model, cross_entropy_per_sample, x, y, m=4, rho=0.5, steps=1)
@@ -174,15 +200,21 @@ def test_check_task_fills_defaults_and_names_bad_fields():
         check_task({"checkpoint": "c.pt", "colour": 1})
 
 
-def test_task_measures_a_checkpoint_and_resumes_from_its_partial_result(tmp_path):
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> str:
+    """A digits MLP trained for one epoch on 64 samples."""
     from samlab.config import preset
-    from samlab.tasks.msharp import PARTIAL_FILE, run_task
     from samlab.train import run
 
     cfg = preset("digits-mlp", {"data.n_train": 64, "data.n_test": 32, "epochs": 1, "batch_size": 16,
                                 "model.width": 8, "device": "cpu"})
-    trained = run(cfg, workdir=tmp_path / "train")
-    params = {"checkpoint": str(trained.checkpoint), "ms": [32, 4, 1], "rho": 0.05, "n_samples": 32,
+    return str(run(cfg, workdir=tmp_path_factory.mktemp("msharp-train")).checkpoint)
+
+
+def test_task_measures_a_checkpoint_and_resumes_from_its_partial_result(tmp_path, trained_checkpoint):
+    from samlab.tasks.msharp import PARTIAL_FILE, run_task
+
+    params = {"checkpoint": trained_checkpoint, "ms": [32, 4, 1], "rho": 0.05, "n_samples": 32,
               "partitions": 2}
     reporter = RecordingReporter()
     result = run_task(params, reporter, tmp_path / "task", resume=False)
@@ -197,3 +229,43 @@ def test_task_measures_a_checkpoint_and_resumes_from_its_partial_result(tmp_path
     resumed = run_task(params, RecordingReporter(), tmp_path / "task", resume=True)
     assert resumed["sharpness_curve"] == result["sharpness_curve"]  # seeded: the same numbers
     assert resumed["noise"]["trace_v"] == result["noise"]["trace_v"]
+
+
+def test_task_values_equal_the_library_on_the_same_samples(tmp_path, trained_checkpoint):
+    """n_samples = the whole train set, so the subset is the train set whatever the sampling: everything
+    that does not depend on the order of the samples (gradient noise, S_m at m = n and m = 1, E‖∇L_I‖
+    there) is checked against gradient_noise, m_sharpness and the hand loop on the train set as loaded;
+    m = 8 against m_sharpness_curve with the task's seed on the task's seeded subset."""
+    from samlab.checkpoints import load_trained
+    from samlab.noise import gradient_noise
+    from samlab.tasks.msharp import run_task
+    from samlab.tasks.protocol import seeded_subset
+
+    params = {"checkpoint": trained_checkpoint, "ms": [64, 8, 1], "rho": 0.05, "n_samples": 64, "partitions": 3,
+              "seed": 1}
+    result = run_task(params, RecordingReporter(), tmp_path / "task", resume=False)
+    trained = load_trained(trained_checkpoint)
+    model, loss_fn, x, y = trained.model, trained.loss_fn, trained.data.x_train, trained.data.y_train
+    assert result["n"] == len(x) == 64
+
+    noise = gradient_noise(model, loss_fn, x, y)
+    for key in ("trace_v", "full_grad_norm", "mean_sample_grad_norm"):
+        assert result["noise"][key] == pytest.approx(noise[key], rel=1e-5), key
+    assert sorted(result["noise"]["sample_grad_norms"]) == pytest.approx(sorted(noise["sample_grad_norms"]), rel=1e-5)
+    curve = {r["m"]: r for r in result["noise_curve"]}
+    assert curve[1]["mean"] == pytest.approx(noise["mean_sample_grad_norm"], rel=1e-5)
+    assert curve[64]["mean"] == pytest.approx(noise["full_grad_norm"], rel=1e-5)
+    # triangle inequality and convexity of the norm: ‖∇L‖ ≤ mean over a partition of ‖∇L_I‖ ≤ mean ‖∇f_i‖
+    assert noise["full_grad_norm"] * (1 - 1e-5) <= curve[8]["mean"] <= noise["mean_sample_grad_norm"] * (1 + 1e-5)
+    assert all(row["trace_v"] == pytest.approx(noise["trace_v"], rel=1e-5) for row in curve.values())
+
+    sharp = {r["m"]: r for r in result["sharpness_curve"]}
+    assert sharp[64]["sharpness"] == pytest.approx(m_sharpness(model, loss_fn, x, y, m=64, rho=0.05)["sharpness"],
+                                                   rel=1e-4, abs=1e-7)
+    whole, _ = sam_estimate_by_hand(model, x, y, loss_fn, 0.05)
+    assert sharp[64]["sharpness"] == pytest.approx(whole, rel=1e-3, abs=1e-6)
+    per_sample = [sam_estimate_by_hand(model, x[i:i + 1], y[i:i + 1], loss_fn, 0.05)[0] for i in range(64)]
+    assert sharp[1]["sharpness"] == pytest.approx(sum(per_sample) / 64, rel=1e-3, abs=1e-6)
+    xs, ys = seeded_subset(x, y, 64, 1)
+    (row,) = m_sharpness_curve(model, loss_fn, xs, ys, ms=[8], rho=0.05, partitions=3, seed=1)
+    assert sharp[8] == row
