@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def cluster():
         [RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", "--object-store-memory=100000000", f"--temp-dir={temp}",
+         # ports Ray would otherwise take by default (52365, 10001): another cluster on the machine has them
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=temp,
     )
@@ -64,17 +67,23 @@ def cluster():
 
 
 def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> JobSubmissionClient:
+    """The Jobs API client once the cluster runs jobs: the dashboard answers before the node's job agent
+    has registered ("No available agent to submit job"), so a no-op job is submitted until it is taken."""
     deadline = time.monotonic() + timeout
+    probe, last_error = f"probe-{uuid.uuid4().hex[:8]}", None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with code {proc.returncode}")
         try:
             client = JobSubmissionClient(address)
-            client.list_jobs()
-            return client
-        except Exception:
+            client.submit_job(entrypoint=f"{sys.executable} -c pass", submission_id=probe)
+        except Exception as error:  # not up yet
+            last_error = error
             time.sleep(1.0)
-    raise RuntimeError(f"the Ray dashboard at {address} did not come up within {timeout:g}s")
+            continue
+        wait_for(lambda c=client: _job_ended(c, probe), max(deadline - time.monotonic(), 1.0), "the probe job")
+        return client
+    raise RuntimeError(f"the Ray cluster at {address} took no job within {timeout:g}s: {last_error}")
 
 
 @pytest.fixture
