@@ -28,11 +28,12 @@ LAYERS = [
                          "test_msharp_panel.py"}, "_page"),
     ("store and runs", {"test_store.py", "test_jobs.py", "test_sweeps.py", "test_cli.py"}, None),
     ("analyses", {"test_hessian.py", "test_landscape.py", "test_stability.py", "test_msharp.py",
-                  "test_noise.py"}, None),
+                  "test_noise.py", "test_tasks_protocol.py"}, None),
     ("dashboard helpers", {"test_dashboard_common.py", "test_dashboard_figures.py", "test_dashboard_forms.py"},
      None),
     ("optimizer core", {"test_optim.py", "test_train.py", "test_distributed.py", "test_toy.py", "test_config.py",
                         "test_data.py", "test_models.py"}, None),
+    ("architecture", {"test_architecture.py"}, None),
 ]
 REQUIRE_ALL_NOTE = "skipped under SAMLAB_REQUIRE_ALL=1, where every layer of the suite must run"
 
