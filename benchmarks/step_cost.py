@@ -1,10 +1,12 @@
-"""Cost of one optimizer step (sharpness_gradient + a base SGD step) for every SAM-family method.
+"""Cost of one optimizer step (sharpness_gradient + a base SGD step) for every SAM-family method,
+and of the same SAM step through the `SAM` optimizer class (`sam_step`, whole batch and 4 chunks).
 
 All methods run side by side in one process on the same model initialisation and the same batch,
 interleaved round-robin so that machine-load drift hits every method alike; warm-up steps are
 excluded and each figure is the median over repeats. Prints the ratios against SAM / SGD:
 
-    sam_over_sgd, msam_vmap_over_sam_k{4,16,64}, msam_loop_over_sam_k{4,16,64}, rwsam_over_sam
+    sam_over_sgd, msam_vmap_over_sam_k{4,16,64}, msam_loop_over_sam_k{4,16,64}, rwsam_over_sam,
+    sam_class_over_sam, sam_class_acc4_over_sam_class
 
 (k = b / m micro-batches). Workloads: the digits CNN (8x8 grayscale, 10 classes) at batch 128 on
 CPU; ResNet-18 on CIFAR-shaped batches of 128 with --device cuda.
@@ -28,7 +30,7 @@ import torch
 from samlab.config import ModelConfig
 from samlab.losses import per_sample_loss
 from samlab.models import build_model
-from samlab.optim import sharpness_gradient
+from samlab.optim import SAM, sam_step, sharpness_gradient
 
 MICRO_BATCH_COUNTS = (4, 16, 64)
 GOALS = {"sam_over_sgd": 2.1, "msam_vmap_over_sam_k16": 1.3, "rwsam_over_sam": 1.25}
@@ -66,6 +68,18 @@ def configurations(batch: int, perturb_batch) -> dict[str, dict]:
     return configs
 
 
+# Steps through the SAM class: label -> sam_step keyword arguments.
+CLASS_CONFIGS = {"sam_class": {"accumulate": 1}, "sam_class_acc4": {"accumulate": 4}}
+
+
+def make_class_stepper(model, x, y, kwargs):
+    """One SAM step through the optimizer class (BatchNorm statistics restored), on its own model copy."""
+    model = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, model=model, lr=0.01, momentum=0.9)
+    loss_fn = per_sample_loss("classification")
+    return lambda: sam_step(opt, model, loss_fn, x, y, **kwargs)
+
+
 def make_stepper(model, x, y, kwargs, device, seed):
     """A closure running one full optimizer step on its own copy of the model."""
     model = copy.deepcopy(model)
@@ -101,6 +115,7 @@ def measure(device: torch.device, batch: int, repeats: int, warmup: int, inner: 
     model, x, y, perturb_batch, name = workload(device, batch, seed)
     steppers = {label: make_stepper(model, x, y, kw, device, seed)
                 for label, kw in configurations(batch, perturb_batch).items()}
+    steppers.update({label: make_class_stepper(model, x, y, kw) for label, kw in CLASS_CONFIGS.items()})
     for step in steppers.values():
         for _ in range(warmup):
             step()
@@ -132,6 +147,8 @@ def ratios(ms: dict[str, float]) -> dict[str, float]:
     out["rwsam_over_sam"] = ms["rwsam"] / ms["sam"]
     for method in ("asam", "usam", "nsam"):
         out[f"{method}_over_sam"] = ms[method] / ms["sam"]
+    out["sam_class_over_sam"] = ms["sam_class"] / ms["sam"]
+    out["sam_class_acc4_over_sam_class"] = ms["sam_class_acc4"] / ms["sam_class"]
     return out
 
 

@@ -31,7 +31,9 @@ SCHEDULES = ("constant", "cosine", "step")
 IMPLS = ("vmap", "loop")
 ESTIMATORS = ("fd", "exact")
 NORMS = ("bn", "gn")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Methods the SAM optimizer class runs in the engine (gradient accumulation, fp16 with a gradient scaler).
+CLASS_PATH_METHODS = ("sam", "asam", "usam")
 
 # Which optimizer fields each method reads; the UI shows only these and the docs list them.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
@@ -88,6 +90,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    accumulate: int = 1  # chunks the batch is processed in (SAM over the whole batch, memory of one chunk)
 
 
 @dataclass
@@ -173,6 +176,7 @@ class RunConfig:
                 )
         elif o.m is not None:
             check_int("optim.m", o.m, 1, self.batch_size)
+        self._validate_class_path()
         check_int("seed", self.seed, 0, 2**31 - 1)
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
@@ -186,6 +190,20 @@ class RunConfig:
         check_int("hessian_samples", self.hessian_samples, 1, 10**12)
         check_int("noise_every", self.noise_every, 0, 10_000_000)
         return self
+
+    def _validate_class_path(self) -> None:
+        """optim.accumulate and precision fp16 run the step through the SAM optimizer class."""
+        o = self.optim
+        check_int("optim.accumulate", o.accumulate, 1, self.batch_size)
+        if self.batch_size % o.accumulate:
+            raise ValueError(f"optim.accumulate: must divide batch_size={self.batch_size} into equal chunks "
+                             f"(got {o.accumulate}); divisors: {_divisors(self.batch_size)}")
+        for name, used in (("optim.accumulate", o.accumulate > 1), ("precision", self.precision == "fp16")):
+            if used and o.method not in CLASS_PATH_METHODS:
+                value = f"accumulate={o.accumulate}" if name == "optim.accumulate" else "fp16"
+                raise ValueError(f"{name}: {value} runs through the SAM optimizer class, which the engine uses for "
+                                 f"methods {', '.join(CLASS_PATH_METHODS)} (got optim.method {o.method!r}; "
+                                 "msam with impl='loop' already holds one micro-batch at a time)")
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

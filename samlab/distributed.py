@@ -137,6 +137,10 @@ def check_parallel_config(cfg: RunConfig, world_size: int) -> RunConfig:
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by the number of processes "
                          f"{world_size} (each trains on batch_size / nproc samples)")
+    if cfg.optim.accumulate > 1 or cfg.precision == "fp16":
+        field = "optim.accumulate" if cfg.optim.accumulate > 1 else "precision"
+        raise ValueError(f"{field}: data-parallel runs take neither optim.accumulate > 1 nor precision fp16 "
+                         "(both run the step through the SAM optimizer class; see SAM.no_sync for DDP)")
     per_rank = cfg.batch_size // world_size
     if cfg.optim.method == "msam" and per_rank % cfg.optim.m:
         raise ValueError(f"optim.m: m={cfg.optim.m} must divide the per-process batch {per_rank} "

@@ -1,8 +1,10 @@
 """The training engine: a RunConfig in, metrics out through a Reporter, checkpoints that resume exactly.
 
 Every optimizer step goes through `samlab.optim.sharpness_gradient`, then the base optimizer (SGD with
-momentum / Nesterov / weight decay, or AdamW) steps. The learning rate is a pure function of the global
-step (warm-up, then constant / cosine / step decay), so a resumed run sees the same schedule.
+momentum / Nesterov / weight decay, or AdamW) steps; gradient accumulation (`optim.accumulate`) and fp16
+with a gradient scaler run it through the `SAM` optimizer class instead (`samlab.optim.sam_step`). The
+learning rate is a pure function of the global step (warm-up, then constant / cosine / step decay), so a
+resumed run sees the same schedule.
 
 Reproducibility: three seeded streams — the global torch RNG (initialisation, dropout), `batch_gen`
 (one permutation per epoch) and `aux_gen` (augmentation, RW-SAM probes, n-SAM batches). A checkpoint
@@ -35,7 +37,7 @@ from samlab.config import RunConfig
 from samlab.data import iterate_batches, load_dataset
 from samlab.devices import resolve_device
 from samlab.losses import correct, mean_loss, per_sample_loss
-from samlab.optim import sharpness_gradient
+from samlab.optim import SAM, sam_step, sharpness_gradient
 from samlab.reporting import Reporter
 
 if TYPE_CHECKING:
@@ -79,8 +81,8 @@ def run(
     cfg = config.validate()
     reporter = reporter or Reporter()
     device = resolve_device(cfg.device)
-    if cfg.precision == "bf16" and device.type != "cuda":
-        raise ValueError(f"precision: bf16 autocast needs a CUDA device (resolved device is {device.type})")
+    if cfg.precision != "fp32" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"precision: {cfg.precision} autocast runs on CUDA or the CPU (resolved device is {device.type})")
     workdir = Path(workdir) if workdir is not None else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,9 @@ def run(
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data, device=device)
     model = build_run_model(cfg, data, device)
-    base = _base_optimizer(cfg, model)
+    sam = _sam_optimizer(cfg, model) if uses_sam_class(cfg) else None
+    base = sam.base_optimizer if sam is not None else _base_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     aux_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     state = _State()
@@ -96,13 +100,18 @@ def run(
 
     if resume:
         ckpt_path = require_checkpoint(workdir)
-        state, epoch_gen_state = _load_checkpoint(ckpt_path, model, base, batch_gen, aux_gen, device)
+        state, epoch_gen_state = _load_checkpoint(ckpt_path, model, base, batch_gen, aux_gen, device, scaler)
         reporter.log(f"resumed from {ckpt_path} at epoch {state.epoch}, step {state.step}")
     if parallel is not None:
         parallel.broadcast_(model)
 
-    engine = _Engine(cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir, parallel)
+    engine = _Engine(cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir, parallel, sam, scaler)
     return engine.train(state, epoch_gen_state)
+
+
+def uses_sam_class(cfg: RunConfig) -> bool:
+    """Whether the step runs through the SAM optimizer class (gradient accumulation or fp16)."""
+    return cfg.optim.accumulate > 1 or cfg.precision == "fp16"
 
 
 def learning_rate(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
@@ -139,8 +148,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> d
 
 # -- the engine -----------------------------------------------------------------------------------
 class _Engine:
-    def __init__(self, cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir, parallel=None):
+    def __init__(self, cfg, data, model, base, batch_gen, aux_gen, device, reporter, workdir, parallel=None,
+                 sam=None, scaler=None):
         self.cfg, self.data, self.model, self.base = cfg, data, model, base
+        self.sam, self.scaler = sam, scaler
         self.batch_gen, self.aux_gen, self.device = batch_gen, aux_gen, device
         self.reporter, self.workdir, self.parallel = reporter, workdir, parallel
         self.writes = workdir is not None and (parallel is None or parallel.is_writer)
@@ -152,6 +163,11 @@ class _Engine:
         if cfg.optim.method == "msam" and self.batch_size % cfg.optim.m != 0:
             raise ValueError(
                 f"optim.m: m={cfg.optim.m} must divide the effective batch size {self.batch_size} "
+                f"(batch_size is capped by the train-set size {n})"
+            )
+        if self.batch_size % cfg.optim.accumulate != 0:
+            raise ValueError(
+                f"optim.accumulate: {cfg.optim.accumulate} must divide the effective batch size {self.batch_size} "
                 f"(batch_size is capped by the train-set size {n})"
             )
         self.steps_per_epoch = max(1, n // self.batch_size)
@@ -176,7 +192,8 @@ class _Engine:
                 metrics = self._step(x, y, state.step)
                 state.step += 1
                 state.step_in_epoch += 1
-                if not all(math.isfinite(metrics[k]) for k in ("train_loss", "grad_norm")):
+                skipped = metrics.get("skipped", 0.0) > 0  # an fp16 overflow: the scaler skipped the step
+                if not skipped and not all(math.isfinite(metrics[k]) for k in ("train_loss", "grad_norm")):
                     self.reporter.log(f"diverged at step {state.step}: {metrics}")
                     self.reporter.metrics("step", state.step, metrics)
                     state.wall_time = time.monotonic() - started
@@ -201,21 +218,25 @@ class _Engine:
         if self.parallel is not None:
             x, y = self.parallel.shard(x, y)
         t0 = time.perf_counter()
-        with self._autocast():
-            info = sharpness_gradient(
-                self.model, self.loss_fn, x, y,
-                method=o.method, rho=o.rho, m=o.m, impl=o.impl, lam=o.lam, estimator=o.estimator,
-                delta=o.delta, adaptive_eta=o.adaptive_eta, perturb_batch=self._perturb_batch(),
-                generator=self.aux_gen, ascent_hook=self.parallel.ascent_hook if self.parallel else None,
-            )  # fmt: skip
-        if self.parallel is not None:
-            info = self.parallel.average(self.model, info)
-        self.base.step()
-        self.base.zero_grad(set_to_none=True)
+        if self.sam is not None:
+            info = sam_step(self.sam, self.model, self.loss_fn, x, y, accumulate=o.accumulate, scaler=self.scaler,
+                            autocast=_AUTOCAST_DTYPES[cfg.precision])
+        else:
+            with self._autocast():
+                info = sharpness_gradient(
+                    self.model, self.loss_fn, x, y,
+                    method=o.method, rho=o.rho, m=o.m, impl=o.impl, lam=o.lam, estimator=o.estimator,
+                    delta=o.delta, adaptive_eta=o.adaptive_eta, perturb_batch=self._perturb_batch(),
+                    generator=self.aux_gen, ascent_hook=self.parallel.ascent_hook if self.parallel else None,
+                )  # fmt: skip
+            if self.parallel is not None:
+                info = self.parallel.average(self.model, info)
+            self.base.step()
+            self.base.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         loss, perturbed = _scalar(info["loss"]), _scalar(info["perturbed_loss"])
-        return {
+        metrics = {
             "train_loss": loss,
             "perturbed_loss": perturbed,
             "sharpness": perturbed - loss,
@@ -223,6 +244,10 @@ class _Engine:
             "lr": lr,
             "step_time": time.perf_counter() - t0,
         }
+        if self.scaler is not None:
+            metrics["skipped"] = info["skipped"]
+            metrics["loss_scale"] = self.scaler.get_scale()
+        return metrics
 
     def _after_step(self, state: _State, metrics: dict[str, float]) -> None:
         cfg = self.cfg
@@ -318,9 +343,8 @@ class _Engine:
         return self.data.x_train[idx], self.data.y_train[idx]
 
     def _autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        dtype = _AUTOCAST_DTYPES[self.cfg.precision]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _save(self, state: _State, epoch_gen_state: torch.Tensor) -> Path:
         self.reporter.sync()  # metrics up to this checkpoint are stored before it exists
@@ -338,6 +362,8 @@ class _Engine:
             "aux_gen_state": self.aux_gen.get_state(),
             "torch_rng_state": torch.get_rng_state(),
         }
+        if self.scaler is not None:
+            payload["scaler"] = self.scaler.state_dict()
         return write_checkpoint(self.workdir, payload)
 
     def _snapshot(self, state: _State) -> None:
@@ -349,20 +375,34 @@ class _Engine:
 
 
 # -- module helpers -------------------------------------------------------------------------------
-def _base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _base_class(cfg: RunConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     o = cfg.optim
     if o.base == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
-        )
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD, {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay,
+                                 "nesterov": o.nesterov}
+    return torch.optim.AdamW, {"lr": o.lr, "weight_decay": o.weight_decay}
 
 
-def _load_checkpoint(path, model, base, batch_gen, aux_gen, device) -> tuple[_State, torch.Tensor]:
+def _base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    base, kwargs = _base_class(cfg)
+    return base(model.parameters(), **kwargs)
+
+
+def _sam_optimizer(cfg: RunConfig, model: nn.Module) -> SAM:
+    """The SAM class around the base optimizer; it restores BatchNorm statistics after the perturbed pass."""
+    o = cfg.optim  # validated: o.method is one of samlab.config.CLASS_PATH_METHODS
+    base, kwargs = _base_class(cfg)
+    return SAM(model.parameters(), base, rho=o.rho, adaptive_eta=o.adaptive_eta, method=o.method, model=model,
+               **kwargs)
+
+
+def _load_checkpoint(path, model, base, batch_gen, aux_gen, device, scaler=None) -> tuple[_State, torch.Tensor]:
     payload = read_checkpoint(path)
     try:
         model.load_state_dict(payload["model"])
         base.load_state_dict(payload["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(payload["scaler"])
         aux_gen.set_state(payload["aux_gen_state"])
         torch.set_rng_state(payload["torch_rng_state"])
         state = _State(
@@ -378,6 +418,9 @@ def _load_checkpoint(path, model, base, batch_gen, aux_gen, device) -> tuple[_St
     except (KeyError, RuntimeError, TypeError) as exc:
         raise ValueError(f"checkpoint: {path} does not match this run ({type(exc).__name__}: {exc})") from None
     return state, epoch_gen_state
+
+
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _scalar(value) -> float:

@@ -20,7 +20,7 @@ from torch import nn
 
 from samlab.config import preset
 from samlab.distributed import DataParallel, check_parallel_config
-from samlab.optim import sharpness_gradient
+from samlab.optim import SAM, sam_step, sharpness_gradient
 from samlab.train import run
 from tests.helpers import free_port
 from tests.oracles import first_pass_gradient, msam_by_copies, sam_by_copy
@@ -66,24 +66,33 @@ def _one_step(dp: DataParallel, batch_norm: bool) -> dict:
             "buffers": [b.clone() for b in model.buffers()], "info": info}
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, out_dir: str, body) -> None:
+    """One rank of a gloo group: saves what body(rank) returns."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        results = {f"{mode}{'_bn' if bn else ''}": _one_step(DataParallel(sync_perturbation=mode == "sync"), bn)
-                   for mode in ("own", "sync") for bn in (False, True)}
-        results["stop"] = [DataParallel().agree_stop(asked=rank == 1), DataParallel().agree_stop(asked=False)]
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(body(rank), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+def _run_ranks(tmp_path_factory, body) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
     # fork, not spawn: the ranks start from this process's imports in a fraction of the time
-    mp.start_processes(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_rank_main, args=(free_port(), str(out), body), nprocs=WORLD, join=True, start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _data_parallel_steps(rank: int) -> dict:
+    results = {f"{mode}{'_bn' if bn else ''}": _one_step(DataParallel(sync_perturbation=mode == "sync"), bn)
+               for mode in ("own", "sync") for bn in (False, True)}
+    results["stop"] = [DataParallel().agree_stop(asked=rank == 1), DataParallel().agree_stop(asked=False)]
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return _run_ranks(tmp_path_factory, _data_parallel_steps)
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 1e-6) -> bool:
@@ -180,6 +189,68 @@ def test_parallel_config_checks_name_the_field():
         sharpness_gradient(_model(False), _loss, x, y, method="msam", m=4, rho=RHO, ascent_hook=lambda g: g)
     with pytest.raises(ValueError, match="ascent_hook: must be a callable"):
         sharpness_gradient(_model(False), _loss, x, y, method="sam", rho=RHO, ascent_hook=3)
+
+
+# -- the SAM class under DistributedDataParallel ----------------------------------------------------------
+LR = 0.5
+
+
+def _ddp_sam_step(case: str) -> dict:
+    """One step of the SAM class on this rank's shard, the model wrapped in DistributedDataParallel."""
+    model = nn.parallel.DistributedDataParallel(_model(batch_norm=False))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model, lr=LR)
+    x, y = DataParallel().shard(*_data())
+    out = {}
+    if case in ("helper", "backward_only"):
+        if case == "helper":
+            with opt.no_sync():  # forward and backward
+                _loss(model(x), y).mean().backward()
+        else:  # the usual mistake: DDP decided at forward time to synchronize this backward
+            losses = _loss(model(x), y)
+            with opt.no_sync():
+                losses.mean().backward()
+        out["first_pass"] = [p.grad.clone() for p in model.parameters()]
+        opt.first_step(zero_grad=True)
+        _loss(model(x), y).mean().backward()
+        opt.second_step()
+    else:
+        sam_step(opt, model, _loss, x, y, accumulate=2, per_chunk=case == "per_chunk")
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+def _sam_class_steps(rank: int) -> dict:
+    return {case: _ddp_sam_step(case) for case in ("helper", "backward_only", "accumulate", "per_chunk")}
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory) -> list[dict]:
+    return _run_ranks(tmp_path_factory, _sam_class_steps)
+
+
+def _after_step(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach() - LR * g for p, g in zip(_model(False).parameters(), grads, strict=True)]
+
+
+def test_no_sync_keeps_the_first_pass_per_replica_and_the_step_is_msam(ddp_ranks):
+    r0, r1 = ddp_ranks[0]["helper"], ddp_ranks[1]["helper"]
+    assert not _close(r0["first_pass"], r1["first_pass"], atol=1e-4)  # each replica: its own shard
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"], strict=True))
+    assert _close(r0["params"], _after_step(_oracle("msam", m=BATCH // WORLD, impl="loop")))
+
+
+def test_wrapping_only_the_backward_still_synchronizes_the_first_pass(ddp_ranks):
+    r0, r1 = ddp_ranks[0]["backward_only"], ddp_ranks[1]["backward_only"]
+    assert _close(r0["first_pass"], r1["first_pass"], atol=0.0)  # all-reduced: one perturbation for all
+    assert _close(r0["params"], _after_step(_oracle("sam")))  # plain SAM over the global batch
+
+
+def test_sam_step_under_ddp_accumulates_before_the_one_all_reduce(ddp_ranks):
+    per_rank = BATCH // WORLD
+    for case, m in (("accumulate", per_rank), ("per_chunk", per_rank // 2)):
+        r0, r1 = ddp_ranks[0][case], ddp_ranks[1][case]
+        assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"], strict=True)), case
+        assert _close(r0["params"], _after_step(_oracle("msam", m=m, impl="loop"))), case
 
 
 @pytest.mark.slow
