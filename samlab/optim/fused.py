@@ -87,35 +87,33 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, p: Par
                 *, update: bool) -> torch.Tensor:
     """BatchNorm with the statistics of each micro-batch (train mode) or the running ones (eval).
 
-    In train mode with `update`, the running statistics move as the mean of k copies each updated
-    by one micro-batch would (the convention of the loop and vmap paths).
+    Micro-batch j's channels become channels j·C ... (j+1)·C - 1 of one BatchNorm call over m
+    samples, so one fused kernel computes all k·C statistics. In train mode with `update`, the
+    running statistics become the mean of k copies each updated by one micro-batch (the
+    convention of the loop and vmap paths).
     """
-    channels = x.shape[1]
-    xs = x.reshape(k, x.shape[0] // k, channels, -1)
+    b, channels = x.shape[:2]
+    m = b // k
+    grouped = x.reshape(k, m, channels, -1).transpose(0, 1).reshape(m, k * channels, -1)
     batch_stats = module.training or module.running_mean is None
-    if batch_stats:
-        if xs.shape[1] * xs.shape[3] < 2:
-            raise ValueError(f"m: BatchNorm in train mode needs more than one value per channel in a "
-                             f"micro-batch (got input {list(x.shape)} split into {k})")
-        var, mean = torch.var_mean(xs, dim=(1, 3), correction=0, keepdim=True)
-        if update and module.training and module.track_running_stats:
-            _update_running_stats(module, mean, var, xs.shape[1] * xs.shape[3])
-    else:
-        mean = module.running_mean.reshape(1, 1, channels, 1)
-        var = module.running_var.reshape(1, 1, channels, 1)
-    normed = (xs - mean) * torch.rsqrt(var + module.eps)
-    return _affine(normed, p, k, (channels,)).reshape(x.shape)
-
-
-def _update_running_stats(module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """The mean over micro-batches of BatchNorm's running-statistics update (as nn.BatchNorm does it)."""
-    with torch.no_grad():
+    if batch_stats and m * grouped.shape[2] < 2:
+        raise ValueError(f"m: BatchNorm in train mode needs more than one value per channel in a "
+                         f"micro-batch (got input {list(x.shape)} split into {k})")
+    track = module.running_mean is not None and (not batch_stats or (update and module.training))
+    mean = module.running_mean.repeat(k) if track else None
+    var = module.running_var.repeat(k) if track else None
+    momentum = 0.0
+    if batch_stats and track:
         module.num_batches_tracked.add_(1)
-        factor = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
-        batch_mean = mean.detach().reshape(mean.shape[0], -1).mean(0)
-        batch_var = (var.detach() * (count / (count - 1))).reshape(var.shape[0], -1).mean(0)
-        module.running_mean.mul_(1 - factor).add_(batch_mean.to(module.running_mean.dtype), alpha=factor)
-        module.running_var.mul_(1 - factor).add_(batch_var.to(module.running_var.dtype), alpha=factor)
+        momentum = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+    weight = None if p.get("weight") is None else p["weight"].reshape(-1)
+    bias = None if p.get("bias") is None else p["bias"].reshape(-1)
+    out = F.batch_norm(grouped, mean, var, weight, bias, batch_stats, momentum, module.eps)
+    if batch_stats and track:
+        with torch.no_grad():
+            module.running_mean.copy_(mean.reshape(k, channels).mean(0))
+            module.running_var.copy_(var.reshape(k, channels).mean(0))
+    return out.reshape(m, k, channels, -1).transpose(0, 1).reshape(x.shape)
 
 
 def _group_norm(module: nn.GroupNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
@@ -175,62 +173,145 @@ def per_sample_model(model: nn.Module) -> bool:
     return not unsupported_modules(model)
 
 
+class _LowRankLinear:
+    """A linear layer's per-micro-batch gradients kept as factors, never as k weight matrices.
+
+    With rows r of micro-batch j (samples, or samples × positions for inputs of more than two
+    dimensions), inputs X_r and output gradients G_r, g_j = Σ_r G_r X_rᵀ (bias: Σ_r G_r). So
+    ‖g_j‖² = Σ_{r,s} (G_r·G_s)(X_r·X_s) (plus Σ_{r,s} G_r·G_s), and the perturbed layer of the
+    second pass is (W + c_j g_j) x = W x + c_j Σ_r G_r (X_r·x): Gram matrices of the m rows of a
+    micro-batch replace the k copies of W, which is what makes many small micro-batches cheap.
+    """
+
+    def __init__(self, module: nn.Linear, trainable: set[str]) -> None:
+        self.module, self.trainable = module, trainable
+        self.inputs = self.outputs = self.grads = self.scale = None
+
+    def first(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+        self.inputs = x.detach().reshape(k, -1, x.shape[-1])
+        self.outputs = F.linear(x, p["weight"], p.get("bias"))
+        return self.outputs
+
+    def squared_norms(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """‖g_j‖² of this layer's trainable tensors, [k]."""
+        self.grads = grad_out.reshape(self.inputs.shape[0], -1, grad_out.shape[-1])
+        grams = torch.bmm(self.grads, self.grads.transpose(1, 2))
+        total = torch.zeros(grams.shape[0], dtype=grams.dtype, device=grams.device)
+        if "weight" in self.trainable:
+            total = total + (grams * torch.bmm(self.inputs, self.inputs.transpose(1, 2))).sum((1, 2))
+        if "bias" in self.trainable:
+            total = total + grams.sum((1, 2))
+        return total
+
+    def second(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+        out = F.linear(x, p["weight"], p.get("bias"))
+        rows = x.reshape(k, -1, x.shape[-1])
+        shift = torch.zeros((), dtype=out.dtype, device=out.device)
+        if "weight" in self.trainable:
+            shift = torch.bmm(torch.bmm(rows, self.inputs.transpose(1, 2)), self.grads)
+        if "bias" in self.trainable:
+            shift = shift + self.grads.sum(1, keepdim=True)
+        return out + (self.scale.reshape(k, 1, 1) * shift).reshape(out.shape)
+
+
 def _bound(layer, params: Params, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: layer(x, params, k)
 
 
 @contextmanager
-def _batched_layers(model: nn.Module, params: Params, k: int, *, update: bool) -> Iterator[None]:
-    """Within the block, each layer's forward reads its weights from `params` ([k, ...] per name)."""
-    patched = []
+def _swapped_forwards(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each module in `forwards` runs the given function as its forward."""
     try:
-        for prefix, module in model.named_modules():
-            own = {name: params.get(f"{prefix}.{name}" if prefix else name) for name, _ in
-                   module.named_parameters(recurse=False)}
-            has_buffers = any(True for _ in module.buffers(recurse=False))
-            if not own and not has_buffers:
-                continue
-            layer = _layer_forward(module, update)
-            if layer is None:
-                raise ValueError(f"impl: the fused path cannot batch {prefix or 'the model'} "
-                                 f"({type(module).__name__}); use impl='vmap' or 'loop'")
-            own = {name: t for name, t in own.items() if t is not None}
-            module.forward = _bound(layer, own, k)
-            patched.append(module)
+        for module, fn in forwards.items():
+            module.forward = fn
         yield
     finally:
-        for module in patched:
-            del module.forward  # the instance attribute; the class's forward shows through again
+        for module in forwards:
+            if "forward" in module.__dict__:
+                del module.forward  # the instance attribute; the class's forward shows through again
+
+
+def _layers(model: nn.Module, trainable: set[str]) -> list[tuple[str, nn.Module, list[str], object]]:
+    """(prefix, module, its parameter names, how it is batched) for every module with tensors."""
+    out = []
+    for prefix, module in model.named_modules():
+        own = [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)]
+        if not own and not any(True for _ in module.buffers(recurse=False)):
+            continue
+        if type(module) is nn.Linear:
+            local = {name.rsplit(".", 1)[-1] for name in own if name in trainable}
+            out.append((prefix, module, own, _LowRankLinear(module, local)))
+            continue
+        if _layer_forward(module, False) is None:
+            raise ValueError(f"impl: the fused path cannot batch {prefix or 'the model'} "
+                             f"({type(module).__name__}); use impl='vmap' or 'loop'")
+        out.append((prefix, module, own, None))
+    return out
+
+
+def _own(names: list[str], tensors: Params) -> Params:
+    return {name.rsplit(".", 1)[-1]: tensors[name] for name in names}
 
 
 def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
                           names: Sequence[str], k: int, *, rho: float) -> dict[str, list[torch.Tensor] | torch.Tensor]:
-    """g_j, h_j = grad L_{B_j} at w and at w + eps_j for the k micro-batches, two passes of the model.
+    """m-SAM's two passes over k micro-batches, each one forward and one backward of the batch.
 
-    eps_j = rho * g_j / ‖g_j‖ (zero when g_j = 0, as the shared rule). Returns "first" (g_j, [k, ...]
-    per name), "second" (h_j), "losses" and "perturbed_losses" ([k, m]). BatchNorm's running
-    statistics move by the first pass only (the mean of the k micro-batch updates).
+    eps_j = rho * g_j / ‖g_j‖ (zero when g_j = 0, as the shared rule). Returns "gradient"
+    (mean_j g_j per name), "descent" (mean_j h_j), "micro_norms" (‖g_j‖, [k]), "losses" and
+    "perturbed_losses" ([k, m]). BatchNorm's running statistics move by the first pass only (the
+    mean of the k micro-batch updates).
     """
-    weights = dict(model.named_parameters())
-    shared = [weights[name].detach() for name in names]
-    frozen = {name: p.detach().unsqueeze(0).expand(k, *p.shape) for name, p in weights.items() if name not in names}
-    first, losses = _pass(model, loss_fn, x, y, names, [w.unsqueeze(0).expand(k, *w.shape) for w in shared],
-                          frozen, k, update=True)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in first]).sum(0).sqrt()
-    scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
-    perturbed = [w + g * scale.reshape(k, *([1] * w.dim())) for w, g in zip(shared, first, strict=True)]
-    second, perturbed_losses = _pass(model, loss_fn, x, y, names, perturbed, frozen, k, update=False)
-    return {"first": first, "second": second, "losses": _group(losses, k),
-            "perturbed_losses": _group(perturbed_losses, k), "micro_norms": norms}
-
-
-def _pass(model, loss_fn, x, y, names, per_micro: list[torch.Tensor], frozen: Params, k: int, *, update: bool):
-    """(per-micro-batch gradients [k, ...] per name, per-sample losses) with W_j = per_micro[.][j]."""
-    leaves = [t.detach().requires_grad_() for t in per_micro]
-    params = {**frozen, **dict(zip(names, leaves, strict=True))}
-    with _batched_layers(model, params, k, update=update):
+    trainable = set(names)
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    layers = _layers(model, trainable)
+    shared = {name: weights[name].detach().requires_grad_() for name in names}
+    # first pass: W_j = w. Batched layers get k (expanded, not copied) leaves each, so autograd
+    # returns g_j stacked; low-rank linear layers run on the shared weights.
+    expanded = {name: w.unsqueeze(0).expand(k, *w.shape) for name, w in weights.items()}
+    per_micro = {name: expanded[name].detach().requires_grad_() for name in names}
+    first_params = {**expanded, **per_micro}
+    forwards = {}
+    for _, module, own, low_rank in layers:
+        if low_rank is None:
+            forwards[module] = _bound(_layer_forward(module, True), _own(own, first_params), k)
+        else:
+            forwards[module] = _bound(low_rank.first, _own(own, {**weights, **shared}), k)
+    with _swapped_forwards(forwards):
         losses = loss_fn(model(x), y)
-    # S = Σ_j L_{B_j} = Σ_i f_i / m: its gradient in W_j is grad L_{B_j}(W_j)
-    total = losses.sum() * (k / x.shape[0])
-    grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
-    return list(grads), losses.detach()
+    low_ranks = [lr for _, _, _, lr in layers if lr is not None]
+    batched = [name for _, _, own, lr in layers if lr is None for name in own if name in trainable]
+    linear = [name for _, _, own, lr in layers if lr is not None for name in own if name in trainable]
+    wanted = [per_micro[n] for n in batched] + [shared[n] for n in linear] + [lr.outputs for lr in low_ranks]
+    grads = _grads(losses.sum() * (k / x.shape[0]), wanted)
+    micro = dict(zip(batched, grads[:len(batched)], strict=True))
+    gradient = {name: g.mean(0) for name, g in micro.items()}
+    gradient.update({name: g / k for name, g in zip(linear, grads[len(batched):len(batched) + len(linear)],
+                                                   strict=True)})
+    squared = sum((g.flatten(1).pow(2).sum(1) for g in micro.values()),
+                  torch.zeros(k, dtype=losses.dtype, device=losses.device))
+    for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
+        squared = squared + lr.squared_norms(grad_out)
+    norms = squared.sqrt()
+    scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
+    again = {name: weights[name].detach().requires_grad_() for name in names}
+    second_params = dict(expanded)
+    for name, g in micro.items():
+        second_params[name] = again[name].unsqueeze(0) + scale.reshape(k, *([1] * (g.dim() - 1))) * g
+    forwards = {}
+    for _, module, own, low_rank in layers:
+        if low_rank is None:
+            forwards[module] = _bound(_layer_forward(module, False), _own(own, second_params), k)
+        else:
+            low_rank.scale = scale
+            forwards[module] = _bound(low_rank.second, _own(own, {**weights, **again}), k)
+    with _swapped_forwards(forwards):
+        perturbed_losses = loss_fn(model(x), y)
+    descent = _grads(perturbed_losses.mean(), [again[name] for name in names])
+    return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms,
+            "losses": _group(losses.detach(), k), "perturbed_losses": _group(perturbed_losses.detach(), k)}
+
+
+def _grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True))

@@ -303,14 +303,12 @@ def _parallel_micro_batches(model, loss_fn, x, y, names, k: int, spec: _Spec, im
         if impl == "fused":
             raise
         raise ValueError(f"impl: this model cannot run under torch.func.vmap ({err}); use impl='loop'") from err
-    _per_sample(out["losses"].reshape(-1), x.shape[0])
-    micro_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in out["first"]]).sum(0).sqrt()
     return _Step(
-        losses=out["losses"].reshape(-1),
+        losses=_per_sample(out["losses"].reshape(-1), x.shape[0]),
         perturbed_losses=out["perturbed_losses"].reshape(-1),
-        gradient=[g.mean(0) for g in out["first"]],
-        descent=[h.mean(0) for h in out["second"]],
-        extras={"micro_grad_norm": micro_norms.mean()},
+        gradient=out["gradient"],
+        descent=out["descent"],
+        extras={"micro_grad_norm": out["micro_norms"].mean()},
     )
 
 
