@@ -281,9 +281,10 @@ class DiagonalLinear(nn.Module):
         return x.flatten(1) @ self.effective_weights()
 
     def micro_batched_forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-        """The forward with micro-batch j of x.chunk(k) seeing u_j, v_j = params["u"][j], params["v"][j]."""
+        """The forward in a fused m-SAM pass (`samlab.optim.fused`): sample i·k + j belongs to micro-batch j,
+        which sees u_j, v_j = params["u"][j], params["v"][j]."""
         weights = params["u"] * params["u"] - params["v"] * params["v"]  # [k, d]
-        return torch.bmm(x.flatten(1).reshape(k, -1, weights.shape[1]), weights.unsqueeze(2)).reshape(-1)
+        return (x.flatten(1).reshape(-1, k, weights.shape[1]) * weights).sum(-1).reshape(-1)
 
 
 def _kaiming_init(model: nn.Module) -> None:

@@ -109,7 +109,7 @@ def micro_batch_gradients_vmap(model: nn.Module, loss_fn: LossFn, x: torch.Tenso
     return {
         "gradient": [g.mean(0) for g in firsts],
         "descent": [second[name].mean(0) for name in names],
-        "micro_norms": torch.stack([g.flatten(1).pow(2).sum(1) for g in firsts]).sum(0).sqrt(),
+        "micro_norms": torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in firsts]).sum(0).sqrt(),
         "losses": losses,
         "perturbed_losses": perturbed_losses,
     }

@@ -10,15 +10,17 @@ gradients of ONE scalar: with a copy W_j of the weights for each micro-batch,
 So one forward of the whole batch in which the samples of B_j see the weights W_j, and one
 backward, give all k per-micro-batch gradients: at W_j = w (first pass, g_j) and at
 W_j = w + eps_j (second pass, h_j). The layers with weights run their k micro-batches as one
-batched product: a linear layer as `bmm` ([k, m, in] × [k, in, out]), a convolution as one grouped
-convolution (groups = k), BatchNorm with per-micro-batch statistics, GroupNorm/LayerNorm with
-per-micro-batch affine parameters. The number of multiply-adds equals one forward of the batch,
-and there is one kernel per layer instead of k.
+batched product: a convolution as one grouped convolution (groups = k), BatchNorm with
+per-micro-batch statistics in one call, GroupNorm/LayerNorm with per-micro-batch affine parameters,
+and a linear layer with its per-micro-batch gradients kept in factored form (`_LowRankLinear`).
+The number of multiply-adds is that of one forward of the batch (plus m × m Gram matrices for the
+linear layers), with one kernel per layer instead of k.
 
 The module's forward methods are swapped for the duration of a pass (restored afterwards, also on
 error); modules with weights must be of a supported type or define
-`micro_batched_forward(x, params, k)` (params: the module's own tensors, each with a leading
-dimension k).
+`micro_batched_forward(x, params, k)`: params holds the module's own tensors, each with a leading
+dimension k, and x is in the interleaved order of a fused pass (row i·k + j is sample i of
+micro-batch j; `micro_batches(x, k)[j]` is micro-batch j).
 """
 
 from __future__ import annotations
@@ -44,41 +46,45 @@ PER_SAMPLE_MODULES = (
 
 
 # -- the batched layers ----------------------------------------------------------------------------
-def _group(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[b, ...] -> [k, b/k, ...]: micro-batch j is x.chunk(k)[j]."""
-    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+# Inside a fused pass the batch is interleaved: row i·k + j holds sample i of micro-batch j. Then an
+# activation [b, C, ...] is, in memory, [m, k·C, ...]: micro-batch j's channels are group j of k
+# channel groups, and grouped convolutions and BatchNorm read it without a copy.
+def interleave(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows j·m + i (micro-batch j = x.chunk(k)[j]) -> rows i·k + j."""
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
-def _linear(module: nn.Linear, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
-    xs = x.reshape(k, -1, x.shape[-1])
-    weight_t = p["weight"].transpose(1, 2)
-    out = torch.bmm(xs, weight_t) if p.get("bias") is None else torch.baddbmm(p["bias"].unsqueeze(1), xs, weight_t)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+def micro_batches(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[b, ...] in the interleaved order -> [k, m, ...] (a view): [j] is micro-batch j."""
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).transpose(0, 1)
+
+
+def from_micro_batches(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """[k, rows, ...] with the rows of micro-batch j -> the interleaved tensor of `shape`."""
+    k = t.shape[0]
+    return t.reshape(k, shape[0] // k, *shape[1:]).transpose(0, 1).reshape(shape)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[k, rows, features]: the last-dimension vectors of each micro-batch."""
+    return micro_batches(x, k).reshape(k, -1, x.shape[-1])
 
 
 def _conv2d(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
     if module.padding_mode != "zeros":
         raise ValueError(f"impl: the fused path supports zero-padded convolutions only (got {module.padding_mode!r})")
-    b, c, h, w = x.shape
-    m = b // k
-    # micro-batch j's channels become group j of one grouped convolution over m "samples"
-    grouped = x.reshape(k, m, c, h, w).transpose(0, 1).reshape(m, k * c, h, w)
+    b, c = x.shape[:2]
     weight = p["weight"].reshape(-1, *p["weight"].shape[2:])
     bias = None if p.get("bias") is None else p["bias"].reshape(-1)
-    out = F.conv2d(grouped, weight, bias, module.stride, module.padding, module.dilation, k * module.groups)
-    out = out.reshape(m, k, module.out_channels, *out.shape[2:]).transpose(0, 1)
-    return out.reshape(b, module.out_channels, *out.shape[3:])
+    out = F.conv2d(x.reshape(b // k, k * c, *x.shape[2:]), weight, bias, module.stride, module.padding,
+                   module.dilation, k * module.groups)
+    return out.reshape(b, module.out_channels, *out.shape[2:])
 
 
-def _affine(normed: torch.Tensor, p: Params, k: int, feature_shape: Sequence[int]) -> torch.Tensor:
-    """normed * weight_j + bias_j with per-micro-batch [k, *feature_shape] parameters.
-
-    `normed` is [k, m, *feature_shape, rest]; the parameters broadcast over m and rest.
-    """
+def _affine(normed: torch.Tensor, p: Params, k: int, view: Sequence[int]) -> torch.Tensor:
+    """normed * weight_j + bias_j for per-micro-batch [k, ...] parameters reshaped to `view`."""
     if p.get("weight") is None:
         return normed
-    extra = normed.dim() - 2 - len(feature_shape)
-    view = (k, 1, *feature_shape, *([1] * extra))
     out = normed * p["weight"].reshape(view)
     return out if p.get("bias") is None else out + p["bias"].reshape(view)
 
@@ -87,16 +93,15 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, p: Par
                 *, update: bool) -> torch.Tensor:
     """BatchNorm with the statistics of each micro-batch (train mode) or the running ones (eval).
 
-    Micro-batch j's channels become channels j·C ... (j+1)·C - 1 of one BatchNorm call over m
-    samples, so one fused kernel computes all k·C statistics. In train mode with `update`, the
-    running statistics become the mean of k copies each updated by one micro-batch (the
-    convention of the loop and vmap paths).
+    The k·C channel groups of the interleaved batch go through one BatchNorm call over m samples,
+    so one fused kernel computes all k·C statistics. In train mode with `update`, the running
+    statistics become the mean of k copies each updated by one micro-batch (the convention of the
+    loop and vmap paths).
     """
     b, channels = x.shape[:2]
-    m = b // k
-    grouped = x.reshape(k, m, channels, -1).transpose(0, 1).reshape(m, k * channels, -1)
+    grouped = x.reshape(b // k, k * channels, -1)
     batch_stats = module.training or module.running_mean is None
-    if batch_stats and m * grouped.shape[2] < 2:
+    if batch_stats and grouped.shape[0] * grouped.shape[2] < 2:
         raise ValueError(f"m: BatchNorm in train mode needs more than one value per channel in a "
                          f"micro-batch (got input {list(x.shape)} split into {k})")
     track = module.running_mean is not None and (not batch_stats or (update and module.training))
@@ -113,24 +118,22 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, p: Par
         with torch.no_grad():
             module.running_mean.copy_(mean.reshape(k, channels).mean(0))
             module.running_var.copy_(var.reshape(k, channels).mean(0))
-    return out.reshape(m, k, channels, -1).transpose(0, 1).reshape(x.shape)
+    return out.reshape(x.shape)
 
 
 def _group_norm(module: nn.GroupNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
-    normed = F.group_norm(x, module.num_groups, None, None, module.eps)
-    return _affine(_group(normed, k).reshape(k, x.shape[0] // k, x.shape[1], -1), p, k,
-                   (x.shape[1],)).reshape(x.shape)
+    b, channels = x.shape[:2]
+    normed = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(b // k, k, channels, -1)
+    return _affine(normed, p, k, (1, k, channels, 1)).reshape(x.shape)
 
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
     shape = tuple(module.normalized_shape)
-    normed = F.layer_norm(x, shape, None, None, module.eps)
-    grouped = normed.reshape(k, x.shape[0] // k, -1, *shape).movedim(2, -1)  # [k, m, *shape, rest]
-    return _affine(grouped, p, k, shape).movedim(-1, 2).reshape(x.shape)
+    normed = F.layer_norm(x, shape, None, None, module.eps).reshape(x.shape[0] // k, k, -1, *shape)
+    return _affine(normed, p, k, (1, k, 1, *shape)).reshape(x.shape)
 
 
 LAYERS: dict[type, Callable[..., torch.Tensor]] = {
-    nn.Linear: _linear,
     nn.Conv2d: _conv2d,
     nn.GroupNorm: _group_norm,
     nn.LayerNorm: _layer_norm,
@@ -148,12 +151,16 @@ def _layer_forward(module: nn.Module, update: bool) -> Callable[[torch.Tensor, P
     return None if layer is None else (lambda x, p, k: layer(module, x, p, k))
 
 
+def _batchable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or _layer_forward(module, False) is not None
+
+
 def unsupported_modules(model: nn.Module) -> list[str]:
     """Names (types) of the modules with weights or buffers that the fused path cannot batch."""
     out = []
     for name, module in model.named_modules():
         owns = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
-        if owns and _layer_forward(module, False) is None:
+        if owns and not _batchable(module):
             out.append(f"{name or 'model'} ({type(module).__name__})")
     return out
 
@@ -165,7 +172,7 @@ def per_sample_model(model: nn.Module) -> bool:
     that lets `impl="auto"` rely on it without running the model.
     """
     for module in model.modules():
-        if _layer_forward(module, False) is not None or isinstance(module, PER_SAMPLE_MODULES):
+        if _batchable(module) or isinstance(module, PER_SAMPLE_MODULES):
             continue
         if type(module).__module__.startswith("samlab.models"):
             continue
@@ -188,13 +195,13 @@ class _LowRankLinear:
         self.inputs = self.outputs = self.grads = self.scale = None
 
     def first(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
-        self.inputs = x.detach().reshape(k, -1, x.shape[-1])
+        self.inputs = _rows(x.detach(), k)
         self.outputs = F.linear(x, p["weight"], p.get("bias"))
         return self.outputs
 
     def squared_norms(self, grad_out: torch.Tensor) -> torch.Tensor:
         """‖g_j‖² of this layer's trainable tensors, [k]."""
-        self.grads = grad_out.reshape(self.inputs.shape[0], -1, grad_out.shape[-1])
+        self.grads = _rows(grad_out, self.inputs.shape[0])
         grams = torch.bmm(self.grads, self.grads.transpose(1, 2))
         total = torch.zeros(grams.shape[0], dtype=grams.dtype, device=grams.device)
         if "weight" in self.trainable:
@@ -205,13 +212,13 @@ class _LowRankLinear:
 
     def second(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
         out = F.linear(x, p["weight"], p.get("bias"))
-        rows = x.reshape(k, -1, x.shape[-1])
+        rows = _rows(x, k)
         shift = torch.zeros((), dtype=out.dtype, device=out.device)
         if "weight" in self.trainable:
             shift = torch.bmm(torch.bmm(rows, self.inputs.transpose(1, 2)), self.grads)
         if "bias" in self.trainable:
             shift = shift + self.grads.sum(1, keepdim=True)
-        return out + (self.scale.reshape(k, 1, 1) * shift).reshape(out.shape)
+        return out + from_micro_batches(self.scale.reshape(k, 1, 1) * shift, out.shape)
 
 
 def _bound(layer, params: Params, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -242,7 +249,7 @@ def _layers(model: nn.Module, trainable: set[str]) -> list[tuple[str, nn.Module,
             local = {name.rsplit(".", 1)[-1] for name in own if name in trainable}
             out.append((prefix, module, own, _LowRankLinear(module, local)))
             continue
-        if _layer_forward(module, False) is None:
+        if not _batchable(module):
             raise ValueError(f"impl: the fused path cannot batch {prefix or 'the model'} "
                              f"({type(module).__name__}); use impl='vmap' or 'loop'")
         out.append((prefix, module, own, None))
@@ -277,6 +284,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
             forwards[module] = _bound(_layer_forward(module, True), _own(own, first_params), k)
         else:
             forwards[module] = _bound(low_rank.first, _own(own, {**weights, **shared}), k)
+    x, y = interleave(x, k), interleave(y, k)
     with _swapped_forwards(forwards):
         losses = loss_fn(model(x), y)
     low_ranks = [lr for _, _, _, lr in layers if lr is not None]
@@ -288,7 +296,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     gradient = {name: g.mean(0) for name, g in micro.items()}
     gradient.update({name: g / k for name, g in zip(linear, grads[len(batched):len(batched) + len(linear)],
                                                    strict=True)})
-    squared = sum((g.flatten(1).pow(2).sum(1) for g in micro.values()),
+    squared = sum((g.reshape(k, -1).pow(2).sum(1) for g in micro.values()),
                   torch.zeros(k, dtype=losses.dtype, device=losses.device))
     for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
         squared = squared + lr.squared_norms(grad_out)
@@ -310,7 +318,8 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
         perturbed_losses = loss_fn(model(x), y)
     descent = _grads(perturbed_losses.mean(), [again[name] for name in names])
     return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms,
-            "losses": _group(losses.detach(), k), "perturbed_losses": _group(perturbed_losses.detach(), k)}
+            "losses": micro_batches(losses.detach(), k),
+            "perturbed_losses": micro_batches(perturbed_losses.detach(), k)}
 
 
 def _grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
