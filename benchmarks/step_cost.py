@@ -14,7 +14,7 @@ diagonal linear network on 30 features. --device cuda runs the same models on th
 ResNet-18 at its standard width 64.
 
     python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda] [--threads T]
-                                   [--clock wall|cpu] [--models a,b] [--impls auto,vmap,loop]
+                                   [--clock wall|cpu] [--models a,b] [--impls auto,vmap,loop] [--ks 4,16,64]
 
 On a CPU shared with other jobs, `--threads 1 --clock cpu` measures the work of each step
 rather than the time spent waiting for a core.
@@ -67,12 +67,12 @@ def workload(label: str, device: torch.device, batch: int, seed: int):
     return model, x, y, per_sample_loss("classification")
 
 
-def configurations(batch: int, impls: list[str]) -> dict[str, dict]:
+def configurations(batch: int, impls: list[str], ks: list[int]) -> dict[str, dict]:
     """Label -> sharpness_gradient keyword arguments."""
     configs = {"sgd": {"method": "sgd"}, "sam": {"method": "sam"},
                "rwsam": {"method": "rwsam", "lam": 1.0, "estimator": "fd"}}
     for impl in impls:
-        for k in MICRO_BATCH_COUNTS:
+        for k in ks:
             configs[f"msam_{impl}_k{k}"] = {"method": "msam", "m": batch // k, "impl": impl}
     return configs
 
@@ -104,10 +104,10 @@ def time_steps(step, device: torch.device, inner: int, clock) -> float:
 
 
 def measure_model(label: str, device: torch.device, batch: int, repeats: int, warmup: int, seed: int,
-                  clock: str, impls: list[str], min_sample_s: float) -> dict:
+                  clock: str, impls: list[str], ks: list[int], min_sample_s: float) -> dict:
     model, x, y, loss_fn = workload(label, device, batch, seed)
     steppers = {name: make_stepper(model, x, y, loss_fn, kw, device, seed)
-                for name, kw in configurations(batch, impls).items()}
+                for name, kw in configurations(batch, impls, ks).items()}
     for step in steppers.values():
         for _ in range(warmup):
             step()
@@ -118,24 +118,24 @@ def measure_model(label: str, device: torch.device, batch: int, repeats: int, wa
         for name, step in steppers.items():
             samples[name].append(time_steps(step, device, inner, CLOCKS[clock]))
     median_ms = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
-    return {"median_ms": median_ms, "ratios": ratios(median_ms, impls), "inner_steps": inner,
+    return {"median_ms": median_ms, "ratios": ratios(median_ms, impls, ks), "inner_steps": inner,
             "auto_picks": choose_impl(model)}
 
 
-def ratios(ms: dict[str, float], impls: list[str]) -> dict[str, float]:
+def ratios(ms: dict[str, float], impls: list[str], ks: list[int]) -> dict[str, float]:
     out = {"sam/sgd": ms["sam"] / ms["sgd"], "rwsam/sam": ms["rwsam"] / ms["sam"]}
     for impl in impls:
-        for k in MICRO_BATCH_COUNTS:
+        for k in ks:
             out[f"msam_{impl}_k{k}"] = ms[f"msam_{impl}_k{k}"] / ms["sam"]
     return out
 
 
-def measure(device: torch.device, labels: list[str], impls: list[str], batch: int, repeats: int, warmup: int,
-            seed: int, clock: str = "wall", min_sample_s: float = 0.05) -> dict:
+def measure(device: torch.device, labels: list[str], impls: list[str], ks: list[int], batch: int, repeats: int,
+            warmup: int, seed: int, clock: str = "wall", min_sample_s: float = 0.05) -> dict:
     load_before = os.getloadavg()
     models = {}
     for label in labels:
-        models[label] = measure_model(label, device, batch, repeats, warmup, seed, clock, impls, min_sample_s)
+        models[label] = measure_model(label, device, batch, repeats, warmup, seed, clock, impls, ks, min_sample_s)
         print(f"  measured {label}", file=sys.stderr, flush=True)
     return {"device": str(device), "batch": batch, "repeats": repeats, "threads": torch.get_num_threads(),
             "clock": clock, "impls": impls, "load_before": load_before, "load_after": os.getloadavg(),
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)} "
                                                        f"(cuda also {', '.join(CUDA_MODELS)})")
     parser.add_argument("--impls", default="auto,vmap,loop", help=f"m-SAM implementations, from {', '.join(IMPLS)}")
+    parser.add_argument("--ks", default=",".join(map(str, MICRO_BATCH_COUNTS)),
+                        help="micro-batch counts k = b/m (each must divide the batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: must be >= 1")
-    if args.batch % max(MICRO_BATCH_COUNTS):
-        parser.error(f"--batch: must be a multiple of {max(MICRO_BATCH_COUNTS)}")
+    ks = [int(k) for k in args.ks.split(",")]
+    if any(k < 1 or args.batch % k for k in ks):
+        parser.error(f"--ks: each k must divide the batch of {args.batch} (got {args.ks})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.device == "cuda" and args.clock == "cpu":
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads < 1:
             parser.error("--threads: must be >= 1")
         torch.set_num_threads(args.threads)
-    result = measure(torch.device(args.device), labels, impls, args.batch, args.repeats, max(args.warmup, 0),
+    result = measure(torch.device(args.device), labels, impls, ks, args.batch, args.repeats, max(args.warmup, 0),
                      args.seed, args.clock, args.min_sample)
     if args.json:
         print(json.dumps(result, indent=2))
