@@ -280,11 +280,11 @@ class DiagonalLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.effective_weights()
 
-    def micro_batched_forward(self, x: torch.Tensor, params: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-        """The forward in a fused m-SAM pass (`samlab.optim.fused`): sample i·k + j belongs to micro-batch j,
-        which sees u_j, v_j = params["u"][j], params["v"][j]."""
+    def micro_batched_forward(self, xs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The forward of k micro-batches xs [k, m, d] at once, micro-batch j with u_j, v_j =
+        params["u"][j], params["v"][j] (fused m-SAM, `samlab.optim.fused`); returns [k, m]."""
         weights = params["u"] * params["u"] - params["v"] * params["v"]  # [k, d]
-        return (x.flatten(1).reshape(-1, k, weights.shape[1]) * weights).sum(-1).reshape(-1)
+        return torch.bmm(xs.flatten(2), weights.unsqueeze(2)).squeeze(2)
 
 
 def _kaiming_init(model: nn.Module) -> None:

@@ -18,9 +18,9 @@ linear layers), with one kernel per layer instead of k.
 
 The module's forward methods are swapped for the duration of a pass (restored afterwards, also on
 error); modules with weights must be of a supported type or define
-`micro_batched_forward(x, params, k)`: params holds the module's own tensors, each with a leading
-dimension k, and x is in the interleaved order of a fused pass (row i·k + j is sample i of
-micro-batch j; `micro_batches(x, k)[j]` is micro-batch j).
+`micro_batched_forward(xs, params)`: xs is the module's input as [k, m, ...] (xs[j] micro-batch j),
+params holds the module's own tensors, each with a leading dimension k (params[...][j] the weights
+micro-batch j sees), and it returns the output as [k, m, ...].
 """
 
 from __future__ import annotations
@@ -54,20 +54,31 @@ def interleave(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(k, x.shape[0] // k, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
-def micro_batches(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[b, ...] in the interleaved order -> [k, m, ...] (a view): [j] is micro-batch j."""
+def micro_batches(x: torch.Tensor, k: int, interleaved: bool = True) -> torch.Tensor:
+    """[b, ...] -> [k, m, ...] (a view): [j] is micro-batch j (interleaved or blocked order)."""
+    if not interleaved:
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
     return x.reshape(x.shape[0] // k, k, *x.shape[1:]).transpose(0, 1)
 
 
-def from_micro_batches(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """[k, rows, ...] with the rows of micro-batch j -> the interleaved tensor of `shape`."""
+def from_micro_batches(t: torch.Tensor, shape: Sequence[int], interleaved: bool = True) -> torch.Tensor:
+    """[k, rows, ...] with the rows of micro-batch j -> the tensor of `shape` in the batch's order."""
     k = t.shape[0]
+    if not interleaved:
+        return t.reshape(shape)
     return t.reshape(k, shape[0] // k, *shape[1:]).transpose(0, 1).reshape(shape)
 
 
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+def _merge(t: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """[k, m, ...] -> [k·m, ...] in the batch's order."""
+    if interleaved:
+        t = t.transpose(0, 1)
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _rows(x: torch.Tensor, k: int, interleaved: bool = True) -> torch.Tensor:
     """[k, rows, features]: the last-dimension vectors of each micro-batch."""
-    return micro_batches(x, k).reshape(k, -1, x.shape[-1])
+    return micro_batches(x, k, interleaved).reshape(k, -1, x.shape[-1])
 
 
 def _conv2d(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
@@ -140,11 +151,12 @@ LAYERS: dict[type, Callable[..., torch.Tensor]] = {
 }
 
 
-def _layer_forward(module: nn.Module, update: bool) -> Callable[[torch.Tensor, Params, int], torch.Tensor] | None:
-    """The batched forward of `module`, or None when it has none."""
+def _layer_forward(module: nn.Module, update: bool,
+                   interleaved: bool = True) -> Callable[[torch.Tensor, Params, int], torch.Tensor] | None:
+    """The batched forward of `module` on a batch in interleaved (or blocked) order, or None."""
     custom = getattr(module, "micro_batched_forward", None)
     if callable(custom):
-        return custom
+        return lambda x, p, k: _merge(custom(micro_batches(x, k, interleaved), p), interleaved)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return lambda x, p, k: _batch_norm(module, x, p, k, update=update)
     layer = LAYERS.get(type(module))
@@ -184,41 +196,51 @@ class _LowRankLinear:
     """A linear layer's per-micro-batch gradients kept as factors, never as k weight matrices.
 
     With rows r of micro-batch j (samples, or samples × positions for inputs of more than two
-    dimensions), inputs X_r and output gradients G_r, g_j = Σ_r G_r X_rᵀ (bias: Σ_r G_r). So
-    ‖g_j‖² = Σ_{r,s} (G_r·G_s)(X_r·X_s) (plus Σ_{r,s} G_r·G_s), and the perturbed layer of the
-    second pass is (W + c_j g_j) x = W x + c_j Σ_r G_r (X_r·x): Gram matrices of the m rows of a
-    micro-batch replace the k copies of W, which is what makes many small micro-batches cheap.
+    dimensions), inputs X_r and output gradients G_r, g_j = Σ_r G_r X_rᵀ (bias: Σ_r G_r). With
+    X'_r = (X_r, 1) (the bias as a weight on a constant input 1), ‖g_j‖² = Σ_{r,s} (G_r·G_s)(X'_r·X'_s)
+    and the perturbed layer of the second pass is (W + c_j g_j) x' = W x' + c_j Σ_r G_r (X'_r·x'):
+    Gram matrices of the m rows of a micro-batch replace the k copies of W, which is what makes many
+    small micro-batches cheap. Frozen tensors drop out of X' (a frozen weight leaves only the 1).
     """
 
-    def __init__(self, module: nn.Linear, trainable: set[str]) -> None:
-        self.module, self.trainable = module, trainable
-        self.inputs = self.outputs = self.grads = self.scale = None
+    def __init__(self, module: nn.Linear, trainable: set[str], interleaved: bool) -> None:
+        self.module, self.interleaved = module, interleaved
+        self.weight, self.bias = "weight" in trainable, "bias" in trainable
+        self.inputs = self.outputs = self.grads = self.one = None
+
+    def _features(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """[k, rows, in]: the rows of each micro-batch (no features when the weight is frozen)."""
+        rows = _rows(x, k, self.interleaved)
+        return rows if self.weight else rows[..., :0]
+
+    def _grams(self, rows: torch.Tensor) -> torch.Tensor:
+        """X'_r·x'_s for the rows of each micro-batch against the first pass's inputs: [k, rows, m]."""
+        if self.bias:  # the constant input 1 of the bias
+            return torch.baddbmm(self.one, rows, self.inputs.transpose(1, 2))
+        return torch.bmm(rows, self.inputs.transpose(1, 2))
 
     def first(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
-        self.inputs = _rows(x.detach(), k)
+        self.inputs = self._features(x.detach(), k)
+        self.one = torch.ones((), dtype=x.dtype, device=x.device)
         self.outputs = F.linear(x, p["weight"], p.get("bias"))
         return self.outputs
 
-    def squared_norms(self, grad_out: torch.Tensor) -> torch.Tensor:
+    def squared_norms(self, grad_out: torch.Tensor, k: int) -> torch.Tensor:
         """‖g_j‖² of this layer's trainable tensors, [k]."""
-        self.grads = _rows(grad_out, self.inputs.shape[0])
+        self.grads = _rows(grad_out, k, self.interleaved)
         grams = torch.bmm(self.grads, self.grads.transpose(1, 2))
-        total = torch.zeros(grams.shape[0], dtype=grams.dtype, device=grams.device)
-        if "weight" in self.trainable:
-            total = total + (grams * torch.bmm(self.inputs, self.inputs.transpose(1, 2))).sum((1, 2))
-        if "bias" in self.trainable:
-            total = total + grams.sum((1, 2))
-        return total
+        return (grams * self._grams(self.inputs)).sum((1, 2))
+
+    def perturb(self, scale: torch.Tensor) -> None:
+        """Fix c_j for the second pass (c_j G_r, one tensor for the whole pass)."""
+        self.grads = self.grads * scale.reshape(-1, 1, 1)
 
     def second(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
         out = F.linear(x, p["weight"], p.get("bias"))
-        rows = _rows(x, k)
-        shift = torch.zeros((), dtype=out.dtype, device=out.device)
-        if "weight" in self.trainable:
-            shift = torch.bmm(torch.bmm(rows, self.inputs.transpose(1, 2)), self.grads)
-        if "bias" in self.trainable:
-            shift = shift + self.grads.sum(1, keepdim=True)
-        return out + from_micro_batches(self.scale.reshape(k, 1, 1) * shift, out.shape)
+        grams = self._grams(self._features(x, k))
+        if not self.interleaved and out.dim() == 2:  # the rows of micro-batch j are a block of out
+            return torch.baddbmm(out.reshape(k, -1, out.shape[-1]), grams, self.grads).reshape(out.shape)
+        return out + from_micro_batches(torch.bmm(grams, self.grads), out.shape, self.interleaved)
 
 
 def _bound(layer, params: Params, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -238,22 +260,26 @@ def _swapped_forwards(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.T
                 del module.forward  # the instance attribute; the class's forward shows through again
 
 
-def _layers(model: nn.Module, trainable: set[str]) -> list[tuple[str, nn.Module, list[str], object]]:
-    """(prefix, module, its parameter names, how it is batched) for every module with tensors."""
-    out = []
+def _layers(model: nn.Module, trainable: set[str]) -> tuple[list[tuple[nn.Module, list[str], object]], bool]:
+    """((module, its parameter names, its _LowRankLinear or None) for every module with tensors,
+    whether the batch must be interleaved: only when some layer other than a linear one is batched)."""
+    found = []
     for prefix, module in model.named_modules():
         own = [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)]
         if not own and not any(True for _ in module.buffers(recurse=False)):
             continue
-        if type(module) is nn.Linear:
-            local = {name.rsplit(".", 1)[-1] for name in own if name in trainable}
-            out.append((prefix, module, own, _LowRankLinear(module, local)))
-            continue
         if not _batchable(module):
             raise ValueError(f"impl: the fused path cannot batch {prefix or 'the model'} "
                              f"({type(module).__name__}); use impl='vmap' or 'loop'")
-        out.append((prefix, module, own, None))
-    return out
+        found.append((module, own))
+    # grouped convolutions and norm layers read micro-batches as channel groups of the interleaved batch
+    interleaved = any(type(module) in LAYERS or isinstance(module, nn.modules.batchnorm._BatchNorm)
+                      for module, _ in found)
+    out = []
+    for module, own in found:
+        local = {name.rsplit(".", 1)[-1] for name in own if name in trainable}
+        out.append((module, own, _LowRankLinear(module, local, interleaved) if type(module) is nn.Linear else None))
+    return out, interleaved
 
 
 def _own(names: list[str], tensors: Params) -> Params:
@@ -271,25 +297,27 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     """
     trainable = set(names)
     weights = {name: p.detach() for name, p in model.named_parameters()}
-    layers = _layers(model, trainable)
-    shared = {name: weights[name].detach().requires_grad_() for name in names}
+    layers, interleaved = _layers(model, trainable)
+    low_ranks = [lr for _, _, lr in layers if lr is not None]
+    batched = [name for _, own, lr in layers if lr is None for name in own if name in trainable]
+    linear = [name for _, own, lr in layers if lr is not None for name in own if name in trainable]
+    shared = {name: weights[name].detach().requires_grad_() for name in linear}
     # first pass: W_j = w. Batched layers get k (expanded, not copied) leaves each, so autograd
     # returns g_j stacked; low-rank linear layers run on the shared weights.
-    expanded = {name: w.unsqueeze(0).expand(k, *w.shape) for name, w in weights.items()}
-    per_micro = {name: expanded[name].detach().requires_grad_() for name in names}
+    expanded = {name: weights[name].unsqueeze(0).expand(k, *weights[name].shape)
+                for _, own, lr in layers if lr is None for name in own}
+    per_micro = {name: expanded[name].detach().requires_grad_() for name in batched}
     first_params = {**expanded, **per_micro}
     forwards = {}
-    for _, module, own, low_rank in layers:
+    for module, own, low_rank in layers:
         if low_rank is None:
-            forwards[module] = _bound(_layer_forward(module, True), _own(own, first_params), k)
+            forwards[module] = _bound(_layer_forward(module, True, interleaved), _own(own, first_params), k)
         else:
             forwards[module] = _bound(low_rank.first, _own(own, {**weights, **shared}), k)
-    x, y = interleave(x, k), interleave(y, k)
+    if interleaved:
+        x, y = interleave(x, k), interleave(y, k)
     with _swapped_forwards(forwards):
         losses = loss_fn(model(x), y)
-    low_ranks = [lr for _, _, _, lr in layers if lr is not None]
-    batched = [name for _, _, own, lr in layers if lr is None for name in own if name in trainable]
-    linear = [name for _, _, own, lr in layers if lr is not None for name in own if name in trainable]
     wanted = [per_micro[n] for n in batched] + [shared[n] for n in linear] + [lr.outputs for lr in low_ranks]
     grads = _grads(losses.sum() * (k / x.shape[0]), wanted)
     micro = dict(zip(batched, grads[:len(batched)], strict=True))
@@ -299,7 +327,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     squared = sum((g.reshape(k, -1).pow(2).sum(1) for g in micro.values()),
                   torch.zeros(k, dtype=losses.dtype, device=losses.device))
     for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
-        squared = squared + lr.squared_norms(grad_out)
+        squared = squared + lr.squared_norms(grad_out, k)
     norms = squared.sqrt()
     scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
@@ -308,18 +336,18 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     for name, g in micro.items():
         second_params[name] = again[name].unsqueeze(0) + scale.reshape(k, *([1] * (g.dim() - 1))) * g
     forwards = {}
-    for _, module, own, low_rank in layers:
+    for module, own, low_rank in layers:
         if low_rank is None:
-            forwards[module] = _bound(_layer_forward(module, False), _own(own, second_params), k)
+            forwards[module] = _bound(_layer_forward(module, False, interleaved), _own(own, second_params), k)
         else:
-            low_rank.scale = scale
+            low_rank.perturb(scale)
             forwards[module] = _bound(low_rank.second, _own(own, {**weights, **again}), k)
     with _swapped_forwards(forwards):
         perturbed_losses = loss_fn(model(x), y)
     descent = _grads(perturbed_losses.mean(), [again[name] for name in names])
     return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms,
-            "losses": micro_batches(losses.detach(), k),
-            "perturbed_losses": micro_batches(perturbed_losses.detach(), k)}
+            "losses": micro_batches(losses.detach(), k, interleaved),
+            "perturbed_losses": micro_batches(perturbed_losses.detach(), k, interleaved)}
 
 
 def _grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
