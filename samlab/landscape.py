@@ -355,9 +355,12 @@ class PointEvaluator:
     running statistics in place) are stacked along a leading point axis; the rest are shared.
 
     `vectorize` (default: on accelerators only) maps the chunk's points through one vmapped pass. On a
-    CPU the points of a chunk go one after another through the same functional call instead: vmap turns
-    each convolution into a grouped one, which CPU kernels run several times slower than a plain
-    convolution over the same data (measured 3.4× on the digits CNN, benchmarks/landscape_vs_loss_landscapes.py).
+    CPU the points of a chunk go one after another instead: vmap turns each convolution into a grouped
+    one, which CPU kernels run several times slower than a plain convolution over the same data
+    (measured 3.4× on the digits CNN, benchmarks/landscape_vs_loss_landscapes.py). Each point's tensors
+    are then copied into the model's own parameters and buffers and the model runs as it is, so a
+    point costs one plain forward over the data (benchmarks/landscape_point_cost.py); the model's
+    tensors are restored when the chunk is done, also on error.
     """
 
     def __init__(
@@ -399,15 +402,34 @@ class PointEvaluator:
     def __call__(self, coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         coords = torch.as_tensor(np.asarray(coordinates), dtype=torch.float64, device=self.device)
         points = self._stacked_points(coords)
-        loss_sum = torch.zeros(len(coords), dtype=torch.float64, device=self.device)
-        correct_sum = torch.zeros_like(loss_sum)
-        evaluate = self._vmapped_sums if self.vectorize else self._sequential_sums
         with torch.no_grad(), model_mode(self.model, self.mode):
-            for x, y in self.batches:
-                losses, hits = evaluate(points, x, y)
-                loss_sum += losses.double()
-                correct_sum += hits.double()
+            if self.vectorize:
+                sums = [self._vmapped_sums(points, x, y) for x, y in self.batches]
+                loss_sum = sum(losses.double() for losses, _ in sums)
+                correct_sum = sum(hits.double() for _, hits in sums)
+            else:
+                loss_sum, correct_sum = self._in_place_sums(points, len(coords))
         return (loss_sum / self.n_samples).cpu().numpy(), (correct_sum / self.n_samples).cpu().numpy()
+
+    def _in_place_sums(self, points: Params, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and hit sums of each point, its tensors copied into the model's own (restored after)."""
+        own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        originals = {n: t.detach().clone() for n, t in own.items()}
+        sums = []  # per point and batch: (loss sum, hits)
+        try:
+            for name, value in self.shared.items():
+                own[name].copy_(value)
+            for i in range(count):
+                for name, value in points.items():
+                    own[name].copy_(value[i])
+                for x, y in self.batches:
+                    outputs = self.model(x)
+                    sums += [self.loss_fn(outputs, y).sum(), correct(outputs, y, self.task).sum()]
+        finally:
+            for name, value in originals.items():
+                own[name].copy_(value)
+        totals = torch.stack([t.double() for t in sums]).reshape(count, len(self.batches), 2).sum(1)
+        return totals[:, 0], totals[:, 1]
 
     def _stacked_points(self, coords: torch.Tensor) -> Params:
         points = {}
@@ -424,11 +446,6 @@ class PointEvaluator:
         batched = vmap(self._point_sums, in_dims=(0, None, None, None),
                        randomness="different" if self.mode == "train" else "error")
         return batched(points, self.shared, x, y)
-
-    def _sequential_sums(self, points: Params, x: torch.Tensor, y: torch.Tensor):
-        count = len(next(iter(points.values()))) if points else 1
-        sums = [self._point_sums({n: t[i] for n, t in points.items()}, self.shared, x, y) for i in range(count)]
-        return torch.stack([s[0] for s in sums]), torch.stack([s[1] for s in sums])
 
     def _point_sums(self, point: Params, shared: Params, x: torch.Tensor, y: torch.Tensor):
         outputs = functional_call(self.model, (point, shared), (x,))
