@@ -20,20 +20,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from samlab import landscape as L  # noqa: E402
-from samlab.config import DataConfig, ModelConfig  # noqa: E402
-from samlab.data import load_dataset  # noqa: E402
-from samlab.losses import cross_entropy_per_sample  # noqa: E402
-from samlab.models import build_model  # noqa: E402
+from samlab import landscape as L
+from samlab.config import DataConfig, ModelConfig
+from samlab.data import load_dataset
+from samlab.losses import cross_entropy_per_sample
+from samlab.models import build_model
 
 GOAL = 1.15
 BATCH = 256

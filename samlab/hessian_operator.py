@@ -17,8 +17,8 @@ Two ways to compute H v:
   forward and the backward again (with tangents).
 "auto" is "autograd": with the gradient's graph kept, a product is one pass over that graph where
 forward-over-reverse runs a forward and a backward, each carrying tangents (measured on the digits
-CNN, 512 samples, CPU: 39 ms against 115 ms per vector, 29 ms against 39 ms per vector in batches of
-16; benchmarks/hessian_vs_pyhessian.py).
+CNN, 512 samples, one CPU thread: 26–39 ms against 57–113 ms per vector; benchmarks/hessian_vs_pyhessian.py
+compares both).
 
 The model's mode is explicit: "eval" (BatchNorm uses its running statistics, dropout is off) or
 "train" (BatchNorm normalises with the batch statistics). In train mode BatchNorm's running-statistic
@@ -29,7 +29,7 @@ and leaving the operator (a context manager) restores every module's mode.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
