@@ -280,7 +280,8 @@ def surface_1d(
 
     `loss_fn` is per-sample (shape [b]); `data` is an (x, y) batch or an iterable of batches whose
     per-sample losses are averaged. mode="eval" uses BatchNorm running statistics, "train" batch
-    statistics. Points are evaluated in vmapped chunks sized to `max_memory_mb`; after each chunk the
+    statistics. Points are evaluated coarse to fine (every 4th, then every 2nd, then the rest:
+    `grid_levels`) in chunks sized to `max_memory_mb`; after each chunk the
     reporter gets progress, `on_update` gets the partial surface, and `reporter.should_stop()` ends the
     computation early with a partial surface that `resume_from` continues.
     """
@@ -326,17 +327,69 @@ def _surface(model, loss_fn, data, directions, axes, center, mode, task, max_mem
     loss, accuracy, done = (a.reshape(-1) for a in (surface.loss, surface.accuracy, surface.done))
     chunk = evaluator.chunk_size(max_memory_mb)
     reporter = reporter or Reporter()
-    todo = np.flatnonzero(~done)
-    for start in range(0, len(todo), chunk):
-        if reporter.should_stop():
-            break
-        index = todo[start : start + chunk]
-        loss[index], accuracy[index] = evaluator(coordinates[index])
-        done[index] = True
-        reporter.progress(int(done.sum()), done.size, f"landscape: {int(done.sum())}/{done.size} grid points")
-        if on_update is not None:
-            on_update(surface)
+    levels = grid_levels(surface.loss.shape).reshape(-1)
+    for level in range(COARSE_TO_FINE_LEVELS):  # coarse to fine; a chunk never spans two levels
+        todo = np.flatnonzero(~done & (levels == level))
+        for start in range(0, len(todo), chunk):
+            if reporter.should_stop():
+                return surface
+            index = todo[start : start + chunk]
+            loss[index], accuracy[index] = evaluator(coordinates[index])
+            done[index] = True
+            reporter.progress(int(done.sum()), done.size, f"landscape: {int(done.sum())}/{done.size} grid points")
+            if on_update is not None:
+                on_update(surface)
     return surface
+
+
+COARSE_TO_FINE_LEVELS = 3
+
+
+def grid_levels(shape: Sequence[int]) -> np.ndarray:
+    """The pass in which each grid point is computed: 0, 1 or 2 (array of `shape`).
+
+    Along an axis, index i is in pass 0 when i is a multiple of 4 or the last index, in pass 1 when it
+    is even, else in pass 2; a point takes the latest pass of its indices. So pass 0 is every 4th
+    point (on a 2-D grid every 4th row and column: about 1/16 of the points, the grid's corners
+    included), passes 0-1 every 2nd, and pass 2 the rest: the surface's whole shape is known early
+    and only refined later.
+    """
+    per_axis = []
+    for n in shape:
+        i = np.arange(n)
+        per_axis.append(np.where((i % 4 == 0) | (i == n - 1), 0, np.where(i % 2 == 0, 1, 2)))
+    mesh = np.meshgrid(*per_axis, indexing="ij")
+    return np.maximum.reduce(mesh) if len(mesh) > 1 else mesh[0]
+
+
+def interpolate_missing(axes: Sequence[Sequence[float]], values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(values with the missing points (None or NaN) filled in, mask of the filled points).
+
+    1-D: linear interpolation between the computed neighbours; 2-D: linear interpolation on the
+    Delaunay triangulation of the computed points (nearest computed value outside their hull). With
+    the coarse-to-fine order of the grid (`grid_levels`) the computed points always span the whole
+    grid. Fewer than two computed points (three in 2-D) leave the missing ones NaN.
+    """
+    array = np.array(values, dtype=float)  # None -> nan
+    missing = np.isnan(array)
+    if not missing.any() or (~missing).sum() < array.ndim + 1:
+        return array, missing & ~np.isnan(array)
+    filled = array.copy()
+    if array.ndim == 1:
+        x = np.asarray(axes[0], dtype=float)
+        filled[missing] = np.interp(x[missing], x[~missing], array[~missing])
+        return filled, missing
+    from scipy.interpolate import griddata  # only partial 2-D surfaces need it
+
+    mesh = np.stack(np.meshgrid(*[np.asarray(a, dtype=float) for a in axes], indexing="ij"), axis=-1)
+    known, wanted = mesh[~missing], mesh[missing]
+    try:
+        linear = griddata(known, array[~missing], wanted, method="linear")
+    except (ValueError, RuntimeError):  # collinear computed points (e.g. one row): no triangulation (QhullError)
+        linear = np.full(len(wanted), np.nan)
+    nearest = griddata(known, array[~missing], wanted, method="nearest")
+    filled[missing] = np.where(np.isnan(linear), nearest, linear)
+    return filled, missing
 
 
 def _resumed(fresh: Surface, previous: Surface) -> Surface:
