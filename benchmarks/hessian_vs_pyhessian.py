@@ -7,10 +7,10 @@ hits both alike; each time is the median over repeats. Two workloads:
 - small: the digits CNN (width 10, BatchNorm, ≈2.8k parameters). The dense float64 Hessian
   (reverse-over-reverse autograd, row by row) is the reference for relative errors.
 - large: the digits CNN at width 80 (≈123k parameters): time, and agreement between the two
-  (PyHessian and samlab's autograd-HVP run against samlab's default torch.func run).
+  (PyHessian and samlab's torch.func-HVP run against samlab's default run).
 
-samlab: thick-restart Lanczos with its default HVP (torch.func forward-over-reverse) and with
-double-backward HVPs (impl="autograd"), stopping when every wanted Ritz residual is ≤ tol·|θ| (tol = 1e-4,
+samlab: thick-restart Lanczos with its default HVP (double backward on a kept gradient graph) and with
+torch.func forward-over-reverse HVPs (impl="func"), stopping when every wanted Ritz residual is ≤ tol·|θ| (tol = 1e-4,
 which bounds the eigenvalue error by 1e-4), and Hutch++ / Hutchinson with 99 vectors in vmapped
 batches. PyHessian: power iteration with deflation at its default tolerance 1e-3 and at 1e-4
 (maxIter 100 per eigenvalue, its default), and its Hutchinson trace (maxIter 99, tol 1e-3).
@@ -18,13 +18,14 @@ batches. PyHessian: power iteration with deflation at its default tolerance 1e-3
 Prints, per workload, a table (time, Hessian-vector products, relative error or disagreement) and the
 ratios pyhessian_time / samlab_time; --json prints the same as one JSON object.
 
-    python benchmarks/hessian_vs_pyhessian.py [--json] [--repeats N] [--threads N]
+    python benchmarks/hessian_vs_pyhessian.py [--json] [--repeats N] [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -93,11 +94,11 @@ def methods(model, batches, seed: int) -> dict[str, callable]:
 
     return {
         "samlab top1 (tol 1e-4)": eig(1, "samlab", 1e-4),
-        "samlab top1 (tol 1e-4, autograd HVP)": eig(1, "samlab", 1e-4, impl="autograd"),
+        "samlab top1 (tol 1e-4, func HVP)": eig(1, "samlab", 1e-4, impl="func"),
         "pyhessian top1 (tol 1e-3)": eig(1, "pyhessian", 1e-3, max_iter=100),
         "pyhessian top1 (tol 1e-4)": eig(1, "pyhessian", 1e-4, max_iter=100),
         "samlab top5 (tol 1e-4)": eig(5, "samlab", 1e-4),
-        "samlab top5 (tol 1e-4, autograd HVP)": eig(5, "samlab", 1e-4, impl="autograd"),
+        "samlab top5 (tol 1e-4, func HVP)": eig(5, "samlab", 1e-4, impl="func"),
         "pyhessian top5 (tol 1e-3)": eig(5, "pyhessian", 1e-3, max_iter=100),
         "pyhessian top5 (tol 1e-4)": eig(5, "pyhessian", 1e-4, max_iter=100),
         "samlab trace hutch++ (99)": trace("hutch++", "samlab"),
@@ -106,23 +107,29 @@ def methods(model, batches, seed: int) -> dict[str, callable]:
     }
 
 
-def run_workload(name: str, width: int, data, repeats: int, seed: int) -> dict:
-    model = trained_model(width, data, seed)
-    x, y = data.x_train[:SAMPLES], data.y_train[:SAMPLES]
+def run_workload(name: str, width: int, data, repeats: int, seed: int, device: torch.device) -> dict:
+    model = trained_model(width, data, seed).to(device)
+    x, y = data.x_train[:SAMPLES].to(device), data.y_train[:SAMPLES].to(device)
     batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, SAMPLES, BATCH)]
     n_params = sum(p.numel() for p in model.parameters())
     reference = None
     if name == "small":
-        H = dense_hessian(model, batches)
+        H = dense_hessian(model.cpu(), [(bx.cpu(), by.cpu()) for bx, by in batches])
+        model.to(device)
         reference = {"eigenvalues": torch.linalg.eigvalsh(H).flip(0)[:5].tolist(), "trace": float(torch.trace(H))}
     calls = methods(model, batches, seed)
     times: dict[str, list[float]] = {label: [] for label in calls}
     outputs: dict[str, object] = {}
-    hvp(model, mean_loss("classification"), batches[0], torch.ones(n_params))  # torch.func's first call is slow
+    hvp(model, mean_loss("classification"), batches[0], torch.ones(n_params, device=device),
+        impl="func")  # torch.func's first call is slow
     for _ in range(repeats):
         for label, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             outputs[label] = call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times[label].append(time.perf_counter() - t0)
     rows = {}
     for label, out in outputs.items():
@@ -134,8 +141,8 @@ def run_workload(name: str, width: int, data, repeats: int, seed: int) -> dict:
         rows[label] = row
     _compare(rows, reference)
     ratios = {
-        "top5_pyhessian_tol1e-3_over_samlab_autograd": rows["pyhessian top5 (tol 1e-3)"]["time_s"] / rows["samlab top5 (tol 1e-4, autograd HVP)"]["time_s"],
-        "top5_pyhessian_tol1e-4_over_samlab_autograd": rows["pyhessian top5 (tol 1e-4)"]["time_s"] / rows["samlab top5 (tol 1e-4, autograd HVP)"]["time_s"],
+        "top1_samlab_func_over_samlab": rows["samlab top1 (tol 1e-4, func HVP)"]["time_s"] / rows["samlab top1 (tol 1e-4)"]["time_s"],
+        "top5_samlab_func_over_samlab": rows["samlab top5 (tol 1e-4, func HVP)"]["time_s"] / rows["samlab top5 (tol 1e-4)"]["time_s"],
         "top1_pyhessian_tol1e-3_over_samlab": rows["pyhessian top1 (tol 1e-3)"]["time_s"] / rows["samlab top1 (tol 1e-4)"]["time_s"],
         "top1_pyhessian_tol1e-4_over_samlab": rows["pyhessian top1 (tol 1e-4)"]["time_s"] / rows["samlab top1 (tol 1e-4)"]["time_s"],
         "top5_pyhessian_tol1e-3_over_samlab": rows["pyhessian top5 (tol 1e-3)"]["time_s"] / rows["samlab top5 (tol 1e-4)"]["time_s"],
@@ -148,14 +155,14 @@ def run_workload(name: str, width: int, data, repeats: int, seed: int) -> dict:
 
 def _compare(rows: dict, reference: dict | None) -> None:
     """Relative error against the dense reference (small) or disagreement with samlab (large)."""
-    for label, row in rows.items():
+    for row in rows.values():
         if "values" in row:
             k = len(row["values"])
             if reference is not None:
                 target = reference["eigenvalues"][:k]
                 row["max_rel_error"] = max(abs(a - b) / abs(b) for a, b in zip(row["values"], target))
             else:
-                target = rows[f"samlab top{k} (tol 1e-4, autograd HVP)" if "samlab" in label else f"samlab top{k} (tol 1e-4)"]["values"]
+                target = rows[f"samlab top{k} (tol 1e-4)"]["values"]
                 row["max_rel_diff_vs_samlab"] = max(abs(a - b) / abs(b) for a, b in zip(row["values"], target))
         elif reference is not None:
             row["rel_error"] = abs(row["mean"] - reference["trace"]) / abs(reference["trace"])
@@ -169,13 +176,19 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workloads", default="small,large")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset(DataConfig(name="digits"))
-    report = {"threads": torch.get_num_threads(), "repeats": args.repeats, "workloads": {}}
+    report = {"threads": torch.get_num_threads(), "repeats": args.repeats, "device": args.device,
+              "load_before": os.getloadavg(), "workloads": {}}
     for name in args.workloads.split(","):
-        report["workloads"][name] = run_workload(name, WORKLOADS[name], data, args.repeats, args.seed)
+        report["workloads"][name] = run_workload(name, WORKLOADS[name], data, args.repeats, args.seed,
+                                                 torch.device(args.device))
+    report["load_after"] = os.getloadavg()
     small = report["workloads"].get("small")
     if small is not None:
         ours, theirs = small["rows"]["samlab top5 (tol 1e-4)"], small["rows"]["pyhessian top5 (tol 1e-3)"]
@@ -194,7 +207,8 @@ def main() -> int:
 
 
 def _print(report: dict) -> None:
-    print(f"threads {report['threads']}, median of {report['repeats']} repeats")
+    print(f"device {report['device']}, threads {report['threads']}, median of {report['repeats']} repeats, load average "
+          f"{'/'.join(f'{v:.1f}' for v in report['load_before'])} -> {'/'.join(f'{v:.1f}' for v in report['load_after'])}")
     for name, w in report["workloads"].items():
         print(f"\n== {name}: {w['workload']}, {w['n_params']} parameters, {w['samples']} samples in {w['batches']} batches")
         if w["reference"]:

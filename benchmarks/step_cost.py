@@ -1,17 +1,22 @@
-"""Cost of one optimizer step (sharpness_gradient + a base SGD step) for every SAM-family method,
-and of the same SAM step through the `SAM` optimizer class (`sam_step`, whole batch and 4 chunks).
+"""Cost of one optimizer step (sharpness_gradient + a base SGD step) on every built-in model, and of
+the same SAM step through the `SAM` optimizer class (`sam_step`, whole batch and 4 chunks).
 
-All methods run side by side in one process on the same model initialisation and the same batch,
-interleaved round-robin so that machine-load drift hits every method alike; warm-up steps are
-excluded and each figure is the median over repeats. Prints the ratios against SAM / SGD:
+For each model, all configurations run side by side in one process on the same initialisation and
+the same batch, interleaved round-robin (every repeat runs each configuration once, in turn) so
+that machine-load drift hits them alike; warm-up steps are excluded and each figure is the median
+over repeats. Prints one table of ratios against SAM (and SAM against SGD):
 
-    sam_over_sgd, msam_vmap_over_sam_k{4,16,64}, msam_loop_over_sam_k{4,16,64}, rwsam_over_sam,
-    sam_class_over_sam, sam_class_acc4_over_sam_class
+    sam/sgd, rwsam/sam, msam {auto, fused, vmap, loop} / sam at k = b/m in {4, 16, 64},
+    sam_class/sam, sam_class_acc4/sam_class
 
-(k = b / m micro-batches). Workloads: the digits CNN (8x8 grayscale, 10 classes) at batch 128 on
-CPU; ResNet-18 on CIFAR-shaped batches of 128 with --device cuda.
+and which implementation impl="auto" picked. Models (batch 128): the MLP 64-256-256-10 and the
+digits-mlp shape 64-64-64-10 on 8x8 inputs, the digits CNN (width 16) with BatchNorm and with
+GroupNorm on 8x8, WideResNet-16-1 and ResNet-18 of width 8 on 3x32x32 (BatchNorm), and the
+diagonal linear network on 30 features. --device cuda runs the same models on the GPU plus
+ResNet-18 at its standard width 64.
 
-    python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda] [--threads T] [--clock wall|cpu]
+    python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda] [--threads T]
+                                   [--clock wall|cpu] [--models a,b] [--impls auto,vmap,loop] [--ks 4,16,64]
 
 On a CPU shared with other jobs, `--threads 1 --clock cpu` measures the work of each step
 rather than the time spent waiting for a core.
@@ -22,48 +27,54 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from samlab.config import ModelConfig
+from samlab.config import IMPLS, ModelConfig
 from samlab.losses import per_sample_loss
 from samlab.models import build_model
 from samlab.optim import SAM, sam_step, sharpness_gradient
+from samlab.optim.sharpness import choose_impl
 
 MICRO_BATCH_COUNTS = (4, 16, 64)
-GOALS = {"sam_over_sgd": 2.1, "msam_vmap_over_sam_k16": 1.3, "rwsam_over_sam": 1.25}
+GOALS = {"msam_auto_k16": 1.3, "msam_auto_k64": 1.5}
+# label -> (model config, per-sample input shape, outputs); outputs 1 is a regression
+MODELS = {
+    "mlp-256": (ModelConfig(name="mlp", width=256, depth=2), (1, 8, 8), 10),
+    "mlp-64": (ModelConfig(name="mlp", width=64, depth=2), (1, 8, 8), 10),
+    "cnn-bn": (ModelConfig(name="cnn", width=16, norm="bn"), (1, 8, 8), 10),
+    "cnn-gn": (ModelConfig(name="cnn", width=16, norm="gn"), (1, 8, 8), 10),
+    "wrn16-1": (ModelConfig(name="wrn16", widen=1, norm="bn"), (3, 32, 32), 10),
+    "resnet18-8": (ModelConfig(name="resnet18", width=8, norm="bn"), (3, 32, 32), 10),
+    "diag-linear": (ModelConfig(name="diag-linear"), (30,), 1),
+}
+CUDA_MODELS = {"resnet18-64": (ModelConfig(name="resnet18", width=64, norm="bn"), (3, 32, 32), 10)}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def workload(device: torch.device, batch: int, seed: int):
-    """(model, x, y, x_independent, y_independent, description) for the device's workload."""
+def workload(label: str, device: torch.device, batch: int, seed: int):
+    """(model, x, y, loss_fn) for one model of MODELS / CUDA_MODELS."""
+    cfg, shape, outputs = {**MODELS, **CUDA_MODELS}[label]
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        shape, cfg, name = (3, 32, 32), ModelConfig(name="resnet18", width=64, norm="bn"), "resnet18 (bn) on 3x32x32"
-    else:
-        shape, cfg, name = (1, 8, 8), ModelConfig(name="cnn", width=16), "digits cnn (width 16, bn) on 1x8x8"
-    model = build_model(cfg, shape, 10).to(device).train()
+    model = build_model(cfg, shape, outputs, seed=seed, device=device).train()
     x = torch.randn(batch, *shape, generator=gen).to(device)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
-    x_n = torch.randn(4 * batch, *shape, generator=gen).to(device)
-    y_n = torch.randint(0, 10, (4 * batch,), generator=gen).to(device)
-    return model, x, y, (x_n, y_n), name
+    if outputs == 1:
+        return model, x, torch.randn(batch, generator=gen).to(device), per_sample_loss("regression")
+    y = torch.randint(0, outputs, (batch,), generator=gen).to(device)
+    return model, x, y, per_sample_loss("classification")
 
 
-def configurations(batch: int, perturb_batch) -> dict[str, dict]:
+def configurations(batch: int, impls: list[str], ks: list[int]) -> dict[str, dict]:
     """Label -> sharpness_gradient keyword arguments."""
-    configs = {
-        "sgd": {"method": "sgd"},
-        "sam": {"method": "sam"},
-        "asam": {"method": "asam"},
-        "usam": {"method": "usam"},
-        "nsam": {"method": "nsam", "perturb_batch": perturb_batch},
-        "rwsam": {"method": "rwsam", "lam": 1.0, "estimator": "fd"},
-    }
-    for k in MICRO_BATCH_COUNTS:
-        for impl in ("vmap", "loop"):
+    configs = {"sgd": {"method": "sgd"}, "sam": {"method": "sam"},
+               "rwsam": {"method": "rwsam", "lam": 1.0, "estimator": "fd"}}
+    for impl in impls:
+        for k in ks:
             configs[f"msam_{impl}_k{k}"] = {"method": "msam", "m": batch // k, "impl": impl}
     return configs
 
@@ -72,19 +83,17 @@ def configurations(batch: int, perturb_batch) -> dict[str, dict]:
 CLASS_CONFIGS = {"sam_class": {"accumulate": 1}, "sam_class_acc4": {"accumulate": 4}}
 
 
-def make_class_stepper(model, x, y, kwargs):
+def make_class_stepper(model, x, y, loss_fn, kwargs):
     """One SAM step through the optimizer class (BatchNorm statistics restored), on its own model copy."""
     model = copy.deepcopy(model)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, model=model, lr=0.01, momentum=0.9)
-    loss_fn = per_sample_loss("classification")
     return lambda: sam_step(opt, model, loss_fn, x, y, **kwargs)
 
 
-def make_stepper(model, x, y, kwargs, device, seed):
+def make_stepper(model, x, y, loss_fn, kwargs, device, seed):
     """A closure running one full optimizer step on its own copy of the model."""
     model = copy.deepcopy(model)
     base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = per_sample_loss("classification")
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def step() -> None:
@@ -93,9 +102,6 @@ def make_stepper(model, x, y, kwargs, device, seed):
         base.zero_grad(set_to_none=True)
 
     return step
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def time_steps(step, device: torch.device, inner: int, clock) -> float:
@@ -110,87 +116,108 @@ def time_steps(step, device: torch.device, inner: int, clock) -> float:
     return (clock() - t0) / inner
 
 
-def measure(device: torch.device, batch: int, repeats: int, warmup: int, inner: int, seed: int,
-            clock: str = "wall") -> dict:
-    model, x, y, perturb_batch, name = workload(device, batch, seed)
-    steppers = {label: make_stepper(model, x, y, kw, device, seed)
-                for label, kw in configurations(batch, perturb_batch).items()}
-    steppers.update({label: make_class_stepper(model, x, y, kw) for label, kw in CLASS_CONFIGS.items()})
+def measure_model(label: str, device: torch.device, batch: int, repeats: int, warmup: int, seed: int,
+                  clock: str, impls: list[str], ks: list[int], min_sample_s: float) -> dict:
+    model, x, y, loss_fn = workload(label, device, batch, seed)
+    steppers = {name: make_stepper(model, x, y, loss_fn, kw, device, seed)
+                for name, kw in configurations(batch, impls, ks).items()}
+    steppers.update({name: make_class_stepper(model, x, y, loss_fn, kw) for name, kw in CLASS_CONFIGS.items()})
     for step in steppers.values():
         for _ in range(warmup):
             step()
-    samples: dict[str, list[float]] = {label: [] for label in steppers}
+    # enough consecutive steps per sample that the clock's resolution does not matter
+    inner = max(1, math.ceil(min_sample_s / max(time_steps(steppers["sam"], device, 1, CLOCKS[clock]), 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(repeats):
-        for label, step in steppers.items():
-            samples[label].append(time_steps(step, device, inner, CLOCKS[clock]))
-    median_ms = {label: 1e3 * statistics.median(values) for label, values in samples.items()}
-    return {
-        "device": str(device),
-        "workload": name,
-        "batch": batch,
-        "repeats": repeats,
-        "inner_steps": inner,
-        "threads": torch.get_num_threads(),
-        "clock": clock,
-        "median_ms": median_ms,
-        "ratios": ratios(median_ms),
-        "goals": GOALS,
-    }
+        for name, step in steppers.items():
+            samples[name].append(time_steps(step, device, inner, CLOCKS[clock]))
+    median_ms = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+    return {"median_ms": median_ms, "ratios": ratios(median_ms, impls, ks), "inner_steps": inner,
+            "auto_picks": choose_impl(model)}
 
 
-def ratios(ms: dict[str, float]) -> dict[str, float]:
-    out = {"sam_over_sgd": ms["sam"] / ms["sgd"]}
-    for k in MICRO_BATCH_COUNTS:
-        out[f"msam_vmap_over_sam_k{k}"] = ms[f"msam_vmap_k{k}"] / ms["sam"]
-    for k in MICRO_BATCH_COUNTS:
-        out[f"msam_loop_over_sam_k{k}"] = ms[f"msam_loop_k{k}"] / ms["sam"]
-    out["rwsam_over_sam"] = ms["rwsam"] / ms["sam"]
-    for method in ("asam", "usam", "nsam"):
-        out[f"{method}_over_sam"] = ms[method] / ms["sam"]
-    out["sam_class_over_sam"] = ms["sam_class"] / ms["sam"]
-    out["sam_class_acc4_over_sam_class"] = ms["sam_class_acc4"] / ms["sam_class"]
+def ratios(ms: dict[str, float], impls: list[str], ks: list[int]) -> dict[str, float]:
+    out = {"sam/sgd": ms["sam"] / ms["sgd"], "rwsam/sam": ms["rwsam"] / ms["sam"]}
+    for impl in impls:
+        for k in ks:
+            out[f"msam_{impl}_k{k}"] = ms[f"msam_{impl}_k{k}"] / ms["sam"]
+    out["sam_class/sam"] = ms["sam_class"] / ms["sam"]
+    out["sam_class_acc4/sam_class"] = ms["sam_class_acc4"] / ms["sam_class"]
     return out
 
 
+def measure(device: torch.device, labels: list[str], impls: list[str], ks: list[int], batch: int, repeats: int,
+            warmup: int, seed: int, clock: str = "wall", min_sample_s: float = 0.05) -> dict:
+    load_before = os.getloadavg()
+    models = {}
+    for label in labels:
+        models[label] = measure_model(label, device, batch, repeats, warmup, seed, clock, impls, ks, min_sample_s)
+        print(f"  measured {label}", file=sys.stderr, flush=True)
+    return {"device": str(device), "batch": batch, "repeats": repeats, "threads": torch.get_num_threads(),
+            "clock": clock, "impls": impls, "load_before": load_before, "load_after": os.getloadavg(),
+            "models": models, "goals": GOALS}
+
+
 def print_report(result: dict) -> None:
-    print(f"{result['workload']}, batch {result['batch']}, device {result['device']}, "
-          f"{result['threads']} threads, {result['clock']} clock, median of {result['repeats']} x {result['inner_steps']} steps")
-    for label, ms in result["median_ms"].items():
-        print(f"  {label:<18} {ms:9.2f} ms/step")
-    for label, value in result["ratios"].items():
-        goal = result["goals"].get(label)
-        verdict = "" if goal is None else f"   goal <= {goal}: {'met' if value <= goal else 'MISSED'}"
-        print(f"  {label:<26} {value:6.3f}{verdict}")
+    print(f"batch {result['batch']}, device {result['device']}, {result['threads']} threads, {result['clock']} clock, "
+          f"median of {result['repeats']} interleaved repeats; load average before "
+          f"{'/'.join(f'{v:.1f}' for v in result['load_before'])}, after "
+          f"{'/'.join(f'{v:.1f}' for v in result['load_after'])}")
+    columns = list(next(iter(result["models"].values()))["ratios"])
+    print(f"{'model':<12} {'sam ms':>8} {'auto':>6} " + " ".join(f"{c.replace('msam_', ''):>10}" for c in columns))
+    for label, row in result["models"].items():
+        cells = " ".join(f"{row['ratios'][c]:>10.2f}" for c in columns)
+        print(f"{label:<12} {row['median_ms']['sam']:>8.2f} {row['auto_picks']:>6} {cells}")
+    for goal, limit in result["goals"].items():
+        if goal not in columns:
+            continue
+        missed = [label for label, row in result["models"].items() if row["ratios"][goal] > limit]
+        print(f"goal {goal} <= {limit}: {'met on every model' if not missed else 'MISSED on ' + ', '.join(missed)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--inner", type=int, default=3, help="steps per timed sample")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-sample", type=float, default=0.05, help="seconds of steps per timed sample")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)} "
+                                                       f"(cuda also {', '.join(CUDA_MODELS)})")
+    parser.add_argument("--impls", default="auto,vmap,loop", help=f"m-SAM implementations, from {', '.join(IMPLS)}")
+    parser.add_argument("--ks", default=",".join(map(str, MICRO_BATCH_COUNTS)),
+                        help="micro-batch counts k = b/m (each must divide the batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                         help="wall time, or process CPU time (robust on a shared CPU; with --threads 1)")
     args = parser.parse_args(argv)
-    for name in ("repeats", "inner", "batch"):
+    for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: must be >= 1")
-    if args.batch % max(MICRO_BATCH_COUNTS):
-        parser.error(f"--batch: must be a multiple of {max(MICRO_BATCH_COUNTS)}")
+    ks = [int(k) for k in args.ks.split(",")]
+    if any(k < 1 or args.batch % k for k in ks):
+        parser.error(f"--ks: each k must divide the batch of {args.batch} (got {args.ks})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu: CPU time does not measure GPU work; use --clock wall with --device cuda")
+    available = {**MODELS, **CUDA_MODELS} if args.device == "cuda" else MODELS
+    labels = list(available) if args.models is None else args.models.split(",")
+    impls = args.impls.split(",")
+    for label in labels:
+        if label not in available:
+            parser.error(f"--models: {label!r} is not one of {', '.join(available)}")
+    for impl in impls:
+        if impl not in IMPLS:
+            parser.error(f"--impls: {impl!r} is not one of {', '.join(IMPLS)}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads: must be >= 1")
         torch.set_num_threads(args.threads)
-    result = measure(torch.device(args.device), args.batch, args.repeats, max(args.warmup, 0), args.inner, args.seed,
-                     args.clock)
+    result = measure(torch.device(args.device), labels, impls, ks, args.batch, args.repeats, max(args.warmup, 0),
+                     args.seed, args.clock, args.min_sample)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

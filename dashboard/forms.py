@@ -104,7 +104,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     _spec("optim", "optim.m", "micro-batch size m (samples per perturbation)", "optional_int",
           help="must divide the batch size; m = batch size is plain SAM"),
     _spec("optim", "optim.impl", "mSAM implementation", "select", options=IMPLS,
-          help="vmap: all micro-batches at once with torch.func; loop: one after another"),
+          help="auto: fused on the built-in models, else vmap, else loop; fused: all micro-batches in one pass "
+               "of the model with per-micro-batch weights; vmap: all at once with torch.func; loop: one after another"),
     _spec("optim", "optim.lam", "RW-SAM temperature λ", "float", step=0.1, help="λ = 0 is SAM"),
     _spec("optim", "optim.estimator", "RW-SAM gradient-norm estimator", "select", options=ESTIMATORS,
           help="fd: one extra forward pass with a Rademacher probe; exact: per-sample gradients"),

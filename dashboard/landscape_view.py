@@ -1,7 +1,9 @@
 """Figures and tables for the Landscape page: pure functions of `samlab.landscape` task results.
 
 A "2d" result holds `axes` = [xs, ys] and, per run, `loss[i][j]` at (xs[i], ys[j]) with None where a
-point is not computed yet (plotly leaves a gap), so a partial result draws as a partial surface.
+point is not computed yet. The task computes the grid coarse to fine (every 4th point, every 2nd, the
+rest), so a partial result already spans the whole grid: its missing points are drawn interpolated
+(`samlab.landscape.interpolate_missing`), and the figure says so and marks the computed points.
 Coordinates are in units of the filter-normalized directions (1 = each filter moved by its own norm).
 """
 
@@ -16,6 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard.figures import _PALETTE
+from samlab.landscape import interpolate_missing
 
 AXIS_UNIT = "filter-normalized units"
 
@@ -37,6 +40,16 @@ def _values(rows: Any, log_scale: bool) -> np.ndarray:
     return np.log10(np.maximum(array, 1e-12)) if log_scale else array
 
 
+def _filled(axes: list[list[float]], rows: Any, log_scale: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(values with missing points interpolated, mask of the interpolated points, a note for the title)."""
+    filled, interpolated = interpolate_missing(axes, rows)
+    values = np.log10(np.maximum(filled, 1e-12)) if log_scale else filled
+    computed = int(interpolated.size - interpolated.sum())
+    note = (f" — partial: {computed} of {interpolated.size} points computed, the rest interpolated"
+            if interpolated.any() else "")
+    return values, interpolated, note
+
+
 def _loss_title(log_scale: bool, split: str = "train") -> str:
     return f"log₁₀ {split} loss" if log_scale else f"{split} loss (cross-entropy)"
 
@@ -45,11 +58,22 @@ def curves_1d_figure(result: dict[str, Any], log_scale: bool = False) -> go.Figu
     """Loss along one random direction for every run, same α axis."""
     fig = go.Figure()
     alphas = result["axes"][0]
-    for run in result["runs"]:
-        if "loss" in run:
-            fig.add_scatter(x=alphas, y=run["loss"], mode="lines+markers", name=run["label"])
+    notes = []
+    for index, run in enumerate(result["runs"]):
+        if "loss" not in run:
+            continue
+        values, interpolated, note = _filled(result["axes"], run["loss"], False)
+        colour = _PALETTE[index % len(_PALETTE)]
+        if not interpolated.any():
+            fig.add_scatter(x=alphas, y=values, mode="lines+markers", name=run["label"], line={"color": colour})
+            continue
+        notes.append(note)  # partial: dashed interpolation through the computed points, shown as markers
+        fig.add_scatter(x=alphas, y=values, mode="lines", name=f"{run['label']} (interpolated)",
+                        line={"color": colour, "dash": "dash"})
+        fig.add_scatter(x=np.asarray(alphas)[~interpolated], y=values[~interpolated], mode="markers",
+                        name=f"{run['label']} (computed)", marker={"color": colour})
     fig.update_layout(xaxis_title=f"α ({AXIS_UNIT})", yaxis_title=_loss_title(False), legend_title="run",
-                      yaxis_type="log" if log_scale else "linear")
+                      yaxis_type="log" if log_scale else "linear", title=notes[0].lstrip(" —") if notes else None)
     return fig
 
 
@@ -58,7 +82,8 @@ def contour_figure(result: dict[str, Any], index: int, log_scale: bool = False,
     """Contours of one run's 2-D surface, with its projected training trajectory when there is one."""
     run = result["runs"][index]
     xs, ys = result["axes"]
-    z = _values(run.get("loss", [[None] * len(ys)] * len(xs)), log_scale).T  # rows = y, columns = x
+    z, interpolated, note = _filled(result["axes"], run.get("loss", [[None] * len(ys)] * len(xs)), log_scale)
+    z = z.T  # rows = y, columns = x
     fig = go.Figure()
     fig.add_contour(x=xs, y=ys, z=z, colorscale="Viridis", ncontours=30, name=run["label"],
                     zmin=zrange[0] if zrange else None, zmax=zrange[1] if zrange else None,
@@ -69,9 +94,13 @@ def contour_figure(result: dict[str, Any], index: int, log_scale: bool = False,
         fig.add_scatter(x=trajectory["x"], y=trajectory["y"], mode="lines+markers", name="trajectory",
                         text=[f"epoch {e}" for e in trajectory.get("epochs", [])], marker={"color": "white",
                         "line": {"color": "black", "width": 1}}, line={"color": "white"})
+    if interpolated.any():
+        i, j = np.nonzero(~interpolated)
+        fig.add_scatter(x=np.asarray(xs)[i], y=np.asarray(ys)[j], mode="markers", name="computed points",
+                        marker={"size": 3, "color": "black"}, hoverinfo="skip")
     fig.add_scatter(x=[0.0], y=[0.0], mode="markers", name="solution", marker={"symbol": "x", "size": 10,
                     "color": "red"})
-    fig.update_layout(title=run["label"], xaxis_title=f"δ ({AXIS_UNIT})", yaxis_title=f"η ({AXIS_UNIT})",
+    fig.update_layout(title=run["label"] + note, xaxis_title=f"δ ({AXIS_UNIT})", yaxis_title=f"η ({AXIS_UNIT})",
                       legend={"orientation": "h"}, height=480)
     return fig
 
@@ -86,11 +115,12 @@ def surface_figure(result: dict[str, Any], index: int, log_scale: bool = False,
     """One run's 2-D surface in 3-D."""
     run = result["runs"][index]
     xs, ys = result["axes"]
-    z = _values(run.get("loss", [[None] * len(ys)] * len(xs)), log_scale).T
+    z, _, note = _filled(result["axes"], run.get("loss", [[None] * len(ys)] * len(xs)), log_scale)
+    z = z.T
     fig = go.Figure(go.Surface(x=xs, y=ys, z=z, colorscale="Viridis", cmin=zrange[0] if zrange else None,
                                cmax=zrange[1] if zrange else None, colorbar=_colorbar(log_scale),
                                name=run["label"]))
-    fig.update_layout(title=run["label"], scene={"xaxis_title": f"δ ({AXIS_UNIT})",
+    fig.update_layout(title=run["label"] + note, scene={"xaxis_title": f"δ ({AXIS_UNIT})",
                       "yaxis_title": f"η ({AXIS_UNIT})", "zaxis_title": _loss_title(log_scale)})
     return fig
 

@@ -28,7 +28,7 @@ DATASETS = (
 MODELS = ("mlp", "cnn", "resnet18", "wrn16", "diag-linear")
 BASE_OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
-IMPLS = ("vmap", "loop")
+IMPLS = ("auto", "fused", "vmap", "loop")
 ESTIMATORS = ("fd", "exact")
 NORMS = ("bn", "gn")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -79,7 +79,7 @@ class OptimConfig:
     method: str = "sam"
     rho: float = 0.05
     m: int | None = None  # msam micro-batch size (samples per perturbation)
-    impl: str = "vmap"
+    impl: str = "auto"
     lam: float = 0.0  # rwsam softmax temperature
     estimator: str = "fd"
     delta: float = 1e-3

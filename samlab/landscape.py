@@ -280,7 +280,8 @@ def surface_1d(
 
     `loss_fn` is per-sample (shape [b]); `data` is an (x, y) batch or an iterable of batches whose
     per-sample losses are averaged. mode="eval" uses BatchNorm running statistics, "train" batch
-    statistics. Points are evaluated in vmapped chunks sized to `max_memory_mb`; after each chunk the
+    statistics. Points are evaluated coarse to fine (every 4th, then every 2nd, then the rest:
+    `grid_levels`) in chunks sized to `max_memory_mb`; after each chunk the
     reporter gets progress, `on_update` gets the partial surface, and `reporter.should_stop()` ends the
     computation early with a partial surface that `resume_from` continues.
     """
@@ -326,17 +327,69 @@ def _surface(model, loss_fn, data, directions, axes, center, mode, task, max_mem
     loss, accuracy, done = (a.reshape(-1) for a in (surface.loss, surface.accuracy, surface.done))
     chunk = evaluator.chunk_size(max_memory_mb)
     reporter = reporter or Reporter()
-    todo = np.flatnonzero(~done)
-    for start in range(0, len(todo), chunk):
-        if reporter.should_stop():
-            break
-        index = todo[start : start + chunk]
-        loss[index], accuracy[index] = evaluator(coordinates[index])
-        done[index] = True
-        reporter.progress(int(done.sum()), done.size, f"landscape: {int(done.sum())}/{done.size} grid points")
-        if on_update is not None:
-            on_update(surface)
+    levels = grid_levels(surface.loss.shape).reshape(-1)
+    for level in range(COARSE_TO_FINE_LEVELS):  # coarse to fine; a chunk never spans two levels
+        todo = np.flatnonzero(~done & (levels == level))
+        for start in range(0, len(todo), chunk):
+            if reporter.should_stop():
+                return surface
+            index = todo[start : start + chunk]
+            loss[index], accuracy[index] = evaluator(coordinates[index])
+            done[index] = True
+            reporter.progress(int(done.sum()), done.size, f"landscape: {int(done.sum())}/{done.size} grid points")
+            if on_update is not None:
+                on_update(surface)
     return surface
+
+
+COARSE_TO_FINE_LEVELS = 3
+
+
+def grid_levels(shape: Sequence[int]) -> np.ndarray:
+    """The pass in which each grid point is computed: 0, 1 or 2 (array of `shape`).
+
+    Along an axis, index i is in pass 0 when i is a multiple of 4 or the last index, in pass 1 when it
+    is even, else in pass 2; a point takes the latest pass of its indices. So pass 0 is every 4th
+    point (on a 2-D grid every 4th row and column: about 1/16 of the points, the grid's corners
+    included), passes 0-1 every 2nd, and pass 2 the rest: the surface's whole shape is known early
+    and only refined later.
+    """
+    per_axis = []
+    for n in shape:
+        i = np.arange(n)
+        per_axis.append(np.where((i % 4 == 0) | (i == n - 1), 0, np.where(i % 2 == 0, 1, 2)))
+    mesh = np.meshgrid(*per_axis, indexing="ij")
+    return np.maximum.reduce(mesh) if len(mesh) > 1 else mesh[0]
+
+
+def interpolate_missing(axes: Sequence[Sequence[float]], values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(values with the missing points (None or NaN) filled in, mask of the filled points).
+
+    1-D: linear interpolation between the computed neighbours; 2-D: linear interpolation on the
+    Delaunay triangulation of the computed points (nearest computed value outside their hull). With
+    the coarse-to-fine order of the grid (`grid_levels`) the computed points always span the whole
+    grid. Fewer than two computed points (three in 2-D) leave the missing ones NaN.
+    """
+    array = np.array(values, dtype=float)  # None -> nan
+    missing = np.isnan(array)
+    if not missing.any() or (~missing).sum() < array.ndim + 1:
+        return array, missing & ~np.isnan(array)
+    filled = array.copy()
+    if array.ndim == 1:
+        x = np.asarray(axes[0], dtype=float)
+        filled[missing] = np.interp(x[missing], x[~missing], array[~missing])
+        return filled, missing
+    from scipy.interpolate import griddata  # only partial 2-D surfaces need it
+
+    mesh = np.stack(np.meshgrid(*[np.asarray(a, dtype=float) for a in axes], indexing="ij"), axis=-1)
+    known, wanted = mesh[~missing], mesh[missing]
+    try:
+        linear = griddata(known, array[~missing], wanted, method="linear")
+    except (ValueError, RuntimeError):  # collinear computed points (e.g. one row): no triangulation (QhullError)
+        linear = np.full(len(wanted), np.nan)
+    nearest = griddata(known, array[~missing], wanted, method="nearest")
+    filled[missing] = np.where(np.isnan(linear), nearest, linear)
+    return filled, missing
 
 
 def _resumed(fresh: Surface, previous: Surface) -> Surface:
@@ -355,9 +408,12 @@ class PointEvaluator:
     running statistics in place) are stacked along a leading point axis; the rest are shared.
 
     `vectorize` (default: on accelerators only) maps the chunk's points through one vmapped pass. On a
-    CPU the points of a chunk go one after another through the same functional call instead: vmap turns
-    each convolution into a grouped one, which CPU kernels run several times slower than a plain
-    convolution over the same data (measured 3.4× on the digits CNN, benchmarks/landscape_vs_loss_landscapes.py).
+    CPU the points of a chunk go one after another instead: vmap turns each convolution into a grouped
+    one, which CPU kernels run several times slower than a plain convolution over the same data
+    (measured 3.4× on the digits CNN, benchmarks/landscape_vs_loss_landscapes.py). Each point's tensors
+    are then copied into the model's own parameters and buffers and the model runs as it is, so a
+    point costs one plain forward over the data (benchmarks/landscape_point_cost.py); the model's
+    tensors are restored when the chunk is done, also on error.
     """
 
     def __init__(
@@ -399,15 +455,34 @@ class PointEvaluator:
     def __call__(self, coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         coords = torch.as_tensor(np.asarray(coordinates), dtype=torch.float64, device=self.device)
         points = self._stacked_points(coords)
-        loss_sum = torch.zeros(len(coords), dtype=torch.float64, device=self.device)
-        correct_sum = torch.zeros_like(loss_sum)
-        evaluate = self._vmapped_sums if self.vectorize else self._sequential_sums
         with torch.no_grad(), model_mode(self.model, self.mode):
-            for x, y in self.batches:
-                losses, hits = evaluate(points, x, y)
-                loss_sum += losses.double()
-                correct_sum += hits.double()
+            if self.vectorize:
+                sums = [self._vmapped_sums(points, x, y) for x, y in self.batches]
+                loss_sum = sum(losses.double() for losses, _ in sums)
+                correct_sum = sum(hits.double() for _, hits in sums)
+            else:
+                loss_sum, correct_sum = self._in_place_sums(points, len(coords))
         return (loss_sum / self.n_samples).cpu().numpy(), (correct_sum / self.n_samples).cpu().numpy()
+
+    def _in_place_sums(self, points: Params, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and hit sums of each point, its tensors copied into the model's own (restored after)."""
+        own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        originals = {n: t.detach().clone() for n, t in own.items()}
+        sums = []  # per point and batch: (loss sum, hits)
+        try:
+            for name, value in self.shared.items():
+                own[name].copy_(value)
+            for i in range(count):
+                for name, value in points.items():
+                    own[name].copy_(value[i])
+                for x, y in self.batches:
+                    outputs = self.model(x)
+                    sums += [self.loss_fn(outputs, y).sum(), correct(outputs, y, self.task).sum()]
+        finally:
+            for name, value in originals.items():
+                own[name].copy_(value)
+        totals = torch.stack([t.double() for t in sums]).reshape(count, len(self.batches), 2).sum(1)
+        return totals[:, 0], totals[:, 1]
 
     def _stacked_points(self, coords: torch.Tensor) -> Params:
         points = {}
@@ -424,11 +499,6 @@ class PointEvaluator:
         batched = vmap(self._point_sums, in_dims=(0, None, None, None),
                        randomness="different" if self.mode == "train" else "error")
         return batched(points, self.shared, x, y)
-
-    def _sequential_sums(self, points: Params, x: torch.Tensor, y: torch.Tensor):
-        count = len(next(iter(points.values()))) if points else 1
-        sums = [self._point_sums({n: t[i] for n, t in points.items()}, self.shared, x, y) for i in range(count)]
-        return torch.stack([s[0] for s in sums]), torch.stack([s[1] for s in sums])
 
     def _point_sums(self, point: Params, shared: Params, x: torch.Tensor, y: torch.Tensor):
         outputs = functional_call(self.model, (point, shared), (x,))

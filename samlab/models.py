@@ -280,6 +280,12 @@ class DiagonalLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.effective_weights()
 
+    def micro_batched_forward(self, xs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The forward of k micro-batches xs [k, m, d] at once, micro-batch j with u_j, v_j =
+        params["u"][j], params["v"][j] (fused m-SAM, `samlab.optim.fused`); returns [k, m]."""
+        weights = params["u"] * params["u"] - params["v"] * params["v"]  # [k, d]
+        return torch.bmm(xs.flatten(2), weights.unsqueeze(2)).squeeze(2)
+
 
 def _kaiming_init(model: nn.Module) -> None:
     """He-normal conv weights (fan-out, ReLU) as in the reference ResNet/WRN code; norms at (1, 0)."""

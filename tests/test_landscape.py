@@ -141,7 +141,8 @@ def test_tiny_memory_budget_chunks_give_the_same_values():
     tiny, big = RecordingReporter(), RecordingReporter()
     a = L.surface_2d(model, cross_entropy_per_sample, (x, y), d1, d2, xs, ys, max_memory_mb=1e-6, reporter=tiny)
     b = L.surface_2d(model, cross_entropy_per_sample, (x, y), d1, d2, xs, ys, max_memory_mb=1e4, reporter=big)
-    assert len(tiny.progress_calls) == 12 and len(big.progress_calls) == 1
+    # one point per chunk, or one chunk per coarse-to-fine pass (3x4 grid: 4 corners, 2 more, the rest)
+    assert len(tiny.progress_calls) == 12 and [done for done, _, _ in big.progress_calls] == [4, 6, 12]
     np.testing.assert_allclose(a.loss, b.loss, atol=1e-6)
     np.testing.assert_array_equal(a.accuracy, b.accuracy)
 
@@ -499,3 +500,82 @@ def test_hessian_directions_are_the_top_eigenvectors_of_the_dense_hessian():
         assert set(d) == set(params)
         cosine = torch.dot(L.flatten(d).double(), vectors[:, -1 - i]) / L.flatten(d).double().norm()
         assert abs(cosine.item()) == pytest.approx(1.0, abs=1e-3)
+
+
+# -- coarse to fine ---------------------------------------------------------------------------------
+def test_grid_levels_go_every_fourth_then_every_second_then_the_rest():
+    levels = L.grid_levels((9,))
+    assert levels.tolist() == [0, 2, 1, 2, 0, 2, 1, 2, 0]
+    assert L.grid_levels((6,)).tolist() == [0, 2, 1, 2, 0, 0]  # the last index belongs to the first pass
+    grid = L.grid_levels((41, 41))
+    assert grid.shape == (41, 41)
+    assert (grid == 0).sum() == 11 * 11  # every 4th row and column, corners included: 121 of 1681 ≈ 1/14
+    assert ((grid <= 1).sum()) == 21 * 21
+    assert grid[0, 0] == grid[0, 40] == grid[40, 0] == grid[40, 40] == 0
+    assert grid[2, 4] == 1 and grid[4, 3] == 2
+
+
+def test_surface_is_computed_coarse_to_fine_and_resumes_in_that_order(tmp_path):
+    model, data = mlp(), vector_data()
+    d1, d2 = L.random_directions(model, 2, seed=3)
+    xs, ys = np.linspace(-1, 1, 9), np.linspace(-1, 1, 5)
+    levels = L.grid_levels((9, 5))
+    seen = []
+    whole = L.surface_2d(model, cross_entropy_per_sample, data, d1, d2, xs, ys, max_memory_mb=1e-6,
+                         on_update=lambda s: seen.append(s.done.copy()))
+    assert len(seen) == 45  # one point per chunk at this budget
+    first = int((levels == 0).sum())
+    assert (seen[first - 1] == (levels == 0)).all()  # the first pass done before any other point
+    assert (seen[int((levels <= 1).sum()) - 1] == (levels <= 1)).all()
+    # stopped inside the second pass, saved, restored and resumed: the rest in order, same numbers
+    partial = L.surface_2d(model, cross_entropy_per_sample, data, d1, d2, xs, ys, max_memory_mb=1e-6,
+                           reporter=StopAfter(first + 3))
+    assert (partial.done[levels == 0]).all() and int(partial.done.sum()) == first + 3
+    LT.save_surface(partial, tmp_path / "state.npz")
+    order = []
+    resumed = L.surface_2d(model, cross_entropy_per_sample, data, d1, d2, xs, ys, max_memory_mb=1e-6,
+                           resume_from=LT.load_surface(tmp_path / "state.npz"),
+                           on_update=lambda s: order.append(s.done.copy()))
+    assert len(order) == 45 - first - 3
+    assert (order[int((levels <= 1).sum()) - first - 3 - 1] == (levels <= 1)).all()
+    np.testing.assert_allclose(resumed.loss, whole.loss, rtol=1e-12)
+    np.testing.assert_array_equal(resumed.accuracy, whole.accuracy)
+
+
+def test_missing_points_are_interpolated_exactly_on_a_plane_and_a_line():
+    xs, ys = np.linspace(-1, 1, 9), np.linspace(0, 2, 5)
+    plane = 3.0 + 2.0 * xs[:, None] - 0.5 * ys[None, :]
+    partial = np.where(L.grid_levels(plane.shape) == 0, plane, np.nan)
+    filled, interpolated = L.interpolate_missing([xs, ys], partial.tolist())
+    assert (interpolated == (L.grid_levels(plane.shape) > 0)).all()
+    np.testing.assert_allclose(filled, plane, atol=1e-12)
+    line = 1.0 - 4.0 * xs
+    values = [v if level == 0 else None for v, level in zip(line, L.grid_levels((9,)))]
+    filled, interpolated = L.interpolate_missing([xs], values)
+    np.testing.assert_allclose(filled, line, atol=1e-12)
+    assert interpolated.sum() == 6
+    done, mask = L.interpolate_missing([xs], line)
+    assert not mask.any() and np.array_equal(done, line)
+
+
+def test_a_partial_surface_is_drawn_interpolated_and_says_so():
+    from dashboard import landscape_view
+
+    xs, ys = np.linspace(-1, 1, 9), np.linspace(-1, 1, 9)
+    bowl = xs[:, None] ** 2 + ys[None, :] ** 2
+    partial = np.where(L.grid_levels(bowl.shape) == 0, bowl, np.nan)
+    result = {"kind": "2d", "axes": [xs.tolist(), ys.tolist()],
+              "runs": [{"label": "run", "loss": np.where(np.isnan(partial), None, partial).tolist()}]}
+    for make in (landscape_view.contour_figure, landscape_view.surface_figure):
+        fig = make(result, 0)
+        assert "partial: 9 of 81 points computed, the rest interpolated" in fig.layout.title.text
+        assert np.isfinite(np.array(fig.data[0].z, dtype=float)).all()
+    contour = landscape_view.contour_figure(result, 0)
+    assert [t.name for t in contour.data if t.name == "computed points"] == ["computed points"]
+    result["runs"][0]["loss"] = bowl.tolist()
+    assert "partial" not in landscape_view.contour_figure(result, 0).layout.title.text
+    line = {"kind": "1d", "axes": [xs.tolist()], "runs": [{"label": "run", "loss": [
+        v if level == 0 else None for v, level in zip((xs ** 2).tolist(), L.grid_levels((9,)))]}]}
+    curves = landscape_view.curves_1d_figure(line)
+    assert [t.name for t in curves.data] == ["run (interpolated)", "run (computed)"]
+    assert "interpolated" in curves.layout.title.text

@@ -204,7 +204,7 @@ def test_nsam_matches_oracle_and_uses_the_perturbation_batch():
     assert out["perturb_grad_norm"] == pytest.approx(flat_norm(grad_at(w, xp, yp)).item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["loop", "vmap"])
+@pytest.mark.parametrize("impl", ["loop", "vmap", "fused", "auto"])
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_msam_matches_oracle(impl, m):
     model, (x, y) = make_mlp(), batch()
@@ -250,7 +250,7 @@ def test_rho_zero_gives_the_plain_gradient(method):
     assert out["perturbed_loss"] == pytest.approx(out["loss"], rel=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["loop", "vmap"])
+@pytest.mark.parametrize("impl", ["loop", "vmap", "fused"])
 def test_msam_with_m_equal_batch_is_sam(impl):
     x, y = batch()
     sam_model, msam_model = make_mlp(), make_mlp()
@@ -298,6 +298,9 @@ def test_msam_micro_batches_normalise_with_their_own_statistics():
         expected = grads if expected is None else [a + b for a, b in zip(expected, grads)]
     sharpness_gradient(model, ce, x, y, method="msam", rho=RHO, m=m, impl="vmap")
     assert_all_close(grads_of(model), expected, rtol=1e-9, atol=1e-12)
+    fused = make_bn_net()
+    sharpness_gradient(fused, ce, x, y, method="msam", rho=RHO, m=m, impl="fused")
+    assert_all_close(grads_of(fused), expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(("method", "extra"), [("sam", {}), ("msam", {"m": 8, "impl": "vmap"}),

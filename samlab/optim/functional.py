@@ -81,8 +81,8 @@ def micro_batch_gradients_vmap(model: nn.Module, loss_fn: LossFn, x: torch.Tenso
     data-parallel m-SAM of Foret et al. averages the replicas' BatchNorm moving averages). The
     perturbed pass runs on copies that are discarded.
 
-    Returns the stacked per-micro-batch tensors: "first" (g_j, [k, ...] per name), "second"
-    (h_j), "losses" and "perturbed_losses" ([k, m]).
+    Returns "gradient" (mean_j g_j per name), "descent" (mean_j h_j), "micro_norms" (‖g_j‖, [k]),
+    "losses" and "perturbed_losses" ([k, m]).
     """
     params = dict(model.named_parameters())
     weights = {name: params[name].detach() for name in names}
@@ -105,9 +105,11 @@ def micro_batch_gradients_vmap(model: nn.Module, loss_fn: LossFn, x: torch.Tenso
     second, perturbed_losses = run(0, perturbed, scratch_buffers(model, copies=k) if stateful else own_buffers)
     if stateful:
         average_into_buffers(model, first_buffers)
+    firsts = [first[name] for name in names]
     return {
-        "first": [first[name] for name in names],
-        "second": [second[name] for name in names],
+        "gradient": [g.mean(0) for g in firsts],
+        "descent": [second[name].mean(0) for name in names],
+        "micro_norms": torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in firsts]).sum(0).sqrt(),
         "losses": losses,
         "perturbed_losses": perturbed_losses,
     }

@@ -3,11 +3,13 @@
 Each method is the same two-pass step, w -> eps -> grad L(w + eps); methods differ only in the
 ascent gradient the perturbation is built from (`_ascent_gradient`) and in the perturbation rule
 (`samlab.optim.perturbations`). m-SAM repeats the step on disjoint micro-batches, one after
-another (impl="loop") or all at once under torch.func.vmap (impl="vmap").
+another (impl="loop"), all at once under torch.func.vmap (impl="vmap"), or all at once in one pass
+of the model with per-micro-batch weights (impl="fused", `samlab.optim.fused`); impl="auto" picks.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from samlab.optim.functional import (
     per_sample_grad_norms,
     scratch_buffers,
 )
+from samlab.optim.fused import micro_batch_gradients, per_sample_model
 from samlab.optim.perturbations import METHOD_RULES, global_norm, perturbation
 from samlab.tensors import LossFn
 from samlab.validation import check_choice, check_number
@@ -68,7 +71,7 @@ def sharpness_gradient(
     method: str,
     rho: float,
     m: int | None = None,
-    impl: str = "vmap",
+    impl: str = "auto",
     lam: float = 0.0,
     estimator: str = "fd",
     delta: float = 1e-3,
@@ -91,7 +94,10 @@ def sharpness_gradient(
     - msam (Foret et al. 2021; Behdin et al. 2023): B is split into k = b/m disjoint micro-batches
       B_j of m samples; eps_j = rho g_j / ‖g_j‖ with g_j = grad L_{B_j}(w); descent
       (1/k) Σ_j grad L_{B_j}(w + eps_j). m = b is SAM. impl="loop" runs the micro-batches one after
-      another (any model); impl="vmap" runs all of them in two vmapped grad calls.
+      another (any model); impl="vmap" runs all of them in two vmapped grad calls; impl="fused" runs
+      all of them in two passes of the model in which micro-batch j sees its own weights (batched
+      layers; models whose samples interact only through BatchNorm); impl="auto" (the default)
+      takes "fused" where the model is built of layers it supports, else "vmap", else "loop".
     - rwsam (Luo et al., NeurIPS 2025): p = softmax(lam * s), s_i ≈ ‖grad f_i(w)‖;
       eps = rho g_p / ‖g_p‖ with g_p = grad Σ_i p_i f_i(w); descent grad L_B(w + eps).
       estimator="fd": s_i = |f_i(w + delta z) − f_i(w)| / delta with a Rademacher z drawn from
@@ -127,10 +133,7 @@ def sharpness_gradient(
     names, params = _trainable(model)
     k = x.shape[0] // m if method == "msam" else 1
     with torch.enable_grad():
-        if k > 1 and impl == "vmap":
-            step = _parallel_micro_batches(model, loss_fn, x, y, names, k, spec)
-        else:
-            step = _sequential_micro_batches(model, loss_fn, x, y, names, params, k, spec)
+        step = _micro_batches(model, loss_fn, x, y, names, params, k, spec, impl)
     return _finish(params, step, method)
 
 
@@ -231,6 +234,20 @@ def _rademacher_like(p: torch.Tensor, generator: torch.Generator | None) -> torc
 
 
 # -- micro-batches ----------------------------------------------------------------------------------
+def _micro_batches(model, loss_fn, x, y, names, params, k: int, spec: _Spec, impl: str) -> _Step:
+    """The step over k micro-batches by `impl`; "auto" falls back to the loop (for good) when vmap fails."""
+    chosen = choose_impl(model) if impl == "auto" else impl
+    if k == 1 or chosen == "loop":
+        return _sequential_micro_batches(model, loss_fn, x, y, names, params, k, spec)
+    try:
+        return _parallel_micro_batches(model, loss_fn, x, y, names, k, spec, chosen)
+    except ValueError:
+        if impl != "auto" or chosen != "vmap":
+            raise
+        _VMAP_FAILED.add(model)
+    return _sequential_micro_batches(model, loss_fn, x, y, names, params, k, spec)
+
+
 def _sequential_micro_batches(model, loss_fn, x, y, names, params, k: int, spec: _Spec) -> _Step:
     """k = 1: the plain two-pass step; k > 1: the same step on each micro-batch in turn, averaged.
 
@@ -264,21 +281,34 @@ def _sequential_micro_batches(model, loss_fn, x, y, names, params, k: int, spec:
     )
 
 
-def _parallel_micro_batches(model, loss_fn, x, y, names, k: int, spec: _Spec) -> _Step:
-    """All k micro-batches at once (torch.func.vmap); folded into one _Step with mean gradients."""
+def choose_impl(model: nn.Module) -> str:
+    """impl="auto": "fused" for models built of layers it batches (every built-in model), else "vmap"
+    (or "loop" once vmap has failed on this model)."""
+    if model in _VMAP_FAILED:
+        return "loop"
+    return "fused" if per_sample_model(model) else "vmap"
+
+
+_VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+PARALLEL = {"vmap": micro_batch_gradients_vmap, "fused": micro_batch_gradients}
+
+
+def _parallel_micro_batches(model, loss_fn, x, y, names, k: int, spec: _Spec, impl: str) -> _Step:
+    """All k micro-batches at once (vmap or fused); folded into one _Step with mean gradients."""
     try:
-        out = micro_batch_gradients_vmap(model, loss_fn, x, y, names, k, rho=spec.rho)
+        out = PARALLEL[impl](model, loss_fn, x, y, names, k, rho=spec.rho)
     except torch.OutOfMemoryError:
         raise  # k copies of the activations did not fit: not a model vmap cannot handle
     except RuntimeError as err:
+        if impl == "fused":
+            raise
         raise ValueError(f"impl: this model cannot run under torch.func.vmap ({err}); use impl='loop'") from err
-    micro_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in out["first"]]).sum(0).sqrt()
     return _Step(
-        losses=out["losses"].reshape(-1),
+        losses=_per_sample(out["losses"].reshape(-1), x.shape[0]),
         perturbed_losses=out["perturbed_losses"].reshape(-1),
-        gradient=[g.mean(0) for g in out["first"]],
-        descent=[h.mean(0) for h in out["second"]],
-        extras={"micro_grad_norm": micro_norms.mean()},
+        gradient=out["gradient"],
+        descent=out["descent"],
+        extras={"micro_grad_norm": out["micro_norms"].mean()},
     )
 
 

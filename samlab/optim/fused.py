@@ -1,0 +1,354 @@
+"""m-SAM with all k micro-batches in one pass of the model ("fused"): per-micro-batch weights.
+
+m-SAM needs, for the k disjoint micro-batches B_j of a batch, g_j = grad L_{B_j}(w) and
+h_j = grad L_{B_j}(w + eps_j). When samples interact only inside their own micro-batch (every
+layer acts on each sample alone, BatchNorm normalises with micro-batch statistics), both are the
+gradients of ONE scalar: with a copy W_j of the weights for each micro-batch,
+
+    S(W_1, ..., W_k) = Σ_j L_{B_j}(W_j),   grad_{W_j} S = grad L_{B_j}(W_j).
+
+So one forward of the whole batch in which the samples of B_j see the weights W_j, and one
+backward, give all k per-micro-batch gradients: at W_j = w (first pass, g_j) and at
+W_j = w + eps_j (second pass, h_j). The layers with weights run their k micro-batches as one
+batched product: a convolution as one grouped convolution (groups = k), BatchNorm with
+per-micro-batch statistics in one call, GroupNorm/LayerNorm with per-micro-batch affine parameters,
+and a linear layer with its per-micro-batch gradients kept in factored form (`_LowRankLinear`).
+The number of multiply-adds is that of one forward of the batch (plus m × m Gram matrices for the
+linear layers), with one kernel per layer instead of k.
+
+The module's forward methods are swapped for the duration of a pass (restored afterwards, also on
+error); modules with weights must be of a supported type or define
+`micro_batched_forward(xs, params)`: xs is the module's input as [k, m, ...] (xs[j] micro-batch j),
+params holds the module's own tensors, each with a leading dimension k (params[...][j] the weights
+micro-batch j sees), and it returns the output as [k, m, ...].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Params = dict[str, torch.Tensor]
+
+# Parameter-free torch modules that act on each sample alone; any other module class from torch.nn
+# that is not a supported layer makes a model ineligible for the automatic choice of this path.
+PER_SAMPLE_MODULES = (
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Softplus,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+
+
+# -- the batched layers ----------------------------------------------------------------------------
+# Inside a fused pass the batch is interleaved: row i·k + j holds sample i of micro-batch j. Then an
+# activation [b, C, ...] is, in memory, [m, k·C, ...]: micro-batch j's channels are group j of k
+# channel groups, and grouped convolutions and BatchNorm read it without a copy.
+def interleave(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows j·m + i (micro-batch j = x.chunk(k)[j]) -> rows i·k + j."""
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
+def micro_batches(x: torch.Tensor, k: int, interleaved: bool = True) -> torch.Tensor:
+    """[b, ...] -> [k, m, ...] (a view): [j] is micro-batch j (interleaved or blocked order)."""
+    if not interleaved:
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).transpose(0, 1)
+
+
+def from_micro_batches(t: torch.Tensor, shape: Sequence[int], interleaved: bool = True) -> torch.Tensor:
+    """[k, rows, ...] with the rows of micro-batch j -> the tensor of `shape` in the batch's order."""
+    k = t.shape[0]
+    if not interleaved:
+        return t.reshape(shape)
+    return t.reshape(k, shape[0] // k, *shape[1:]).transpose(0, 1).reshape(shape)
+
+
+def _merge(t: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """[k, m, ...] -> [k·m, ...] in the batch's order."""
+    if interleaved:
+        t = t.transpose(0, 1)
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _rows(x: torch.Tensor, k: int, interleaved: bool = True) -> torch.Tensor:
+    """[k, rows, features]: the last-dimension vectors of each micro-batch."""
+    return micro_batches(x, k, interleaved).reshape(k, -1, x.shape[-1])
+
+
+def _conv2d(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+    if module.padding_mode != "zeros":
+        raise ValueError(f"impl: the fused path supports zero-padded convolutions only (got {module.padding_mode!r})")
+    b, c = x.shape[:2]
+    weight = p["weight"].reshape(-1, *p["weight"].shape[2:])
+    bias = None if p.get("bias") is None else p["bias"].reshape(-1)
+    out = F.conv2d(x.reshape(b // k, k * c, *x.shape[2:]), weight, bias, module.stride, module.padding,
+                   module.dilation, k * module.groups)
+    return out.reshape(b, module.out_channels, *out.shape[2:])
+
+
+def _affine(normed: torch.Tensor, p: Params, k: int, view: Sequence[int]) -> torch.Tensor:
+    """normed * weight_j + bias_j for per-micro-batch [k, ...] parameters reshaped to `view`."""
+    if p.get("weight") is None:
+        return normed
+    out = normed * p["weight"].reshape(view)
+    return out if p.get("bias") is None else out + p["bias"].reshape(view)
+
+
+def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, p: Params, k: int,
+                *, update: bool) -> torch.Tensor:
+    """BatchNorm with the statistics of each micro-batch (train mode) or the running ones (eval).
+
+    The k·C channel groups of the interleaved batch go through one BatchNorm call over m samples,
+    so one fused kernel computes all k·C statistics. In train mode with `update`, the running
+    statistics become the mean of k copies each updated by one micro-batch (the convention of the
+    loop and vmap paths).
+    """
+    b, channels = x.shape[:2]
+    grouped = x.reshape(b // k, k * channels, -1)
+    batch_stats = module.training or module.running_mean is None
+    if batch_stats and grouped.shape[0] * grouped.shape[2] < 2:
+        raise ValueError(f"m: BatchNorm in train mode needs more than one value per channel in a "
+                         f"micro-batch (got input {list(x.shape)} split into {k})")
+    track = module.running_mean is not None and (not batch_stats or (update and module.training))
+    mean = module.running_mean.repeat(k) if track else None
+    var = module.running_var.repeat(k) if track else None
+    momentum = 0.0
+    if batch_stats and track:
+        module.num_batches_tracked.add_(1)
+        momentum = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+    weight = None if p.get("weight") is None else p["weight"].reshape(-1)
+    bias = None if p.get("bias") is None else p["bias"].reshape(-1)
+    out = F.batch_norm(grouped, mean, var, weight, bias, batch_stats, momentum, module.eps)
+    if batch_stats and track:
+        with torch.no_grad():
+            module.running_mean.copy_(mean.reshape(k, channels).mean(0))
+            module.running_var.copy_(var.reshape(k, channels).mean(0))
+    return out.reshape(x.shape)
+
+
+def _group_norm(module: nn.GroupNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+    b, channels = x.shape[:2]
+    normed = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(b // k, k, channels, -1)
+    return _affine(normed, p, k, (1, k, channels, 1)).reshape(x.shape)
+
+
+def _layer_norm(module: nn.LayerNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+    shape = tuple(module.normalized_shape)
+    normed = F.layer_norm(x, shape, None, None, module.eps).reshape(x.shape[0] // k, k, -1, *shape)
+    return _affine(normed, p, k, (1, k, 1, *shape)).reshape(x.shape)
+
+
+LAYERS: dict[type, Callable[..., torch.Tensor]] = {
+    nn.Conv2d: _conv2d,
+    nn.GroupNorm: _group_norm,
+    nn.LayerNorm: _layer_norm,
+}
+
+
+def _layer_forward(module: nn.Module, update: bool,
+                   interleaved: bool = True) -> Callable[[torch.Tensor, Params, int], torch.Tensor] | None:
+    """The batched forward of `module` on a batch in interleaved (or blocked) order, or None."""
+    custom = getattr(module, "micro_batched_forward", None)
+    if callable(custom):
+        return lambda x, p, k: _merge(custom(micro_batches(x, k, interleaved), p), interleaved)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return lambda x, p, k: _batch_norm(module, x, p, k, update=update)
+    layer = LAYERS.get(type(module))
+    return None if layer is None else (lambda x, p, k: layer(module, x, p, k))
+
+
+def _batchable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or _layer_forward(module, False) is not None
+
+
+def unsupported_modules(model: nn.Module) -> list[str]:
+    """Names (types) of the modules with weights or buffers that the fused path cannot batch."""
+    out = []
+    for name, module in model.named_modules():
+        owns = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+        if owns and not _batchable(module):
+            out.append(f"{name or 'model'} ({type(module).__name__})")
+    return out
+
+
+def per_sample_model(model: nn.Module) -> bool:
+    """True when every module is a supported layer, a per-sample torch module or a samlab model.
+
+    The fused path assumes samples interact only through BatchNorm statistics; this is the check
+    that lets `impl="auto"` rely on it without running the model.
+    """
+    for module in model.modules():
+        if _batchable(module) or isinstance(module, PER_SAMPLE_MODULES):
+            continue
+        if type(module).__module__.startswith("samlab.models"):
+            continue
+        return False
+    return not unsupported_modules(model)
+
+
+class _LowRankLinear:
+    """A linear layer's per-micro-batch gradients kept as factors, never as k weight matrices.
+
+    With rows r of micro-batch j (samples, or samples × positions for inputs of more than two
+    dimensions), inputs X_r and output gradients G_r, g_j = Σ_r G_r X_rᵀ (bias: Σ_r G_r). With
+    X'_r = (X_r, 1) (the bias as a weight on a constant input 1), ‖g_j‖² = Σ_{r,s} (G_r·G_s)(X'_r·X'_s)
+    and the perturbed layer of the second pass is (W + c_j g_j) x' = W x' + c_j Σ_r G_r (X'_r·x'):
+    Gram matrices of the m rows of a micro-batch replace the k copies of W, which is what makes many
+    small micro-batches cheap. Frozen tensors drop out of X' (a frozen weight leaves only the 1).
+    """
+
+    def __init__(self, module: nn.Linear, trainable: set[str], interleaved: bool) -> None:
+        self.module, self.interleaved = module, interleaved
+        self.weight, self.bias = "weight" in trainable, "bias" in trainable
+        self.inputs = self.outputs = self.grads = self.one = None
+
+    def _features(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """[k, rows, in]: the rows of each micro-batch (no features when the weight is frozen)."""
+        rows = _rows(x, k, self.interleaved)
+        return rows if self.weight else rows[..., :0]
+
+    def _grams(self, rows: torch.Tensor) -> torch.Tensor:
+        """X'_r·x'_s for the rows of each micro-batch against the first pass's inputs: [k, rows, m]."""
+        if self.bias:  # the constant input 1 of the bias
+            return torch.baddbmm(self.one, rows, self.inputs.transpose(1, 2))
+        return torch.bmm(rows, self.inputs.transpose(1, 2))
+
+    def first(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+        self.inputs = self._features(x.detach(), k)
+        self.one = torch.ones((), dtype=x.dtype, device=x.device)
+        self.outputs = F.linear(x, p["weight"], p.get("bias"))
+        return self.outputs
+
+    def squared_norms(self, grad_out: torch.Tensor, k: int) -> torch.Tensor:
+        """‖g_j‖² of this layer's trainable tensors, [k]."""
+        self.grads = _rows(grad_out, k, self.interleaved)
+        grams = torch.bmm(self.grads, self.grads.transpose(1, 2))
+        return (grams * self._grams(self.inputs)).sum((1, 2))
+
+    def perturb(self, scale: torch.Tensor) -> None:
+        """Fix c_j for the second pass (c_j G_r, one tensor for the whole pass)."""
+        self.grads = self.grads * scale.reshape(-1, 1, 1)
+
+    def second(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+        out = F.linear(x, p["weight"], p.get("bias"))
+        grams = self._grams(self._features(x, k))
+        if not self.interleaved and out.dim() == 2:  # the rows of micro-batch j are a block of out
+            return torch.baddbmm(out.reshape(k, -1, out.shape[-1]), grams, self.grads).reshape(out.shape)
+        return out + from_micro_batches(torch.bmm(grams, self.grads), out.shape, self.interleaved)
+
+
+def _bound(layer, params: Params, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: layer(x, params, k)
+
+
+@contextmanager
+def _swapped_forwards(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each module in `forwards` runs the given function as its forward."""
+    try:
+        for module, fn in forwards.items():
+            module.forward = fn
+        yield
+    finally:
+        for module in forwards:
+            if "forward" in module.__dict__:
+                del module.forward  # the instance attribute; the class's forward shows through again
+
+
+def _layers(model: nn.Module, trainable: set[str]) -> tuple[list[tuple[nn.Module, list[str], object]], bool]:
+    """((module, its parameter names, its _LowRankLinear or None) for every module with tensors,
+    whether the batch must be interleaved: only when some layer other than a linear one is batched)."""
+    found = []
+    for prefix, module in model.named_modules():
+        own = [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)]
+        if not own and not any(True for _ in module.buffers(recurse=False)):
+            continue
+        if not _batchable(module):
+            raise ValueError(f"impl: the fused path cannot batch {prefix or 'the model'} "
+                             f"({type(module).__name__}); use impl='vmap' or 'loop'")
+        found.append((module, own))
+    # grouped convolutions and norm layers read micro-batches as channel groups of the interleaved batch
+    interleaved = any(type(module) in LAYERS or isinstance(module, nn.modules.batchnorm._BatchNorm)
+                      for module, _ in found)
+    out = []
+    for module, own in found:
+        local = {name.rsplit(".", 1)[-1] for name in own if name in trainable}
+        out.append((module, own, _LowRankLinear(module, local, interleaved) if type(module) is nn.Linear else None))
+    return out, interleaved
+
+
+def _own(names: list[str], tensors: Params) -> Params:
+    return {name.rsplit(".", 1)[-1]: tensors[name] for name in names}
+
+
+def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                          names: Sequence[str], k: int, *, rho: float) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+    """m-SAM's two passes over k micro-batches, each one forward and one backward of the batch.
+
+    eps_j = rho * g_j / ‖g_j‖ (zero when g_j = 0, as the shared rule). Returns "gradient"
+    (mean_j g_j per name), "descent" (mean_j h_j), "micro_norms" (‖g_j‖, [k]), "losses" and
+    "perturbed_losses" ([k, m]). BatchNorm's running statistics move by the first pass only (the
+    mean of the k micro-batch updates).
+    """
+    trainable = set(names)
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    layers, interleaved = _layers(model, trainable)
+    low_ranks = [lr for _, _, lr in layers if lr is not None]
+    batched = [name for _, own, lr in layers if lr is None for name in own if name in trainable]
+    linear = [name for _, own, lr in layers if lr is not None for name in own if name in trainable]
+    shared = {name: weights[name].detach().requires_grad_() for name in linear}
+    # first pass: W_j = w. Batched layers get k (expanded, not copied) leaves each, so autograd
+    # returns g_j stacked; low-rank linear layers run on the shared weights.
+    expanded = {name: weights[name].unsqueeze(0).expand(k, *weights[name].shape)
+                for _, own, lr in layers if lr is None for name in own}
+    per_micro = {name: expanded[name].detach().requires_grad_() for name in batched}
+    first_params = {**expanded, **per_micro}
+    forwards = {}
+    for module, own, low_rank in layers:
+        if low_rank is None:
+            forwards[module] = _bound(_layer_forward(module, True, interleaved), _own(own, first_params), k)
+        else:
+            forwards[module] = _bound(low_rank.first, _own(own, {**weights, **shared}), k)
+    if interleaved:
+        x, y = interleave(x, k), interleave(y, k)
+    with _swapped_forwards(forwards):
+        losses = loss_fn(model(x), y)
+    wanted = [per_micro[n] for n in batched] + [shared[n] for n in linear] + [lr.outputs for lr in low_ranks]
+    grads = _grads(losses.sum() * (k / x.shape[0]), wanted)
+    micro = dict(zip(batched, grads[:len(batched)], strict=True))
+    gradient = {name: g.mean(0) for name, g in micro.items()}
+    gradient.update({name: g / k for name, g in zip(linear, grads[len(batched):len(batched) + len(linear)],
+                                                   strict=True)})
+    squared = sum((g.reshape(k, -1).pow(2).sum(1) for g in micro.values()),
+                  torch.zeros(k, dtype=losses.dtype, device=losses.device))
+    for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
+        squared = squared + lr.squared_norms(grad_out, k)
+    norms = squared.sqrt()
+    scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
+    again = {name: weights[name].detach().requires_grad_() for name in names}
+    second_params = dict(expanded)
+    for name, g in micro.items():
+        second_params[name] = again[name].unsqueeze(0) + scale.reshape(k, *([1] * (g.dim() - 1))) * g
+    forwards = {}
+    for module, own, low_rank in layers:
+        if low_rank is None:
+            forwards[module] = _bound(_layer_forward(module, False, interleaved), _own(own, second_params), k)
+        else:
+            low_rank.perturb(scale)
+            forwards[module] = _bound(low_rank.second, _own(own, {**weights, **again}), k)
+    with _swapped_forwards(forwards):
+        perturbed_losses = loss_fn(model(x), y)
+    descent = _grads(perturbed_losses.mean(), [again[name] for name in names])
+    return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms,
+            "losses": micro_batches(losses.detach(), k, interleaved),
+            "perturbed_losses": micro_batches(perturbed_losses.detach(), k, interleaved)}
+
+
+def _grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True))
