@@ -14,7 +14,7 @@ from typing import Any
 
 from samlab.validation import check_choice, check_in_range, check_int, check_optional_int
 
-METHODS = ("sgd", "sam", "asam", "usam", "nsam", "msam", "rwsam")
+METHODS = ("sgd", "sam", "asam", "usam", "nsam", "msam", "ghostbn", "rwsam")
 DATASETS = (
     "digits",
     "gaussian-mixture",
@@ -41,6 +41,7 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "usam": ("rho",),
     "nsam": ("rho", "nsam_batch"),
     "msam": ("rho", "m", "impl"),
+    "ghostbn": ("rho", "m"),
     "rwsam": ("rho", "lam", "estimator", "delta"),
 }
 
@@ -78,7 +79,7 @@ class OptimConfig:
     rho: float = 0.05
     m: int | None = None  # msam micro-batch size (samples per perturbation)
     impl: str = "vmap"
-    lam: float = 0.0  # rwsam softmax temperature
+    lam: float = 0.02  # rwsam: p = softmax(lam * s) (0 is SAM); the default is samlab.optim.reweighted.DEFAULT_LAM
     estimator: str = "fd"
     delta: float = 1e-3
     adaptive_eta: float = 0.01  # asam: T = |w| + eta_a
@@ -162,9 +163,10 @@ class RunConfig:
         check_in_range("schedule.min_lr", s.min_lr, 0.0, o.lr)
         check_int("epochs", self.epochs, 1, 100_000)
         check_int("batch_size", self.batch_size, 1, 1_000_000)
-        if o.method == "msam":
+        if o.method in ("msam", "ghostbn"):
             if o.m is None:
-                raise ValueError("optim.m: msam needs the micro-batch size m (samples per perturbation)")
+                raise ValueError(f"optim.m: {o.method} needs the micro-batch size m (samples per perturbation "
+                                 "or per BatchNorm statistics)")
             check_int("optim.m", o.m, 1, self.batch_size)
             if self.batch_size % o.m != 0:
                 raise ValueError(
@@ -218,7 +220,7 @@ class RunConfig:
         parts = [o.method]
         if o.method != "sgd":
             parts.append(f"ρ={o.rho:g}")
-        if o.method == "msam":
+        if o.method in ("msam", "ghostbn"):
             parts.append(f"m={o.m}")
         if o.method == "rwsam":
             parts.append(f"λ={o.lam:g}")
