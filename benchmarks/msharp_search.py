@@ -10,8 +10,11 @@ paired difference against SAM (m = batch, at its own chosen ρ) on the --eval se
 mean ± SE with z = mean / SE. Scores: test accuracy in points for classification, −test loss for
 regression (so a positive difference always means "better than SAM").
 
-Runs go to a JSON cache keyed by their config, so a rerun prints the tables without training again.
-Workers are separate processes with one torch thread each.
+Two kinds of candidates: "student" ones (the two-layer ReLU student on the relu-teacher set) train all
+their runs at once with `samlab.student` (seconds per hundred runs; tested equal to the trainer);
+"trainer" ones run samlab's trainer once per run, every ρ on the selection seeds and only the chosen ρ
+on the evaluation seeds. Runs go to a JSON cache keyed by their config, so a rerun prints the tables
+without training again. Workers are separate processes with one torch thread each.
 """
 
 from __future__ import annotations
@@ -28,20 +31,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samlab.config import RunConfig  # noqa: E402
-from samlab.paired import select_then_compare  # noqa: E402
+from samlab.config import DataConfig, RunConfig  # noqa: E402
+from samlab.data import load_dataset  # noqa: E402
+from samlab.paired import best_rho, select_then_compare  # noqa: E402
+from samlab.student import StudentRun, train_students  # noqa: E402
 
-RELU_BASE = {
-    "data": {"name": "relu-teacher", "n_train": 60, "n_test": 2000, "n_features": 10, "sparsity": 2},
-    "model": {"name": "relu-net", "width": 40, "init_scale": 0.01},
-    "optim": {"method": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
-    "schedule": {"name": "constant"}, "epochs": 4000, "batch_size": 60, "device": "cpu",
-    "checkpoint_every": 0, "eval_every": 4000, "log_every": 4000,
+DIGITS_BASE = {
+    "data": {"name": "digits", "n_train": 512, "label_noise": 0.2},
+    "model": {"name": "cnn", "width": 16, "norm": "bn"},
+    "optim": {"method": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+    "schedule": {"name": "cosine"}, "epochs": 30, "batch_size": 64, "device": "cpu", "checkpoint_every": 0,
 }
 
 
 def _with(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """A deep copy of `base` with dotted-key changes ("optim.lr": 0.1 spelled optim__lr=0.1)."""
+    """A deep copy of `base` with nested changes, data__noise_std=0.3 for base["data"]["noise_std"]."""
     raw = json.loads(json.dumps(base))
     for key, value in changes.items():
         *path, last = key.split("__")
@@ -52,42 +56,64 @@ def _with(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return raw
 
 
-# name -> (base config, ms with the batch size first, {m: ρ grid}, extra methods)
+RHOS = {60: (0.003, 0.01, 0.02), 20: (0.01, 0.03, 0.1), 6: (0.01, 0.03, 0.1), 2: (0.003, 0.01, 0.03),
+        1: (0.003, 0.01)}
+
+
+def _student(n: int = 60, d: int = 10, width: int = 40, units: int = 2, noise: float = 0.0, init: float = 0.01,
+             lr: float = 0.1, steps: int = 2000, rule: str = "normalized", rhos=None, lams=()) -> dict[str, Any]:
+    """A two-layer ReLU student candidate (full batch, trained by samlab.student); `rhos`: {m: grid}."""
+    rhos = rhos or RHOS
+    return {"kind": "student", "n": n, "d": d, "width": width, "units": units, "noise": noise, "init": init,
+            "lr": lr, "steps": steps, "rule": rule, "ms": sorted(rhos, reverse=True),
+            "rhos": {m: list(grid) for m, grid in rhos.items()}, "lams": list(lams)}
+
+
+# Candidates: "student" ones train all their runs at once with samlab.student (seconds); "trainer" ones
+# run samlab's trainer once per run (a digits CNN run is ~10 s of CPU).
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "relu-teacher": {
-        "base": RELU_BASE,
-        "ms": [60, 20, 6, 2],
-        "rhos": {60: [0.0005, 0.001, 0.002, 0.004], 20: [0.0005, 0.001, 0.002, 0.004],
-                 6: [0.0005, 0.001, 0.002, 0.004], 2: [0.0005, 0.001, 0.002, 0.004]},
-        "methods": ["sgd"],
-    },
-    "relu-teacher-noisy": {
-        "base": _with(RELU_BASE, data__noise_std=0.3),
-        "ms": [60, 20, 6, 2],
-        "rhos": {m: [0.0005, 0.001, 0.002, 0.004] for m in (60, 20, 6, 2)},
-        "methods": ["sgd"],
-    },
+    "relu-student": _student(lams=(10.0, 100.0, 1000.0)),
+    "relu-student-usam": _student(rule="unnormalized", rhos={60: (0.1, 0.3), 20: (0.1, 0.3), 6: (0.1, 0.3),
+                                                             2: (0.1, 0.3), 1: (0.1, 0.3)}),
+    "relu-student-noisy": _student(noise=0.3),
+    "relu-student-4000": _student(steps=4000),
+    "relu-student-wide": _student(width=160),
+    "relu-student-init0.1": _student(init=0.1),
+    # the lesson's digits preset: RW-SAM's λ × ρ against SAM's ρ, and the ghost-BatchNorm control at m = 8
+    "digits-cnn-rwsam": {"kind": "trainer", "base": DIGITS_BASE, "reference": "m=64", "cells": {
+        "m=64": {"set": {"optim.method": "sam"}, "rhos": [0.14, 0.28]},
+        **{f"rwsam λ={lam:g}": {"set": {"optim.method": "rwsam", "optim.lam": lam}, "rhos": [0.14, 0.28]}
+           for lam in (0.01, 0.02, 0.05)},
+        "m=8": {"set": {"optim.method": "msam", "optim.m": 8}, "rhos": [0.07, 0.14]},
+        "ghostbn m=8": {"set": {"optim.method": "ghostbn", "optim.m": 8}, "rhos": [0.14, 0.28]},
+    }},
 }
 
 
-def run_configs(candidate: dict[str, Any], seeds: list[int]) -> list[tuple[str, int, float, int, RunConfig]]:
-    """(method, m, ρ, seed, config) for every run of a candidate; sgd runs once per seed with ρ = 0."""
-    base = candidate["base"]
-    batch = base["batch_size"]
+def run_configs(candidate: dict[str, Any], seeds: list[int]) -> list[tuple[str, float, int, RunConfig]]:
+    """Trainer candidates: (cell, ρ, seed, config) for every run of every cell and ρ of its grid."""
     runs = []
     for seed in seeds:
-        if "sgd" in candidate["methods"]:
-            runs.append(("sgd", batch, 0.0, seed, RunConfig.from_dict(_with(base, seed=seed))))
+        for cell, spec in candidate["cells"].items():
+            for rho in spec["rhos"]:
+                raw = _with(candidate["base"], seed=seed, optim__rho=rho,
+                            **{k.replace(".", "__"): v for k, v in spec["set"].items()})
+                runs.append((cell, rho, seed, RunConfig.from_dict(raw)))
+    return runs
+
+
+def student_runs(candidate: dict[str, Any], seeds: list[int]) -> list[tuple[str, StudentRun]]:
+    """Student candidates: (cell, run) for every run."""
+    n = candidate["n"]
+    runs = []
+    for seed in seeds:
+        runs.append(("sgd", StudentRun("sgd", n, 0.0, seed)))
         for m in candidate["ms"]:
             for rho in candidate["rhos"][m]:
-                method = "sam" if m == batch else "msam"
-                raw = _with(base, seed=seed, optim__method=method, optim__rho=rho,
-                            optim__m=None if m == batch else m)
-                runs.append((method, m, rho, seed, RunConfig.from_dict(raw)))
-        if "nsam" in candidate["methods"]:
-            for rho in candidate["rhos"][batch]:
-                raw = _with(base, seed=seed, optim__method="nsam", optim__rho=rho)
-                runs.append(("nsam", batch, rho, seed, RunConfig.from_dict(raw)))
+                runs.append((f"m={m}", StudentRun("sam" if m == n else "msam", m, rho, seed)))
+        for lam in candidate["lams"]:
+            for rho in candidate["rhos"][n]:
+                runs.append((f"rwsam λ={lam:g}", StudentRun("rwsam", n, rho, seed, lam)))
     return runs
 
 
@@ -105,6 +131,21 @@ def _train(config_json: str) -> dict[str, Any]:
             "train_loss": summary["final_train_loss"], "seconds": time.perf_counter() - start}
 
 
+def _train_students(candidate_json: str, runs: list[StudentRun]) -> list[dict[str, Any]]:
+    import torch
+
+    torch.set_num_threads(1)
+    c = json.loads(candidate_json)
+    data = load_dataset(DataConfig(name="relu-teacher", n_train=c["n"], n_test=2000, n_features=c["d"],
+                                   sparsity=c["units"], noise_std=c["noise"]))
+    start = time.perf_counter()
+    out = train_students(data, runs, width=c["width"], init_scale=c["init"], lr=c["lr"], steps=c["steps"],
+                         rule=c["rule"])
+    seconds = (time.perf_counter() - start) / len(runs)
+    return [{"status": "completed" if math.isfinite(r["test_loss"]) else "diverged", **r, "seconds": seconds}
+            for r in out]
+
+
 def score(record: dict[str, Any], task_is_regression: bool) -> float:
     """Higher is better: −test loss (regression) or test accuracy in points."""
     if record["status"] != "completed":
@@ -114,8 +155,28 @@ def score(record: dict[str, Any], task_is_regression: bool) -> float:
     return 100.0 * record["test_acc"]
 
 
-def train_all(configs: list[RunConfig], cache: dict[str, Any], workers: int, cache_path: Path) -> None:
-    todo = [c.to_json() for c in configs if c.to_json() not in cache]
+def _student_key(candidate: dict[str, Any], run: StudentRun) -> str:
+    return json.dumps([candidate, run.method, run.m, run.rho, run.seed, run.lam], sort_keys=True)
+
+
+def train_all(candidate: dict[str, Any], seeds: list[int], cache: dict[str, Any], workers: int,
+              cache_path: Path) -> None:
+    """Train what the cache lacks: trainer runs one per task, student runs in one batch per worker."""
+    if candidate["kind"] == "student":
+        todo = [run for _, run in student_runs(candidate, seeds) if _student_key(candidate, run) not in cache]
+        if not todo:
+            return
+        print(f"training {len(todo)} student runs on {workers} workers ...", file=sys.stderr)
+        by_seed = sorted({r.seed for r in todo})
+        shares = [[r for r in todo if r.seed in by_seed[i::workers]] for i in range(workers)]
+        shares = [share for share in shares if share]
+        with ProcessPoolExecutor(max_workers=len(shares)) as pool:
+            text = json.dumps(candidate, sort_keys=True)
+            for share, records in zip(shares, pool.map(_train_students, [text] * len(shares), shares), strict=True):
+                cache.update({_student_key(candidate, r): rec for r, rec in zip(share, records, strict=True)})
+        cache_path.write_text(json.dumps(cache))
+        return
+    todo = [c.to_json() for *_, c in run_configs(candidate, seeds) if c.to_json() not in cache]
     if not todo:
         return
     print(f"training {len(todo)} runs on {workers} workers ...", file=sys.stderr)
@@ -124,34 +185,49 @@ def train_all(configs: list[RunConfig], cache: dict[str, Any], workers: int, cac
             cache[key] = record
             if done % 10 == 0 or done == len(todo):
                 cache_path.write_text(json.dumps(cache))
-                print(f"  {done}/{len(todo)}", file=sys.stderr)
+
+
+def collect(candidate: dict[str, Any], cache: dict[str, Any], seeds: list[int]):
+    """scores[cell][ρ][seed] (higher is better), the reference cell (m = batch: SAM), seconds of training."""
+    scores: dict[str, dict[float, dict[int, float]]] = {}
+    seconds = 0.0
+    if candidate["kind"] == "student":
+        cells = [(cell, _student_key(candidate, run), run.rho, run.seed) for cell, run in student_runs(candidate, seeds)]
+        regression, reference = True, f"m={candidate['n']}"
+    else:
+        cells = [(cell, cfg.to_json(), rho, seed) for cell, rho, seed, cfg in run_configs(candidate, seeds)]
+        regression = candidate["base"]["data"]["name"] in ("relu-teacher", "sparse-regression")
+        reference = candidate["reference"]
+    for cell, key, rho, seed in cells:
+        record = cache.get(key)
+        if record is not None:
+            seconds += record["seconds"]
+            scores.setdefault(cell, {}).setdefault(rho, {})[seed] = score(record, regression)
+    return scores, reference, seconds, regression
+
+
+def narrowed(candidate: dict[str, Any], cache: dict[str, Any], select: list[int]) -> dict[str, Any]:
+    """The trainer candidate with each cell's ρ grid cut to the ρ chosen on the `select` seeds."""
+    scores, *_ = collect(candidate, cache, select)
+    cells = {cell: {**spec, "rhos": [best_rho(scores[cell], select)]} for cell, spec in candidate["cells"].items()}
+    return {**candidate, "cells": cells}
 
 
 def table(name: str, candidate: dict[str, Any], cache: dict[str, Any], select: list[int],
           evaluate: list[int]) -> list[dict[str, Any]]:
-    """One row per method / m: ρ chosen on `select`, paired difference vs SAM on `evaluate`."""
-    regression = candidate["base"]["data"]["name"] in ("relu-teacher", "sparse-regression")
-    scores: dict[str, dict[float, dict[int, float]]] = {}
-    seconds = 0.0
-    for method, m, rho, seed, cfg in run_configs(candidate, select + evaluate):
-        record = cache.get(cfg.to_json())
-        if record is None:
-            continue
-        seconds += record["seconds"]
-        key = method if method in ("sgd", "nsam") else f"m={m}"
-        scores.setdefault(key, {}).setdefault(rho, {})[seed] = score(record, regression)
-    batch = candidate["base"]["batch_size"]
-    rows = select_then_compare(scores, f"m={batch}", select, evaluate)
+    """One row per cell: ρ chosen on `select`, paired difference vs SAM (m = batch) on `evaluate`."""
+    scores, reference, seconds, regression = collect(candidate, cache, select + evaluate)
+    rows = select_then_compare(scores, reference, select, evaluate)
     out = []
-    for key, row in rows.items():
-        values = [v for v in scores[key][row["rho"]].values() if math.isfinite(v)]
-        out.append({"candidate": name, "cell": key, **row, "score_mean": sum(values) / max(len(values), 1)})
-    print(f"\n{name}: ρ chosen on seeds {select}, paired vs SAM (m={batch}) on seeds {evaluate}; "
+    for cell, row in rows.items():
+        values = [v for s, v in scores[cell][row["rho"]].items() if s in evaluate and math.isfinite(v)]
+        out.append({"candidate": name, "cell": cell, **row, "score_mean": sum(values) / max(len(values), 1)})
+    print(f"\n{name}: ρ chosen on seeds {select}, paired vs SAM ({reference}) on seeds {evaluate}; "
           f"{'score = −test MSE' if regression else 'score = test accuracy (points)'}; "
           f"{seconds:.0f} s of training in all")
-    print(f"{'cell':>8} {'ρ':>8} {'score':>10} {'Δ vs SAM':>11} {'± SE':>9} {'z':>6} {'n':>3} {'wins':>5}")
+    print(f"{'cell':>14} {'ρ':>7} {'score':>10} {'Δ vs SAM':>11} {'± SE':>9} {'z':>6} {'n':>3} {'wins':>5}")
     for r in out:
-        print(f"{r['cell']:>8} {r['rho']:>8g} {r['score_mean']:>10.5g} {r['mean']:>+11.4g} {r['se']:>9.2g} "
+        print(f"{r['cell']:>14} {r['rho']:>7g} {r['score_mean']:>10.5g} {r['mean']:>+11.4g} {r['se']:>9.2g} "
               f"{r['z']:>6.2f} {r['n']:>3} {r['n_positive']:>5}")
     return out
 
@@ -172,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.candidates or list(CANDIDATES):
         candidate = CANDIDATES[name]
-        configs = [c for *_, c in run_configs(candidate, args.select + args.eval)]
-        train_all(configs, cache, args.workers, cache_path)
+        if candidate["kind"] == "student":
+            train_all(candidate, args.select + args.eval, cache, args.workers, cache_path)
+        else:  # trainer runs are costly: the evaluation seeds train each cell at its chosen ρ only
+            train_all(candidate, args.select, cache, args.workers, cache_path)
+            train_all(narrowed(candidate, cache, args.select), args.eval, cache, args.workers, cache_path)
         rows += table(name, candidate, cache, args.select, args.eval)
     if args.json:
         print(json.dumps(rows))

@@ -88,6 +88,45 @@ def toy_figure(grid: dict[str, list], path: Sequence[dict[str, Any]], upto: int,
     return fig
 
 
+def toy_animation(grid: dict[str, list], path: Sequence[dict[str, Any]], gd_path: Sequence[dict[str, Any]],
+                  *, max_frames: int = 60, frame_ms: int = 80) -> go.Figure:
+    """`toy_figure` with plotly animation frames: the SAM and GD paths grow step by step, with the current
+    SAM step's ascent and descent arrows; Play / Pause buttons and a step slider under the plot.
+    At most `max_frames` frames (steps evenly spaced, the last one always included)."""
+    fig = toy_figure(grid, path, 0, gd_path)
+    count, frames_wanted = len(path), min(len(path), max_frames)
+    shown = sorted({round(i * (count - 1) / max(1, frames_wanted - 1)) for i in range(frames_wanted)})
+    frames = [go.Frame(name=str(t), data=_toy_traces(path, gd_path, t), traces=[1, 2, 3, 4]) for t in shown]
+    fig.frames = frames
+    play = {"label": "▶ play", "method": "animate",
+            "args": [None, {"frame": {"duration": frame_ms, "redraw": False}, "fromcurrent": True,
+                            "transition": {"duration": 0}}]}
+    pause = {"label": "❚❚ pause", "method": "animate",
+             "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate",
+                               "transition": {"duration": 0}}]}
+    fig.update_layout(
+        updatemenus=[{"type": "buttons", "buttons": [play, pause], "direction": "left", "showactive": False,
+                      "x": 0.0, "y": -0.08, "xanchor": "left", "yanchor": "top"}],
+        sliders=[{"active": 0, "x": 0.2, "len": 0.8, "y": -0.06, "currentvalue": {"prefix": "step "},
+                  "steps": [{"label": str(t), "method": "animate",
+                             "args": [[str(t)], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]}
+                            for t in shown]}],
+        height=640, margin={"t": 60, "b": 120},
+    )
+    return fig
+
+
+def _toy_traces(path, gd_path, t: int) -> list[go.Scatter]:
+    """The four moving traces of `toy_animation` at step t: GD path, SAM iterates, ascent, descent."""
+    gd = gd_path[: t + 1]
+    sam = path[: t + 1]
+    w, ascent, nxt = path[t]["w"], path[t]["ascent"], path[t]["next"]
+    return [go.Scatter(x=[p["w"][0] for p in gd], y=[p["w"][1] for p in gd]),
+            go.Scatter(x=[p["w"][0] for p in sam], y=[p["w"][1] for p in sam]),
+            go.Scatter(x=[w[0], ascent[0]], y=[w[1], ascent[1]]),
+            go.Scatter(x=[w[0], nxt[0]], y=[w[1], nxt[1]])]
+
+
 # -- step 2: the diagonal linear network -----------------------------------------------------------------
 def diag_table(result: dict[str, Any]) -> pd.DataFrame:
     rows = pd.DataFrame(result["rows"])

@@ -30,7 +30,7 @@ st.markdown(
     "**g = ∇L(w)**, **ε = ρ g/‖g‖** (the ascent step), then **w ← w − lr ∇L(w + ε)** (the descent step). "
     "Below, a 2-D loss with a narrow deep dip on the slope of a wide basin."
 )
-c = st.columns(4)
+c = st.columns(3)
 rho = params.slider(c[0], "ρ", "toy_rho", 0.0, 0.8, default=0.4, step=0.05)
 lr = params.slider(c[1], "learning rate", "toy_lr", 0.005, 0.05, default=0.02, step=0.005)
 steps = int(params.slider(c[2], "steps", "toy_steps", 10.0, 400.0, default=300.0, step=10.0))
@@ -38,8 +38,9 @@ surface = toy.ToyLoss2D()
 start = (-0.5, 0.3)
 path = toy.sam_path(surface, start, lr=lr, rho=rho, steps=steps)
 gd_path = toy.sam_path(surface, start, lr=lr, rho=0.0, steps=steps)
-upto = int(params.slider(c[3], "show step", "toy_step", 0.0, float(steps - 1), default=0.0, step=1.0))
-ui.show_figure(view.toy_figure(surface.grid(), path, upto, gd_path), key="lesson.toy")
+st.caption("Press ▶ play to watch both paths grow, SAM's ascent (red) and descent (cyan) at every step; "
+           "pause and drag the step slider to stop at any step.")
+ui.show_figure(view.toy_animation(surface.grid(), path, gd_path), key="lesson.toy")
 end, gd_end = path[-1], gd_path[-1]
 st.caption(
     f"From w₀ = {start}, {steps} steps of lr = {lr:g}: gradient descent ends at loss {gd_end['loss']:.3f} "
