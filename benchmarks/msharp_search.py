@@ -76,6 +76,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "relu-student-usam": _student(rule="unnormalized", rhos={60: (0.1, 0.3), 20: (0.1, 0.3), 6: (0.1, 0.3),
                                                              2: (0.1, 0.3), 1: (0.1, 0.3)}),
     "relu-student-noisy": _student(noise=0.3),
+    "relu-student-noisy-grid": _student(noise=0.3, lams=(3.0, 30.0, 300.0), rhos={
+        60: (0.003, 0.01, 0.03), 20: (0.03, 0.1, 0.3), 6: (0.03, 0.1, 0.3), 2: (0.01, 0.03, 0.1),
+        1: (0.003, 0.01, 0.03)}),
     "relu-student-4000": _student(steps=4000),
     "relu-student-wide": _student(width=160),
     "relu-student-init0.1": _student(init=0.1),

@@ -306,15 +306,59 @@ def _zero_if_nan(value: float) -> float:
 
 # -- step 4: noise and m-sharpness against m --------------------------------------------------------------
 def noise_figure(curves: dict[str, dict[str, Any]]) -> go.Figure:
-    """E‖∇L_I‖ against m for each model (label → msharp task result)."""
+    """E‖∇L_I‖ against m for each model (label → msharp task result), measured (markers, ± spread between
+    partitions) with the prediction sqrt(‖∇L‖² + (n − m)/(m (n − 1)) tr V) drawn over it (dashed, same
+    colour): exact for the mean square, an upper bound for the mean by Jensen's inequality."""
     fig = go.Figure()
-    for label, result in curves.items():
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, (label, result) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
         rows = sorted(result["noise_curve"], key=lambda r: r["m"])
-        fig.add_scatter(x=[r["m"] for r in rows], y=[r["mean"] for r in rows], mode="lines+markers", name=label,
+        fig.add_scatter(x=[r["m"] for r in rows], y=[r["mean"] for r in rows], mode="markers", name=label,
+                        marker={"color": colour, "size": 8},
                         error_y={"type": "data", "array": [r["std_over_partitions"] for r in rows]})
+        predicted = predicted_noise_curve(result)
+        if predicted:
+            fig.add_scatter(x=[p["m"] for p in predicted], y=[p["mean"] for p in predicted], mode="lines",
+                            line={"color": colour, "dash": "dash"}, name=f"{label}: predicted from ‖∇L‖, tr V")
     fig.update_xaxes(type="log", title="m (micro-batch size)")
     fig.update_yaxes(title="E‖∇L_I(w)‖")
-    fig.update_layout(height=380)
+    fig.update_layout(height=400)
+    return fig
+
+
+def predicted_noise_curve(result: dict[str, Any], points: int = 40) -> list[dict[str, float]]:
+    """The prediction for E‖∇L_I‖ on a fine grid of m from 1 to n (from the result's ‖∇L‖ and tr V)."""
+    from samlab.noise import predicted_microbatch_grad_norm
+
+    n = int(result["n"])
+    noise = result["noise"]
+    ms = sorted({max(1, min(n, round(n ** (i / (points - 1))))) for i in range(points)})
+    return [predicted_microbatch_grad_norm(full_grad_norm=noise["full_grad_norm"], trace_v=noise["trace_v"], m=m, n=n)
+            for m in ms]
+
+
+def usam_regularizer_figure(curves: dict[str, dict[str, Any]], rho: float) -> go.Figure:
+    """m-USAM's implicit regularizer against m for each model: the 1/m law (ρ / 2m) tr V of the SDE account
+    (micro-batches drawn with replacement) from the measured tr V (dashed), and as markers the measured
+    noise part (ρ/2)(E‖∇L_I‖² − ‖∇L‖²) over disjoint micro-batches, which follows the same law times the
+    finite-population factor (n − m)/(n − 1) (zero at m = n, so not drawn there on the log axis)."""
+    fig = go.Figure()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, (label, result) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
+        n, noise = int(result["n"]), result["noise"]
+        ms = sorted({max(1, round(n ** (j / 39))) for j in range(40)})
+        fig.add_scatter(x=ms, y=[rho / (2 * m) * noise["trace_v"] for m in ms], mode="lines",
+                        line={"color": colour, "dash": "dash"}, name=f"{label}: (ρ/2m) tr V")
+        rows = [r for r in sorted(result["noise_curve"], key=lambda r: r["m"]) if r["m"] < n]
+        fig.add_scatter(x=[r["m"] for r in rows],
+                        y=[rho / 2 * (r["mean_sq"] - noise["full_grad_norm"] ** 2) for r in rows],
+                        mode="markers", marker={"color": colour, "size": 8},
+                        name=f"{label}: (ρ/2)(E‖∇L_I‖² − ‖∇L‖²) measured")
+    fig.update_xaxes(type="log", title="m (micro-batch size)")
+    fig.update_yaxes(type="log", title=f"noise regularizer at ρ = {rho:g}")
+    fig.update_layout(height=400)
     return fig
 
 
