@@ -235,6 +235,32 @@ def table(name: str, candidate: dict[str, Any], cache: dict[str, Any], select: l
     return out
 
 
+def noise_table(name: str, candidate: dict[str, Any], cache: dict[str, Any], select: list[int],
+                evaluate: list[int]) -> list[dict[str, Any]]:
+    """Student candidates: tr V and ‖∇L‖ at the end of training (the train set, per-sample gradients), mean ± std
+    over the evaluation seeds, each cell at the ρ chosen on the selection seeds."""
+    scores, *_ = collect(candidate, cache, select)
+    chosen = {cell: best_rho(by_rho, select) for cell, by_rho in scores.items()}
+    values: dict[str, list[dict[str, float]]] = {}
+    for cell, run in student_runs(candidate, evaluate):
+        record = cache.get(_student_key(candidate, run))
+        if record is not None and run.rho == chosen.get(cell) and record["status"] == "completed":
+            values.setdefault(cell, []).append(record)
+    print(f"\n{name}: gradient noise at the end of training, seeds {evaluate}, ρ chosen on {select}")
+    print(f"{'cell':>14} {'ρ':>7} {'tr V':>12} {'± std':>10} {'‖∇L‖':>11} {'train loss':>11} {'n':>3}")
+    rows = []
+    for cell, recs in values.items():
+        tv = [r["trace_v"] for r in recs]
+        mean = sum(tv) / len(tv)
+        std = (sum((t - mean) ** 2 for t in tv) / max(1, len(tv) - 1)) ** 0.5
+        grad = sum(r["full_grad_norm"] for r in recs) / len(recs)
+        train = sum(r["train_loss"] for r in recs) / len(recs)
+        rows.append({"cell": cell, "rho": chosen[cell], "trace_v": mean, "trace_v_std": std, "grad_norm": grad,
+                     "train_loss": train, "n": len(tv)})
+        print(f"{cell:>14} {chosen[cell]:>7g} {mean:>12.4g} {std:>10.2g} {grad:>11.3g} {train:>11.4g} {len(tv):>3}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidates", nargs="*", help=f"of: {', '.join(CANDIDATES)} (default: all)")
@@ -257,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             train_all(candidate, args.select, cache, args.workers, cache_path)
             train_all(narrowed(candidate, cache, args.select), args.eval, cache, args.workers, cache_path)
         rows += table(name, candidate, cache, args.select, args.eval)
+        if candidate["kind"] == "student":
+            rows += noise_table(name, candidate, cache, args.select, args.eval)
     if args.json:
         print(json.dumps(rows))
     return 0

@@ -14,30 +14,10 @@ import plotly.graph_objects as go
 
 from dashboard.figures import empty_figure
 from samlab.config import RunConfig
-from samlab.sweeps import SweepSpec
 
 METHOD_NAMES = {"gd": "GD", "sgd": "SGD", "sam": "SAM", "nsam": "n-SAM", "msam": "m-SAM", "rwsam": "RW-SAM",
                 "1sam": "1-SAM"}
 REFERENCE_COLOURS = {"sgd": "#7f7f7f", "nsam": "#d62728", "rwsam": "#2ca02c"}
-
-# The lesson's digits sweep: small enough for a 2-core CPU, with label noise so that flat minima matter.
-LESSON_SWEEP_NAME = "lesson: digits m-sharpness"
-LESSON_PRESET = "digits-cnn-msharp"
-# Four ρ per m on one √2-spaced ladder, shifted down as m shrinks: the best ρ of normalised m-SAM falls
-# with m (each micro-batch is moved by the full ρ along its own gradient), so each grid brackets its
-# own optimum and every m gets the same number of tries. n-SAM (m = the whole train set) uses `rhos`.
-LESSON_RHOS_BY_M = {64: [0.2, 0.28, 0.4, 0.56], 32: [0.14, 0.2, 0.28, 0.4], 8: [0.1, 0.14, 0.2, 0.28],
-                    2: [0.05, 0.07, 0.1, 0.14]}
-
-
-def lesson_spec(seeds: int = 5) -> SweepSpec:
-    """The sweep the lesson launches (from the `digits-cnn-msharp` preset, batch 64)."""
-    from samlab.config import preset
-
-    return SweepSpec(preset(LESSON_PRESET), ms=sorted(LESSON_RHOS_BY_M, reverse=True), rhos=[0.1, 0.2, 0.4, 0.8],
-                     seeds=list(range(seeds)), methods=["sgd", "sam", "msam", "nsam"], name=LESSON_SWEEP_NAME,
-                     rhos_by_m={m: list(r) for m, r in LESSON_RHOS_BY_M.items()})
-
 
 def parse_rhos_by_m(text: str) -> dict[int, list[float]]:
     """Per-m ρ grids from the Sweeps form: a JSON object m → list of ρ (empty text: none)."""
@@ -268,36 +248,81 @@ def trend_sentence(best_by_m: pd.DataFrame) -> str:
             f"({100 * spread:.2f}).")
 
 
-def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
-    """The paired differences for display: one row per cell, differences in points."""
-    rows = paired.assign(
-        cell=[_cell_name(row) for _, row in paired.iterrows()],
-        diff_points=100 * paired["diff_mean"], std_points=100 * paired["diff_std"],
-        better=[f"{int(b)} of {int(n)}" for b, n in zip(paired["n_better"], paired["n_pairs"])],
-    )
-    return rows[["cell", "rho", "diff_points", "std_points", "better"]]
+def _cell_name(row: pd.Series) -> str:
+    if row["method"] in ("sam", "msam"):
+        return f"m = {int(row['m'])}"
+    if row["method"] == "ghostbn":
+        return f"ghost-BN m = {int(row['m'])}"
+    return METHOD_NAMES.get(row["method"], row["method"])
 
 
-def paired_sentence(paired: pd.DataFrame) -> str:
-    """Which paired differences against the largest m exceed their own seed-to-seed spread, in words."""
-    others = paired[(paired["n_pairs"] >= 2) & (paired["m"] != paired["reference_m"])]
+def _display_scale(regression: bool) -> tuple[float, str]:
+    """Paired differences for display: points of accuracy, or test loss (reference − cell) for regression."""
+    return (1.0, "test loss below the reference's") if regression else (100.0, "points of test accuracy")
+
+
+def paired_figure(paired: pd.DataFrame, *, regression: bool) -> go.Figure:
+    """The m-curve as paired differences against the largest m (SAM): mean ± 1 SE of the per-seed difference
+    for every m (line), the ghost-BatchNorm control at its m (diamonds), and SGD / RW-SAM as dashed lines
+    with their ± SE in the label. Above zero is better than SAM."""
+    scale, unit = _display_scale(regression)
+    fig = go.Figure()
+    sharp = paired[paired["method"].isin(["sam", "msam"])].sort_values("m")
+    if not sharp.empty:
+        fig.add_scatter(x=sharp["m"], y=scale * sharp["diff_mean"], mode="lines+markers", name="SAM / m-SAM",
+                        error_y={"type": "data", "array": scale * sharp["diff_se"].fillna(0)},
+                        customdata=list(zip(sharp["rho"], sharp["n_pairs"], sharp["z"].fillna(0))),
+                        hovertemplate="m=%{x}<br>%{y:.4g} ± SE (ρ=%{customdata[0]}, %{customdata[1]} seeds, "
+                                      "z=%{customdata[2]:.1f})<extra></extra>")
+    ghost = paired[paired["method"] == "ghostbn"]
+    if not ghost.empty:
+        fig.add_scatter(x=ghost["m"], y=scale * ghost["diff_mean"], mode="markers", name="ghost-BN control",
+                        marker={"symbol": "diamond", "size": 11, "color": "#9467bd"},
+                        error_y={"type": "data", "array": scale * ghost["diff_se"].fillna(0)})
+    for _, row in paired[paired["method"].isin(["sgd", "nsam", "rwsam"])].iterrows():
+        rho = "" if pd.isna(row["rho"]) else f", ρ={row['rho']:g}"
+        fig.add_hline(y=scale * row["diff_mean"], line_dash="dash",
+                      line_color=REFERENCE_COLOURS.get(row["method"], "black"),
+                      annotation_text=f"{_cell_name(row)}{rho}: {scale * row['diff_mean']:+.3g} ± "
+                                      f"{scale * _zero_if_nan(row['diff_se']):.2g}")
+    fig.add_hline(y=0.0, line_color="#444", line_width=1)
+    _m_axis(fig, pd.concat([sharp, ghost]) if not ghost.empty else sharp)
+    fig.update_yaxes(title=f"paired difference vs SAM ({unit})")
+    fig.update_layout(height=440, showlegend=True, margin={"t": 40},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0.0})
+    return fig
+
+
+def paired_se_table(paired: pd.DataFrame, *, regression: bool) -> pd.DataFrame:
+    """One row per cell: ρ, paired difference against the reference ± SE, z = mean / SE, seeds better."""
+    scale, _ = _display_scale(regression)
+    return pd.DataFrame({
+        "cell": [_cell_name(row) for _, row in paired.iterrows()],
+        "rho": paired["rho"],
+        "difference": scale * paired["diff_mean"],
+        "SE": scale * paired["diff_se"],
+        "z": paired["z"],
+        "better": [f"{int(b)} of {int(n)}" for b, n in zip(paired["n_better"], paired["n_pairs"])],
+    })
+
+
+def claims_sentence(paired: pd.DataFrame, *, regression: bool) -> str:
+    """Which cells differ from the reference by at least 3 paired standard errors, in words, from the data."""
+    scale, unit = _display_scale(regression)
+    others = paired[(paired["n_pairs"] >= 2) & ~((paired["m"] == paired["reference_m"]) &
+                                                 paired["method"].isin(["sam", "msam"]))]
     if others.empty:
         return "Not enough seeds finished in two cells to pair them yet."
     ref = paired.iloc[0]
     parts = []
     for _, row in others.iterrows():
-        spread = _zero_if_nan(row["diff_std"])
-        verdict = "beyond" if abs(row["diff_mean"]) > spread else "within"
-        parts.append(f"{_cell_name(row)} {100 * row['diff_mean']:+.2f} ± {100 * spread:.2f} "
-                     f"({int(row['n_better'])} of {int(row['n_pairs'])} seeds better; {verdict} the spread)")
-    return (f"Paired by seed against m = {int(ref['reference_m'])} at ρ = {ref['reference_rho']:g}: "
-            + "; ".join(parts) + ".")
-
-
-def _cell_name(row: pd.Series) -> str:
-    if row["method"] in ("sam", "msam"):
-        return f"m = {int(row['m'])}"
-    return METHOD_NAMES.get(row["method"], row["method"])
+        z = row["z"]
+        verdict = "≥ 3 SE" if z == z and abs(z) >= 3 else "< 3 SE"
+        parts.append(f"{_cell_name(row)} {scale * row['diff_mean']:+.3g} ± {scale * _zero_if_nan(row['diff_se']):.2g} "
+                     f"(z = {_zero_if_nan(z):.1f}, {verdict}; {int(row['n_better'])} of {int(row['n_pairs'])} "
+                     "seeds better)")
+    return (f"Paired by seed against m = {int(ref['reference_m'])} (SAM) at ρ = {ref['reference_rho']:g}, in "
+            f"{unit}, mean ± standard error of the per-seed differences: " + "; ".join(parts) + ".")
 
 
 def _zero_if_nan(value: float) -> float:
