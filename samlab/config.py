@@ -79,7 +79,7 @@ class OptimConfig:
     rho: float = 0.05
     m: int | None = None  # msam micro-batch size (samples per perturbation)
     impl: str = "vmap"
-    lam: float = 0.02  # rwsam: p = softmax(lam * s) (0 is SAM); the default is samlab.optim.reweighted.DEFAULT_LAM
+    lam: float = 0.01  # rwsam: p = softmax(lam * s) (0 is SAM); the default is samlab.optim.reweighted.DEFAULT_LAM
     estimator: str = "fd"
     delta: float = 1e-3
     adaptive_eta: float = 0.01  # asam: T = |w| + eta_a
