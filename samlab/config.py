@@ -20,17 +20,18 @@ DATASETS = (
     "gaussian-mixture",
     "teacher-student",
     "sparse-regression",
+    "relu-teacher",
     "mnist",
     "fashion-mnist",
     "cifar10",
     "cifar100",
 )
-MODELS = ("mlp", "cnn", "resnet18", "wrn16", "diag-linear")
+MODELS = ("mlp", "cnn", "resnet18", "wrn16", "diag-linear", "relu-net")
 BASE_OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 IMPLS = ("vmap", "loop")
 ESTIMATORS = ("fd", "exact")
-NORMS = ("bn", "gn")
+NORMS = ("bn", "gn", "none")
 PRECISIONS = ("fp32", "bf16")
 
 # Which optimizer fields each method reads; the UI shows only these and the docs list them.
@@ -59,7 +60,7 @@ class DataConfig:
     # synthetic sets
     n_features: int = 30
     n_classes: int = 10
-    sparsity: int = 3
+    sparsity: int = 3  # sparse-regression: non-zeros of w*; relu-teacher: the teacher's hidden units
     noise_std: float = 0.0
 
 
@@ -68,9 +69,9 @@ class ModelConfig:
     name: str = "cnn"
     width: int = 32  # hidden units (mlp), base channels (cnn, resnet18)
     depth: int = 2  # hidden layers (mlp)
-    norm: str = "bn"  # resnet18: BatchNorm or GroupNorm
+    norm: str = "bn"  # cnn, resnet18, wrn16: BatchNorm, GroupNorm or none
     widen: int = 4  # wrn16: widening factor k
-    init_scale: float = 0.1  # diag-linear: initial alpha of u = v = alpha
+    init_scale: float = 0.1  # diag-linear: initial alpha of u = v = alpha; relu-net: scale of the initial weights
 
 
 @dataclass
@@ -137,11 +138,12 @@ class RunConfig:
         check_choice("model.norm", mo.norm, NORMS)
         check_int("model.widen", mo.widen, 1, 16)
         check_in_range("model.init_scale", mo.init_scale, 0.0, float("inf"), lo_open=True)
-        if (mo.name == "diag-linear") != (d.name == "sparse-regression"):
-            raise ValueError(
-                "model.name: 'diag-linear' goes with data.name 'sparse-regression' and only with it "
-                f"(got model {mo.name!r}, data {d.name!r})"
-            )
+        for model_name, data_name in (("diag-linear", "sparse-regression"), ("relu-net", "relu-teacher")):
+            if (mo.name == model_name) != (d.name == data_name):
+                raise ValueError(
+                    f"model.name: {model_name!r} goes with data.name {data_name!r} and only with it "
+                    f"(got model {mo.name!r}, data {d.name!r})"
+                )
         check_choice("optim.method", o.method, METHODS)
         check_in_range("optim.rho", o.rho, 0.0, float("inf"))
         check_choice("optim.impl", o.impl, IMPLS)
