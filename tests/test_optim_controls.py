@@ -15,22 +15,10 @@ from torch.func import functional_call
 from samlab.config import OptimConfig, RunConfig
 from samlab.optim import sharpness_gradient
 from samlab.optim.reweighted import DEFAULT_LAM, reweighting
+from tests.test_optim import TinyBNNet as BNNet
 
 RHO = 0.3
 DTYPE = torch.float64
-
-
-class BNNet(nn.Module):
-    """conv -> BatchNorm -> relu -> linear on 1x4x4 images."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3)
-        self.head = nn.Linear(3 * 16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.bn(self.conv(x))).flatten(1))
 
 
 class PlainNet(nn.Module):
