@@ -16,13 +16,25 @@ NOISE_CAPTION = ("256 training samples (seeded subset), E‖∇L_I‖ over 4 ran
                  "spread between partitions), S_m by one SAM ascent step at ρ = 0.1, tr V with 1/n.")
 
 
-def noise_and_sharpness_panel(runs: dict[str, dict[str, Any]], key: str) -> bool:
+def request_for(n_train: int | None) -> dict[str, Any]:
+    """NOISE_REQUEST cut to a train set of n_train samples: all of them when fewer than its n_samples, and the
+    micro-batch sizes that divide that many (so every m is an exact partition)."""
+    n = min(NOISE_REQUEST["n_samples"], n_train or NOISE_REQUEST["n_samples"])
+    if n == NOISE_REQUEST["n_samples"]:
+        return dict(NOISE_REQUEST)
+    ms = sorted({m for m in (n, n // 3, n // 10, n // 30, 1) if m >= 1 and n % m == 0}, reverse=True)
+    return NOISE_REQUEST | {"n_samples": n, "ms": ms}
+
+
+def noise_and_sharpness_panel(runs: dict[str, dict[str, Any]], key: str, *, rho: float | None = None) -> bool:
     """For each labelled finished run: a cached `msharp` background analysis (a button until it exists),
-    then the tr V table and the E‖∇L_I‖ and S_m curves. Returns whether anything was drawn."""
+    then the tr V table, E‖∇L_I‖ with its prediction from ‖∇L‖ and tr V, and the S_m curve; with `rho`,
+    also m-USAM's (ρ/2m) tr V at that ρ. Returns whether anything was drawn."""
     curves = {}
     for label, run in runs.items():
         checkpoint = checkpoint_of(run)
-        task = ui.cached_or_submit("msharp", {"checkpoint": checkpoint, **NOISE_REQUEST},
+        request = request_for((run.get("params") or {}).get("data", {}).get("n_train"))
+        task = ui.cached_or_submit("msharp", {"checkpoint": checkpoint, **request},
                                    label=f"Measure tr V and m-sharpness ({label})", key=f"{key}.{run['id']}")
         if task and task.get("result"):
             curves[label] = task["result"]
@@ -34,5 +46,9 @@ def noise_and_sharpness_panel(runs: dict[str, dict[str, Any]], key: str) -> bool
         ui.show_figure(view.noise_figure(curves), key=f"{key}.noise")
     with right:
         ui.show_figure(view.sharpness_figure(curves), key=f"{key}.sharp")
-    st.caption(NOISE_CAPTION)
+    if rho is not None:
+        ui.show_figure(view.usam_regularizer_figure(curves, rho), key=f"{key}.usam")
+    st.caption(NOISE_CAPTION + " Dashed: the prediction sqrt(‖∇L‖² + (n − m)/(m (n − 1)) tr V), exact for the "
+               "mean square over micro-batches drawn without replacement and above the measured mean by Jensen's "
+               "gap.")
     return True

@@ -14,30 +14,10 @@ import plotly.graph_objects as go
 
 from dashboard.figures import empty_figure
 from samlab.config import RunConfig
-from samlab.sweeps import SweepSpec
 
 METHOD_NAMES = {"gd": "GD", "sgd": "SGD", "sam": "SAM", "nsam": "n-SAM", "msam": "m-SAM", "rwsam": "RW-SAM",
                 "1sam": "1-SAM"}
 REFERENCE_COLOURS = {"sgd": "#7f7f7f", "nsam": "#d62728", "rwsam": "#2ca02c"}
-
-# The lesson's digits sweep: small enough for a 2-core CPU, with label noise so that flat minima matter.
-LESSON_SWEEP_NAME = "lesson: digits m-sharpness"
-LESSON_PRESET = "digits-cnn-msharp"
-# Four ρ per m on one √2-spaced ladder, shifted down as m shrinks: the best ρ of normalised m-SAM falls
-# with m (each micro-batch is moved by the full ρ along its own gradient), so each grid brackets its
-# own optimum and every m gets the same number of tries. n-SAM (m = the whole train set) uses `rhos`.
-LESSON_RHOS_BY_M = {64: [0.2, 0.28, 0.4, 0.56], 32: [0.14, 0.2, 0.28, 0.4], 8: [0.1, 0.14, 0.2, 0.28],
-                    2: [0.05, 0.07, 0.1, 0.14]}
-
-
-def lesson_spec(seeds: int = 5) -> SweepSpec:
-    """The sweep the lesson launches (from the `digits-cnn-msharp` preset, batch 64)."""
-    from samlab.config import preset
-
-    return SweepSpec(preset(LESSON_PRESET), ms=sorted(LESSON_RHOS_BY_M, reverse=True), rhos=[0.1, 0.2, 0.4, 0.8],
-                     seeds=list(range(seeds)), methods=["sgd", "sam", "msam", "nsam"], name=LESSON_SWEEP_NAME,
-                     rhos_by_m={m: list(r) for m, r in LESSON_RHOS_BY_M.items()})
-
 
 def parse_rhos_by_m(text: str) -> dict[int, list[float]]:
     """Per-m ρ grids from the Sweeps form: a JSON object m → list of ρ (empty text: none)."""
@@ -86,6 +66,45 @@ def toy_figure(grid: dict[str, list], path: Sequence[dict[str, Any]], upto: int,
     fig.update_xaxes(range=[min(grid["x"]), max(grid["x"])], constrain="domain")
     fig.update_yaxes(range=[min(grid["y"]), max(grid["y"])], scaleanchor="x", scaleratio=1, constrain="domain")
     return fig
+
+
+def toy_animation(grid: dict[str, list], path: Sequence[dict[str, Any]], gd_path: Sequence[dict[str, Any]],
+                  *, max_frames: int = 60, frame_ms: int = 80) -> go.Figure:
+    """`toy_figure` with plotly animation frames: the SAM and GD paths grow step by step, with the current
+    SAM step's ascent and descent arrows; Play / Pause buttons and a step slider under the plot.
+    At most `max_frames` frames (steps evenly spaced, the last one always included)."""
+    fig = toy_figure(grid, path, 0, gd_path)
+    count, frames_wanted = len(path), min(len(path), max_frames)
+    shown = sorted({round(i * (count - 1) / max(1, frames_wanted - 1)) for i in range(frames_wanted)})
+    frames = [go.Frame(name=str(t), data=_toy_traces(path, gd_path, t), traces=[1, 2, 3, 4]) for t in shown]
+    fig.frames = frames
+    play = {"label": "▶ play", "method": "animate",
+            "args": [None, {"frame": {"duration": frame_ms, "redraw": False}, "fromcurrent": True,
+                            "transition": {"duration": 0}}]}
+    pause = {"label": "❚❚ pause", "method": "animate",
+             "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate",
+                               "transition": {"duration": 0}}]}
+    fig.update_layout(
+        updatemenus=[{"type": "buttons", "buttons": [play, pause], "direction": "left", "showactive": False,
+                      "x": 0.0, "y": -0.08, "xanchor": "left", "yanchor": "top"}],
+        sliders=[{"active": 0, "x": 0.2, "len": 0.8, "y": -0.06, "currentvalue": {"prefix": "step "},
+                  "steps": [{"label": str(t), "method": "animate",
+                             "args": [[str(t)], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]}
+                            for t in shown]}],
+        height=640, margin={"t": 60, "b": 120},
+    )
+    return fig
+
+
+def _toy_traces(path, gd_path, t: int) -> list[go.Scatter]:
+    """The four moving traces of `toy_animation` at step t: GD path, SAM iterates, ascent, descent."""
+    gd = gd_path[: t + 1]
+    sam = path[: t + 1]
+    w, ascent, nxt = path[t]["w"], path[t]["ascent"], path[t]["next"]
+    return [go.Scatter(x=[p["w"][0] for p in gd], y=[p["w"][1] for p in gd]),
+            go.Scatter(x=[p["w"][0] for p in sam], y=[p["w"][1] for p in sam]),
+            go.Scatter(x=[w[0], ascent[0]], y=[w[1], ascent[1]]),
+            go.Scatter(x=[w[0], nxt[0]], y=[w[1], nxt[1]])]
 
 
 # -- step 2: the diagonal linear network -----------------------------------------------------------------
@@ -229,36 +248,81 @@ def trend_sentence(best_by_m: pd.DataFrame) -> str:
             f"({100 * spread:.2f}).")
 
 
-def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
-    """The paired differences for display: one row per cell, differences in points."""
-    rows = paired.assign(
-        cell=[_cell_name(row) for _, row in paired.iterrows()],
-        diff_points=100 * paired["diff_mean"], std_points=100 * paired["diff_std"],
-        better=[f"{int(b)} of {int(n)}" for b, n in zip(paired["n_better"], paired["n_pairs"])],
-    )
-    return rows[["cell", "rho", "diff_points", "std_points", "better"]]
+def _cell_name(row: pd.Series) -> str:
+    if row["method"] in ("sam", "msam"):
+        return f"m = {int(row['m'])}"
+    if row["method"] == "ghostbn":
+        return f"ghost-BN m = {int(row['m'])}"
+    return METHOD_NAMES.get(row["method"], row["method"])
 
 
-def paired_sentence(paired: pd.DataFrame) -> str:
-    """Which paired differences against the largest m exceed their own seed-to-seed spread, in words."""
-    others = paired[(paired["n_pairs"] >= 2) & (paired["m"] != paired["reference_m"])]
+def _display_scale(regression: bool) -> tuple[float, str]:
+    """Paired differences for display: points of accuracy, or test loss (reference − cell) for regression."""
+    return (1.0, "test loss below the reference's") if regression else (100.0, "points of test accuracy")
+
+
+def paired_figure(paired: pd.DataFrame, *, regression: bool) -> go.Figure:
+    """The m-curve as paired differences against the largest m (SAM): mean ± 1 SE of the per-seed difference
+    for every m (line), the ghost-BatchNorm control at its m (diamonds), and SGD / RW-SAM as dashed lines
+    with their ± SE in the label. Above zero is better than SAM."""
+    scale, unit = _display_scale(regression)
+    fig = go.Figure()
+    sharp = paired[paired["method"].isin(["sam", "msam"])].sort_values("m")
+    if not sharp.empty:
+        fig.add_scatter(x=sharp["m"], y=scale * sharp["diff_mean"], mode="lines+markers", name="SAM / m-SAM",
+                        error_y={"type": "data", "array": scale * sharp["diff_se"].fillna(0)},
+                        customdata=list(zip(sharp["rho"], sharp["n_pairs"], sharp["z"].fillna(0))),
+                        hovertemplate="m=%{x}<br>%{y:.4g} ± SE (ρ=%{customdata[0]}, %{customdata[1]} seeds, "
+                                      "z=%{customdata[2]:.1f})<extra></extra>")
+    ghost = paired[paired["method"] == "ghostbn"]
+    if not ghost.empty:
+        fig.add_scatter(x=ghost["m"], y=scale * ghost["diff_mean"], mode="markers", name="ghost-BN control",
+                        marker={"symbol": "diamond", "size": 11, "color": "#9467bd"},
+                        error_y={"type": "data", "array": scale * ghost["diff_se"].fillna(0)})
+    for _, row in paired[paired["method"].isin(["sgd", "nsam", "rwsam"])].iterrows():
+        rho = "" if pd.isna(row["rho"]) else f", ρ={row['rho']:g}"
+        fig.add_hline(y=scale * row["diff_mean"], line_dash="dash",
+                      line_color=REFERENCE_COLOURS.get(row["method"], "black"),
+                      annotation_text=f"{_cell_name(row)}{rho}: {scale * row['diff_mean']:+.3g} ± "
+                                      f"{scale * _zero_if_nan(row['diff_se']):.2g}")
+    fig.add_hline(y=0.0, line_color="#444", line_width=1)
+    _m_axis(fig, pd.concat([sharp, ghost]) if not ghost.empty else sharp)
+    fig.update_yaxes(title=f"paired difference vs SAM ({unit})")
+    fig.update_layout(height=440, showlegend=True, margin={"t": 40},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "left", "x": 0.0})
+    return fig
+
+
+def paired_se_table(paired: pd.DataFrame, *, regression: bool) -> pd.DataFrame:
+    """One row per cell: ρ, paired difference against the reference ± SE, z = mean / SE, seeds better."""
+    scale, _ = _display_scale(regression)
+    return pd.DataFrame({
+        "cell": [_cell_name(row) for _, row in paired.iterrows()],
+        "rho": paired["rho"],
+        "difference": scale * paired["diff_mean"],
+        "SE": scale * paired["diff_se"],
+        "z": paired["z"],
+        "better": [f"{int(b)} of {int(n)}" for b, n in zip(paired["n_better"], paired["n_pairs"])],
+    })
+
+
+def claims_sentence(paired: pd.DataFrame, *, regression: bool) -> str:
+    """Which cells differ from the reference by at least 3 paired standard errors, in words, from the data."""
+    scale, unit = _display_scale(regression)
+    others = paired[(paired["n_pairs"] >= 2) & ~((paired["m"] == paired["reference_m"]) &
+                                                 paired["method"].isin(["sam", "msam"]))]
     if others.empty:
         return "Not enough seeds finished in two cells to pair them yet."
     ref = paired.iloc[0]
     parts = []
     for _, row in others.iterrows():
-        spread = _zero_if_nan(row["diff_std"])
-        verdict = "beyond" if abs(row["diff_mean"]) > spread else "within"
-        parts.append(f"{_cell_name(row)} {100 * row['diff_mean']:+.2f} ± {100 * spread:.2f} "
-                     f"({int(row['n_better'])} of {int(row['n_pairs'])} seeds better; {verdict} the spread)")
-    return (f"Paired by seed against m = {int(ref['reference_m'])} at ρ = {ref['reference_rho']:g}: "
-            + "; ".join(parts) + ".")
-
-
-def _cell_name(row: pd.Series) -> str:
-    if row["method"] in ("sam", "msam"):
-        return f"m = {int(row['m'])}"
-    return METHOD_NAMES.get(row["method"], row["method"])
+        z = row["z"]
+        verdict = "≥ 3 SE" if z == z and abs(z) >= 3 else "< 3 SE"
+        parts.append(f"{_cell_name(row)} {scale * row['diff_mean']:+.3g} ± {scale * _zero_if_nan(row['diff_se']):.2g} "
+                     f"(z = {_zero_if_nan(z):.1f}, {verdict}; {int(row['n_better'])} of {int(row['n_pairs'])} "
+                     "seeds better)")
+    return (f"Paired by seed against m = {int(ref['reference_m'])} (SAM) at ρ = {ref['reference_rho']:g}, in "
+            f"{unit}, mean ± standard error of the per-seed differences: " + "; ".join(parts) + ".")
 
 
 def _zero_if_nan(value: float) -> float:
@@ -267,15 +331,59 @@ def _zero_if_nan(value: float) -> float:
 
 # -- step 4: noise and m-sharpness against m --------------------------------------------------------------
 def noise_figure(curves: dict[str, dict[str, Any]]) -> go.Figure:
-    """E‖∇L_I‖ against m for each model (label → msharp task result)."""
+    """E‖∇L_I‖ against m for each model (label → msharp task result), measured (markers, ± spread between
+    partitions) with the prediction sqrt(‖∇L‖² + (n − m)/(m (n − 1)) tr V) drawn over it (dashed, same
+    colour): exact for the mean square, an upper bound for the mean by Jensen's inequality."""
     fig = go.Figure()
-    for label, result in curves.items():
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, (label, result) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
         rows = sorted(result["noise_curve"], key=lambda r: r["m"])
-        fig.add_scatter(x=[r["m"] for r in rows], y=[r["mean"] for r in rows], mode="lines+markers", name=label,
+        fig.add_scatter(x=[r["m"] for r in rows], y=[r["mean"] for r in rows], mode="markers", name=label,
+                        marker={"color": colour, "size": 8},
                         error_y={"type": "data", "array": [r["std_over_partitions"] for r in rows]})
+        predicted = predicted_noise_curve(result)
+        if predicted:
+            fig.add_scatter(x=[p["m"] for p in predicted], y=[p["mean"] for p in predicted], mode="lines",
+                            line={"color": colour, "dash": "dash"}, name=f"{label}: predicted from ‖∇L‖, tr V")
     fig.update_xaxes(type="log", title="m (micro-batch size)")
     fig.update_yaxes(title="E‖∇L_I(w)‖")
-    fig.update_layout(height=380)
+    fig.update_layout(height=400)
+    return fig
+
+
+def predicted_noise_curve(result: dict[str, Any], points: int = 40) -> list[dict[str, float]]:
+    """The prediction for E‖∇L_I‖ on a fine grid of m from 1 to n (from the result's ‖∇L‖ and tr V)."""
+    from samlab.noise import predicted_microbatch_grad_norm
+
+    n = int(result["n"])
+    noise = result["noise"]
+    ms = sorted({max(1, min(n, round(n ** (i / (points - 1))))) for i in range(points)})
+    return [predicted_microbatch_grad_norm(full_grad_norm=noise["full_grad_norm"], trace_v=noise["trace_v"], m=m, n=n)
+            for m in ms]
+
+
+def usam_regularizer_figure(curves: dict[str, dict[str, Any]], rho: float) -> go.Figure:
+    """m-USAM's implicit regularizer against m for each model: the 1/m law (ρ / 2m) tr V of the SDE account
+    (micro-batches drawn with replacement) from the measured tr V (dashed), and as markers the measured
+    noise part (ρ/2)(E‖∇L_I‖² − ‖∇L‖²) over disjoint micro-batches, which follows the same law times the
+    finite-population factor (n − m)/(n − 1) (zero at m = n, so not drawn there on the log axis)."""
+    fig = go.Figure()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, (label, result) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
+        n, noise = int(result["n"]), result["noise"]
+        ms = sorted({max(1, round(n ** (j / 39))) for j in range(40)})
+        fig.add_scatter(x=ms, y=[rho / (2 * m) * noise["trace_v"] for m in ms], mode="lines",
+                        line={"color": colour, "dash": "dash"}, name=f"{label}: (ρ/2m) tr V")
+        rows = [r for r in sorted(result["noise_curve"], key=lambda r: r["m"]) if r["m"] < n]
+        fig.add_scatter(x=[r["m"] for r in rows],
+                        y=[rho / 2 * (r["mean_sq"] - noise["full_grad_norm"] ** 2) for r in rows],
+                        mode="markers", marker={"color": colour, "size": 8},
+                        name=f"{label}: (ρ/2)(E‖∇L_I‖² − ‖∇L‖²) measured")
+    fig.update_xaxes(type="log", title="m (micro-batch size)")
+    fig.update_yaxes(type="log", title=f"noise regularizer at ρ = {rho:g}")
+    fig.update_layout(height=400)
     return fig
 
 

@@ -22,26 +22,32 @@ ui.page_setup(
     "aggregated with ρ tuned per m.",
 )
 params = ui.ViewParams(st.query_params, prefix="sweeps")
+# Four ρ per m on one √2 ladder, shifted down as m shrinks (the best ρ of normalised m-SAM falls with m);
+# m = 64 is SAM on the digits-cnn-msharp preset.
+DEFAULT_RHOS_BY_M = {64: [0.2, 0.28, 0.4, 0.56], 32: [0.14, 0.2, 0.28, 0.4], 8: [0.1, 0.14, 0.2, 0.28],
+                     2: [0.05, 0.07, 0.1, 0.14]}
 store = ui.get_store()
 
 # -- launch ------------------------------------------------------------------------------------------------
 with st.expander("Launch a sweep", expanded=False):
     c = st.columns(3)
-    preset_name = params.selectbox(c[0], "base preset", "preset", sorted(PRESETS), default=view.LESSON_PRESET)
+    preset_name = params.selectbox(c[0], "base preset", "preset", sorted(PRESETS), default=sweeps.CONTROL_PRESET)
     name = c[1].text_input("sweep name", value=f"{preset_name} sweep", key="sweeps.name")
     overrides_text = c[2].text_input("overrides (JSON, dotted keys)", value="{}", key="sweeps.overrides",
                                      help='e.g. {"epochs": 5, "data.label_noise": 0.1}')
     c = st.columns(4)
     methods = c[0].multiselect("methods", list(sweeps.SWEEP_METHODS), default=["sgd", "sam", "msam", "nsam"],
-                               key="sweeps.methods")
-    ms_text = c[1].text_input("m values (msam)", value="32, 8, 2", key="sweeps.ms")
+                               key="sweeps.methods",
+                               help="ghostbn: the BatchNorm control, statistics per micro-batch of m with SAM's "
+                                    "single perturbation (runs at each m, on SAM's ρ grid)")
+    ms_text = c[1].text_input("m values (msam, ghostbn)", value="32, 8, 2", key="sweeps.ms")
     rhos_text = c[2].text_input("ρ values", value="0.1, 0.2, 0.4, 0.8", key="sweeps.rhos",
                                 help="for n-SAM, RW-SAM and every m without its own grid below")
     seeds = int(c[3].number_input("seeds", min_value=1, max_value=32, value=5, key="sweeps.seeds"))
     c = st.columns([3, 1])
     rhos_by_m_text = c[0].text_input(
         "ρ per m (JSON: m → list of ρ; m = the batch size is SAM)", key="sweeps.rhos_by_m",
-        value=json.dumps({str(m): r for m, r in view.LESSON_RHOS_BY_M.items()}),
+        value=json.dumps({str(m): r for m, r in DEFAULT_RHOS_BY_M.items()}),
         help="the best ρ falls as m shrinks: give each m a grid around its own optimum ({} for none)")
     lam = c[1].number_input("RW-SAM λ", min_value=0.0, value=5.0, key="sweeps.lam")
     error_slot = st.empty()
@@ -101,7 +107,12 @@ ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, er
 st.caption(view.seeds_caption(tables, config))
 st.markdown(view.trend_sentence(tables.best_by_m))
 paired = sweeps.paired_differences(tables)
-st.markdown(view.paired_sentence(paired))
+st.markdown(view.claims_sentence(paired, regression=tables.regression))
+if not paired.empty:
+    st.caption("Paired by seed against the largest m (SAM), the ghost-BatchNorm control (diamonds: BatchNorm "
+               "per micro-batch, one perturbation) beside m-SAM: ghost-BN − SAM is the normalisation effect, "
+               "m-SAM − ghost-BN the perturbation effect.")
+    ui.show_figure(view.paired_figure(paired, regression=tables.regression), key="sweeps.paired")
 c = st.columns(2)
 with c[0]:
     st.subheader("m × ρ")
@@ -114,8 +125,8 @@ with st.expander("tables"):
     st.dataframe(tables.best_by_m, hide_index=True)
     st.markdown("**references**")
     st.dataframe(tables.references, hide_index=True)
-    st.markdown("**paired by seed against the largest m** (points)")
-    st.dataframe(view.paired_table(paired), hide_index=True)
+    st.markdown("**paired by seed against the largest m** (mean ± SE of the per-seed differences)")
+    st.dataframe(view.paired_se_table(paired, regression=tables.regression), hide_index=True)
     st.markdown("**runs**")
     st.dataframe(tables.runs, hide_index=True)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 import torch
 
@@ -30,7 +29,7 @@ st.markdown(
     "**g = ∇L(w)**, **ε = ρ g/‖g‖** (the ascent step), then **w ← w − lr ∇L(w + ε)** (the descent step). "
     "Below, a 2-D loss with a narrow deep dip on the slope of a wide basin."
 )
-c = st.columns(4)
+c = st.columns(3)
 rho = params.slider(c[0], "ρ", "toy_rho", 0.0, 0.8, default=0.4, step=0.05)
 lr = params.slider(c[1], "learning rate", "toy_lr", 0.005, 0.05, default=0.02, step=0.005)
 steps = int(params.slider(c[2], "steps", "toy_steps", 10.0, 400.0, default=300.0, step=10.0))
@@ -38,8 +37,9 @@ surface = toy.ToyLoss2D()
 start = (-0.5, 0.3)
 path = toy.sam_path(surface, start, lr=lr, rho=rho, steps=steps)
 gd_path = toy.sam_path(surface, start, lr=lr, rho=0.0, steps=steps)
-upto = int(params.slider(c[3], "show step", "toy_step", 0.0, float(steps - 1), default=0.0, step=1.0))
-ui.show_figure(view.toy_figure(surface.grid(), path, upto, gd_path), key="lesson.toy")
+st.caption("Press ▶ play to watch both paths grow, SAM's ascent (red) and descent (cyan) at every step; "
+           "pause and drag the step slider to stop at any step.")
+ui.show_figure(view.toy_animation(surface.grid(), path, gd_path), key="lesson.toy")
 end, gd_end = path[-1], gd_path[-1]
 st.caption(
     f"From w₀ = {start}, {steps} steps of lr = {lr:g}: gradient descent ends at loss {gd_end['loss']:.3f} "
@@ -85,67 +85,87 @@ if params.toggle(st, "run the diagonal-network demonstration (about 15 s on 2 co
         st.dataframe(view.diag_table(result), hide_index=True)
 
 # -- step 3 ------------------------------------------------------------------------------------------------
-st.header("3 · A CNN-sized check: digits, accuracy against m")
-spec = view.lesson_spec()
-grids = "; ".join(f"m = {m}: ρ ∈ {spec.rhos_for(m)}" for m in sorted(spec.rhos_by_m, reverse=True))
+st.header("3 · A neural network: test loss against m")
+spec = sweeps.lesson_spec()
+base = spec.base
+grids = ", ".join(f"m = {m}: ρ = {spec.rhos_for(m)[0]:g}" for m in sorted(spec.rhos_by_m, reverse=True))
 st.markdown(
-    f"The sweep behind this step trains the `{spec.base.name}` preset (a small BatchNorm CNN, batch "
-    f"{spec.base.batch_size}) with SGD, SAM (m = {spec.base.batch_size}, the batch), m-SAM for m ∈ "
-    f"{sorted(m for m in spec.ms if m < spec.base.batch_size)} and n-SAM (m = the whole train set, ρ ∈ "
-    f"{spec.rhos}), over {len(spec.seeds)} seeds ({len(sweeps.sweep_configs(spec))} runs, a few minutes on 2 "
-    f"cores with sweep workers). Each m gets its own four ρ ({grids}): the best ρ falls as m shrinks, "
-    "because normalised m-SAM moves every micro-batch by the full radius ρ along its own gradient."
+    f"One step beyond the diagonal network: a two-layer ReLU network (`{base.name}` preset: width "
+    f"{base.model.width}, small initial weights) fitted with full-batch steps to n = {base.data.n_train} noisy "
+    f"samples of a ReLU teacher with {base.data.sparsity} hidden units in {base.data.n_features} dimensions, "
+    f"{base.epochs} steps; the test loss is measured on {base.data.n_test} clean held-out samples. The batch is "
+    f"the whole train set, so SAM (m = {base.batch_size}) is n-SAM here. The sweep trains SGD, SAM, m-SAM and "
+    f"RW-SAM (λ = {spec.lam:g}, ρ = {spec.rhos[0]:g}) on seeds {spec.seeds}, each cell at one ρ ({grids}) that "
+    "`benchmarks/msharp_search.py` chose on seeds 0–3: the ρ were picked on other seeds than the ones "
+    f"judged here. {len(sweeps.sweep_configs(spec))} runs, a few minutes on 2 idle cores with sweep workers."
 )
 store = ui.get_store()
-groups = sorted({r["group_id"] for r in store.list_runs(text=view.LESSON_SWEEP_NAME, limit=10_000)
-                 if r["group_id"]})
-group = groups[-1] if groups else None
-if group is None:
-    ui.empty_state("No lesson sweep yet.")
-    if st.button("Launch the lesson sweep", key="lesson.launch"):
+
+
+def latest_group(name: str) -> str | None:
+    groups = sorted({r["group_id"] for r in store.list_runs(text=name, limit=10_000) if r["group_id"]})
+    return groups[-1] if groups else None
+
+
+def launch_button(label: str, sweep_spec, key: str) -> None:
+    if st.button(label, key=key):
         try:
-            group = sweep_runs.submit(spec, store=store)
+            sweep_runs.submit(sweep_spec, store=store)
             st.rerun()
         except ValueError as err:
             ui.show_exception(err, "Could not launch the sweep")
-tables = None
-if group is not None:
+
+
+def paired_block(group: str, key: str) -> sweeps.SweepTables:
+    """Progress, the paired m-curve, the claims sentence and the table of one sweep; returns its tables."""
     state = sweep_runs.progress(group, store=store)
     st.progress(state["fraction"], text=f"{state['finished']} / {state['total']} runs finished "
                                          f"({state['counts']['running']} running)")
     tables = sweeps.aggregate(store, group)
-    if tables.best_by_m.empty:
-        st.info("No finished m-SAM runs yet; the figure fills in as runs finish (reload the page).")
-    else:
-        ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=True),
-                       key="lesson.acc")
-        # describe the runs as they were trained (the preset may have changed since the sweep ran)
-        st.caption(view.seeds_caption(tables, ui.run_config(store.get_run(tables.runs.iloc[0]["run_id"]))))
-        st.markdown(view.trend_sentence(tables.best_by_m))
-        paired = sweeps.paired_differences(tables)
-        st.markdown(view.paired_sentence(paired))
-        show = tables.best_by_m[["m", "rho", "test_acc_mean", "test_acc_std", "n_seeds", "rhos_tried"]]
-        st.dataframe(pd.concat([show, tables.references[["method", "rho", "test_acc_mean", "test_acc_std",
-                                                          "n_seeds"]]]), hide_index=True)
-        st.caption("Paired: for each best-ρ cell, its test accuracy minus that of the largest m's best-ρ cell "
-                   "trained with the same seed (same initialisation and batch order), in points.")
-        st.dataframe(view.paired_table(paired), hide_index=True)
-        with st.expander("how to read these numbers"):
-            st.markdown(
-                "The m-sharpness claim is that, with ρ tuned for each m, test error falls as m falls. The "
-                "published gains are a few tenths of a point to two points for deep image networks trained "
-                "for hundreds of epochs (Andriushchenko & Flammarion 2022, Fig. 1). Here a two-layer CNN "
-                "sees 512 digit images with noisy labels for 30 epochs and is tested on 360 images, so one "
-                "test image is 0.28 points and the seed spread is of the size of the published gains. The "
-                "paired differences remove the part of that spread the cells share (same seed, same "
-                "initialisation and batch order). n-SAM is the far end of the m axis (m = the whole train "
-                "set); the sentences above say, from the runs, which steps along m exceed the spread. "
-                "Two traps: the best ρ falls with m, so a ρ grid shared by all m — or one too coarse to hit "
-                "an m's best ρ — makes one end look better for want of tuning (here every m gets four ρ on "
-                "one √2 ladder); and where small m and a smaller ρ reach what large m reaches at a larger ρ, "
-                "m and ρ trade off and the best-ρ curve is flat. The diagonal network of step 2 isolates "
-                "the effect of m itself; step 4 measures the quantity that changes with m."
-            )
+    paired = sweeps.paired_differences(tables)
+    if paired.empty:
+        st.info("No finished runs to pair yet; the figure fills in as runs finish (reload the page).")
+        return tables
+    ui.show_figure(view.paired_figure(paired, regression=tables.regression), key=f"{key}.paired")
+    st.markdown(view.claims_sentence(paired, regression=tables.regression))
+    st.dataframe(view.paired_se_table(paired, regression=tables.regression), hide_index=True)
+    st.caption(view.seeds_caption(tables, ui.run_config(store.get_run(tables.runs.iloc[0]["run_id"]))))
+    return tables
+
+
+group = latest_group(sweeps.LESSON_SWEEP_NAME)
+tables = None
+if group is None:
+    ui.empty_state("No lesson sweep yet.")
+    launch_button("Launch the lesson sweep", spec, "lesson.launch")
+else:
+    tables = paired_block(group, "lesson")
+with st.expander("how to read these numbers"):
+    st.markdown(
+        "Each point is the mean over seeds of (SAM's test loss − the cell's test loss) for the same seed — the "
+        "same initialisation and the same micro-batch order — with ± one standard error of that mean "
+        "(std of the differences / √seeds); above zero is better than SAM. A difference is called a "
+        "result only at 3 standard errors or more. ρ was chosen for every cell on seeds 0–3 and the "
+        "differences are measured on the other seeds: choosing ρ on the same seeds would favour whichever "
+        "cell had the luckiest draw. What the search found (README, \"m-sharpness search\"): the test loss "
+        "falls from m = 60 to m = 20 to m = 6 and rises again at m = 2 and m = 1, so the best m is small but "
+        "not the smallest; on the digits CNN the effect stays within a few tenths of a point."
+    )
+
+st.subheader("The BatchNorm control")
+control = sweeps.control_spec()
+st.markdown(
+    "With BatchNorm, m-SAM changes two things at once: each micro-batch gets its own perturbation *and* its "
+    "own normalisation statistics. The control `ghostbn` keeps m-SAM's statistics (BatchNorm per micro-batch "
+    "of m) but perturbs once for the whole batch, as SAM does: ghost-BN − SAM is the normalisation effect, "
+    f"m-SAM − ghost-BN the perturbation effect. On the `{control.base.name}` preset (the BatchNorm CNN, batch "
+    f"{control.base.batch_size}), with RW-SAM (λ = {control.lam:g}) beside them, seeds {control.seeds}."
+)
+control_group = latest_group(sweeps.CONTROL_SWEEP_NAME)
+if control_group is None:
+    launch_button("Launch the BatchNorm control sweep", control, "lesson.launch_control")
+else:
+    paired_block(control_group, "lesson.control")
 
 # -- step 4 ------------------------------------------------------------------------------------------------
 st.header("4 · The explanation: gradient noise grows as m shrinks")
@@ -157,7 +177,9 @@ st.markdown(
 if tables is None or tables.best_by_m.empty:
     ui.empty_state("Measured on the models of the step-3 sweep once it has finished runs.")
 else:
-    done = tables.runs[(tables.runs["status"] == "completed") & (tables.runs["seed"] == 0)]
+    finished = tables.runs[tables.runs["status"] == "completed"]
+    first_seed = finished["seed"].min() if not finished.empty else None
+    done = finished[finished["seed"] == first_seed]
     picks = {}
     for _, row in tables.best_by_m.iterrows():
         match = done[(done["m"] == row["m"]) & (done["rho"] == row["rho"])]
@@ -167,8 +189,8 @@ else:
     if not sgd.empty:
         picks["trained with SGD"] = sgd.iloc[0]["run_id"]
     if noise_and_sharpness_panel({label: store.get_run(run_id) for label, run_id in picks.items()},
-                                 key="lesson.msharp"):
-        st.caption("Seed-0 model of each best-ρ cell and of SGD.")
+                                 key="lesson.msharp", rho=0.1):
+        st.caption(f"The seed-{first_seed} model of each cell and of SGD, at the end of training.")
 
 # -- step 5 ------------------------------------------------------------------------------------------------
 @st.cache_data(show_spinner="computing per-sample gradient norms…", max_entries=16)
@@ -192,9 +214,10 @@ st.markdown(
 if tables is None or tables.runs.empty:
     ui.empty_state("Uses a trained model of the step-3 sweep.")
 else:
-    # Per-sample gradient norms are O(1–10) on these models: λ of a few tenths spreads the weights, while
-    # λ ≳ 5 already puts them all on one sample. λ = 0 is SAM (uniform weights).
-    lam = params.slider(st, "λ (0 is plain SAM: uniform weights)", "lam", 0.0, 5.0, default=0.5, step=0.1)
+    # λ multiplies raw per-sample gradient norms, so what spreads the weights depends on their scale: on the
+    # trained ReLU student they are hundredths, and λ of tens to hundreds is needed. λ = 0 is SAM.
+    lam = params.slider(st, "λ (0 is plain SAM: uniform weights)", "lam", 0.0, 300.0,
+                        default=float(sweeps.LESSON_RWSAM["lam"]), step=1.0)
     done = tables.runs[tables.runs["status"] == "completed"]
     if not done.empty:
         run = store.get_run(done.iloc[0]["run_id"])

@@ -14,23 +14,24 @@ from typing import Any
 
 from samlab.validation import check_choice, check_in_range, check_int, check_optional_int
 
-METHODS = ("sgd", "sam", "asam", "usam", "nsam", "msam", "rwsam")
+METHODS = ("sgd", "sam", "asam", "usam", "nsam", "msam", "ghostbn", "rwsam")
 DATASETS = (
     "digits",
     "gaussian-mixture",
     "teacher-student",
     "sparse-regression",
+    "relu-teacher",
     "mnist",
     "fashion-mnist",
     "cifar10",
     "cifar100",
 )
-MODELS = ("mlp", "cnn", "resnet18", "wrn16", "diag-linear")
+MODELS = ("mlp", "cnn", "resnet18", "wrn16", "diag-linear", "relu-net")
 BASE_OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 IMPLS = ("auto", "fused", "vmap", "loop")
 ESTIMATORS = ("fd", "exact")
-NORMS = ("bn", "gn")
+NORMS = ("bn", "gn", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Methods the SAM optimizer class runs in the engine (gradient accumulation, fp16 with a gradient scaler).
 CLASS_PATH_METHODS = ("sam", "asam", "usam")
@@ -43,6 +44,7 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "usam": ("rho",),
     "nsam": ("rho", "nsam_batch"),
     "msam": ("rho", "m", "impl"),
+    "ghostbn": ("rho", "m"),
     "rwsam": ("rho", "lam", "estimator", "delta"),
 }
 
@@ -60,7 +62,7 @@ class DataConfig:
     # synthetic sets
     n_features: int = 30
     n_classes: int = 10
-    sparsity: int = 3
+    sparsity: int = 3  # sparse-regression: non-zeros of w*; relu-teacher: the teacher's hidden units
     noise_std: float = 0.0
 
 
@@ -69,9 +71,9 @@ class ModelConfig:
     name: str = "cnn"
     width: int = 32  # hidden units (mlp), base channels (cnn, resnet18)
     depth: int = 2  # hidden layers (mlp)
-    norm: str = "bn"  # resnet18: BatchNorm or GroupNorm
+    norm: str = "bn"  # cnn, resnet18, wrn16: BatchNorm, GroupNorm or none
     widen: int = 4  # wrn16: widening factor k
-    init_scale: float = 0.1  # diag-linear: initial alpha of u = v = alpha
+    init_scale: float = 0.1  # diag-linear: initial alpha of u = v = alpha; relu-net: scale of the initial weights
 
 
 @dataclass
@@ -80,7 +82,7 @@ class OptimConfig:
     rho: float = 0.05
     m: int | None = None  # msam micro-batch size (samples per perturbation)
     impl: str = "auto"
-    lam: float = 0.0  # rwsam softmax temperature
+    lam: float = 0.01  # rwsam: p = softmax(lam * s) (0 is SAM); the default is samlab.optim.reweighted.DEFAULT_LAM
     estimator: str = "fd"
     delta: float = 1e-3
     adaptive_eta: float = 0.01  # asam: T = |w| + eta_a
@@ -139,11 +141,12 @@ class RunConfig:
         check_choice("model.norm", mo.norm, NORMS)
         check_int("model.widen", mo.widen, 1, 16)
         check_in_range("model.init_scale", mo.init_scale, 0.0, float("inf"), lo_open=True)
-        if (mo.name == "diag-linear") != (d.name == "sparse-regression"):
-            raise ValueError(
-                "model.name: 'diag-linear' goes with data.name 'sparse-regression' and only with it "
-                f"(got model {mo.name!r}, data {d.name!r})"
-            )
+        for model_name, data_name in (("diag-linear", "sparse-regression"), ("relu-net", "relu-teacher")):
+            if (mo.name == model_name) != (d.name == data_name):
+                raise ValueError(
+                    f"model.name: {model_name!r} goes with data.name {data_name!r} and only with it "
+                    f"(got model {mo.name!r}, data {d.name!r})"
+                )
         check_choice("optim.method", o.method, METHODS)
         check_in_range("optim.rho", o.rho, 0.0, float("inf"))
         check_choice("optim.impl", o.impl, IMPLS)
@@ -165,9 +168,10 @@ class RunConfig:
         check_in_range("schedule.min_lr", s.min_lr, 0.0, o.lr)
         check_int("epochs", self.epochs, 1, 100_000)
         check_int("batch_size", self.batch_size, 1, 1_000_000)
-        if o.method == "msam":
+        if o.method in ("msam", "ghostbn"):
             if o.m is None:
-                raise ValueError("optim.m: msam needs the micro-batch size m (samples per perturbation)")
+                raise ValueError(f"optim.m: {o.method} needs the micro-batch size m (samples per perturbation "
+                                 "or per BatchNorm statistics)")
             check_int("optim.m", o.m, 1, self.batch_size)
             if self.batch_size % o.m != 0:
                 raise ValueError(
@@ -236,7 +240,7 @@ class RunConfig:
         parts = [o.method]
         if o.method != "sgd":
             parts.append(f"ρ={o.rho:g}")
-        if o.method == "msam":
+        if o.method in ("msam", "ghostbn"):
             parts.append(f"m={o.m}")
         if o.method == "rwsam":
             parts.append(f"λ={o.lam:g}")
@@ -292,6 +296,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "device": "cpu",
         "checkpoint_every": 0,
+    },
+    "relu-msharp": {
+        # m-sharpness on a neural network in seconds per run: a two-layer ReLU student (width 40, small
+        # init) fitted full-batch to 60 noisy samples of a 2-unit ReLU teacher in 10 dimensions. Found by
+        # benchmarks/msharp_search.py: with ρ chosen per m on seeds 0-3, m-SAM at m = 20 and m = 6 beats SAM
+        # (m = 60, the batch, which is also n-SAM here) on held-out seeds (README, "m-sharpness search").
+        "name": "relu-msharp",
+        "data": {"name": "relu-teacher", "n_train": 60, "n_test": 2000, "n_features": 10, "sparsity": 2,
+                 "noise_std": 0.3},
+        "model": {"name": "relu-net", "width": 40, "init_scale": 0.01},
+        "optim": {"method": "sam", "rho": 0.03, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+        "schedule": {"name": "constant"},
+        "epochs": 2000,
+        "batch_size": 60,
+        "device": "cpu",
+        "checkpoint_every": 0,
+        "eval_every": 100,
+        "log_every": 20,
     },
     "diag-sparse": {
         # Andriushchenko & Flammarion 2022: n=20, d=30, 3-sparse target, Gaussian inputs, unnormalized SAM.

@@ -69,6 +69,19 @@ DATASET_INFO: dict[str, dict[str, Any]] = {
         "offline": True,
         "image": False,
     },
+    "relu-teacher": {
+        "description": (
+            "synthetic regression: x ~ N(0, I_d), y = Σ_k relu(<w*_k, x>) for a ReLU teacher of `sparsity` "
+            "unit-norm hidden units (plus noise_std Gaussian noise on the train targets); for relu-net"
+        ),
+        "task": "regression",
+        "input_shape": None,
+        "num_classes": None,
+        "n_train": 60,
+        "n_test": 2000,
+        "offline": True,
+        "image": False,
+    },
     "mnist": {
         "description": "MNIST handwritten digits, 28×28 grey, 10 classes (files under <root>/MNIST/raw)",
         "task": "classification",
@@ -122,6 +135,7 @@ DATASET_INFO: dict[str, dict[str, Any]] = {
 # SEPARATION * sqrt(2) apart against unit noise, a pairwise Bayes error near Phi(-1.41) ~ 8%.
 MIXTURE_SEPARATION = 2.0
 TEACHER_HIDDEN = 64  # hidden units of the teacher network of "teacher-student"
+_SYNTHETIC = ("gaussian-mixture", "teacher-student", "sparse-regression", "relu-teacher")
 _STD_FLOOR = 1e-6  # features constant on the train split are left unscaled
 
 # On-disk layouts, identical to torchvision's so that either reader finds the same files.
@@ -201,7 +215,7 @@ def load_dataset(cfg: DataConfig, device: str | torch.device = "cpu", *, downloa
     nothing is fetched and missing files raise a ValueError that says how to get them.
     """
     _check_config(cfg)
-    if cfg.name in ("gaussian-mixture", "teacher-student", "sparse-regression"):
+    if cfg.name in _SYNTHETIC:
         ds = _synthetic(cfg)
     else:
         ds = _real(cfg, download)
@@ -237,11 +251,11 @@ def _check_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.label_noise: must be in [0, 1) (got {cfg.label_noise!r})")
     if cfg.label_noise > 0 and DATASET_INFO[cfg.name]["task"] != "classification":
         raise ValueError(f"data.label_noise: applies to classification sets only ({cfg.name!r} is regression)")
-    if cfg.name in ("gaussian-mixture", "teacher-student", "sparse-regression") and cfg.n_features < 1:
+    if cfg.name in _SYNTHETIC and cfg.n_features < 1:
         raise ValueError(f"data.n_features: must be a positive integer (got {cfg.n_features!r})")
     if cfg.name in ("gaussian-mixture", "teacher-student") and not 2 <= cfg.n_classes <= 1000:
         raise ValueError(f"data.n_classes: must be an integer in [2, 1000] (got {cfg.n_classes!r})")
-    if cfg.name == "sparse-regression":
+    if cfg.name in ("sparse-regression", "relu-teacher"):
         if not 1 <= cfg.sparsity <= cfg.n_features:
             raise ValueError(
                 f"data.sparsity: must be an integer in [1, n_features={cfg.n_features}] (got {cfg.sparsity!r})"
@@ -304,10 +318,13 @@ def _synthetic(cfg: DataConfig) -> Dataset:
     x_train = torch.randn(n_train, d, generator=_stream(cfg.data_seed, "train-inputs"))
     x_test = torch.randn(n_test, d, generator=_stream(cfg.data_seed, "test-inputs"))
     common = dict(name=cfg.name, input_shape=(d,), is_image=False, description=info["description"])
-    if cfg.name == "sparse-regression":
-        w_star = sparse_target(d, cfg.sparsity, truth)
-        y_train = x_train @ w_star
-        y_test = x_test @ w_star
+    if cfg.name in ("sparse-regression", "relu-teacher"):
+        if cfg.name == "sparse-regression":
+            w_star = sparse_target(d, cfg.sparsity, truth)
+            y_train, y_test = x_train @ w_star, x_test @ w_star
+        else:
+            w_star = relu_teacher(d, cfg.sparsity, truth)
+            y_train, y_test = teacher_outputs(w_star, x_train), teacher_outputs(w_star, x_test)
         if cfg.noise_std > 0:
             y_train = y_train + cfg.noise_std * torch.randn(n_train, generator=_stream(cfg.data_seed, "noise"))
         return Dataset(task="regression", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
@@ -334,6 +351,18 @@ def sparse_target(d: int, sparsity: int, generator: torch.Generator) -> torch.Te
     w = torch.zeros(d)
     w[:sparsity] = torch.randn(sparsity, generator=generator).abs()
     return w / w.norm()
+
+
+def relu_teacher(d: int, units: int, generator: torch.Generator) -> torch.Tensor:
+    """The hidden weights of the relu-teacher set: `units` independent directions uniform on the sphere
+    (rows of shape [units, d], unit norm); the teacher is x -> Σ_k relu(<w*_k, x>)."""
+    w = torch.randn(units, d, generator=generator)
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def teacher_outputs(w_star: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_k relu(<w*_k, x>) for every row of x."""
+    return torch.relu(x @ w_star.T).sum(dim=1)
 
 
 def _random_teacher(d: int, num_classes: int, generator: torch.Generator):

@@ -48,6 +48,12 @@ MODEL_INFO: dict[str, dict[str, Any]] = {
         "datasets": ("sparse-regression",),
         "fields": ("init_scale",),
     },
+    "relu-net": {
+        "description": "two-layer ReLU network f(x) = Σ_j a_j relu(<w_j, x>), no biases, small initial weights",
+        "inputs": "vector",
+        "datasets": ("relu-teacher",),
+        "fields": ("width", "init_scale"),
+    },
 }
 
 WRN_BASE_WIDTH = 16  # WideResNet's fixed first-stage width (Zagoruyko & Komodakis 2016)
@@ -94,10 +100,10 @@ def _check(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> 
         raise ValueError(f"model.depth: must be an integer >= 1 (got {cfg.depth!r})")
     if cfg.name == "wrn16" and cfg.widen < 1:
         raise ValueError(f"model.widen: must be an integer >= 1 (got {cfg.widen!r})")
-    if cfg.name == "diag-linear":
+    if cfg.name in ("diag-linear", "relu-net"):
         if len(input_shape) != 1 or num_outputs != 1:
             raise ValueError(
-                "model.name: 'diag-linear' is a scalar regressor on vector inputs "
+                f"model.name: {cfg.name!r} is a scalar regressor on vector inputs "
                 f"(got input_shape {input_shape}, num_outputs {num_outputs})"
             )
         if not cfg.init_scale > 0:
@@ -113,6 +119,8 @@ def _construct(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int)
         return ResNet18(input_shape[0], cfg.width, num_outputs, cfg.norm)
     if cfg.name == "wrn16":
         return WideResNet16(input_shape[0], cfg.widen, num_outputs, cfg.norm)
+    if cfg.name == "relu-net":
+        return TwoLayerReLU(input_shape[0], cfg.width, cfg.init_scale)
     return DiagonalLinear(input_shape[0], cfg.init_scale)
 
 
@@ -125,10 +133,12 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
-    """BatchNorm2d, or GroupNorm with 32 groups (standard widths, >= 64 channels), fewer for thin
+    """BatchNorm2d, no normalisation ("none": identity), or GroupNorm with 32 groups (standard widths, >= 64 channels), fewer for thin
     layers so that every group has at least two channels: gcd(channels, min(32, channels // 2))."""
     if norm == "bn":
         return nn.BatchNorm2d(channels)
+    if norm == "none":
+        return nn.Identity()
     if norm == "gn":
         groups = math.gcd(channels, min(_GN_MAX_GROUPS, channels // _GN_MIN_GROUP_SIZE))
         return nn.GroupNorm(groups, channels)
@@ -285,6 +295,23 @@ class DiagonalLinear(nn.Module):
         params["u"][j], params["v"][j] (fused m-SAM, `samlab.optim.fused`); returns [k, m]."""
         weights = params["u"] * params["u"] - params["v"] * params["v"]  # [k, d]
         return torch.bmm(xs.flatten(2), weights.unsqueeze(2)).squeeze(2)
+
+
+class TwoLayerReLU(nn.Module):
+    """f(x) = Σ_j a_j relu(<w_j, x>), no biases: the student of the relu-teacher set.
+
+    Initialised small, w_j ~ N(0, init_scale² / d · I) and a_j ~ N(0, init_scale² / width), so that
+    training starts near the origin, where the implicit bias of the optimizer decides which of the many
+    interpolating networks is found (the regime of the diagonal linear network). Output shape [b].
+    """
+
+    def __init__(self, in_features: int, width: int, init_scale: float) -> None:
+        super().__init__()
+        self.hidden = nn.Parameter(torch.randn(width, in_features) * (init_scale / in_features**0.5))
+        self.out = nn.Parameter(torch.randn(width) * (init_scale / width**0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.flatten(1) @ self.hidden.T) @ self.out
 
 
 def _kaiming_init(model: nn.Module) -> None:

@@ -165,6 +165,17 @@ def expected_microbatch_grad_norm(
     }
 
 
+def predicted_microbatch_grad_norm(*, full_grad_norm: float, trace_v: float, m: int, n: int) -> dict[str, float]:
+    """The prediction for E‖∇L_I‖ from ‖∇L‖ and tr V, for micro-batches I of m of the n samples drawn
+    without replacement: E‖∇L_I‖² = ‖∇L‖² + ((n − m) / (m (n − 1))) tr V exactly (tr V with 1/n, as in
+    `trace_covariance`; the finite-population correction of a sample mean). Returns mean_sq (that
+    exact value) and mean = sqrt(mean_sq), which bounds E‖∇L_I‖ from above (Jensen's gap)."""
+    _check_micro_batch(m, n)
+    factor = (n - m) / (m * (n - 1)) if n > 1 else 0.0
+    mean_sq = full_grad_norm**2 + factor * trace_v
+    return {"m": m, "mean_sq": mean_sq, "mean": mean_sq**0.5}
+
+
 def sde_regularizers(*, trace_v: float, expected_norm: float, rho: float, m: int, n: int) -> dict[str, float]:
     """The implicit regularizers of the SDE account (Luo et al. 2025) at micro-batch size m.
 
@@ -190,14 +201,18 @@ def sde_regularizers(*, trace_v: float, expected_norm: float, rho: float, m: int
 def microbatch_noise_curve(
     grads: torch.Tensor, ms: Sequence[int], *, rho: float, partitions: int = 8, seed: int = 0
 ) -> list[dict[str, float]]:
-    """For each m: E‖∇L_I‖ (see `expected_microbatch_grad_norm`) and the SDE regularizers at radius ρ."""
+    """For each m: E‖∇L_I‖ (see `expected_microbatch_grad_norm`), its prediction from ‖∇L‖ and tr V
+    (`predicted_microbatch_grad_norm`: predicted, predicted_sq) and the SDE regularizers at radius ρ."""
     trace_v = float(trace_covariance(grads))
+    full = float(grads.mean(dim=0).norm())
     n = int(grads.shape[0])
     rows = []
     for m in ms:
         row = expected_microbatch_grad_norm(grads, m, partitions=partitions, seed=seed)
         regs = sde_regularizers(trace_v=trace_v, expected_norm=row["mean"], rho=rho, m=m, n=n)
-        rows.append(row | {"trace_v": trace_v} | {f"reg_{k}": v for k, v in regs.items()})
+        pred = predicted_microbatch_grad_norm(full_grad_norm=full, trace_v=trace_v, m=m, n=n)
+        rows.append(row | {"trace_v": trace_v, "full_grad_norm": full, "predicted": pred["mean"],
+                           "predicted_sq": pred["mean_sq"]} | {f"reg_{k}": v for k, v in regs.items()})
     return rows
 
 

@@ -160,7 +160,7 @@ class _Engine:
         if cfg.data.augment and not data.is_image:
             raise ValueError(f"data.augment: {data.name!r} is not an image set; augmentation needs images")
         self.batch_size = min(cfg.batch_size, n)
-        if cfg.optim.method == "msam" and self.batch_size % cfg.optim.m != 0:
+        if cfg.optim.method in ("msam", "ghostbn") and self.batch_size % cfg.optim.m != 0:
             raise ValueError(
                 f"optim.m: m={cfg.optim.m} must divide the effective batch size {self.batch_size} "
                 f"(batch_size is capped by the train-set size {n})"

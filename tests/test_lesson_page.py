@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard.msharp_view import LESSON_SWEEP_NAME, lesson_spec
 from samlab.runs import jobs
 from samlab.runs.store import Store
-from samlab.sweeps import sweep_configs
-from tests.helpers import chart_traces, plotly_array
+from samlab.sweeps import CONTROL_SWEEP_NAME, LESSON_SWEEP_NAME, control_spec, lesson_spec, sweep_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSON = "pages/6_Lesson_m-sharpness.py"
@@ -19,18 +17,34 @@ SWEEPS = "pages/5_Sweeps.py"
 TIMEOUT = 120
 
 
-def finished_lesson_sweep(store: Store, seeds: int = 2) -> str:
-    """The lesson's grid recorded as finished (accuracy rising as m falls), without training."""
+SEEDS = (4, 5, 6)
+
+
+def finished_lesson_sweep(store: Store, seeds=SEEDS) -> str:
+    """The lesson's ReLU-network grid recorded as finished (test loss falling as m falls, with a per-seed
+    wobble of known size), without training."""
     configs = sweep_configs(lesson_spec(seeds=seeds))
     group = jobs.submit_sweep(configs, LESSON_SWEEP_NAME, store=store, start=False)
     for run in store.list_runs(group=group, limit=10_000):
-        optim = run["params"]["optim"]
+        optim, seed = run["params"]["optim"], run["params"]["seed"]
         m = optim["m"] or run["params"]["batch_size"]
-        acc = 0.85 if optim["method"] in ("sgd", "nsam") else 0.95 - 0.01 * m ** 0.5 - 0.05 * optim["rho"]
-        acc += 0.002 * run["params"]["seed"]
+        loss = 0.034 if optim["method"] in ("sgd", "rwsam") else 0.026 + 0.001 * m ** 0.5
+        loss += 0.001 * seed + (0.0002 * (seed - 5) if m == 6 else 0.0)
         assert store.claim(run["id"], "test-host", "test")
-        store.finish_run(run["id"], "completed", summary={"final_test_acc": acc, "final_train_acc": 0.8,
-                                                          "generalization_gap": 0.8 - acc})
+        store.finish_run(run["id"], "completed", summary={"final_test_loss": loss, "final_train_loss": 0.01,
+                                                          "final_test_acc": None})
+    return group
+
+
+def finished_control_sweep(store: Store, seeds=SEEDS) -> str:
+    configs = sweep_configs(control_spec(seeds=seeds))
+    group = jobs.submit_sweep(configs, CONTROL_SWEEP_NAME, store=store, start=False)
+    for run in store.list_runs(group=group, limit=10_000):
+        optim, seed = run["params"]["optim"], run["params"]["seed"]
+        acc = {"sam": 0.80, "msam": 0.81, "ghostbn": 0.805, "rwsam": 0.79}[optim["method"]] + 0.01 * seed
+        assert store.claim(run["id"], "test-host", "test")
+        store.finish_run(run["id"], "completed", summary={"final_test_acc": acc, "final_train_acc": 0.9,
+                                                          "generalization_gap": 0.9 - acc})
     return group
 
 
@@ -61,41 +75,45 @@ def test_lesson_launch_button_queues_the_lesson_sweep(store_env, monkeypatch):
     assert len(runs) == len(sweep_configs(lesson_spec())) and {r["status"] for r in runs} == {"queued"}
 
 
-def test_lesson_renders_a_finished_sweep_with_seed_counts(store_env):
+def test_lesson_renders_a_finished_sweep_with_paired_standard_errors(store_env):
     finished_lesson_sweep(store_env)
     at = app(LESSON)
     assert not any(b.label == "Launch the lesson sweep" for b in at.button)
-    best = at.dataframe[0].value
-    assert set(best["m"].dropna()) == {64.0, 32.0, 8.0, 2.0}
-    assert set(best["n_seeds"]) == {2}
-    # each m was tuned on its own grid, and the paired table subtracts m = 64 seed by seed
-    spec = lesson_spec(seeds=2)
-    for _, row in best.dropna(subset=["m"]).iterrows():
-        assert row["rho"] in spec.rhos_for(int(row["m"])) and row["rhos_tried"] == 4
-    paired = at.dataframe[1].value.set_index("cell")
-    assert paired.loc["m = 2", "diff_points"] > 0 and paired.loc["m = 64", "diff_points"] == 0
-    assert paired.loc["SGD", "better"] == "0 of 2"
-    assert any("Paired by seed against m = 64" in m.value for m in at.markdown)
+    paired = at.dataframe[0].value.set_index("cell")
+    # SAM's loss minus the cell's, seed by seed: m = 6 is 0.001·(√60 − √6) better, ± its wobble's SE
+    gain = 0.001 * (60 ** 0.5 - 6 ** 0.5)
+    assert paired.loc["m = 6", "difference"] == pytest.approx(gain)
+    wobble = [0.0002 * (s - 5) for s in SEEDS]
+    mean = sum(wobble) / 3
+    se = (sum((w - mean) ** 2 for w in wobble) / 2) ** 0.5 / 3 ** 0.5
+    assert paired.loc["m = 6", "SE"] == pytest.approx(se)
+    assert paired.loc["m = 6", "z"] == pytest.approx(gain / se)
+    assert paired.loc["m = 60", "difference"] == 0 and paired.loc["SGD", "better"] == "0 of 3"
+    assert any("Paired by seed against m = 60 (SAM)" in m.value and "≥ 3 SE" in m.value for m in at.markdown)
     captions = " ".join(c.value for c in at.caption)
-    assert "seeds [0, 1]" in captions and "runs completed" in captions
-    # step 4 offers the measurement of each best-ρ model as a background run
+    assert "seeds [4, 5, 6]" in captions and "runs completed" in captions
+    # step 4 offers the measurement of each model as a background run
     assert any(b.label.startswith("Measure tr V") for b in at.button)
+    assert any(b.label == "Launch the BatchNorm control sweep" for b in at.button)
+
+
+def test_lesson_shows_the_batchnorm_control(store_env):
+    finished_lesson_sweep(store_env)
+    finished_control_sweep(store_env)
+    at = app(LESSON)
+    control = at.dataframe[1].value.set_index("cell")
+    assert control.loc["m = 8", "difference"] == pytest.approx(1.0)  # points of accuracy
+    assert control.loc["ghost-BN m = 8", "difference"] == pytest.approx(0.5)
+    assert control.loc["RW-SAM", "difference"] == pytest.approx(-1.0)
 
 
 def test_sweeps_page_renders_empty_and_with_a_finished_sweep(store_env):
     at = app(SWEEPS)
     assert any("No sweeps yet" in i.value for i in at.info)
-    finished_lesson_sweep(store_env)
+    finished_control_sweep(store_env)
     at = app(SWEEPS)
     assert len(at.get("plotly_chart")) >= 3
-    # the accuracy curve is the recorded sweep's: at each m the best ρ is the smallest of its grid (the
-    # recorded accuracy falls with ρ), averaged over seeds 0 and 1 (+0.000 and +0.002)
-    spec = lesson_spec(seeds=2)
-    ms = sorted({m or spec.base.batch_size for m in spec.ms})
-    best = [100 * (0.95 - 0.01 * m ** 0.5 - 0.05 * min(spec.rhos_for(m)) + 0.001) for m in ms]
-    (curve,) = [t for t in chart_traces(at, "sweeps.acc") if t.get("mode") == "lines+markers"]
-    assert plotly_array(curve["x"]) == ms and plotly_array(curve["y"]) == pytest.approx(best, rel=1e-9)
-    assert plotly_array(curve["error_y"]["array"]) == pytest.approx([100 * 0.002 / 2 ** 0.5] * len(ms), rel=1e-9)
+    assert any("ghost-BN m = 8" in m.value for m in at.markdown)
 
 
 def test_trend_sentence_compares_the_difference_with_the_seed_spread():
@@ -111,23 +129,27 @@ def test_trend_sentence_compares_the_difference_with_the_seed_spread():
     assert "Not enough" in trend_sentence(clear.iloc[:1])
 
 
-def test_paired_sentence_says_which_differences_exceed_their_spread():
+def test_claims_sentence_and_table_from_paired_rows():
     import pandas as pd
 
-    from dashboard.msharp_view import paired_sentence, paired_table
+    from dashboard.msharp_view import claims_sentence, paired_se_table
 
     paired = pd.DataFrame({
-        "method": ["sam", "msam", "nsam"], "m": [64.0, 8.0, float("nan")], "rho": [0.3, 0.1, 0.4],
-        "reference_m": [64.0] * 3, "reference_rho": [0.3] * 3, "diff_mean": [0.0, 0.004, -0.012],
-        "diff_std": [0.0, 0.005, 0.002], "n_pairs": [5, 5, 5], "n_better": [0, 3, 0],
+        "method": ["sam", "msam", "ghostbn", "sgd"], "m": [64.0, 8.0, 8.0, float("nan")],
+        "rho": [0.3, 0.1, 0.3, float("nan")], "reference_m": [64.0] * 4, "reference_rho": [0.3] * 4,
+        "diff_mean": [0.0, 0.004, 0.001, -0.012], "diff_std": [0.0, 0.002, 0.004, 0.002],
+        "n_pairs": [4, 4, 4, 4], "n_better": [0, 4, 2, 0], "diff_se": [0.0, 0.001, 0.002, 0.001],
+        "z": [float("nan"), 4.0, 0.5, -12.0],
     })
-    text = paired_sentence(paired)
-    assert text.startswith("Paired by seed against m = 64 at ρ = 0.3")
-    assert "m = 8 +0.40 ± 0.50 (3 of 5 seeds better; within the spread)" in text
-    assert "n-SAM -1.20 ± 0.20 (0 of 5 seeds better; beyond the spread)" in text
-    assert "m = 64 +0.00" not in text
-    assert list(paired_table(paired)["cell"]) == ["m = 64", "m = 8", "n-SAM"]
-    assert "Not enough" in paired_sentence(paired.iloc[:1])
+    text = claims_sentence(paired, regression=False)
+    assert text.startswith("Paired by seed against m = 64 (SAM) at ρ = 0.3, in points of test accuracy")
+    assert "m = 8 +0.4 ± 0.1 (z = 4.0, ≥ 3 SE; 4 of 4 seeds better)" in text
+    assert "ghost-BN m = 8 +0.1 ± 0.2 (z = 0.5, < 3 SE; 2 of 4 seeds better)" in text
+    assert "SGD -1.2 ± 0.1 (z = -12.0, ≥ 3 SE" in text and "m = 64 +" not in text
+    table = paired_se_table(paired, regression=False)
+    assert list(table["cell"]) == ["m = 64", "m = 8", "ghost-BN m = 8", "SGD"]
+    assert list(table["difference"]) == pytest.approx([0.0, 0.4, 0.1, -1.2])
+    assert "Not enough" in claims_sentence(paired.iloc[:1], regression=False)
 
 
 def test_per_m_grids_from_the_sweeps_form():

@@ -15,6 +15,7 @@ from samlab.noise import (
     microbatch_noise_curve,
     noise_metrics,
     per_sample_grads,
+    predicted_microbatch_grad_norm,
     random_partitions,
     sde_regularizers,
     trace_covariance,
@@ -115,6 +116,30 @@ def test_mean_squared_microbatch_norm_follows_the_variance_identity():
     for m in (2, 6):
         got = expected_microbatch_grad_norm(grads, m, partitions=3000, seed=1)["mean_sq"]
         assert got == pytest.approx(mean_sq + trace_v * (24 - m) / (m * 23), rel=0.02)
+
+
+def test_predicted_squared_norm_is_the_exact_average_over_every_micro_batch():
+    """All C(n, m) micro-batches of a tiny model, enumerated: the identity holds to rounding."""
+    import itertools
+
+    model, (x, y) = tiny_bn_net(seed=3), data(n=10, seed=4)
+    grads = per_sample_grads(model, cross_entropy_per_sample, x, y)
+    trace_v, full = float(trace_covariance(grads)), float(grads.mean(0).norm())
+    for m in (1, 2, 3, 5, 10):
+        subsets = list(itertools.combinations(range(10), m))
+        exact = sum(float(grads[list(s)].mean(0).pow(2).sum()) for s in subsets) / len(subsets)
+        pred = predicted_microbatch_grad_norm(full_grad_norm=full, trace_v=trace_v, m=m, n=10)
+        assert pred["mean_sq"] == pytest.approx(exact, rel=1e-10)
+        mean_norm = sum(float(grads[list(s)].mean(0).norm()) for s in subsets) / len(subsets)
+        assert mean_norm <= pred["mean"] * (1 + 1e-12)  # Jensen: E‖·‖ ≤ sqrt(E‖·‖²)
+
+
+def test_noise_curve_rows_carry_the_prediction():
+    model, (x, y) = tiny_bn_net(seed=5), data(n=24, seed=6)
+    grads = per_sample_grads(model, cross_entropy_per_sample, x, y)
+    for row in microbatch_noise_curve(grads, [24, 6, 1], rho=0.1, partitions=4, seed=0):
+        assert row["mean"] <= row["predicted"] * (1 + 1e-9)
+        assert row["predicted"] ** 2 == pytest.approx(row["predicted_sq"])
 
 
 def test_sde_regularizers_follow_the_formulas():

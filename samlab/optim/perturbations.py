@@ -5,7 +5,7 @@ ascent direction d, and the perturbation is eps = rho * d. Every method of samla
 these functions: `sharpness_gradient` (also under `torch.func.vmap`, one rule call per
 micro-batch) and the `SAM` optimizer class.
 
-- normalized (SAM, Foret et al. 2021; n-SAM, m-SAM, RW-SAM): d = g / ‖g‖
+- normalized (SAM, Foret et al. 2021; n-SAM, m-SAM, the ghost-BatchNorm control, RW-SAM): d = g / ‖g‖
 - adaptive (ASAM, Kwon et al. 2021): d = T² g / ‖T g‖, T = |w| + eta_a elementwise
 - unnormalized (USAM, Andriushchenko & Flammarion 2022): d = g
 
@@ -70,6 +70,7 @@ METHOD_RULES: dict[str, str | None] = {
     "usam": "unnormalized",
     "nsam": "normalized",
     "msam": "normalized",
+    "ghostbn": "normalized",
     "rwsam": "normalized",
 }
 

@@ -21,11 +21,11 @@ from samlab.optim.functional import (
     average_into_buffers,
     forward,
     micro_batch_gradients_vmap,
-    per_sample_grad_norms,
     scratch_buffers,
 )
 from samlab.optim.fused import micro_batch_gradients, per_sample_model
 from samlab.optim.perturbations import METHOD_RULES, global_norm, perturbation
+from samlab.optim.reweighted import exact_scores, finite_difference_scores, reweighted_ascent
 from samlab.tensors import LossFn
 from samlab.validation import check_choice, check_number
 
@@ -98,8 +98,14 @@ def sharpness_gradient(
       all of them in two passes of the model in which micro-batch j sees its own weights (batched
       layers; models whose samples interact only through BatchNorm); impl="auto" (the default)
       takes "fused" where the model is built of layers it supports, else "vmap", else "loop".
-    - rwsam (Luo et al., NeurIPS 2025): p = softmax(lam * s), s_i ≈ ‖grad f_i(w)‖;
-      eps = rho g_p / ‖g_p‖ with g_p = grad Σ_i p_i f_i(w); descent grad L_B(w + eps).
+    - ghostbn (the control for m-SAM's BatchNorm): the batch is run as k = b/m micro-batches of m
+      samples, each normalised with its own BatchNorm statistics as in m-SAM, but with ONE
+      perturbation for the whole batch: g = (1/k) Σ_j grad L_{B_j}(w), eps = rho g / ‖g‖, descent
+      (1/k) Σ_j grad L_{B_j}(w + eps). It changes the normalisation as m-SAM does and the perturbation
+      not at all, so ghostbn − sam measures the BatchNorm effect and msam − ghostbn the perturbation
+      effect. m = b is SAM; without BatchNorm (or in eval mode) ghostbn is SAM for every m.
+    - rwsam (Luo et al., NeurIPS 2025; `samlab.optim.reweighted`): p = softmax(lam * s),
+      s_i ≈ ‖grad f_i(w)‖; eps = rho g_p / ‖g_p‖ with g_p = grad Σ_i p_i f_i(w); descent grad L_B(w + eps).
       estimator="fd": s_i = |f_i(w + delta z) − f_i(w)| / delta with a Rademacher z drawn from
       `generator` (one extra forward). Since E_z[⟨grad f_i, z⟩²] = ‖grad f_i‖², s_i² is unbiased
       for ‖grad f_i‖² up to O(delta); s_i itself estimates E_z|⟨grad f_i, z⟩|, which lies between
@@ -131,9 +137,12 @@ def sharpness_gradient(
                             delta=delta, adaptive_eta=adaptive_eta, perturb_batch=perturb_batch, generator=generator,
                             ascent_hook=ascent_hook)
     names, params = _trainable(model)
-    k = x.shape[0] // m if method == "msam" else 1
+    k = x.shape[0] // m if method in ("msam", "ghostbn") else 1
     with torch.enable_grad():
-        step = _micro_batches(model, loss_fn, x, y, names, params, k, spec, impl)
+        if method == "ghostbn" and k > 1:
+            step = _ghost_batchnorm_step(model, loss_fn, x, y, names, params, k, spec)
+        else:
+            step = _micro_batches(model, loss_fn, x, y, names, params, k, spec, impl)
     return _finish(params, step, method)
 
 
@@ -163,28 +172,16 @@ def _perturbation_step(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: to
 def _ascent_gradient(model, loss_fn, x, y, names, params, losses, spec: _Spec):
     """(grad L_B(w), the gradient the perturbation is built from, extra metrics) for `spec.method`."""
     if spec.method == "rwsam" and spec.lam != 0.0:
-        return _reweighted_ascent(model, loss_fn, x, y, names, params, losses, spec)
+        ascent, extras = reweighted_ascent(model, loss_fn, x, y, names, params, losses, lam=spec.lam,
+                                           estimator=spec.estimator, delta=spec.delta, generator=spec.generator)
+        # grad L_B(w) is not computed (RW-SAM costs SAM plus one forward): grad_norm reports ‖g_p‖
+        return ascent, ascent, extras
     gradient = _grad(losses.mean(), params)
     if spec.method == "nsam":
         x_p, y_p = spec.perturb_batch
         ascent = _grad(loss_fn(forward(model, x_p, buffers=scratch_buffers(model)), y_p).mean(), params)
         return gradient, ascent, {"perturb_grad_norm": global_norm(ascent)}
     return gradient, gradient, {}
-
-
-def _reweighted_ascent(model, loss_fn, x, y, names, params, losses, spec: _Spec):
-    """RW-SAM: g_p = grad Σ_i p_i f_i(w), p = softmax(lam * s), s_i ≈ ‖grad f_i(w)‖."""
-    if spec.estimator == "fd":
-        scores = _finite_difference_scores(model, loss_fn, x, y, names, params, losses, spec.delta, spec.generator)
-    else:
-        scores = _exact_scores(model, loss_fn, x, y, names)
-    weights = torch.softmax(spec.lam * scores, dim=0)
-    # One backward, as in the paper's cost account (SAM + one forward): grad L_B(w) itself is not
-    # computed, so the reported grad_norm is ‖g_p‖, the gradient RW-SAM perturbs along.
-    ascent = _grad(losses @ weights, params)
-    entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum()
-    extras = {"score_mean": scores.mean(), "weight_entropy": entropy, "max_weight": weights.max()}
-    return ascent, ascent, extras
 
 
 def sample_scores(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
@@ -204,33 +201,10 @@ def sample_scores(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.T
     _batch_size(x, y, "x", "y")
     names, params = _trainable(model)
     if estimator == "exact":
-        return _exact_scores(model, loss_fn, x, y, names)
+        return exact_scores(model, loss_fn, x, y, names)
     with torch.no_grad():
         losses = _per_sample(loss_fn(forward(model, x, buffers=scratch_buffers(model)), y), x.shape[0])
-    return _finite_difference_scores(model, loss_fn, x, y, names, params, losses, delta, generator)
-
-
-def _finite_difference_scores(model, loss_fn, x, y, names, params, losses, delta: float,
-                              generator: torch.Generator | None) -> torch.Tensor:
-    """s_i = |f_i(w + delta z) − f_i(w)| / delta, z Rademacher: one extra forward, no backward."""
-    with torch.no_grad():
-        shifted = {name: p + delta * _rademacher_like(p, generator) for name, p in zip(names, params, strict=True)}
-        shifted_losses = loss_fn(forward(model, x, shifted, buffers=scratch_buffers(model)), y)
-        return (shifted_losses - losses.detach()).abs() / delta
-
-
-def _exact_scores(model, loss_fn, x, y, names) -> torch.Tensor:
-    try:
-        return per_sample_grad_norms(model, loss_fn, x, y, names)
-    except RuntimeError as err:
-        raise ValueError(
-            f"estimator: 'exact' needs a model torch.func can differentiate per sample ({err}); use estimator='fd'"
-        ) from err
-
-
-def _rademacher_like(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Independent ±1 entries with probability 1/2 each, drawn from `generator`."""
-    return torch.empty_like(p).bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+    return finite_difference_scores(model, loss_fn, x, y, names, params, losses, delta, generator)
 
 
 # -- micro-batches ----------------------------------------------------------------------------------
@@ -279,6 +253,37 @@ def _sequential_micro_batches(model, loss_fn, x, y, names, params, k: int, spec:
         descent=torch._foreach_div(descent_sum, k),
         extras={"micro_grad_norm": torch.stack(micro_norms).mean()},
     )
+
+
+def _ghost_batchnorm_step(model, loss_fn, x, y, names, params, k: int, spec: _Spec) -> _Step:
+    """One perturbation for the batch, BatchNorm statistics per micro-batch (method ghostbn).
+
+    Both passes run the k micro-batches through the model one by one, each on its own copy of the
+    buffers (so in train mode each is normalised with its own statistics, exactly as in m-SAM); the
+    unperturbed copies are averaged into the module's buffers as m-SAM does, the perturbed ones are
+    discarded. The mean loss over the batch is the mean of the micro-batch losses, so its gradient is
+    (1/k) Σ_j grad L_{B_j}.
+    """
+    copies = [scratch_buffers(model) for _ in range(k)]
+    losses = _per_sample(loss_fn(ghost_forward(model, x, copies), y), x.shape[0])
+    gradient = _grad(losses.mean(), params)
+    ascent = spec.ascent_hook(gradient) if spec.ascent_hook is not None else gradient
+    weights = [p.detach() for p in params]
+    eps = perturbation("normalized", ascent, weights, spec.rho, [0.0] * len(weights))
+    perturbed = {name: (w + e).requires_grad_() for name, w, e in zip(names, weights, eps, strict=True)}
+    scratch = [scratch_buffers(model) for _ in range(k)]
+    perturbed_losses = _per_sample(loss_fn(ghost_forward(model, x, scratch, perturbed), y), x.shape[0])
+    descent = _grad(perturbed_losses.mean(), list(perturbed.values()))
+    if model.training and copies[0]:
+        average_into_buffers(model, {name: torch.stack([c[name] for c in copies]) for name in copies[0]})
+    return _Step(losses.detach(), perturbed_losses.detach(), gradient, descent)
+
+
+def ghost_forward(model: nn.Module, x: torch.Tensor, buffers: Sequence[dict[str, torch.Tensor]],
+                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """model(x) run as len(buffers) equal micro-batches, micro-batch j on `buffers[j]`, outputs concatenated."""
+    chunks = x.chunk(len(buffers))
+    return torch.cat([forward(model, xj, params, buffers=bj) for xj, bj in zip(chunks, buffers, strict=True)])
 
 
 def choose_impl(model: nn.Module) -> str:
@@ -365,9 +370,9 @@ def _check_arguments(model, x, y, *, method, rho, m, impl, lam, estimator, delta
     check_number("delta", delta, lower=0.0, open_lower=True)
     check_number("adaptive_eta", adaptive_eta, lower=0.0)
     batch = _batch_size(x, y, "x", "y")
-    if method == "msam" and not _divides(m, batch):
+    if method in ("msam", "ghostbn") and not _divides(m, batch):
         divisors = [d for d in range(1, batch + 1) if batch % d == 0]
-        raise ValueError(f"m: msam needs a micro-batch size m that divides the batch of {batch}, "
+        raise ValueError(f"m: {method} needs a micro-batch size m that divides the batch of {batch}, "
                          f"one of {divisors} (got {m!r})")
     if method == "nsam":
         if not isinstance(perturb_batch, (tuple, list)) or len(perturb_batch) != 2:
