@@ -60,6 +60,7 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from dashboard import tables
+from dashboard.tables import run_config, run_labels  # part of this module's API; pure, in tables
 from samlab.config import RunConfig
 from samlab.runs.store import ACTIVE, FINAL, STATUSES, Store, default_url, display_url, open_store
 
@@ -121,23 +122,6 @@ def list_runs(kind: str | Iterable[str] | None = "train", status: str | Iterable
               group: str | None = None, text: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
     """Runs newest first (see `Store.list_runs`)."""
     return get_store().list_runs(status=status, kind=kind, group=group, text=text or None, limit=limit)
-
-
-def run_config(run: dict[str, Any]) -> RunConfig | None:
-    """A train run's RunConfig from its params; None for another kind or unparsable params."""
-    if run.get("kind", "train") != "train":
-        return None
-    try:
-        return RunConfig.from_dict(run["params"])
-    except (ValueError, TypeError, KeyError):
-        return None
-
-
-def run_labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Legend names: the hyperparameters that differ between these runs (id for non-train runs)."""
-    configs = {r["id"]: cfg for r in runs if (cfg := run_config(r)) is not None}
-    labels = tables.distinguishing_labels(configs, {r["id"]: r.get("name") or "" for r in runs})
-    return {r["id"]: labels.get(r["id"], r.get("name") or r["id"]) for r in runs}
 
 
 def status_label(status: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import common as ui
-from dashboard import figures, tables
+from dashboard import plots
 
 RESUMABLE = ("cancelled", "failed")
 
@@ -52,16 +52,11 @@ def _act(action, what: str) -> None:
 
 
 def _curves(run: dict[str, Any]) -> None:
-    cfg = ui.run_config(run)
-    metrics = ui.load_metrics([run["id"]], max_points=600)
-    if metrics.empty or cfg is None:
+    fig = plots.panel_figure(run, ui.load_metrics([run["id"]], max_points=plots.PANEL_MAX_POINTS), x="step")
+    if fig is None:
         st.caption("no metrics yet" if run["status"] in ui.ACTIVE else "no metrics recorded")
         return
-    spe = tables.steps_per_epoch(cfg)
-    step = tables.wide_metrics(metrics, run["id"], "step", spe=spe)
-    epoch = tables.wide_metrics(metrics, run["id"], "epoch", spe=spe)
-    task = tables.data_task(cfg)
-    ui.show_figure(figures.run_panel_figure(step, epoch, task=task, x="step"), key=f"panel.{run['id']}")
+    ui.show_figure(fig, key=f"panel.{run['id']}")
 
 
 def _tail(text: str, n: int = 12) -> str:

@@ -5,6 +5,7 @@
 - `summary_table(runs)`: one row per run with final / best test accuracy, gap, wall time, device and
   the hyperparameters.
 - `metrics_csv(frames)`: the selected runs' metrics as one long CSV.
+- `run_config(run)`, `run_labels(runs)`: a stored run's config, legend names of stored runs.
 - `eta_seconds`, `format_duration`: the progress line.
 """
 
@@ -103,6 +104,23 @@ def distinguishing_labels(configs: Mapping[Any, RunConfig | Mapping[str, Any]],
     for label in labels.values():
         counts[label] = counts.get(label, 0) + 1
     return {rid: (f"{lab} #{rid}" if counts[lab] > 1 else lab) for rid, lab in labels.items()}
+
+
+def run_config(run: Mapping[str, Any]) -> RunConfig | None:
+    """A train run's RunConfig from its params; None for another kind or unparsable params."""
+    if run.get("kind", "train") != "train":
+        return None
+    try:
+        return RunConfig.from_dict(run["params"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def run_labels(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Legend names: the hyperparameters that differ between these runs (id for non-train runs)."""
+    configs = {r["id"]: cfg for r in runs if (cfg := run_config(r)) is not None}
+    labels = distinguishing_labels(configs, {r["id"]: r.get("name") or "" for r in runs})
+    return {r["id"]: labels.get(r["id"], r.get("name") or r["id"]) for r in runs}
 
 
 def summary_row(summary: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import common as ui
-from dashboard import figures, tables
+from dashboard import figures, plots, tables
 
 ui.page_setup("Runs", "Compare training runs: curves on shared axes, final scores, hyperparameters.")
 
@@ -75,17 +75,8 @@ else:
         kind, name = tables.split_metric_key(metric)
         metrics = ui.load_metrics(selected, names=[name], kind=kind, max_points=2000)
         times = ui.metric_times(selected) if x == "time" else None
-        legend = ui.run_labels(selected_runs)
-        curves = []
-        for run in selected_runs:
-            cfg = ui.run_config(run)
-            if cfg is None:
-                continue
-            cx, cy = tables.curve_xy(metrics, run["id"], metric, x, spe=tables.steps_per_epoch(cfg), times=times)
-            if len(cx):
-                curves.append(figures.Curve(legend[run["id"]], cx, cy))
-        tasks = {tables.data_task(c) for r in selected_runs if (c := ui.run_config(r)) is not None}
-        task = tasks.pop() if len(tasks) == 1 else None
+        curves, task = plots.run_curves(selected_runs, metrics, metric, x, labels=ui.run_labels(selected_runs),
+                                        times=times)
         if curves:
             ui.show_figure(figures.curves_figure(curves, metric=name, x=x, smoothing=smoothing, log_y=log_y,
                                                  task=task), key="runs.curves")
