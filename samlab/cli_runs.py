@@ -134,7 +134,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(run, default=str, sort_keys=True, indent=2))
         return 0
-    for key in ("id", "kind", "name", "status", "group_id", "created_at", "started_at", "finished_at",
+    for key in ("id", "kind", "name", "status", "group_id", "study", "trial", "stop_reason", "created_at", "started_at", "finished_at",
                 "heartbeat_at", "host", "pid", "device", "progress", "progress_message", "workdir",
                 "log_path", "checkpoint_path"):
         if run.get(key) is not None:
