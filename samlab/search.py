@@ -229,3 +229,19 @@ def best_by_m(history: pd.DataFrame) -> pd.DataFrame:
                      "pruned": int((group["status"] == "pruned").sum()),
                      "running": int((group["status"] == "running").sum())})
     return pd.DataFrame(rows, columns=cols)
+
+
+def last_epoch_means(store: Store | str | None, search_id: str) -> dict[tuple[int, int], float]:
+    """Per (m, trial) of the search, its mean test accuracy at the last epoch all of its runs reached
+    (what the pruner saw last)."""
+    st = open_store(store)
+    runs = st.list_runs(group=search_id, limit=100_000)
+    groups = _by_trial(runs)
+    metrics = st.metrics([r["id"] for r in runs], names=["test_acc"], kind="epoch") if runs else None
+    out: dict[tuple[int, int], float] = {}
+    for trial_runs in groups.values():
+        means = epoch_means(metrics, [r["id"] for r in trial_runs]) if metrics is not None else {}
+        if means:
+            row = _trial_row(trial_runs)
+            out[(row["m"], row["trial"])] = means[max(means)]
+    return out

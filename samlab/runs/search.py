@@ -42,6 +42,7 @@ Driver(store, search_id).run(), main(argv).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 import traceback
@@ -231,12 +232,9 @@ class Driver:
     def _used(self, m: int) -> int:
         """Trials of study m that count against its budget: finished ones and those in flight."""
         states = self.optuna.trial.TrialState
-        used = 0
-        for frozen in self.studies[m].get_trials(deepcopy=False):
-            if frozen.state in (states.COMPLETE, states.PRUNED):
-                used += 1
-            elif frozen.state == states.FAIL and frozen.user_attrs.get(OUTCOME) in COUNTED:
-                used += 1
+        used = sum(1 for t in self.studies[m].get_trials(deepcopy=False)
+                   if t.state in (states.COMPLETE, states.PRUNED)
+                   or (t.state == states.FAIL and t.user_attrs.get(OUTCOME) in COUNTED))
         return used + sum(1 for key in self.inflight if key[0] == m)  # in flight: RUNNING until told
 
     # -- following trials -------------------------------------------------------------------------
@@ -273,10 +271,8 @@ class Driver:
             self._tell(key, runs)
 
     def _stop(self, run_id: str, reason: str) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # it ended meanwhile
             jobs.cancel(run_id, store=self.st, reason=reason)
-        except ValueError:
-            pass  # it ended meanwhile
 
     def _tell(self, key: tuple[int, int], runs: list[dict[str, Any]]) -> None:
         states = self.optuna.trial.TrialState
