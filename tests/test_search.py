@@ -217,3 +217,81 @@ def test_a_tiny_real_study_completes_through_the_store(tmp_path, monkeypatch):
     assert set(tables.best_by_m["rhos_tried"]) == {2}
     paired = paired_differences(tables)
     assert list(paired["n_pairs"]) == [1, 1] and paired.iloc[0]["diff_mean"] == 0.0
+
+
+# -- the Sweeps page in adaptive-search mode ---------------------------------------------------------------
+def _recorded_search(store: Store) -> str:
+    """A search recorded as if driven: m=64 and m=8, three trials each, the last of m=8 pruned."""
+    from samlab.runs import jobs
+
+    spec = _spec(ms=[64, 8], trials=3, seeds=[0, 1], kind="train").validate()
+    store.create_search("gsearch00001", "probe", spec.to_dict())
+    for m in spec.ms:
+        for number, rho in enumerate((0.05, 0.2, 0.8)):
+            configs = spec.trial_configs(m, {"rho": rho})
+            specs = jobs.member_specs(configs, "probe", "gsearch00001", study=f"gsearch00001-m{m}", trial=number)
+            for run_id, cfg in zip(store.create_runs(specs), configs):
+                assert store.claim(run_id, "test-host", "test")
+                acc = search_tasks.accuracy(rho, m) * 0.9 + 0.01 * cfg.seed
+                store.flush(run_id, [("epoch", 1, "test_acc", acc / 2, 0.0)])
+                if m == 8 and number == 2:
+                    store.request_cancel(run_id, "pruned")
+                    store.finish_run(run_id, store.stopped_status(run_id))
+                else:
+                    store.finish_run(run_id, "completed", summary={"final_test_acc": acc, "final_train_acc": 1.0,
+                                                                   "generalization_gap": 1.0 - acc})
+    return "gsearch00001"
+
+
+def _sweeps_page(mode: str = "adaptive search"):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_lesson_page import ROOT, SWEEPS, TIMEOUT
+
+    at = AppTest.from_file(str(ROOT / SWEEPS), default_timeout=TIMEOUT)
+    at.query_params["mode"] = mode
+    at.run()
+    assert not at.exception, "; ".join(str(e.value) for e in at.exception)
+    return at
+
+
+def test_sweeps_page_shows_a_search_live(store_env):
+    search_id = _recorded_search(store_env)
+    at = _sweeps_page()
+    best = at.dataframe[0].value
+    assert list(best["m"]) == [64, 8] and list(best["best ρ"]) == [0.2, 0.05]
+    assert list(best["pruned"]) == [0, 1] and list(best["trials finished"]) == [3, 3]
+    assert any(search_id in str(s.options) for s in at.selectbox)
+    # the grid sweeps' views of the same group: the best-ρ curve and the paired comparison
+    assert any(h.value == "Accuracy against m (best ρ per m)" for h in at.subheader)
+    assert any("paired" in m.value.lower() or "seed" in m.value.lower() for m in at.markdown)
+    assert any(b.label == "Resume the search" for b in at.button)  # no driver is running for it
+
+
+def test_sweeps_page_launches_a_search(store_env, monkeypatch):
+    started = []
+    monkeypatch.setattr(search_runs, "start_driver", lambda search_id, store=None: started.append(search_id))
+    at = _sweeps_page()
+    at.text_input(key="search.ms").set_value("64, 16")
+    at.text_input(key="search.rho").set_value("0.02:0.5")
+    at.button(key="search.launch").click().run()
+    assert not at.exception
+    (row,) = store_env.list_searches()
+    assert started == [row["id"]]
+    spec = SearchSpec.from_dict(store_env.get_search(row["id"])["spec"])
+    assert spec.ms == [64, 16] and spec.rho == (0.02, 0.5) and spec.trials == 12
+
+
+def test_store_records_pruned_runs(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'samlab.db'}")
+    queued, running = store.create_runs([{"kind": "train", "params": {}, "study": "s", "trial": 0}] * 2)
+    assert store.request_cancel(queued, "pruned") == "cancelled"
+    assert store.get_run(queued)["status"] == "pruned"
+    assert store.claim(running, "h", "test")
+    assert store.request_cancel(running, "pruned") == "requested"
+    assert store.request_cancel(running) == "requested"  # a later plain cancel keeps the first reason
+    assert store.stopped_status(running) == "pruned"
+    assert store.count_by_status()["pruned"] == 1
+    with pytest.raises(ValueError, match="reason"):
+        store.request_cancel(running, "bored")
+    assert [r["trial"] for r in store.trial_runs("s")] == [0, 0]
