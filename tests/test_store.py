@@ -138,7 +138,7 @@ def test_list_filters_counts_and_ids(store):
     assert [r["id"] for r in store.list_runs(text="curvature")] == b
     assert [r["id"] for r in store.list_runs(status=["completed", "cancelled"], limit=1)] in ([a[0]], [a[1]])
     assert store.count_by_status() == {"queued": 2, "running": 0, "completed": 1, "failed": 0,
-                                       "cancelled": 1, "diverged": 0}
+                                       "cancelled": 1, "diverged": 0, "pruned": 0}
     assert store.count_by_status(kind="hessian")["queued"] == 1
     assert store.list_runs()[0]["id"] == b[0]  # newest first
     with pytest.raises(ValueError, match="status"):
