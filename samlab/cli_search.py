@@ -14,7 +14,7 @@ import math
 import sys
 import time
 
-from samlab.cli_runs import _add_store, _parse_seeds
+from samlab.cli_runs import _add_store, _parse_seeds, add_id_verbs
 from samlab.runs import search as search_runs
 from samlab.runs.store import open_store
 
@@ -45,11 +45,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     show.add_argument("search_id")
     show.add_argument("--trials", action="store_true")
     show.set_defaults(func=_show)
-    for verb, func, text in (("cancel", _cancel, "stop the search and its runs"),
-                             ("resume", _resume, "continue a cancelled, failed or driverless search")):
-        parser = verbs.add_parser(verb, help=text)
-        parser.add_argument("search_id")
-        parser.set_defaults(func=func)
+    add_id_verbs(verbs, "search_id", (("cancel", _cancel, "stop the search and its runs"),
+                                      ("resume", _resume, "continue a cancelled, failed or driverless search")))
     for parser in verbs.choices.values():
         _add_store(parser)
 

@@ -142,12 +142,7 @@ def wait(search_id: str, *, store: Store | str | None = None, timeout: float | N
          poll_s: float = 1.0) -> dict[str, Any]:
     """Block until the search ended (or `timeout` seconds); returns `progress`."""
     st = open_store(store)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        state = progress(search_id, store=st)
-        if state["done"] or (deadline is not None and time.monotonic() > deadline):
-            return state
-        time.sleep(poll_s)
+    return sweep_runs.poll_until_done(lambda: progress(search_id, store=st), timeout=timeout, poll_s=poll_s)
 
 
 # -- the driver ----------------------------------------------------------------------------------------

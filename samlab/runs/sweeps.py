@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +154,15 @@ def wait(group_id: str, *, store: Store | str | None = None, timeout: float | No
          poll_s: float = 1.0) -> dict[str, Any]:
     """Block until every member reached a final status (or `timeout` seconds); returns `progress`."""
     st = open_store(store)
+    return poll_until_done(lambda: progress(group_id, store=st), timeout=timeout, poll_s=poll_s)
+
+
+def poll_until_done(read: Callable[[], dict[str, Any]], *, timeout: float | None,
+                    poll_s: float) -> dict[str, Any]:
+    """Call `read` every `poll_s` seconds until its result says "done" (or `timeout` seconds); return it."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        state = progress(group_id, store=st)
+        state = read()
         if state["done"] or (deadline is not None and time.monotonic() > deadline):
             return state
         time.sleep(poll_s)
