@@ -114,7 +114,8 @@ with st.expander("Launch a sweep", expanded=False):
         ui.field_error(error_slot, str(err))
 
 # -- pick a sweep ------------------------------------------------------------------------------------------
-groups = jobs.sweeps(store)
+searches = {s["id"] for s in store.list_searches()}  # shown in the adaptive-search mode
+groups = {gid: label for gid, label in jobs.sweeps(store).items() if gid not in searches}
 if not groups:
     ui.empty_state("No sweeps yet: launch one above.")
     st.stop()

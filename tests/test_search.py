@@ -266,6 +266,8 @@ def test_sweeps_page_shows_a_search_live(store_env):
     assert any(h.value == "Accuracy against m (best ρ per m)" for h in at.subheader)
     assert any("paired" in m.value.lower() or "seed" in m.value.lower() for m in at.markdown)
     assert any(b.label == "Resume the search" for b in at.button)  # no driver is running for it
+    grid = _sweeps_page("grid")  # a search is not listed among the grid sweeps
+    assert any("No sweeps yet" in i.value for i in grid.info)
 
 
 def test_sweeps_page_launches_a_search(store_env, monkeypatch):
