@@ -77,6 +77,7 @@ STATUS_STYLES: dict[str, tuple[str, str]] = {
     "failed": ("error", "red"),
     "cancelled": ("stop_circle", "orange"),
     "diverged": ("warning", "red"),
+    "pruned": ("content_cut", "violet"),
 }
 ICON_INFO = ":material/lightbulb:"
 ICON_WARNING = ":material/warning:"

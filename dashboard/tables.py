@@ -138,24 +138,25 @@ def summary_row(summary: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def summary_table(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per run: id, name, status, group, scores, device, host and hyperparameter columns.
+    """One row per run: id, name, status, group, study and trial (a search's run), scores, device, host
+    and hyperparameter columns.
 
     Each run is a mapping with `id`, `config` (RunConfig or dict) and optionally `name`, `status`,
-    `group`, `device`, `summary` (the engine's summary dict), `created`.
+    `group`, `study`, `trial`, `device`, `summary` (the engine's summary dict), `created`.
     """
     rows = []
     for run in runs:
         cfg = run["config"]
         hyper = used_hyperparameters(cfg)
         row = {"id": run["id"], "name": run.get("name") or "", "status": run.get("status", ""),
-               "group": run.get("group") or ""}
+               "group": run.get("group") or "", "study": run.get("study") or "", "trial": run.get("trial")}
         row.update(summary_row(run.get("summary")))
         row["device"] = run.get("device") or (run.get("summary") or {}).get("device") or ""
         row["host"] = run.get("host") or ""  # where the run ran: this machine or a cluster node
         for key, column in HYPERPARAMETER_COLUMNS.items():
             row[column] = hyper.get(key)
         rows.append(row)
-    columns = ["id", "name", "status", "group", *summary_row(None), "device", "host",
+    columns = ["id", "name", "status", "group", "study", "trial", *summary_row(None), "device", "host",
                *HYPERPARAMETER_COLUMNS.values()]
     return pd.DataFrame(rows, columns=columns)
 

@@ -1,5 +1,5 @@
-"""Sweeps: launch a grid of runs over m × ρ × seeds × methods, follow it as a whole, and read the
-aggregated m-sharpness views."""
+"""Sweeps: launch a grid of runs over m × ρ × seeds × methods, or an adaptive search of ρ per m (one
+Optuna study per m), follow it as a whole, and read the aggregated m-sharpness views."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import common as ui
 from dashboard import msharp_view as view
+from dashboard import search_panel
 from dashboard.msharp_panel import noise_and_sharpness_panel
 from samlab import sweeps
 from samlab.config import PRESETS, preset
@@ -27,6 +28,63 @@ params = ui.ViewParams(st.query_params, prefix="sweeps")
 DEFAULT_RHOS_BY_M = {64: [0.2, 0.28, 0.4, 0.56], 32: [0.14, 0.2, 0.28, 0.4], 8: [0.1, 0.14, 0.2, 0.28],
                      2: [0.05, 0.07, 0.1, 0.14]}
 store = ui.get_store()
+mode = params.radio(st, "mode", "mode", ["grid", "adaptive search"], default="grid")
+
+
+def results(group: str, *, grid: bool) -> None:
+    """The best-ρ-per-m views of a group of runs (a grid sweep, or a search's trials)."""
+    tables = sweeps.aggregate(store, group)
+    first = store.get_run(tables.runs.iloc[0]["run_id"])
+    config = ui.run_config(first)
+    error = params.toggle(st, "show test error instead of accuracy", "error", default=False)
+    st.subheader("Accuracy against m (best ρ per m)")
+    ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=error), key="sweeps.acc")
+    st.caption(view.seeds_caption(tables, config))
+    st.markdown(view.trend_sentence(tables.best_by_m))
+    paired = sweeps.paired_differences(tables)
+    st.markdown(view.claims_sentence(paired, regression=tables.regression))
+    if not paired.empty:
+        st.caption("Paired by seed against the largest m (SAM), the ghost-BatchNorm control (diamonds: BatchNorm "
+                   "per micro-batch, one perturbation) beside m-SAM: ghost-BN − SAM is the normalisation effect, "
+                   "m-SAM − ghost-BN the perturbation effect.")
+        ui.show_figure(view.paired_figure(paired, regression=tables.regression), key="sweeps.paired")
+    c = st.columns(2) if grid else [st.container()]
+    if grid:
+        with c[0]:
+            st.subheader("m × ρ")
+            ui.show_figure(view.heatmap_figure(tables.heatmap), key="sweeps.heat")
+    with c[-1]:
+        st.subheader("Generalization gap against m")
+        ui.show_figure(view.gap_figure(tables.best_by_m), key="sweeps.gap")
+    with st.expander("tables"):
+        st.markdown("**best ρ per m**")
+        st.dataframe(tables.best_by_m, hide_index=True)
+        st.markdown("**references**")
+        st.dataframe(tables.references, hide_index=True)
+        st.markdown("**paired by seed against the largest m** (mean ± SE of the per-seed differences)")
+        st.dataframe(view.paired_se_table(paired, regression=tables.regression), hide_index=True)
+        st.markdown("**runs**")
+        st.dataframe(tables.runs, hide_index=True)
+    # -- tr V and m-sharpness of the trained models
+    st.subheader("tr V and m-sharpness against m")
+    st.caption("Per trained model: gradient noise and S_m, measured by an `msharp` background run.")
+    done = tables.runs[(tables.runs["status"] == "completed")]
+    choices = {f"{r['method']} m={r['m']:g} ρ={r['rho']:g} seed={r['seed']}": r["run_id"] for _, r in done.iterrows()}
+    picked = st.multiselect("models", list(choices), default=list(choices)[:2], key="sweeps.models")
+    noise_and_sharpness_panel({label: store.get_run(choices[label]) for label in picked}, key="sweeps.msharp")
+
+
+if mode == "adaptive search":
+    search_panel.launch_form(params, view.LESSON_PRESET)
+    search_id = search_panel.pick(params, store)
+    if search_id is None:
+        params.sync()
+        st.stop()
+    search_panel.live_panel(search_id, store)
+    if store.list_runs(group=search_id, limit=1):
+        results(search_id, grid=False)
+    params.sync()
+    st.stop()
 
 # -- launch ------------------------------------------------------------------------------------------------
 with st.expander("Launch a sweep", expanded=False):
@@ -67,7 +125,8 @@ with st.expander("Launch a sweep", expanded=False):
         ui.field_error(error_slot, str(err))
 
 # -- pick a sweep ------------------------------------------------------------------------------------------
-groups = jobs.sweeps(store)
+searches = {s["id"] for s in store.list_searches()}  # shown in the adaptive-search mode
+groups = {gid: label for gid, label in jobs.sweeps(store).items() if gid not in searches}
 if not groups:
     ui.empty_state("No sweeps yet: launch one above.")
     st.stop()
@@ -98,43 +157,5 @@ def progress_panel() -> None:
 
 progress_panel()
 
-tables = sweeps.aggregate(store, group)
-first = store.get_run(tables.runs.iloc[0]["run_id"])
-config = ui.run_config(first)
-error = params.toggle(st, "show test error instead of accuracy", "error", default=False)
-st.subheader("Accuracy against m (best ρ per m)")
-ui.show_figure(view.accuracy_vs_m_figure(tables.best_by_m, tables.references, error=error), key="sweeps.acc")
-st.caption(view.seeds_caption(tables, config))
-st.markdown(view.trend_sentence(tables.best_by_m))
-paired = sweeps.paired_differences(tables)
-st.markdown(view.claims_sentence(paired, regression=tables.regression))
-if not paired.empty:
-    st.caption("Paired by seed against the largest m (SAM), the ghost-BatchNorm control (diamonds: BatchNorm "
-               "per micro-batch, one perturbation) beside m-SAM: ghost-BN − SAM is the normalisation effect, "
-               "m-SAM − ghost-BN the perturbation effect.")
-    ui.show_figure(view.paired_figure(paired, regression=tables.regression), key="sweeps.paired")
-c = st.columns(2)
-with c[0]:
-    st.subheader("m × ρ")
-    ui.show_figure(view.heatmap_figure(tables.heatmap), key="sweeps.heat")
-with c[1]:
-    st.subheader("Generalization gap against m")
-    ui.show_figure(view.gap_figure(tables.best_by_m), key="sweeps.gap")
-with st.expander("tables"):
-    st.markdown("**best ρ per m**")
-    st.dataframe(tables.best_by_m, hide_index=True)
-    st.markdown("**references**")
-    st.dataframe(tables.references, hide_index=True)
-    st.markdown("**paired by seed against the largest m** (mean ± SE of the per-seed differences)")
-    st.dataframe(view.paired_se_table(paired, regression=tables.regression), hide_index=True)
-    st.markdown("**runs**")
-    st.dataframe(tables.runs, hide_index=True)
-
-# -- tr V and m-sharpness of the trained models --------------------------------------------------------------
-st.subheader("tr V and m-sharpness against m")
-st.caption("Per trained model: gradient noise and S_m, measured by an `msharp` background run.")
-done = tables.runs[(tables.runs["status"] == "completed")]
-choices = {f"{r['method']} m={r['m']:g} ρ={r['rho']:g} seed={r['seed']}": r["run_id"] for _, r in done.iterrows()}
-picked = st.multiselect("models", list(choices), default=list(choices)[:2], key="sweeps.models")
-noise_and_sharpness_panel({label: store.get_run(choices[label]) for label in picked}, key="sweeps.msharp")
+results(group, grid=True)
 params.sync()

@@ -14,7 +14,7 @@ import sys
 
 from samlab.config import PRESETS
 
-CLI_MODULES = ["samlab.cli", "samlab.cli_runs"]  # modules with add_cli(subparsers); add yours here
+CLI_MODULES = ["samlab.cli", "samlab.cli_runs", "samlab.cli_search"]  # modules with add_cli(subparsers); add yours here
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

@@ -50,11 +50,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     show.add_argument("run_id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_show)
-    for verb, func, text in (("cancel", _cancel, "stop a run gracefully (queued: at once)"),
-                             ("resume", _resume, "continue a cancelled or failed run from its checkpoint")):
-        parser = verbs.add_parser(verb, help=text)
-        parser.add_argument("run_id")
-        parser.set_defaults(func=func)
+    add_id_verbs(verbs, "run_id", (("cancel", _cancel, "stop a run gracefully (queued: at once)"),
+                                   ("resume", _resume, "continue a cancelled or failed run from its checkpoint")))
     logs = verbs.add_parser("logs", help="print a run's log")
     logs.add_argument("run_id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
@@ -65,6 +62,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     delete.set_defaults(func=_delete)
     for parser in (listing, show, logs, delete, *[verbs.choices[v] for v in ("cancel", "resume")]):
         _add_store(parser)
+
+
+def add_id_verbs(verbs: argparse._SubParsersAction, id_name: str, items) -> None:
+    """Subcommands `VERB ID` from (verb, func, help) items."""
+    for verb, func, text in items:
+        parser = verbs.add_parser(verb, help=text)
+        parser.add_argument(id_name)
+        parser.set_defaults(func=func)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -134,7 +139,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(run, default=str, sort_keys=True, indent=2))
         return 0
-    for key in ("id", "kind", "name", "status", "group_id", "created_at", "started_at", "finished_at",
+    for key in ("id", "kind", "name", "status", "group_id", "study", "trial", "stop_reason", "created_at", "started_at", "finished_at",
                 "heartbeat_at", "host", "pid", "device", "progress", "progress_message", "workdir",
                 "log_path", "checkpoint_path"):
         if run.get(key) is not None:

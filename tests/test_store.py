@@ -97,6 +97,12 @@ def test_opening_a_v1_file_migrates_it_and_keeps_its_data(tmp_path):
     # v3: the old run was numbered first, the new one after it
     assert run["seq"] == 1 and store.get_run(new_id)["seq"] == 2
     assert [r["id"] for r in store.list_runs()] == [new_id, "oldrun000001"]
+    # v4: search columns and the searches table
+    assert run["study"] is None and run["trial"] is None and run["stop_reason"] is None
+    (trial_run,) = store.create_runs([{"kind": "train", "params": {}, "study": "s-m8", "trial": 3}])
+    assert [r["id"] for r in store.trial_runs("s-m8")] == [trial_run]
+    store.create_search("gs", "a search", {"ms": [8]})
+    assert store.get_search("gs")["spec"] == {"ms": [8]} and store.get_search("gs")["status"] == "running"
     # a second open of the migrated file is a no-op
     assert Store(f"sqlite:///{path}").get_run(new_id)["kind"] == "msharp"
 
@@ -132,7 +138,7 @@ def test_list_filters_counts_and_ids(store):
     assert [r["id"] for r in store.list_runs(text="curvature")] == b
     assert [r["id"] for r in store.list_runs(status=["completed", "cancelled"], limit=1)] in ([a[0]], [a[1]])
     assert store.count_by_status() == {"queued": 2, "running": 0, "completed": 1, "failed": 0,
-                                       "cancelled": 1, "diverged": 0}
+                                       "cancelled": 1, "diverged": 0, "pruned": 0}
     assert store.count_by_status(kind="hessian")["queued"] == 1
     assert store.list_runs()[0]["id"] == b[0]  # newest first
     with pytest.raises(ValueError, match="status"):

@@ -13,9 +13,10 @@ Public API (every function takes `store`: a Store, a URL, or None for `default_u
     submit_sweep(configs, name, *, kind="train", store=None, start=True) -> group_id
         all validated first (ValueError "configs[i]: ..."), then queued in one transaction
     sweeps(store=None, *, kind="train") -> {group_id: sweep name}, newest first
-    cancel(run_id, *, store=None) -> str "cancelled" (was queued) or "requested" (running: graceful stop,
+    cancel(run_id, *, store=None, reason="cancelled") -> str "cancelled" (was queued) or "requested" (running: graceful stop,
                                          hard kill after SAMLAB_CANCEL_TIMEOUT_S by the scheduler)
     resume(run_id, *, store=None) -> run_id    cancelled/failed -> queued with resume=True
+    new_group_id(name) -> str; member_specs(configs, name, group_id, *, kind, **extra) -> store specs
     start_runs(store, run_ids, *, group=None, resubmit=False)
         hand queued runs to the backend that SAMLAB_EXECUTOR selects: "local" (default) starts the
         detached scheduler, "ray" submits one Ray job for them (samlab.runs.ray_executor)
@@ -120,6 +121,23 @@ def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, ki
         raise ValueError("configs: a sweep needs at least one config")
     if not isinstance(name, str) or not name.strip():
         raise ValueError("name: a sweep needs a non-empty name")
+    st = open_store(store)
+    group_id = new_group_id(name)
+    run_ids = st.create_runs(member_specs(configs, name, group_id, kind=kind))
+    if start:
+        start_runs(st, run_ids, group=group_id)
+    return group_id
+
+
+def new_group_id(name: str) -> str:
+    """A fresh id for a group of runs (a sweep, a search)."""
+    return "g" + hashlib.sha256(f"{name}{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:11]
+
+
+def member_specs(configs: Sequence[RunConfig | dict[str, Any]], name: str, group_id: str, *,
+                 kind: str = "train", **extra: Any) -> list[dict[str, Any]]:
+    """Store specs of a group's members, each validated ("configs[i]: ..." on bad input), named
+    "<name> · <hyperparameters>"; `extra` (e.g. study, trial) is recorded on every member."""
     specs = []
     for i, config in enumerate(configs):
         try:
@@ -127,15 +145,8 @@ def submit_sweep(configs: Sequence[RunConfig | dict[str, Any]], name: str, *, ki
         except ValueError as exc:
             raise ValueError(f"configs[{i}]: {exc}") from None
         specs.append({"kind": kind, "params": params, "name": f"{name}{SWEEP_NAME_SEP}{_label(kind, params)}",
-                      "cache_key": tasks.cache_key(kind, params)})
-    st = open_store(store)
-    group_id = "g" + hashlib.sha256(f"{name}{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:11]
-    for spec in specs:
-        spec["group_id"] = group_id
-    run_ids = st.create_runs(specs)
-    if start:
-        start_runs(st, run_ids, group=group_id)
-    return group_id
+                      "cache_key": tasks.cache_key(kind, params), "group_id": group_id, **extra})
+    return specs
 
 
 def start_runs(store: Store | str | None, run_ids: Sequence[str], *, group: str | None = None,
@@ -151,11 +162,12 @@ def start_runs(store: Store | str | None, run_ids: Sequence[str], *, group: str 
 
 
 # -- control -----------------------------------------------------------------------------------------
-def cancel(run_id: str, *, store: Store | str | None = None) -> str:
-    """Cancel a queued run at once, or ask a running one to stop (checkpoint, then `cancelled`)."""
+def cancel(run_id: str, *, store: Store | str | None = None, reason: str = "cancelled") -> str:
+    """Cancel a queued run at once, or ask a running one to stop (checkpoint, then `cancelled`; with
+    reason="pruned", a search's pruner, the run ends as `pruned`)."""
     st = open_store(store)
     run = st.get_run(run_id)
-    outcome = st.request_cancel(run["id"])
+    outcome = st.request_cancel(run["id"], reason)
     if not outcome:
         raise ValueError(f"run_id: run {run['id']} is {st.get_run(run['id'])['status']}; "
                          "only queued or running runs can be cancelled")

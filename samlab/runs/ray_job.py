@@ -102,8 +102,9 @@ class Driver:
         for ref in overdue:
             run_id = self.pending.pop(ref)
             self.ray.cancel(ref, force=True)
-            self.store.fail_run(run_id, f"cancelled: the run did not stop within {self.cancel_timeout_s:g}s of "
-                                "the request; its Ray task was killed", status="cancelled", only_if_active=True)
+            status = self.store.stopped_status(run_id)
+            self.store.fail_run(run_id, f"{status}: the run did not stop within {self.cancel_timeout_s:g}s of "
+                                "the request; its Ray task was killed", status=status, only_if_active=True)
 
     def stop_all(self) -> None:
         """The job is being stopped: every run of ours is asked to stop (checkpoint, then end)."""

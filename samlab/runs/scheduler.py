@@ -176,9 +176,10 @@ class Scheduler:
                 continue
             killed = self.executor.kill(run)
             if killed or self.executor.alive(run) is False:
-                self.store.fail_run(run["id"], f"cancelled: the worker did not stop within "
+                status = self.store.stopped_status(run["id"])
+                self.store.fail_run(run["id"], f"{status}: the worker did not stop within "
                                     f"{self.cancel_timeout_s:g}s of the request and was killed",
-                                    status="cancelled")
+                                    status=status)
                 _log(f"run {run['id']} hard-killed after {waited:.1f}s")
 
     def _free_slots(self) -> list[Slot]:

@@ -58,6 +58,13 @@ Schema history (SCHEMA_VERSION, `meta.schema_version`); opening an older file mi
         indexes for status/kind/group/cache_key and a covering (run_id, kind, name, step, value).
     v3  runs gain seq, the creation order (the clock's millisecond cannot order runs created together);
         older rows are numbered by (created_at, id).
+    v4  runs gain study, trial (the Optuna study and trial number of a search's run) and stop_reason (why
+        a stop was requested: "pruned" ends the run as `pruned`); the searches table (one row per
+        adaptive search: its spec, status, driver process and heartbeat, cancel flag).
+
+Searches (samlab.runs.search): Store.create_search(search_id, name, spec), get_search(id),
+list_searches(), search_heartbeat(id, pid, host, status=None, error=None),
+request_search_cancel(id) -> bool, reopen_search(id) -> bool, trial_runs(study) -> list[Run].
 """
 
 from __future__ import annotations
@@ -80,10 +87,12 @@ from sqlalchemy.sql import expression
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 3
-STATUSES = ("queued", "running", "completed", "failed", "cancelled", "diverged")
+SCHEMA_VERSION = 4
+STATUSES = ("queued", "running", "completed", "failed", "cancelled", "diverged", "pruned")
 ACTIVE = ("queued", "running")
-FINAL = ("completed", "failed", "cancelled", "diverged")
+FINAL = ("completed", "failed", "cancelled", "diverged", "pruned")
+STOP_REASONS = ("cancelled", "pruned")  # why a stop was requested; "pruned": a search's pruner stopped it
+SEARCH_STATUSES = ("running", "completed", "cancelled", "failed")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = REPO_ROOT / "data" / "runs" / "samlab.db"
 BUSY_TIMEOUT_MS = 30_000
@@ -155,12 +164,16 @@ runs_table = sa.Table(
     sa.Column("workdir", sa.Text),
     sa.Column("log_path", sa.Text),
     sa.Column("checkpoint_path", sa.Text),
+    sa.Column("study", sa.String(200)),  # the Optuna study of a search's run
+    sa.Column("trial", sa.Integer),  # its trial number in that study
+    sa.Column("stop_reason", sa.String(16)),  # why a stop was requested (STOP_REASONS)
     sa.Index("ix_runs_status", "status"),
     sa.Index("ix_runs_kind", "kind"),
     sa.Index("ix_runs_group", "group_id"),
     sa.Index("ix_runs_cache_key", "cache_key"),
     sa.Index("ix_runs_created", "created_at"),
     sa.Index("ix_runs_seq", "seq"),
+    sa.Index("ix_runs_study_trial", "study", "trial"),
 )
 
 metrics_table = sa.Table(
@@ -184,6 +197,22 @@ artifacts_table = sa.Table(
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime),
+)
+
+searches_table = sa.Table(
+    "searches",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # also the group id of its runs
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("spec", sa.Text, nullable=False),  # JSON of samlab.search.SearchSpec.to_dict()
+    sa.Column("status", sa.String(16), nullable=False),  # SEARCH_STATUSES
+    sa.Column("created_at", sa.DateTime),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("heartbeat_at", sa.DateTime),  # the driver's last tick
+    sa.Column("pid", sa.Integer),  # the driver process
+    sa.Column("host", sa.String(255)),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("error", sa.Text),
 )
 
 _JSON_COLUMNS = ("params", "result", "summary")
@@ -223,6 +252,9 @@ class Run(TypedDict, total=False):
     workdir: str | None
     log_path: str | None
     checkpoint_path: str | None
+    study: str | None  # the Optuna study of a search's run
+    trial: int | None  # its trial number
+    stop_reason: str | None  # STOP_REASONS
 
 
 # -- migrations --------------------------------------------------------------------------------------
@@ -246,7 +278,7 @@ def _migrate_1_to_2(conn: sa.Connection) -> None:
     artifacts_table.create(conn, checkfirst=True)
     for table in (runs_table, metrics_table):
         for index in table.indexes:
-            if index.name not in V3_INDEXES:
+            if index.name not in V3_INDEXES | V4_INDEXES:
                 index.create(conn, checkfirst=True)
 
 
@@ -264,7 +296,19 @@ def _migrate_2_to_3(conn: sa.Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {2: _migrate_1_to_2, 3: _migrate_2_to_3}  # target version -> step from the version before
+V4_INDEXES = {"ix_runs_study_trial"}
+
+
+def _migrate_3_to_4(conn: sa.Connection) -> None:
+    for column, ddl in {"study": "VARCHAR(200)", "trial": "INTEGER", "stop_reason": "VARCHAR(16)"}.items():
+        conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {column} {ddl}"))
+    for index in runs_table.indexes:
+        if index.name in V4_INDEXES:
+            index.create(conn, checkfirst=True)
+    searches_table.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {2: _migrate_1_to_2, 3: _migrate_2_to_3, 4: _migrate_3_to_4}  # target version -> step from the version before
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -417,7 +461,7 @@ class Store:
     # -- writers ---------------------------------------------------------------------------------
     def create_runs(self, specs: Sequence[dict[str, Any]]) -> list[str]:
         """Insert queued runs in one transaction; each spec has kind, params and optionally name,
-        group_id, cache_key, workdir. Returns the new ids in order."""
+        group_id, cache_key, workdir, study and trial (a search's run). Returns the new ids in order."""
         rows = []
         for spec in specs:
             run_id = new_id()
@@ -432,6 +476,8 @@ class Store:
                 "status": "queued",
                 "workdir": str(workdir),
                 "log_path": str(workdir / "run.log"),
+                "study": spec.get("study"),
+                "trial": spec.get("trial"),
             })
         if rows:
             # seq from a subquery inside each INSERT: the rows of a batch, and of later batches, count up
@@ -553,18 +599,30 @@ class Store:
                 resume_requested=False))
             return res.rowcount == 1
 
-    def request_cancel(self, run_id: str) -> str:
-        """Queued -> cancelled at once ("cancelled"); running -> flag set ("requested"); else ""."""
+    def request_cancel(self, run_id: str, reason: str = "cancelled") -> str:
+        """Queued -> ended at once ("cancelled"); running -> flag set ("requested"); else "".
+
+        `reason` is recorded as the run's stop_reason and names the final status of a queued run;
+        "pruned" (a search's pruner) makes a stopped run end as `pruned` instead of `cancelled`."""
+        if reason not in STOP_REASONS:
+            raise ValueError(f"reason: must be one of {', '.join(STOP_REASONS)} (got {reason!r})")
         c = runs_table.c
         with self.engine.begin() as conn:
             res = conn.execute(sa.update(runs_table).where(c.id == run_id, c.status == "queued").values(
-                status="cancelled", finished_at=utcnow(), error="cancelled before it started"))
+                status=reason, finished_at=utcnow(), error=f"{reason} before it started", stop_reason=reason))
             if res.rowcount == 1:
                 return "cancelled"
             res = conn.execute(sa.update(runs_table).where(c.id == run_id, c.status == "running").values(
-                cancel_requested=True,
+                cancel_requested=True, stop_reason=sa.func.coalesce(c.stop_reason, reason),
                 cancel_requested_at=sa.func.coalesce(c.cancel_requested_at, utcnow())))
             return "requested" if res.rowcount == 1 else ""
+
+    def stopped_status(self, run_id: str) -> str:
+        """The final status of a run that stopped on request: "pruned" when a pruner asked, else "cancelled"."""
+        with self.engine.connect() as conn:
+            reason = conn.execute(sa.select(runs_table.c.stop_reason)
+                                  .where(runs_table.c.id == run_id)).scalar_one_or_none()
+        return "pruned" if reason == "pruned" else "cancelled"
 
     def requeue(self, run_id: str, *, resume: bool) -> bool:
         """A cancelled or failed run goes back to the queue (resume=True continues from its state)."""
@@ -573,7 +631,7 @@ class Store:
             res = conn.execute(sa.update(runs_table)
                                .where(c.id == run_id, c.status.in_(("cancelled", "failed")))
                                .values(status="queued", resume_requested=resume, cancel_requested=False,
-                                       cancel_requested_at=None, pid=None, executor_ref=None,
+                                       cancel_requested_at=None, stop_reason=None, pid=None, executor_ref=None,
                                        finished_at=None, error=None, progress_message="queued to resume"))
             return res.rowcount == 1
 
@@ -599,6 +657,68 @@ class Store:
             conn.execute(sa.delete(runs_table).where(runs_table.c.id == run["id"],
                                                      runs_table.c.status != "running"))
         return run
+
+    # -- searches --------------------------------------------------------------------------------
+    def create_search(self, search_id: str, name: str, spec: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(searches_table).values(id=search_id, name=name, spec=_dumps(spec),
+                                                          status="running", created_at=utcnow()))
+
+    def get_search(self, search_id: str) -> dict[str, Any]:
+        """A search's row (spec decoded); ValueError naming the id when absent."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(searches_table).where(searches_table.c.id == search_id)).first()
+        if row is None:
+            raise ValueError(f"search_id: no search {search_id!r} in the store {self.url}")
+        out = dict(row._mapping)
+        out["spec"] = _loads(out["spec"])
+        out["cancel_requested"] = bool(out["cancel_requested"])
+        return out
+
+    def list_searches(self) -> list[dict[str, Any]]:
+        """Every search (id, name, status, created_at), newest first."""
+        s = searches_table.c
+        query = sa.select(s.id, s.name, s.status, s.created_at).order_by(s.created_at.desc(), s.id)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def search_heartbeat(self, search_id: str, pid: int, host: str, *, status: str | None = None,
+                         error: str | None = None) -> bool:
+        """The driver's tick: its pid, host and heartbeat (and a final status); returns the cancel flag."""
+        values: dict[str, Any] = {"pid": pid, "host": host, "heartbeat_at": utcnow()}
+        if status is not None:
+            if status not in SEARCH_STATUSES:
+                raise ValueError(f"status: must be one of {', '.join(SEARCH_STATUSES)} (got {status!r})")
+            values |= {"status": status, "error": error,
+                       "finished_at": None if status == "running" else utcnow()}
+        s = searches_table.c
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(searches_table).where(s.id == search_id).values(**values))
+            flag = conn.execute(sa.select(s.cancel_requested).where(s.id == search_id)).scalar_one_or_none()
+        return bool(flag)
+
+    def request_search_cancel(self, search_id: str) -> bool:
+        """Ask a running search's driver to stop; False when the search is not running."""
+        s = searches_table.c
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(searches_table).where(s.id == search_id, s.status == "running")
+                               .values(cancel_requested=True))
+            return res.rowcount == 1
+
+    def reopen_search(self, search_id: str) -> bool:
+        """A search that ended (cancelled, failed) runs again: status running, cancel flag cleared."""
+        s = searches_table.c
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(searches_table).where(s.id == search_id)
+                               .values(status="running", cancel_requested=False, finished_at=None, error=None))
+            return res.rowcount == 1
+
+    def trial_runs(self, study: str) -> list[Run]:
+        """The runs of one Optuna study (every trial), oldest first."""
+        c = runs_table.c
+        query = sa.select(*_LIST_COLUMNS).where(c.study == study).order_by(c.trial, c.seq)
+        with self.engine.connect() as conn:
+            return [_decode(row) for row in conn.execute(query)]
 
     # -- readers ---------------------------------------------------------------------------------
     def resolve_id(self, prefix: str) -> str:

@@ -5,7 +5,7 @@ Small runs are many, so besides the scheduler (one worker process per run) a swe
 through the same worker code in-process, so a run costs its training and not a Python start-up plus
 the torch import.
 
-    python -m samlab.runs.sweeps work GROUP_ID [--store URL]
+    python -m samlab.runs.sweeps work GROUP_ID [--store URL] [--linger SECONDS]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,15 @@ def submit(spec: SweepSpec, *, store: Store | str | None = None, workers: int | 
     return group_id
 
 
-def start_workers(group_id: str, *, store: Store | str | None = None, workers: int | None = None) -> list[int]:
+def start_workers(group_id: str, *, store: Store | str | None = None, workers: int | None = None,
+                  linger_s: float = 0.0) -> list[int]:
     """Launch detached sweep workers for a group; returns their pids.
 
     With GPUs: one worker per visible GPU (the scheduler's slots). On a CPU: `workers` (default: one
     per core) single-threaded workers, the cores split between them — small runs waste most of a
     second thread on synchronisation, so several one-thread runs side by side finish more runs per
-    minute than one run using every core.
+    minute than one run using every core. `linger_s`: how long an idle worker waits for more queued
+    runs before it exits (a search queues its trials over time).
     """
     if backend_name() == "ray":
         raise ValueError("workers: with SAMLAB_EXECUTOR=ray the sweep's Ray job runs its members; "
@@ -70,14 +72,16 @@ def start_workers(group_id: str, *, store: Store | str | None = None, workers: i
         env = dict(os.environ) | slots[i % len(slots)].env
         if not on_gpu:
             env["OMP_NUM_THREADS"] = str(max(1, cores // count))
-        proc = spawn_module("samlab.runs.sweeps", ["work", group_id, "--store", st.url],
+        proc = spawn_module("samlab.runs.sweeps", ["work", group_id, "--store", st.url, "--linger", f"{linger_s:g}"],
                             log_dir / f"{group_id}-{i}.log", env=env)
         pids.append(proc.pid)
     return pids
 
 
-def work(group_id: str, *, store: Store | str | None = None, limit: int | None = None) -> int:
+def work(group_id: str, *, store: Store | str | None = None, limit: int | None = None,
+         linger_s: float = 0.0, poll_s: float = 0.5) -> int:
     """Claim and run the group's queued runs one after another in this process; returns how many ran.
+    With nothing queued it waits up to `linger_s` seconds for more before it returns.
 
     Each run goes through `samlab.runs.worker.run_worker`, exactly as in its own process: same store
     records, heartbeats, cancellation and failure handling. Claims are atomic, so several sweep
@@ -87,6 +91,10 @@ def work(group_id: str, *, store: Store | str | None = None, limit: int | None =
     ran = 0
     while limit is None or ran < limit:
         run_id = _claim_next(st, group_id, hostname())
+        idle_until = time.monotonic() + linger_s
+        while run_id is None and time.monotonic() < idle_until:
+            time.sleep(poll_s)
+            run_id = _claim_next(st, group_id, hostname())
         if run_id is None:
             break
         st.set_launch(run_id, os.getpid(), f"{SWEEP_EXECUTOR}:{os.getpid()}")
@@ -146,9 +154,15 @@ def wait(group_id: str, *, store: Store | str | None = None, timeout: float | No
          poll_s: float = 1.0) -> dict[str, Any]:
     """Block until every member reached a final status (or `timeout` seconds); returns `progress`."""
     st = open_store(store)
+    return poll_until_done(lambda: progress(group_id, store=st), timeout=timeout, poll_s=poll_s)
+
+
+def poll_until_done(read: Callable[[], dict[str, Any]], *, timeout: float | None,
+                    poll_s: float) -> dict[str, Any]:
+    """Call `read` every `poll_s` seconds until its result says "done" (or `timeout` seconds); return it."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        state = progress(group_id, store=st)
+        state = read()
         if state["done"] or (deadline is not None and time.monotonic() > deadline):
             return state
         time.sleep(poll_s)
@@ -161,9 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_cmd = sub.add_parser("work", help="run a group's queued runs one after another in this process")
     work_cmd.add_argument("group_id")
     work_cmd.add_argument("--store", default=None, help="store URL (default: SAMLAB_STORE or data/runs)")
+    work_cmd.add_argument("--linger", type=float, default=0.0,
+                          help="seconds to wait for more queued runs before exiting (default 0)")
     args = parser.parse_args(argv)
     print(f"sweep worker pid {os.getpid()}: group {args.group_id}", flush=True)
-    work(args.group_id, store=args.store)  # each run writes its own log from here on
+    work(args.group_id, store=args.store, linger_s=max(0.0, args.linger))  # each run writes its own log from here on
     return 0
 
 

@@ -11,7 +11,7 @@ same graceful stop. An exception marks the run failed with the traceback in its 
 
 The final status: a task result with "status" in completed|cancelled|diverged (the "train" task) is
 taken as is, with its "summary"; otherwise a task that returns after a stop request is "cancelled", else
-"completed". On resume, the first time each curve (kind, name) is written again, its rows from that step
+"completed"; a stop a search's pruner asked for (the run's stop_reason) ends as "pruned". On resume, the first time each curve (kind, name) is written again, its rows from that step
 on are replaced, so a run resumed from a checkpoint has no duplicate or stale points.
 
 Public API: StoreReporter(store, run_id, *, flush_s, resume), run_worker(run_id, store_url) -> int,
@@ -233,6 +233,8 @@ def run_worker(run_id: str, store_url: str | None = None) -> int:
         return 1
     status, summary = _final_status(out, reporter.should_stop())
     reporter.close()
+    if status == "cancelled":
+        status = store.stopped_status(run["id"])  # "pruned" when a search's pruner asked for the stop
     checkpoint = out.get("checkpoint") if isinstance(out, dict) else None
     result = out if isinstance(out, dict) and summary is None else None
     store.finish_run(run["id"], status, result=result, summary=summary, checkpoint_path=checkpoint)
