@@ -75,7 +75,7 @@ def results(group: str, *, grid: bool) -> None:
 
 
 if mode == "adaptive search":
-    search_panel.launch_form(params, view.LESSON_PRESET)
+    search_panel.launch_form(params, "digits-cnn-msharp")  # accuracy is the objective: a classification preset
     search_id = search_panel.pick(params, store)
     if search_id is None:
         params.sync()
