@@ -43,11 +43,13 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "resnet18": ("width", "norm"),
     "wrn16": ("widen", "norm"),
     "diag-linear": ("init_scale",),
+    "relu-net": ("width", "init_scale"),
 }
 SYNTHETIC_DATA_FIELDS: dict[str, tuple[str, ...]] = {
     "gaussian-mixture": ("n_features", "n_classes"),
     "teacher-student": ("n_features", "n_classes"),
     "sparse-regression": ("n_features", "sparsity", "noise_std"),
+    "relu-teacher": ("n_features", "sparsity", "noise_std"),
 }
 SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {
     "constant": ("warmup_epochs",),
@@ -87,7 +89,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     _spec("data", "data.augment", "augment (crop + flip)", "bool", help="image sets only"),
     _spec("data", "data.n_features", "features d", "int"),
     _spec("data", "data.n_classes", "classes", "int"),
-    _spec("data", "data.sparsity", "sparsity (non-zeros of the target)", "int"),
+    _spec("data", "data.sparsity", "sparsity (non-zeros of the target; relu-teacher: teacher units)", "int"),
     _spec("data", "data.noise_std", "target noise std", "float", step=0.01),
     _spec("data", "data.root", "dataset folder", "text"),
     # model
@@ -96,7 +98,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     _spec("model", "model.depth", "hidden layers", "int"),
     _spec("model", "model.norm", "normalization", "select", options=NORMS, help="bn: BatchNorm, gn: GroupNorm"),
     _spec("model", "model.widen", "widening factor k", "int"),
-    _spec("model", "model.init_scale", "initial scale α (u = v = α)", "float", step=0.01),
+    _spec("model", "model.init_scale", "initial scale (diag-linear: u = v = α; relu-net: weight scale)", "float",
+          step=0.01),
     # optimizer
     _spec("optim", "optim.method", "method", "select", options=METHODS,
           help="sgd, SAM, adaptive SAM, unnormalized SAM, n-SAM, micro-batch mSAM, reweighted RW-SAM"),

@@ -22,7 +22,9 @@ from samlab.optim.perturbations import METHOD_RULES, global_norm, perturbation
 from samlab.validation import check_choice, check_number
 
 # The methods that perturb; they differ in what the caller's first pass computes (see the class docstring).
-SAM_METHODS = tuple(m for m in METHODS if METHOD_RULES[m] is not None)
+# ghostbn is not a rule of its own: it is `sam` whose forwards the caller runs in micro-batches of m (each
+# normalised with its own BatchNorm statistics), so the class takes it as method="sam".
+SAM_METHODS = tuple(m for m in METHODS if METHOD_RULES[m] is not None and m != "ghostbn")
 
 
 class _PassGradients:
