@@ -43,11 +43,13 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "resnet18": ("width", "norm"),
     "wrn16": ("widen", "norm"),
     "diag-linear": ("init_scale",),
+    "relu-net": ("width", "init_scale"),
 }
 SYNTHETIC_DATA_FIELDS: dict[str, tuple[str, ...]] = {
     "gaussian-mixture": ("n_features", "n_classes"),
     "teacher-student": ("n_features", "n_classes"),
     "sparse-regression": ("n_features", "sparsity", "noise_std"),
+    "relu-teacher": ("n_features", "sparsity", "noise_std"),
 }
 SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {
     "constant": ("warmup_epochs",),
