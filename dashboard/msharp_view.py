@@ -228,8 +228,9 @@ def seeds_caption(tables: Any, config: RunConfig | None) -> str:
             data += (" Train accuracy (and so the gap) is measured against the noisy training labels, so "
                      "a model that does not fit the noise has a negative gap.")
     return (f"{done} of {len(runs)} runs completed; seeds {seeds} (training seed: initialisation and batch "
-            f"order; the data split is fixed). Mean ± std over seeds of the final test accuracy; ρ is chosen "
-            f"per m by the mean test accuracy (no separate validation split).{data}")
+            f"order; the data split is fixed). Mean ± std over seeds of the final {tables.score_name}; where a cell "
+            f"has several ρ, the one with the best mean {tables.score_name} is used (no separate validation "
+            f"split).{data}")
 
 
 def trend_sentence(best_by_m: pd.DataFrame) -> str:
