@@ -26,7 +26,8 @@ Stable API (other pages rely on it; extend, do not change):
     store_url() -> str
     list_runs(kind="train", status=None, group=None, text=None, limit=1000) -> list[dict]
     run_config(run) -> RunConfig | None          a train run's config (None when its params do not parse)
-    run_labels(runs) -> dict[id, str]            legend names from distinguishing hyperparameters
+    run_labels(runs) -> dict[id, str]            the one run label: differing hyperparameters + short id, ≤ 60 chars
+    run_details(runs) -> dict[id, str]           the full config behind a label (hover text)
     run_picker(label, *, key, kind="train", statuses=("completed",), multi=False, default=None, help=None)
         -> id | list[id] | None                  with an empty state (and a link to Train) when nothing fits
     empty_state(message, page=None, link_label=None)
@@ -83,7 +84,7 @@ ICON_ERROR = ":material/error:"
 
 __all__ = [
     "ACTIVE", "FINAL", "STATUSES", "ICON_INFO", "ICON_WARNING", "ICON_ERROR", "page_setup", "get_store", "store_url", "list_runs", "run_config",
-    "run_labels", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
+    "run_labels", "run_details", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
     "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "metric_times",
     "ViewParams", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
 ]
@@ -134,10 +135,23 @@ def run_config(run: dict[str, Any]) -> RunConfig | None:
 
 
 def run_labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Legend names: the hyperparameters that differ between these runs (id for non-train runs)."""
+    """The one label of a run in every picker, legend and table: the hyperparameters that differ among
+    these runs plus a short id, ≤ 60 characters (`tables.distinguishing_labels`); a run of another kind
+    (an analysis) is its name and short id."""
     configs = {r["id"]: cfg for r in runs if (cfg := run_config(r)) is not None}
     labels = tables.distinguishing_labels(configs, {r["id"]: r.get("name") or "" for r in runs})
-    return {r["id"]: labels.get(r["id"], r.get("name") or r["id"]) for r in runs}
+    return {r["id"]: labels.get(r["id"]) or _other_label(r) for r in runs}
+
+
+def run_details(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The full config of each run (every hyperparameter it uses): the hover text behind its short label."""
+    return {r["id"]: tables.config_text(cfg) if (cfg := run_config(r)) is not None else (r.get("name") or r["id"])
+            for r in runs}
+
+
+def _other_label(run: dict[str, Any]) -> str:
+    suffix = f" · {run['id'][:tables.ID_CHARS]}"
+    return tables.fit_label([run.get("name") or run.get("kind") or ""], tables.LABEL_CHARS - len(suffix)) + suffix
 
 
 def status_label(status: str) -> str:
@@ -166,12 +180,15 @@ def page_title(path: Path) -> str:
 
 
 # -- pickers and empty states -------------------------------------------------------------------------
+LABEL_HELP = ("Runs are named by the hyperparameters that differ among them (… when more differ than fit) and a "
+              "short id; the Runs page's table and the curves' hover show every hyperparameter.")
+
 def run_picker(label: str, *, key: str, kind: str = "train", statuses: Sequence[str] | None = ("completed",),
                multi: bool = False, default: str | Sequence[str] | None = None,
                help: str | None = None) -> str | list[str] | None:
     """Pick one run (or several with multi=True) among runs of `kind` in `statuses`.
 
-    Options are labelled by their distinguishing hyperparameters and short id. When no run fits, an
+    Options are labelled by `run_labels`: the hyperparameters that differ among them and a short id. When no run fits, an
     empty state says what to do and the picker returns None (or [] with multi=True).
     """
     runs = list_runs(kind=kind, status=list(statuses) if statuses else None)
@@ -182,15 +199,12 @@ def run_picker(label: str, *, key: str, kind: str = "train", statuses: Sequence[
         return [] if multi else None
     labels = run_labels(runs)
     ids = [r["id"] for r in runs]
-
-    def describe(run_id: str) -> str:
-        return f"{labels[run_id]} · {run_id[:6]}"
-
+    help = help or LABEL_HELP
     if multi:
         chosen = [d for d in (default or []) if d in ids]
-        return st.multiselect(label, ids, default=chosen, format_func=describe, key=key, help=help)
+        return st.multiselect(label, ids, default=chosen, format_func=labels.get, key=key, help=help)
     index = ids.index(default) if isinstance(default, str) and default in ids else 0
-    return st.selectbox(label, ids, index=index, format_func=describe, key=key, help=help)
+    return st.selectbox(label, ids, index=index, format_func=labels.get, key=key, help=help)
 
 
 def empty_state(message: str, page: str | None = None, link_label: str | None = None) -> None:
@@ -464,9 +478,9 @@ class ViewParams:
         self.values[name] = f"{value:g}"
         return value
 
-    def toggle(self, where: Any, label: str, name: str, *, default: bool = False) -> bool:
+    def toggle(self, where: Any, label: str, name: str, *, default: bool = False, help: str | None = None) -> bool:
         key = self._prepare(name, lambda raw: raw in ("1", "true", "True"), default, bool)
-        value = where.toggle(label, key=key)
+        value = where.toggle(label, key=key, help=help)
         self.values[name] = "1" if value else "0"
         return value
 

@@ -12,6 +12,7 @@ import streamlit as st
 
 from dashboard import common as ui
 from dashboard import figures, tables
+from samlab.optim.perturbations import METHOD_RULES
 
 RESUMABLE = ("cancelled", "failed")
 
@@ -61,7 +62,9 @@ def _curves(run: dict[str, Any]) -> None:
     step = tables.wide_metrics(metrics, run["id"], "step", spe=spe)
     epoch = tables.wide_metrics(metrics, run["id"], "epoch", spe=spe)
     task = tables.data_task(cfg)
-    ui.show_figure(figures.run_panel_figure(step, epoch, task=task, x="step"), key=f"panel.{run['id']}")
+    perturbs = METHOD_RULES[cfg.optim.method] is not None  # SGD's sharpness proxy is 0 by definition
+    ui.show_figure(figures.run_panel_figure(step, epoch, task=task, x="step", perturbs=perturbs),
+                   key=f"panel.{run['id']}")
 
 
 def _tail(text: str, n: int = 12) -> str:

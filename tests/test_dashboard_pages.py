@@ -229,3 +229,39 @@ def test_runs_page_filters_and_deletes_with_confirmation(store_env, recorded_row
     remaining = {r["id"] for r in store_env.list_runs()}
     assert ids["completed"] not in remaining and ids["completed2"] in remaining
     assert not workdir.exists()
+
+
+def _plotly_specs(at: AppTest) -> list[dict]:
+    import json
+
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def test_runs_page_groups_seeds_into_a_mean_and_std_band(store_env, recorded_rows):
+    ids = _populate(store_env, *recorded_rows)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at.run()
+    at.switch_page("pages/2_Runs.py")
+    at.query_params["runs"] = ",".join([ids["completed"], ids["completed2"], ids["running"]])
+    at.query_params["group_seeds"] = "1"
+    at.run()
+    _no_exception(at, "Runs grouped by seed")
+    names = [t.get("name") for spec in _plotly_specs(at) for t in spec["data"]]
+    # the two sgd seeds form one group with a band; the msam run is a group of one (a line, no band)
+    assert "sgd · 2 seeds ± std" in names and "sgd · 2 seeds" in names
+    assert any(n and n.startswith("msam") and n.endswith("· 1 seed") for n in names)
+    # every picker option is a short label ending in the run's short id
+    options = at.multiselect(key="runs.runs").options
+    assert options and all(len(o) <= 60 for o in options)
+    assert any(o.endswith(f"· {ids['running'][:6]}") for o in options)
+    assert "config" in at.dataframe[0].value.columns  # the full config beside the short label
+
+
+def test_run_card_of_sgd_has_no_sharpness_panel(store_env, recorded_rows):
+    _populate(store_env, *recorded_rows)
+    at = _app("pages/1_Train.py")
+    _no_exception(at, "Train with runs")
+    titles = [[a["text"] for a in spec["layout"].get("annotations", [])] for spec in _plotly_specs(at)]
+    panels = [t for t in titles if "loss" in t]
+    assert any("sharpness proxy" not in t and "learning rate" in t for t in panels)  # the sgd runs
+    assert any("sharpness proxy" in t for t in panels)  # the msam run
