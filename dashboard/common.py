@@ -43,6 +43,8 @@ Stable API (other pages rely on it; extend, do not change):
     metric_times(run_ids) -> DataFrame           wall-clock seconds of each logged step (x = time)
     ViewParams(st.query_params, prefix)          widgets whose values live in the URL
     cached_or_submit(kind, params, *, label, key) -> run dict | None   reuse a cached run or offer a button
+    compute_all(requests, *, key, where=None) -> int   one button queuing every missing analysis of a page
+    queue_places(run_ids) -> {id: (place, length)}     where queued runs stand in the queue (oldest first)
     task_progress(run)                           status line, progress bar with ETA, error text of a failed run
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
     log_tail(run, lines=20) -> str
@@ -307,6 +309,44 @@ def cached_or_submit(kind: str, params: dict[str, Any], *, label: str, key: str)
     return None
 
 
+def compute_all(requests: Sequence[tuple[str, dict[str, Any]]], *, key: str, where: Any = None) -> int:
+    """One "Compute all" button that queues every analysis among `requests` ((kind, params) pairs) that
+    is not queued, running or done yet, then reruns the page; nothing is drawn when none is missing.
+    Returns how many are missing."""
+    from samlab import tasks
+    from samlab.runs import jobs
+
+    store = get_store()
+    missing = []
+    for kind, params in requests:
+        try:
+            normalised = tasks.check_params(kind, params)
+        except ValueError:
+            continue  # the analysis' own button shows the error
+        if store.find_cached(tasks.cache_key(kind, normalised)) is None:
+            missing.append((kind, normalised))
+    if len(missing) < 2:  # one missing analysis has its own button
+        return len(missing)
+    if (where or st).button(f"Compute all ({len(missing)} missing)", key=key, type="primary",
+                            help="queue every analysis this page shows that is not computed yet"):
+        for kind, params in missing:
+            try:
+                jobs.submit_cached(kind, params, store=store)
+            except ValueError as err:
+                show_exception(err, "Not queued")
+                return len(missing)
+        st.rerun()
+    return len(missing)
+
+
+def queue_places(run_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(place, length) in the queue of each queued run among `run_ids`: the scheduler starts queued runs
+    oldest first, so place 1 starts next when a slot frees."""
+    queue = [r["id"] for r in get_store().runs_with_status(["queued"])]
+    wanted = set(run_ids)
+    return {run_id: (index + 1, len(queue)) for index, run_id in enumerate(queue) if run_id in wanted}
+
+
 def cancel_run(run_id: str) -> str:
     """Cancel a queued run, or ask a running one to checkpoint and stop."""
     from samlab.runs import jobs
@@ -352,7 +392,9 @@ def task_progress(run: dict[str, Any] | None) -> None:
     if run is None:
         return
     fraction, text = progress_text(run, get_store().server_now())
-    st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`")
+    place = queue_places([run["id"]]).get(run["id"]) if run["status"] == "queued" else None
+    where = f" · place {place[0]} of {place[1]} in the queue" if place else ""
+    st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`{where}")
     st.progress(fraction, text=text)
     if run.get("error") and run["status"] in ("failed", "diverged", "cancelled"):
         st.error(_first_lines(run["error"]), icon=ICON_ERROR)

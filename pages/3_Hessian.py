@@ -43,13 +43,14 @@ else:
     store = ui.get_store()
     runs = [store.get_run(i) for i in run_ids]
     labels = ui.run_labels(runs)
-    analyses: dict[str, dict | None] = {}
-    for run in runs:
-        checkpoint = checkpoint_of(run)
-        request = view.request(checkpoint, k=k, n_samples=n_samples, trace_samples=trace_samples, mode=mode,
-                               seed=seed, per_layer=per_layer)
-        analyses[run["id"]] = ui.cached_or_submit("hessian", request, label=f"Compute the spectrum of {labels[run['id']]}",
-                                                  key=f"hessian.submit.{run['id']}")
+    requests = {run["id"]: view.request(checkpoint_of(run), k=k, n_samples=n_samples, trace_samples=trace_samples,
+                                        mode=mode, seed=seed, per_layer=per_layer) for run in runs}
+    ui.compute_all([("hessian", request) for request in requests.values()], key="hessian.submit_all")
+    analyses: dict[str, dict | None] = {
+        run_id: ui.cached_or_submit("hessian", request, label=f"Compute the spectrum of {labels[run_id]}",
+                                    key=f"hessian.submit.{run_id}")
+        for run_id, request in requests.items()
+    }
 
     @ui.live(2.0)
     def spectra_panel() -> None:
@@ -68,7 +69,8 @@ else:
         st.dataframe(view.summary_table(results), hide_index=True)
         st.caption("λ_max · η / 2 ≥ 1 means full-batch gradient descent at the run's base learning rate would be "
                    "unstable at this point (Cohen et al. 2021). The trace's ± is the Hutch++ standard error.")
-        left, right = st.columns(2)
+        # side by side for one or two runs; stacked at full width beyond, where each legend has a row per run
+        left, right = st.columns(2) if len(results) <= 2 else (st.container(), st.container())
         with left:
             ui.show_figure(view.eigenvalue_figure(results), key="hessian.eigenvalues")
         with right:
