@@ -265,3 +265,26 @@ def test_run_card_of_sgd_has_no_sharpness_panel(store_env, recorded_rows):
     panels = [t for t in titles if "loss" in t]
     assert any("sharpness proxy" not in t and "learning rate" in t for t in panels)  # the sgd runs
     assert any("sharpness proxy" in t for t in panels)  # the msam run
+
+
+def test_train_form_explains_a_train_set_smaller_than_the_batch(store_env):
+    at = _app("pages/1_Train.py")
+    assert "samlab never downloads" in at.selectbox(key="train.data.name").help
+    assert "data/datasets/" in at.selectbox(key="train.data.name").help
+    at.number_input(key="train.batch_size").set_value(128).run()
+    at.number_input(key="train.data.n_train").set_value(5).run()
+    _no_exception(at, "n_train < batch size")
+    notes = [c.value for c in at.caption if "batch is clipped" in c.value]
+    assert notes == [":material/info: 5 train samples < batch size 128: the batch is clipped to 5, so each epoch "
+                     "is one full-batch step on all 5 samples."]
+    at.number_input(key="train.data.n_train").set_value(500).run()
+    assert not [c for c in at.caption if "batch is clipped" in c.value]
+
+
+def test_a_train_set_smaller_than_the_batch_trains_one_full_batch_step_per_epoch():
+    # what the note says, checked on the engine: 5 samples, batch 128, 3 epochs → 3 steps of 5 samples
+    from samlab.train import run
+
+    reporter = RecordingReporter()
+    result = run(_tiny_config(**{"data.n_train": 5, "batch_size": 128, "epochs": 3, "log_every": 1}), reporter)
+    assert result.status == "completed" and result.summary["steps"] == 3
