@@ -24,10 +24,10 @@ PAGE_NOTES: dict[str, str] = {
 left, right = st.columns([3, 2], gap="large")
 with left:
     st.markdown(
-        """
+        r"""
 **SAM** (Foret et al., ICLR 2021) trains on the loss at an adversarially perturbed point
-w + ε, ε = ρ·g/‖g‖, to find flatter minima. **m-sharpness**: when each perturbation is computed
-on a micro-batch of only m samples (mSAM), test error falls as m falls — with n-SAM (the
+$w + \varepsilon$, $\varepsilon = \rho\, g / \lVert g \rVert$, to find flatter minima. **m-sharpness**: when each
+perturbation is computed on a micro-batch of only $m$ samples (mSAM), test error falls as $m$ falls — with n-SAM (the
 full-batch perturbation) no better than SGD (Andriushchenko & Flammarion, ICML 2022).
 samlab implements SGD, SAM, ASAM, USAM, n-SAM, mSAM and RW-SAM on one mechanism, trains in
 background processes (GPU when present), and measures sharpness, Hessian spectra, loss

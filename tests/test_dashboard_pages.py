@@ -288,3 +288,20 @@ def test_a_train_set_smaller_than_the_batch_trains_one_full_batch_step_per_epoch
     reporter = RecordingReporter()
     result = run(_tiny_config(**{"data.n_train": 5, "batch_size": 128, "epochs": 3, "log_every": 1}), reporter)
     assert result.status == "completed" and result.summary["steps"] == 3
+
+
+@pytest.mark.parametrize("page, formula", [
+    (None, r"\varepsilon = \rho\, g / \lVert g \rVert"),
+    ("pages/3_Hessian.py", r"$\lambda_{\max}$"),
+    ("pages/7_Stability.py", r"\frac{\sigma}{\eta} \left(\frac{n}{B} - 1\right)^{-1/2}"),
+    ("pages/7_Stability.py", r"\sum_i H_i M H_i"),
+    ("pages/6_Lesson_m-sharpness.py", r"$\frac{\rho}{2m} \operatorname{tr} V$"),
+], ids=["home", "hessian", "stability-theorem", "stability-map", "lesson"])
+def test_formulas_are_typeset_as_latex(store_env, page, formula):
+    at = _app(page)
+    _no_exception(at, f"{page or 'app.py'}")
+    texts = [e.value for kind in ("markdown", "latex", "caption") for e in at.get(kind)]
+    assert any(formula in text for text in texts), formula
+    # the plain-text spellings they replace are gone
+    plain = ("‖g‖", "(n/B − 1)^(−1/2)", "Σ H_i M H_i", "(ρ/2m) tr V", "top eigenvalue λ_max")
+    assert not [p for p in plain for text in texts if p in text]
