@@ -21,7 +21,7 @@ A page is thin — widgets → a config or params → a samlab call (usually a b
 
 Stable API (other pages rely on it; extend, do not change):
 
-    page_setup(title, intro=None, icon=None)     set_page_config + title + intro; call first on a page
+    page_setup(title, intro=None, icon=None)     set_page_config, the lock (require_access), title, intro; call first
     get_store() -> samlab.runs.store.Store            one store per URL (SAMLAB_STORE or the default SQLite file)
     store_url() -> str
     list_runs(kind="train", status=None, group=None, text=None, limit=1000) -> list[dict]
@@ -62,7 +62,7 @@ from typing import Any
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
-from dashboard import tables
+from dashboard import access, tables
 from samlab.config import RunConfig
 from samlab.runs.store import ACTIVE, FINAL, STATUSES, Store, default_url, display_url, open_store
 
@@ -96,9 +96,41 @@ __all__ = [
 def page_setup(title: str, intro: str | None = None, icon: str | None = None) -> None:
     """The first call of every page: tab title, wide layout, the page title and a one-line intro."""
     st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or ":material/landscape:", layout="wide")
+    require_access()
     st.title(title)
     if intro:
         st.caption(intro)
+
+
+def require_access() -> None:
+    """The lock (`dashboard.access`): on a server bound to anything but loopback, stop the page unless
+    SAMLAB_PASSWORD is set, and then until this session has typed it once."""
+    from streamlit.runtime import Runtime
+
+    if not isinstance(st.runtime.get_instance(), Runtime):
+        return  # no server (streamlit.testing runs the script in-process): no door to lock
+    address = st.get_option("server.address")
+    if not access.needs_password(address):
+        return
+    reason = access.refusal(address)
+    if reason:
+        st.error(reason, icon=ICON_ERROR)
+        st.stop()
+    if st.session_state.get(UNLOCKED_KEY):
+        return
+    st.title("samlab")
+    with st.form("samlab.login"):
+        typed = st.text_input("Password", type="password", help=f"the server's {access.PASSWORD_ENV}")
+        entered = st.form_submit_button("Enter", type="primary")
+    if entered and access.check_password(typed, access.password()):
+        st.session_state[UNLOCKED_KEY] = True
+        st.rerun()
+    if entered:
+        st.error("Wrong password.", icon=ICON_WARNING)
+    st.stop()
+
+
+UNLOCKED_KEY = "samlab.unlocked"
 
 
 def store_url() -> str:
@@ -167,6 +199,11 @@ def page_files() -> list[Path]:
     if not PAGES_DIR.is_dir():
         return []
     return sorted(PAGES_DIR.glob("*.py"), key=_page_order)
+
+
+def navigation_pages() -> list[Any]:
+    """st.Page entries for every file under pages/, titled as the sidebar shows them ('Lesson m-sharpness')."""
+    return [st.Page(f"pages/{path.name}", title=page_title(path)) for path in page_files()]
 
 
 def _page_order(path: Path) -> tuple[int, str]:
