@@ -5,7 +5,6 @@ calls it, and both cases in headless Chromium against a real `streamlit run app.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ import pytest
 
 from dashboard import access
 from tests.helpers import free_port
-from tests.test_browser import CHROMIUM, LAUNCH_ARGS, ROOT, SHOTS, _settle, _wait_healthy
+from tests.test_browser import CHROMIUM, LAUNCH_ARGS, ROOT, SHOTS, _settle, running_streamlit
 
 
 @pytest.mark.parametrize("address, loopback", [
@@ -70,30 +69,16 @@ def test_make_run_does_the_check_before_streamlit():
 # -- in a browser ----------------------------------------------------------------------------------------
 @contextmanager
 def _streamlit(tmp_path: Path, address: str, password: str | None):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install the Debian 'chromium' package to run the browser tests")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on the PATH: install the Debian 'chromium' package to run the browser tests")
     pytest.importorskip("playwright.sync_api")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != access.PASSWORD_ENV}
     env["SAMLAB_STORE"] = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
     if password is not None:
         env[access.PASSWORD_ENV] = password
-    with open(tmp_path / f"streamlit-{port}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", address, "--server.port", str(port),
-             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            url = f"http://127.0.0.1:{port}"  # an exposed server is still reached over loopback here
-            _wait_healthy(url, proc)
-            yield url
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with running_streamlit(env, address, port, tmp_path / f"streamlit-{port}.log") as url:
+        yield url  # an exposed server is still reached over loopback here
 
 
 @contextmanager
@@ -102,7 +87,7 @@ def _page():
 
     expect.set_options(timeout=60_000)  # a first script run on a busy 2-core machine takes a while
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1300, "height": 1000})
             page.set_default_timeout(60_000)

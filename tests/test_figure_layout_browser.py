@@ -5,19 +5,15 @@ Screenshots go to screenshots/hessian_bars_<n>runs_<width>.png."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from dashboard import hessian_view as view
 from dashboard.tables import LABEL_CHARS
+from tests.test_browser import CHROMIUM, LAUNCH_ARGS, SHOTS
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parent.parent / "screenshots"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # (runs, width): a column of the page's two (one or two runs) and the whole page (more runs), and the
 # worst case of eight runs in a column
 CASES = ((1, 620), (2, 620), (4, 1300), (8, 1300), (8, 620))
@@ -38,11 +34,11 @@ def _results(n: int) -> list[tuple[str, dict]]:
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install the Debian 'chromium' package to run the browser tests")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on the PATH: install the Debian 'chromium' package to run the browser tests")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         yield chromium
         chromium.close()
 
