@@ -20,7 +20,9 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -r requirements.txt -e .
 	touch $(STAMP)
 
+# Bound to anything but loopback, the dashboard needs SAMLAB_PASSWORD: without it, one line says why and nothing starts.
 run: $(STAMP)
+	@$(BIN)/python -m dashboard.access --host $(HOST)
 	$(BIN)/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --browser.gatherUsageStats false
 
 test: $(STAMP)

@@ -21,12 +21,13 @@ A page is thin — widgets → a config or params → a samlab call (usually a b
 
 Stable API (other pages rely on it; extend, do not change):
 
-    page_setup(title, intro=None, icon=None)     set_page_config + title + intro; call first on a page
+    page_setup(title, intro=None, icon=None)     set_page_config, the lock (require_access), title, intro; call first
     get_store() -> samlab.runs.store.Store            one store per URL (SAMLAB_STORE or the default SQLite file)
     store_url() -> str
     list_runs(kind="train", status=None, group=None, text=None, limit=1000) -> list[dict]
     run_config(run) -> RunConfig | None          a train run's config (None when its params do not parse)
-    run_labels(runs) -> dict[id, str]            legend names from distinguishing hyperparameters
+    run_labels(runs) -> dict[id, str]            the one run label: differing hyperparameters + short id, ≤ 60 chars
+    run_details(runs) -> dict[id, str]           the full config behind a label (hover text)
     run_picker(label, *, key, kind="train", statuses=("completed",), multi=False, default=None, help=None)
         -> id | list[id] | None                  with an empty state (and a link to Train) when nothing fits
     empty_state(message, page=None, link_label=None)
@@ -42,6 +43,8 @@ Stable API (other pages rely on it; extend, do not change):
     metric_times(run_ids) -> DataFrame           wall-clock seconds of each logged step (x = time)
     ViewParams(st.query_params, prefix)          widgets whose values live in the URL
     cached_or_submit(kind, params, *, label, key) -> run dict | None   reuse a cached run or offer a button
+    compute_all(requests, *, key, where=None) -> int   one button queuing every missing analysis of a page
+    queue_places(run_ids) -> {id: (place, length)}     where queued runs stand in the queue (oldest first)
     task_progress(run)                           status line, progress bar with ETA, error text of a failed run
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
     log_tail(run, lines=20) -> str
@@ -59,8 +62,8 @@ from typing import Any
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
-from dashboard import tables
-from dashboard.tables import run_config, run_labels  # part of this module's API; pure, in tables
+from dashboard import access, tables
+from dashboard.tables import run_config, run_details, run_labels  # part of this module's API; pure, in tables
 from samlab.config import RunConfig
 from samlab.runs.store import ACTIVE, FINAL, STATUSES, Store, default_url, display_url, open_store
 
@@ -85,7 +88,7 @@ ICON_ERROR = ":material/error:"
 
 __all__ = [
     "ACTIVE", "FINAL", "STATUSES", "ICON_INFO", "ICON_WARNING", "ICON_ERROR", "page_setup", "get_store", "store_url", "list_runs", "run_config",
-    "run_labels", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
+    "run_labels", "run_details", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
     "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "metric_times",
     "ViewParams", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
 ]
@@ -95,9 +98,41 @@ __all__ = [
 def page_setup(title: str, intro: str | None = None, icon: str | None = None) -> None:
     """The first call of every page: tab title, wide layout, the page title and a one-line intro."""
     st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or ":material/landscape:", layout="wide")
+    require_access()
     st.title(title)
     if intro:
         st.caption(intro)
+
+
+def require_access() -> None:
+    """The lock (`dashboard.access`): on a server bound to anything but loopback, stop the page unless
+    SAMLAB_PASSWORD is set, and then until this session has typed it once."""
+    from streamlit.runtime import Runtime
+
+    if not isinstance(st.runtime.get_instance(), Runtime):
+        return  # no server (streamlit.testing runs the script in-process): no door to lock
+    address = st.get_option("server.address")
+    if not access.needs_password(address):
+        return
+    reason = access.refusal(address)
+    if reason:
+        st.error(reason, icon=ICON_ERROR)
+        st.stop()
+    if st.session_state.get(UNLOCKED_KEY):
+        return
+    st.title("samlab")
+    with st.form("samlab.login"):
+        typed = st.text_input("Password", type="password", help=f"the server's {access.PASSWORD_ENV}")
+        entered = st.form_submit_button("Enter", type="primary")
+    if entered and access.check_password(typed, access.password()):
+        st.session_state[UNLOCKED_KEY] = True
+        st.rerun()
+    if entered:
+        st.error("Wrong password.", icon=ICON_WARNING)
+    st.stop()
+
+
+UNLOCKED_KEY = "samlab.unlocked"
 
 
 def store_url() -> str:
@@ -138,6 +173,11 @@ def page_files() -> list[Path]:
     return sorted(PAGES_DIR.glob("*.py"), key=_page_order)
 
 
+def navigation_pages() -> list[Any]:
+    """st.Page entries for every file under pages/, titled as the sidebar shows them ('Lesson m-sharpness')."""
+    return [st.Page(f"pages/{path.name}", title=page_title(path)) for path in page_files()]
+
+
 def _page_order(path: Path) -> tuple[int, str]:
     head = path.stem.split("_", 1)[0]
     return (int(head), path.stem) if head.isdigit() else (10**6, path.stem)
@@ -151,12 +191,15 @@ def page_title(path: Path) -> str:
 
 
 # -- pickers and empty states -------------------------------------------------------------------------
+LABEL_HELP = ("Runs are named by the hyperparameters that differ among them (… when more differ than fit) and a "
+              "short id; the Runs page's table and the curves' hover show every hyperparameter.")
+
 def run_picker(label: str, *, key: str, kind: str = "train", statuses: Sequence[str] | None = ("completed",),
                multi: bool = False, default: str | Sequence[str] | None = None,
                help: str | None = None) -> str | list[str] | None:
     """Pick one run (or several with multi=True) among runs of `kind` in `statuses`.
 
-    Options are labelled by their distinguishing hyperparameters and short id. When no run fits, an
+    Options are labelled by `run_labels`: the hyperparameters that differ among them and a short id. When no run fits, an
     empty state says what to do and the picker returns None (or [] with multi=True).
     """
     runs = list_runs(kind=kind, status=list(statuses) if statuses else None)
@@ -167,15 +210,12 @@ def run_picker(label: str, *, key: str, kind: str = "train", statuses: Sequence[
         return [] if multi else None
     labels = run_labels(runs)
     ids = [r["id"] for r in runs]
-
-    def describe(run_id: str) -> str:
-        return f"{labels[run_id]} · {run_id[:6]}"
-
+    help = help or LABEL_HELP
     if multi:
         chosen = [d for d in (default or []) if d in ids]
-        return st.multiselect(label, ids, default=chosen, format_func=describe, key=key, help=help)
+        return st.multiselect(label, ids, default=chosen, format_func=labels.get, key=key, help=help)
     index = ids.index(default) if isinstance(default, str) and default in ids else 0
-    return st.selectbox(label, ids, index=index, format_func=describe, key=key, help=help)
+    return st.selectbox(label, ids, index=index, format_func=labels.get, key=key, help=help)
 
 
 def empty_state(message: str, page: str | None = None, link_label: str | None = None) -> None:
@@ -278,6 +318,44 @@ def cached_or_submit(kind: str, params: dict[str, Any], *, label: str, key: str)
     return None
 
 
+def compute_all(requests: Sequence[tuple[str, dict[str, Any]]], *, key: str, where: Any = None) -> int:
+    """One "Compute all" button that queues every analysis among `requests` ((kind, params) pairs) that
+    is not queued, running or done yet, then reruns the page; nothing is drawn when none is missing.
+    Returns how many are missing."""
+    from samlab import tasks
+    from samlab.runs import jobs
+
+    store = get_store()
+    missing = []
+    for kind, params in requests:
+        try:
+            normalised = tasks.check_params(kind, params)
+        except ValueError:
+            continue  # the analysis' own button shows the error
+        if store.find_cached(tasks.cache_key(kind, normalised)) is None:
+            missing.append((kind, normalised))
+    if len(missing) < 2:  # one missing analysis has its own button
+        return len(missing)
+    if (where or st).button(f"Compute all ({len(missing)} missing)", key=key, type="primary",
+                            help="queue every analysis this page shows that is not computed yet"):
+        for kind, params in missing:
+            try:
+                jobs.submit_cached(kind, params, store=store)
+            except ValueError as err:
+                show_exception(err, "Not queued")
+                return len(missing)
+        st.rerun()
+    return len(missing)
+
+
+def queue_places(run_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(place, length) in the queue of each queued run among `run_ids`: the scheduler starts queued runs
+    oldest first, so place 1 starts next when a slot frees."""
+    queue = [r["id"] for r in get_store().runs_with_status(["queued"])]
+    wanted = set(run_ids)
+    return {run_id: (index + 1, len(queue)) for index, run_id in enumerate(queue) if run_id in wanted}
+
+
 def cancel_run(run_id: str) -> str:
     """Cancel a queued run, or ask a running one to checkpoint and stop."""
     from samlab.runs import jobs
@@ -323,7 +401,9 @@ def task_progress(run: dict[str, Any] | None) -> None:
     if run is None:
         return
     fraction, text = progress_text(run, get_store().server_now())
-    st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`")
+    place = queue_places([run["id"]]).get(run["id"]) if run["status"] == "queued" else None
+    where = f" · place {place[0]} of {place[1]} in the queue" if place else ""
+    st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`{where}")
     st.progress(fraction, text=text)
     if run.get("error") and run["status"] in ("failed", "diverged", "cancelled"):
         st.error(_first_lines(run["error"]), icon=ICON_ERROR)
@@ -449,9 +529,9 @@ class ViewParams:
         self.values[name] = f"{value:g}"
         return value
 
-    def toggle(self, where: Any, label: str, name: str, *, default: bool = False) -> bool:
+    def toggle(self, where: Any, label: str, name: str, *, default: bool = False, help: str | None = None) -> bool:
         key = self._prepare(name, lambda raw: raw in ("1", "true", "True"), default, bool)
-        value = where.toggle(label, key=key)
+        value = where.toggle(label, key=key, help=help)
         self.values[name] = "1" if value else "0"
         return value
 

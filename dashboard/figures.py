@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -143,7 +144,7 @@ def curves_figure(
     for index, curve in enumerate(curves):
         y = display_values(metric, curve.y)
         colour = _palette(index)
-        hover = _hovertemplate(curve.label, x_axis_title(x), y_title)
+        hover = _hovertemplate(curve.label, x_axis_title(x), y_title, curve.hover)
         if smoothing > 0:
             fig.add_trace(
                 go.Scatter(
@@ -169,6 +170,93 @@ def curves_figure(
     return fig
 
 
+@dataclass
+class Band:
+    """One group of runs that differ only in seed: the mean curve, ± one standard deviation, the count."""
+
+    label: str
+    x: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    n: int
+    hover: dict[str, str] = field(default_factory=dict)
+
+
+def seed_band(curves: Sequence[tuple[Any, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single curve) of several seeds' (x, y) curves.
+
+    Seeds of one config log the same x values, and the statistics are taken at the x values every curve
+    has; when they share fewer than two (downsampled curves), each curve is interpolated onto the x
+    values of the first one inside the range they all cover."""
+    pairs = []
+    for x, y in curves:
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if len(x):
+            order = np.argsort(x, kind="stable")
+            pairs.append((x[order], y[order]))
+    if not pairs:
+        return np.array([]), np.array([]), np.array([])
+    grid = pairs[0][0]
+    for x, _ in pairs[1:]:
+        grid = np.intersect1d(grid, x)
+    if len(grid) < 2 and len(pairs) > 1:
+        lo, hi = max(x[0] for x, _ in pairs), min(x[-1] for x, _ in pairs)
+        grid = pairs[0][0][(pairs[0][0] >= lo) & (pairs[0][0] <= hi)]
+    values = np.stack([np.interp(grid, x, y) for x, y in pairs])  # exact at x values a curve has
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+    return grid, values.mean(axis=0), std
+
+
+def seed_bands(groups: dict[str, list[str]], curves: dict[str, Curve],
+               details: dict[str, str] | None = None) -> list[Band]:
+    """One Band per group of run ids (`tables.seed_groups`) from the runs' curves; the hover lists the
+    runs' full configs without their seeds' differences."""
+    bands = []
+    for label, ids in groups.items():
+        members = [curves[i] for i in ids if i in curves]
+        if not members:
+            continue
+        grid, mean, std = seed_band([(c.x, c.y) for c in members])
+        hover = {"config": (details or {}).get(ids[0], "").rsplit(" seed=", 1)[0]} if details else {}
+        bands.append(Band(label, grid, mean, std, len(members), hover))
+    return bands
+
+
+def band_figure(bands: Sequence[Band], *, metric: str, x: str, log_y: bool = False, task: str | None = None,
+                height: int = 420) -> go.Figure:
+    """Each group's mean curve with a shaded ± std band (sample std over its seeds); the legend names the
+    group and its seed count."""
+    fig = go.Figure()
+    y_title = metric_axis_title(metric, task)
+    for index, band in enumerate(bands):
+        colour = _palette(index)
+        mean, std = display_values(metric, band.mean), display_values(metric, band.std)
+        if band.n > 1:
+            fig.add_trace(go.Scatter(
+                x=np.concatenate([band.x, band.x[::-1]]), y=np.concatenate([mean + std, (mean - std)[::-1]]),
+                fill="toself", fillcolor=_with_alpha(colour, 0.2), line={"width": 0}, hoverinfo="skip",
+                legendgroup=band.label, showlegend=False, name=f"{band.label} ± std"))
+        hover = _hovertemplate(band.label, x_axis_title(x), f"mean {y_title}",
+                               {"± std": "%{customdata:.3g}", **band.hover})
+        fig.add_trace(go.Scatter(
+            x=band.x, y=mean, customdata=std, mode="lines+markers" if len(band.x) <= 30 else "lines",
+            name=band.label, legendgroup=band.label, line={"color": colour, "width": 2}, marker={"size": 5},
+            hovertemplate=hover.replace("%(customdata:.3g)", "%{customdata:.3g}")))
+    _finish_layout(fig, x_title=x_axis_title(x), y_title=f"{y_title} (mean ± std over seeds)", title=None,
+                   height=height)
+    fig.update_layout(showlegend=True)
+    if _few_whole_numbers([b.x for b in bands]):
+        fig.update_xaxes(dtick=1)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def _with_alpha(hex_colour: str, alpha: float) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r}, {g}, {b}, {alpha})"
+
+
 def run_panel_figure(
     step_metrics: pd.DataFrame,
     epoch_metrics: pd.DataFrame,
@@ -176,24 +264,31 @@ def run_panel_figure(
     task: str | None = None,
     x: str = "step",
     height: int = 580,
+    perturbs: bool = True,
 ) -> go.Figure:
     """The live training panel of one run: loss, accuracy, sharpness proxy and learning rate.
 
     `step_metrics` and `epoch_metrics` are frames with the x column (`step`, `epoch` or `time`) and
     metric columns; missing columns are skipped, so a run that has not evaluated yet still draws.
+    With perturbs=False (SGD: no perturbation, so L(w+ε) − L(w) is 0 by definition) the sharpness
+    panel is left out and the learning rate spans the bottom row.
     """
-    fig = make_subplots(
-        rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.26,
-        subplot_titles=("loss", "accuracy", "sharpness proxy", "learning rate"),
-    )
-    panels = [
+    loss_acc = [
         (1, 1, [("train_loss", step_metrics, "train (per step)"), ("train_loss", epoch_metrics, "train (epoch)"),
                 ("test_loss", epoch_metrics, "test (epoch)")], "train_loss"),
         (1, 2, [("train_acc", step_metrics, "train (per step)"), ("train_acc", epoch_metrics, "train (epoch)"),
                 ("test_acc", epoch_metrics, "test (epoch)")], "test_acc"),
-        (2, 1, [("sharpness", step_metrics, "L(w+ε) − L(w)")], "sharpness"),
-        (2, 2, [("lr", step_metrics, "learning rate")], "lr"),
     ]
+    if perturbs:
+        fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.26,
+                            subplot_titles=("loss", "accuracy", "sharpness proxy", "learning rate"))
+        panels = [*loss_acc, (2, 1, [("sharpness", step_metrics, "L(w+ε) − L(w)")], "sharpness"),
+                  (2, 2, [("lr", step_metrics, "learning rate")], "lr")]
+    else:
+        fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.26,
+                            specs=[[{}, {}], [{"colspan": 2}, None]],
+                            subplot_titles=("loss", "accuracy", "learning rate"))
+        panels = [*loss_acc, (2, 1, [("lr", step_metrics, "learning rate")], "lr")]
     shown_labels: set[str] = set()
     for row, col, series, axis_metric in panels:
         for name, frame, label in series:
@@ -358,9 +453,26 @@ def _few_whole_numbers(xs: Sequence[np.ndarray], most: int = 20) -> bool:
     return bool(values.size) and bool(np.all(values == np.round(values))) and values.max() - values.min() <= most
 
 
-def _hovertemplate(label: str, x_title: str, y_title: str) -> str:
-    safe = label.replace("{", "(").replace("}", ")")  # "%{" would start a plotly placeholder
-    return f"<b>{safe}</b><br>{x_title}: %{{x:.4g}}<br>{y_title}: %{{y:.4g}}<extra></extra>"
+def _hovertemplate(label: str, x_title: str, y_title: str, extra: dict[str, str] | None = None) -> str:
+    lines = "".join(f"<br><span style='font-size:11px'>{_safe(k)}: {_wrap(_safe(v))}</span>"
+                    for k, v in (extra or {}).items())
+    return f"<b>{_safe(label)}</b><br>{x_title}: %{{x:.4g}}<br>{y_title}: %{{y:.4g}}{lines}<extra></extra>"
+
+
+def _safe(text: str) -> str:
+    return str(text).replace("{", "(").replace("}", ")")  # "%{" would start a plotly placeholder
+
+
+def _wrap(text: str, width: int = 70) -> str:
+    """Break a long hover line at spaces (plotly does not wrap hover text)."""
+    lines, current = [], ""
+    for word in text.split(" "):
+        if current and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    return "<br>".join([*lines, current])
 
 
 def _finish_layout(fig: go.Figure, *, x_title: str | None, y_title: str | None, title: str | None,

@@ -79,7 +79,9 @@ def _spec(section: str, key: str, label: str, kind: str, **kw: Any) -> FieldSpec
 FIELDS: tuple[FieldSpec, ...] = (
     # data
     _spec("data", "data.name", "dataset", "select", options=DATASETS,
-          help="digits and the synthetic sets are offline; torchvision sets download into data/datasets"),
+          help="digits and the synthetic sets are built in. mnist, fashion-mnist, cifar10 and cifar100 are read "
+               "from the dataset folder (default data/datasets/): put MNIST/raw/, FashionMNIST/raw/, "
+               "cifar-10-batches-py/ or cifar-100-python/ there first; samlab never downloads"),
     _spec("data", "data.n_train", "train samples", "optional_int", help="empty: the whole train split"),
     _spec("data", "data.n_test", "test samples", "optional_int", help="empty: the whole test split"),
     _spec("data", "data.label_noise", "label noise (fraction)", "float", step=0.05,
@@ -272,6 +274,21 @@ def check_values(values: Mapping[str, Any], seeds_text: str) -> tuple[list[RunCo
     except ValueError as err:
         message = str(err)
         return [], {error_field(message) or "": message}
+
+
+def field_notes(values: Mapping[str, Any]) -> dict[str, str]:
+    """Notes (not errors) for the field they concern: what the engine does with a valid but unusual choice."""
+    notes: dict[str, str] = {}
+    batch = values.get("batch_size")
+    n = values.get("data.n_train") or DATASET_INFO.get(values.get("data.name"), {}).get("n_train")
+    if isinstance(batch, int) and isinstance(n, int) and 0 < n < batch:
+        # the engine caps the batch at the train-set size (samlab.train: batch = min(batch_size, n))
+        note = (f"{n} train samples < batch size {batch}: the batch is clipped to {n}, so each epoch is one "
+                f"full-batch step on all {n} samples.")
+        if values.get("optim.method") == "msam":
+            note += f" m must divide {n}."
+        notes["data.n_train"] = note
+    return notes
 
 
 # -- session state ----------------------------------------------------------------------------------

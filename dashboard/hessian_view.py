@@ -39,9 +39,26 @@ def eigenvalue_figure(results: Labelled) -> go.Figure:
     if not fig.data:
         return empty_figure("no eigenvalues yet")
     fig.add_hline(y=0, line_width=1, line_color="gray")
-    fig.update_layout(barmode="group", height=380, yaxis_title="eigenvalue of the loss Hessian",
-                      xaxis_title="largest → most negative", legend_title="run", margin={"t": 40})
+    fig.update_layout(barmode="group", yaxis_title="eigenvalue of the loss Hessian",
+                      xaxis_title="largest → most negative", bargap=0.15, bargroupgap=0.05)
+    legend_below(fig, len(fig.data))
     return fig
+
+
+PLOT_HEIGHT = 340  # the plot area itself; the legend below it adds a row per run
+LEGEND_ROW = 22
+AXIS_TITLE_ROOM = 60  # pixels under the plot for the tick labels and the axis title, above the legend
+
+
+def legend_below(fig: go.Figure, n_traces: int) -> None:
+    """The legend in rows under the plot, not beside it: a legend of long run labels beside a plot
+    squeezes the plot to a sliver when several runs are compared. The figure grows by one row per
+    trace so the plot area keeps its size for 1–8 runs."""
+    legend_height = LEGEND_ROW * max(n_traces, 1) + AXIS_TITLE_ROOM
+    fig.update_layout(height=PLOT_HEIGHT + legend_height, legend_title="run", showlegend=True,
+                      legend={"orientation": "h", "yanchor": "top", "y": -AXIS_TITLE_ROOM / (PLOT_HEIGHT - 40),
+                              "xanchor": "left", "x": 0.0, "entrywidth": 1.0, "entrywidthmode": "fraction"},
+                      margin={"t": 30, "l": 60, "r": 20, "b": legend_height + 10})
 
 
 def _eigen_bars(result: dict[str, Any]) -> tuple[list[str], list[float]]:
@@ -67,9 +84,9 @@ def density_figure(results: Labelled, log_scale: bool = True) -> go.Figure:
                         hovertemplate=f"<b>{_safe(label)}</b><br>λ = %{{x:.4g}}<br>density %{{y:.3g}}<extra></extra>")
     if not fig.data:
         return empty_figure("no spectral density yet")
-    fig.update_layout(height=380, xaxis_title="eigenvalue λ", legend_title="run", margin={"t": 40},
-                      yaxis_title="density (log scale)" if log_scale else "density",
+    fig.update_layout(xaxis_title="eigenvalue λ", yaxis_title="density (log scale)" if log_scale else "density",
                       yaxis_type="log" if log_scale else "linear")
+    legend_below(fig, len(fig.data))
     if log_scale:  # 10⁻⁶, not plotly's SI "1µ", for a density
         fig.update_yaxes(exponentformat="power", dtick=2)
     return fig

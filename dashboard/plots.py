@@ -29,6 +29,7 @@ import plotly.graph_objects as go
 from dashboard import figures, hessian_view, landscape_view, msharp_view, stability_view, tables
 from samlab.checkpoints import checkpoint_of
 from samlab.notebook import DASHBOARD_MAX_POINTS, resolve_ids
+from samlab.optim.perturbations import METHOD_RULES
 from samlab.runs.store import FINAL, Store, open_store
 
 PANEL_MAX_POINTS = 600  # points per curve of a run's live panel
@@ -39,17 +40,18 @@ Ids = str | Sequence[str] | pd.DataFrame
 
 # -- training curves ------------------------------------------------------------------------------------
 def run_curves(runs: Sequence[Mapping[str, Any]], metrics: pd.DataFrame, key: str, x: str, *,
-               labels: Mapping[str, str], times: pd.DataFrame | None = None) -> tuple[list[figures.Curve], str | None]:
+               labels: Mapping[str, str], times: pd.DataFrame | None = None
+               ) -> tuple[dict[str, figures.Curve], str | None]:
     """The curves of `key` ("epoch.test_acc") of train runs against x, and their common task (None when
     they mix classification and regression); runs without a config or without values are left out."""
-    curves = []
+    curves, details = {}, tables.run_details(runs)
     for run in runs:
         cfg = tables.run_config(run)
         if cfg is None:
             continue
         cx, cy = tables.curve_xy(metrics, run["id"], key, x, spe=tables.steps_per_epoch(cfg), times=times)
         if len(cx):
-            curves.append(figures.Curve(labels[run["id"]], cx, cy))
+            curves[run["id"]] = figures.Curve(labels[run["id"]], cx, cy, {"config": details[run["id"]]})
     task_names = {tables.data_task(cfg) for run in runs if (cfg := tables.run_config(run)) is not None}
     return curves, (task_names.pop() if len(task_names) == 1 else None)
 
@@ -68,7 +70,8 @@ def curves(run_ids: Ids, metric: str = "epoch.test_acc", *, x: str = "epoch", sm
     found, task = run_curves(runs, metrics, metric, x, labels=tables.run_labels(runs), times=times)
     if not found:
         return figures.empty_figure(f"no {metric} values for these runs yet")
-    return figures.curves_figure(found, metric=name, x=x, smoothing=smoothing, log_y=log_y, task=task)
+    return figures.curves_figure(list(found.values()), metric=name, x=x, smoothing=smoothing, log_y=log_y,
+                                 task=task)
 
 
 def panel_figure(run: Mapping[str, Any], metrics: pd.DataFrame, *, x: str = "step") -> go.Figure | None:
@@ -79,7 +82,8 @@ def panel_figure(run: Mapping[str, Any], metrics: pd.DataFrame, *, x: str = "ste
     spe = tables.steps_per_epoch(cfg)
     step = tables.wide_metrics(metrics, run["id"], "step", spe=spe)
     epoch = tables.wide_metrics(metrics, run["id"], "epoch", spe=spe)
-    return figures.run_panel_figure(step, epoch, task=tables.data_task(cfg), x=x)
+    perturbs = METHOD_RULES[cfg.optim.method] is not None  # SGD's sharpness proxy is 0 by definition
+    return figures.run_panel_figure(step, epoch, task=tables.data_task(cfg), x=x, perturbs=perturbs)
 
 
 def run_panel(run_id: str, *, x: str = "step", store: Store | str | None = None) -> go.Figure:

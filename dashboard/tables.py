@@ -1,7 +1,8 @@
 """Pure pandas helpers behind the dashboard's tables and legends: no streamlit, unit-tested.
 
 - `used_hyperparameters(config)`: the flat {dotted key: value} a run's choices actually use.
-- `distinguishing_labels(configs)`: legend names from the hyperparameters that differ between runs.
+- `distinguishing_labels(configs)`: short labels (≤ 60 characters) from the hyperparameters that differ
+  between runs, plus a short id; `config_text(config)` the full config they stand for.
 - `summary_table(runs)`: one row per run with final / best test accuracy, gap, wall time, device and
   the hyperparameters.
 - `metrics_csv(frames)`: the selected runs' metrics as one long CSV.
@@ -83,27 +84,77 @@ def used_hyperparameters(config: RunConfig | Mapping[str, Any]) -> dict[str, Any
     return {k: v for k, v in values.items() if k in used}
 
 
-def distinguishing_labels(configs: Mapping[Any, RunConfig | Mapping[str, Any]],
-                          names: Mapping[Any, str] | None = None) -> dict[Any, str]:
-    """A legend label per run made of the hyperparameters that differ between the given runs.
+LABEL_CHARS = 60  # a label fits a legend entry, a picker option and a table cell
+ID_CHARS = 6  # the short id every label ends with
 
-    A single run (or runs that agree on everything) is named by its name, else by its method; runs
-    that agree on every hyperparameter get their id appended so no two labels coincide.
+
+def distinguishing_labels(configs: Mapping[Any, RunConfig | Mapping[str, Any]],
+                          names: Mapping[Any, str] | None = None, *, max_chars: int = LABEL_CHARS) -> dict[Any, str]:
+    """A label per run: the hyperparameters that differ among the given runs, the science first, then
+    the run's short id ('msam ρ=0.1 m=8 seed=1 · 67f621'), at most `max_chars` characters.
+
+    Differing values that do not fit are left out and marked '…' (the full config is `config_text`).
+    A single run, or runs that agree on everything, is named by its name, else by its method.
     """
-    flats = {rid: used_hyperparameters(cfg) for rid, cfg in configs.items()}
+    parts = _differing_parts({rid: used_hyperparameters(cfg) for rid, cfg in configs.items()}, names)
+    return {rid: fit_label(p, max_chars - len(f" · {str(rid)[:ID_CHARS]}")) + f" · {str(rid)[:ID_CHARS]}"
+            for rid, p in parts.items()}
+
+
+def seed_groups(configs: Mapping[Any, RunConfig | Mapping[str, Any]], *,
+                max_chars: int = LABEL_CHARS) -> dict[str, list[Any]]:
+    """Runs that differ only in their seed, grouped: {label: run ids}, in first-seen order. A label is
+    the hyperparameters that differ between the groups and the group's seed count ('sam ρ=0.1 · 3 seeds')."""
+    members: dict[tuple, list[Any]] = {}
+    flats: dict[tuple, dict[str, Any]] = {}
+    for rid, cfg in configs.items():
+        flat = {k: v for k, v in used_hyperparameters(cfg).items() if k != "seed" and k not in BOOKKEEPING_FIELDS}
+        key = tuple(sorted((k, repr(v)) for k, v in flat.items()))
+        members.setdefault(key, []).append(rid)
+        flats.setdefault(key, flat)
+    parts = _differing_parts(flats, None)
+    labels = {}
+    for key, ids in members.items():
+        suffix = f" · {len(ids)} seed{'s' if len(ids) != 1 else ''}"
+        labels[fit_label(parts[key], max_chars - len(suffix)) + suffix] = ids
+    return labels
+
+
+def _differing_parts(flats: Mapping[Any, Mapping[str, Any]], names: Mapping[Any, str] | None) -> dict[Any, list[str]]:
+    """Per run, the 'key=value' parts of the hyperparameters that differ among all of them (the science
+    first); its name, else its method, when nothing differs."""
     keys = sorted({k for flat in flats.values() for k in flat} - BOOKKEEPING_FIELDS, key=_label_rank)
     differing = [k for k in keys if len({_hashable(flat.get(k)) for flat in flats.values()}) > 1]
-    labels: dict[Any, str] = {}
+    out: dict[Any, list[str]] = {}
     for rid, flat in flats.items():
         if differing:
-            label = " ".join(p for p in (_label_part(k, flat[k]) for k in differing if k in flat) if p)
+            out[rid] = [p for p in (_label_part(k, flat[k]) for k in differing if k in flat) if p]
         else:
-            label = (names or {}).get(rid) or _label_part("optim.method", flat["optim.method"])
-        labels[rid] = label or str(rid)
-    counts: dict[str, int] = {}
-    for label in labels.values():
-        counts[label] = counts.get(label, 0) + 1
-    return {rid: (f"{lab} #{rid}" if counts[lab] > 1 else lab) for rid, lab in labels.items()}
+            out[rid] = [(names or {}).get(rid) or _label_part("optim.method", flat["optim.method"])]
+    return out
+
+
+def config_text(config: RunConfig | Mapping[str, Any]) -> str:
+    """Every hyperparameter a run uses, in label order: the full config a short label stands for."""
+    flat = used_hyperparameters(config)
+    keys = sorted(set(flat) - BOOKKEEPING_FIELDS, key=_label_rank)
+    return " ".join(p for p in (_label_part(k, flat[k]) for k in keys) if p)
+
+
+def fit_label(parts: Sequence[str], budget: int) -> str:
+    """Join parts with spaces; when they do not fit the budget, keep the first ones that do and mark
+    the rest '…' (a single part too long for the budget, e.g. a name, is cut)."""
+    full = " ".join(parts)
+    if len(full) <= budget:
+        return full
+    kept: list[str] = []
+    for part in parts:
+        if len(" ".join([*kept, part, "…"])) > budget:
+            break
+        kept.append(part)
+    if not kept:
+        return parts[0][: max(budget - 1, 1)] + "…"
+    return " ".join([*kept, "…"])
 
 
 def run_config(run: Mapping[str, Any]) -> RunConfig | None:
@@ -117,10 +168,23 @@ def run_config(run: Mapping[str, Any]) -> RunConfig | None:
 
 
 def run_labels(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Legend names: the hyperparameters that differ between these runs (id for non-train runs)."""
+    """The one label of a run in every picker, legend and table: the hyperparameters that differ among
+    these runs plus a short id, ≤ 60 characters (`distinguishing_labels`); a run of another kind (an
+    analysis) is its name and short id."""
     configs = {r["id"]: cfg for r in runs if (cfg := run_config(r)) is not None}
     labels = distinguishing_labels(configs, {r["id"]: r.get("name") or "" for r in runs})
-    return {r["id"]: labels.get(r["id"], r.get("name") or r["id"]) for r in runs}
+    return {r["id"]: labels.get(r["id"]) or _other_label(r) for r in runs}
+
+
+def run_details(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The full config of each run (every hyperparameter it uses): the hover text behind its short label."""
+    return {r["id"]: config_text(cfg) if (cfg := run_config(r)) is not None else (r.get("name") or r["id"])
+            for r in runs}
+
+
+def _other_label(run: Mapping[str, Any]) -> str:
+    suffix = f" · {run['id'][:ID_CHARS]}"
+    return fit_label([run.get("name") or run.get("kind") or ""], LABEL_CHARS - len(suffix)) + suffix
 
 
 def summary_row(summary: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -43,6 +43,9 @@ with st.container(border=True):
     configs, errors = forms.check_values(values, seeds_text)
     for field, message in errors.items():
         ui.field_error(slots.get(field, st), message)
+    for field, note in forms.field_notes(values).items():
+        if field not in errors and field in slots:
+            slots[field].caption(f":material/info: {note}")
 
     launch_cols = st.columns([1, 4])
     clicked = launch_cols[0].button("Launch", type="primary", key="train.launch", width="stretch")

@@ -26,6 +26,7 @@ table = tables.summary_table(
 )
 labels = ui.run_labels(all_runs)
 table.insert(1, "label", table["id"].map(labels))
+table["config"] = table["id"].map(ui.run_details(all_runs))  # the full config behind the short label
 
 # -- filters ------------------------------------------------------------------------------------------
 with st.container(border=True):
@@ -52,7 +53,8 @@ if filtered.empty:
 ids = filtered["id"].tolist()
 default_ids = [i for i in ids if i in set(filtered[filtered["status"] == "completed"]["id"])][:MAX_DEFAULT_SELECTION]
 selected = params.multiselect(st, "runs to compare", "runs", ids, default=default_ids or ids[:1],
-                              format_func=lambda i: f"{labels[i]} · {i[:6]}")
+                              format_func=labels.get)
+st.caption(ui.LABEL_HELP)
 selected_runs = [r for r in all_runs if r["id"] in selected]
 
 # -- overlay ------------------------------------------------------------------------------------------
@@ -65,21 +67,30 @@ else:
     if not choices:
         st.info("The selected runs have no metrics yet.", icon=ui.ICON_INFO)
     else:
-        cols = st.columns([3, 2, 2, 1])
+        cols = st.columns([3, 2, 2, 1, 1])
         metric = params.selectbox(cols[0], "metric", "metric", choices,
                                   default=DEFAULT_METRIC if DEFAULT_METRIC in choices else choices[0],
                                   format_func=tables.metric_choice_label)
         x = params.radio(cols[1], "x axis", "x", X_OPTIONS, default="epoch")
         smoothing = params.slider(cols[2], "smoothing (EMA weight)", "smooth", 0.0, 0.99, default=0.0, step=0.01)
         log_y = params.toggle(cols[3], "log y", "log")
+        grouped = params.toggle(cols[4], "group seeds", "group_seeds",
+                                help="runs that differ only in seed: their mean ± std band and seed count")
         kind, name = tables.split_metric_key(metric)
         metrics = ui.load_metrics(selected, names=[name], kind=kind, max_points=2000)
         times = ui.metric_times(selected) if x == "time" else None
         curves, task = plots.run_curves(selected_runs, metrics, metric, x, labels=ui.run_labels(selected_runs),
                                         times=times)
-        if curves:
-            ui.show_figure(figures.curves_figure(curves, metric=name, x=x, smoothing=smoothing, log_y=log_y,
-                                                 task=task), key="runs.curves")
+        if curves and grouped:
+            configs = {i: ui.run_config(r) for r in selected_runs if (i := r["id"]) in curves}
+            details = ui.run_details(selected_runs)
+            bands = figures.seed_bands(tables.seed_groups(configs), curves, details)
+            ui.show_figure(figures.band_figure(bands, metric=name, x=x, log_y=log_y, task=task), key="runs.bands")
+            st.caption("Runs that differ only in seed form one group: the line is their mean, the band ± one sample "
+                       "standard deviation across seeds, the legend gives the seed count.")
+        elif curves:
+            ui.show_figure(figures.curves_figure(list(curves.values()), metric=name, x=x, smoothing=smoothing,
+                                                 log_y=log_y, task=task), key="runs.curves")
         else:
             st.info(f"No {metric} values for the selected runs on this axis yet.", icon=ui.ICON_INFO)
 
@@ -88,7 +99,8 @@ st.subheader("Summary")
 st.caption("Click a column header to sort. Accuracies in %, gap = final train − test accuracy (points).")
 column_config = {
     "id": st.column_config.TextColumn("id", width="small"),
-    "label": st.column_config.TextColumn("run", width="medium"),
+    "label": st.column_config.TextColumn("run", width="medium", help=ui.LABEL_HELP),
+    "config": st.column_config.TextColumn("config", width="large", help="every hyperparameter of the run"),
     **{key: st.column_config.NumberColumn(title, format="%.2f")
        for key, title in figures.COLUMN_TITLES.items() if key != "wall_time"},
     "wall_time": st.column_config.NumberColumn("wall time (s)", format="%.1f"),
@@ -114,7 +126,7 @@ cols = st.columns(2, gap="large")
 with cols[0]:
     if selected:
         full = ui.load_metrics(selected, max_points=None)
-        frames = {f"{labels[i]} · {i}": full[full["run_id"] == i].drop(columns=["run_id"]) for i in selected}
+        frames = {labels[i]: full[full["run_id"] == i].drop(columns=["run_id"]) for i in selected}
         st.download_button("Download metrics of the selected runs (CSV)", tables.metrics_csv(frames),
                            file_name="samlab-metrics.csv", mime="text/csv")
         st.download_button("Download the summary table (CSV)",

@@ -15,8 +15,8 @@ ui.page_setup(
     "Hutch++ trace and stochastic Lanczos quadrature (PyHessian, Yao et al. 2020).",
 )
 st.markdown(
-    """
-The **top eigenvalue λ_max** is the sharpest direction of the loss; the **trace** sums the curvature of
+    r"""
+The **top eigenvalue** $\lambda_{\max}$ is the sharpest direction of the loss; the **trace** sums the curvature of
 all directions; the **spectral density** shows how it is spread (a bulk near zero and a few outliers is
 typical). Negative eigenvalues mean the point is not a minimum along those directions. Every run is
 measured on the **same seeded subset** of its train set, in eval mode (BatchNorm running statistics) unless
@@ -43,13 +43,14 @@ else:
     store = ui.get_store()
     runs = [store.get_run(i) for i in run_ids]
     labels = ui.run_labels(runs)
-    analyses: dict[str, dict | None] = {}
-    for run in runs:
-        checkpoint = checkpoint_of(run)
-        request = view.request(checkpoint, k=k, n_samples=n_samples, trace_samples=trace_samples, mode=mode,
-                               seed=seed, per_layer=per_layer)
-        analyses[run["id"]] = ui.cached_or_submit("hessian", request, label=f"Compute the spectrum of {labels[run['id']]}",
-                                                  key=f"hessian.submit.{run['id']}")
+    requests = {run["id"]: view.request(checkpoint_of(run), k=k, n_samples=n_samples, trace_samples=trace_samples,
+                                        mode=mode, seed=seed, per_layer=per_layer) for run in runs}
+    ui.compute_all([("hessian", request) for request in requests.values()], key="hessian.submit_all")
+    analyses: dict[str, dict | None] = {
+        run_id: ui.cached_or_submit("hessian", request, label=f"Compute the spectrum of {labels[run_id]}",
+                                    key=f"hessian.submit.{run_id}")
+        for run_id, request in requests.items()
+    }
 
     @ui.live(2.0)
     def spectra_panel() -> None:
@@ -66,9 +67,10 @@ else:
         if not results:
             return
         st.dataframe(view.summary_table(results), hide_index=True)
-        st.caption("λ_max · η / 2 ≥ 1 means full-batch gradient descent at the run's base learning rate would be "
+        st.caption(r"$\lambda_{\max}\,\eta / 2 \ge 1$ means full-batch gradient descent at the run's base learning rate would be "
                    "unstable at this point (Cohen et al. 2021). The trace's ± is the Hutch++ standard error.")
-        left, right = st.columns(2)
+        # side by side for one or two runs; stacked at full width beyond, where each legend has a row per run
+        left, right = st.columns(2) if len(results) <= 2 else (st.container(), st.container())
         with left:
             ui.show_figure(view.eigenvalue_figure(results), key="hessian.eigenvalues")
         with right:
@@ -84,7 +86,7 @@ else:
 # -- λ_max during training -----------------------------------------------------------------------------
 st.subheader("λ_max during training")
 st.caption("The top eigenvalue measured every N steps on a fixed subset (Train page: 'λ_max every (steps)'), "
-           "with 2/η(step) dashed: under full-batch gradient descent λ_max rises to 2/η and hovers there "
+           r"with $2/\eta(\text{step})$ dashed: under full-batch gradient descent $\lambda_{\max}$ rises to $2/\eta$ and hovers there "
            "(edge of stability, Cohen et al. 2021); SAM and small m keep it lower.")
 # the trajectory picker follows the runs compared above until the user changes it
 followed = st.session_state.get("hessian.trajectory_followed")

@@ -50,9 +50,11 @@ if directions == "pca":
     st.caption("PCA directions: the top two principal directions of the run's saved snapshots minus the final "
                "weights (Li et al. §7); the trajectory then lies close to the plane.")
 
+compute_all_slot = st.empty()  # filled at the end, once every request on the page is known
 request = view.request(checkpoints, kind, span=span, points=points, seed=seed, data=split,
                        n_samples=n_samples, directions=directions, trajectory=trajectory)
 surface_run = ui.cached_or_submit("landscape", request, label="Compute the surfaces", key="landscape.surface")
+page_requests = [request]
 
 
 @ui.live(2.0)
@@ -96,6 +98,7 @@ else:
     interp_request = {"checkpoints": [checkpoints[run_ids.index(first)], checkpoints[run_ids.index(second)]],
                       "kind": "interpolation", "n_samples": n_samples,
                       "grid": {"min": -0.5, "max": 1.5, "n": steps}}
+    page_requests.append(interp_request)
     interp_run = ui.cached_or_submit("landscape", interp_request, label="Interpolate", key="landscape.interp")
 
     @ui.live(2.0)
@@ -119,6 +122,7 @@ radii = c[1].multiselect("radii", [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0], defaul
 if radii:
     flat_request = {"checkpoints": checkpoints, "kind": "flatness", "radii": sorted(radii), "seed": seed,
                     "n_directions": n_directions, "data": split, "n_samples": n_samples}
+    page_requests.append(flat_request)
     flat_run = ui.cached_or_submit("landscape", flat_request, label="Measure flatness", key="landscape.flat")
 
     @ui.live(2.0)
@@ -133,3 +137,5 @@ if radii:
     flatness_panel()
 else:
     st.caption("Pick at least one radius.")
+
+ui.compute_all([("landscape", r) for r in page_requests], key="landscape.submit_all", where=compute_all_slot)

@@ -25,8 +25,9 @@ params = ui.ViewParams(st.query_params, prefix="lesson")
 # -- step 1 ------------------------------------------------------------------------------------------------
 st.header("1 · One SAM step, drawn")
 st.markdown(
-    "SAM (Foret et al., ICLR 2021) replaces the gradient at w by the gradient at the worst nearby point: "
-    "**g = ∇L(w)**, **ε = ρ g/‖g‖** (the ascent step), then **w ← w − lr ∇L(w + ε)** (the descent step). "
+    "SAM (Foret et al., ICLR 2021) replaces the gradient at $w$ by the gradient at the worst nearby point: "
+    r"$g = \nabla L(w)$, $\varepsilon = \rho\, g / \lVert g \rVert$ (the ascent step), then "
+    r"$w \leftarrow w - \text{lr}\, \nabla L(w + \varepsilon)$ (the descent step). "
     "Below, a 2-D loss with a narrow deep dip on the slope of a wide basin."
 )
 c = st.columns(3)
@@ -170,9 +171,10 @@ else:
 # -- step 4 ------------------------------------------------------------------------------------------------
 st.header("4 · The explanation: gradient noise grows as m shrinks")
 st.markdown(
-    "The SDE account (Luo et al., NeurIPS 2025): m-USAM's drift carries the regularizer **(ρ/2m) tr V**, "
-    "V the covariance of per-sample gradients, and normalised m-SAM's carries **ρ E‖∇L_I‖** over "
-    "micro-batches I of size m — both grow as m shrinks, so smaller m penalises gradient noise harder."
+    r"The SDE account (Luo et al., NeurIPS 2025): m-USAM's drift carries the regularizer "
+    r"$\frac{\rho}{2m} \operatorname{tr} V$, $V$ the covariance of per-sample gradients, and normalised "
+    r"m-SAM's carries $\rho\, \mathbb{E} \lVert \nabla L_I \rVert$ over micro-batches $I$ of size $m$ — both "
+    "grow as m shrinks, so smaller m penalises gradient noise harder."
 )
 if tables is None or tables.best_by_m.empty:
     ui.empty_state("Measured on the models of the step-3 sweep once it has finished runs.")
@@ -207,8 +209,9 @@ def rwsam_demo_weights(checkpoint: str, modified: float, lam: float) -> dict:
 
 st.header("5 · RW-SAM: m-SAM's regularizer without micro-batches")
 st.markdown(
-    "RW-SAM (Luo et al. 2025) keeps one perturbation but weights the samples by p = softmax(λ s), "
-    "s_i ≈ ‖∇f_i‖ (one extra forward pass with a random probe), so the perturbation leans toward "
+    r"RW-SAM (Luo et al. 2025) keeps one perturbation but weights the samples by $p = \operatorname{softmax}"
+    r"(\lambda s)$, $s_i \approx \lVert \nabla f_i \rVert$ (one extra forward pass with a random probe), so "
+    "the perturbation leans toward "
     "the noisiest samples as small-m SAM does; the paper reports about 1/6 extra cost over SAM."
 )
 if tables is None or tables.runs.empty:

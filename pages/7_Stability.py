@@ -17,16 +17,28 @@ ui.page_setup(
 )
 
 st.markdown(
-    """
-Near a minimum each sample's loss is a quadratic with Hessian H_i. The **coherence**
-σ = λ_max(S) / max_i λ_max(H_i), S_ij = sqrt(tr(H_i H_j)), lies between 1 and n: **near 1** the
-per-sample curvatures point in different directions, so a small batch sees only a little of the
-sharpness at a time; **near n** they agree, every sample carries the full sharpness, and small batches
-behave like large ones. With Bernoulli sampling of expected batch size B, SGD is guaranteed to diverge
-when **λ_max(H) ≥ (σ/η)(n/B − 1)^(−1/2)** — a sufficient condition; the exact boundary is where the
-spectral radius of the second-moment map M ↦ (I−ηH)M(I−ηH) + η²(1/(nB) − 1/n²) Σ H_i M H_i crosses 1.
+    r"""
+Near a minimum each sample's loss is a quadratic with Hessian $H_i$. The **coherence**
 """
 )
+st.latex(r"\sigma = \frac{\lambda_{\max}(S)}{\max_i \lambda_{\max}(H_i)}, \qquad S_{ij} = \sqrt{\operatorname{tr}(H_i H_j)}")
+st.markdown(
+    r"""
+lies between 1 and $n$: **near 1** the per-sample curvatures point in different directions, so a small
+batch sees only a little of the sharpness at a time; **near $n$** they agree, every sample carries the
+full sharpness, and small batches behave like large ones. With Bernoulli sampling of expected batch
+size $B$, SGD is guaranteed to diverge when
+"""
+)
+st.latex(r"\lambda_{\max}(H) \;\ge\; \frac{\sigma}{\eta} \left(\frac{n}{B} - 1\right)^{-1/2}")
+st.markdown(
+    r"""
+— a sufficient condition; the exact boundary is where the spectral radius of the second-moment map
+"""
+)
+st.latex(r"M \;\mapsto\; (I - \eta H)\, M\, (I - \eta H) + \eta^2 \left(\frac{1}{nB} - \frac{1}{n^2}\right) "
+         r"\sum_i H_i M H_i")
+st.markdown("crosses 1.")
 
 params = ui.ViewParams(st.query_params, prefix="stability")
 
@@ -43,7 +55,7 @@ try:
     diverges = stability.predicts_divergence(lam_max, sigma, eta, B, n)
     m = st.columns(4)
     m[0].metric("theorem", "diverges" if diverges else "no guarantee",
-                help="True when λ_max(H) ≥ (σ/η)(n/B − 1)^(−1/2); silent (not 'stable') otherwise.")
+                help=r"True when $\lambda_{\max}(H) \ge (\sigma/\eta)(n/B - 1)^{-1/2}$; silent (not 'stable') otherwise.")
     lr = stability.divergence_lr(lam_max, sigma, B, n)
     m[1].metric("divergence guaranteed for η ≥", "— (full batch)" if lr == float("inf") else f"{lr:.4g}")
     m[2].metric("… and for B ≤", f"{stability.divergence_batch_size(lam_max, sigma, eta, n):.4g}")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from samlab.config import PRESETS
 
@@ -42,7 +45,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                               "values are parsed as JSON where they can be")
     analyze.add_argument("--workdir", help="folder for resumable state (default: a temporary folder)")
     analyze.add_argument("--resume", action="store_true", help="continue from the state in WORKDIR")
-    analyze.add_argument("--out", help="also write the full result as JSON to this file")
+    analyze.add_argument("--out", help="write the full result as JSON to this file and print only a short "
+                                       "summary (the headline numbers and the path)")
     analyze.set_defaults(func=_analyze)
 
 
@@ -85,10 +89,53 @@ def _analyze(args: argparse.Namespace) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         result = tasks.task_function(args.kind)(params, ConsoleReporter(), workdir, args.resume)
     text = json.dumps(result, sort_keys=True, default=str)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    if not args.out:
+        print(text)
+        return 0
+    Path(args.out).write_text(text)
+    for line in result_summary(result):
+        print(line)
+    print(f"full result ({len(text):,} bytes of JSON) written to {args.out}")
     return 0
+
+
+# echoes of the request and solver diagnostics, not results
+SUMMARY_SKIP = {"params", "key", "checkpoint", "done", "residuals", "n_hvp", "converged"}
+SUMMARY_LINES = 16
+SUMMARY_LIST = 8  # numeric lists up to this length are shown whole (e.g. the top-k eigenvalues)
+
+
+def result_summary(result: Any, prefix: str = "") -> list[str]:
+    """The headline numbers of an analysis result: its scalar fields and short numeric lists, one
+    'dotted.key  value' line each (at most SUMMARY_LINES, then how many more); long arrays are left to
+    the file."""
+    lines = list(_summary_leaves(result, prefix))
+    if len(lines) > SUMMARY_LINES:
+        lines = [*lines[:SUMMARY_LINES], f"… {len(lines) - SUMMARY_LINES} more fields in the file"]
+    return lines
+
+
+def _summary_leaves(value: Any, key: str) -> Iterator[str]:
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name not in SUMMARY_SKIP:
+                yield from _summary_leaves(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        if 0 < len(value) <= SUMMARY_LIST and all(_is_number(v) for v in value):
+            yield f"{key:28s} [{', '.join(_short(v) for v in value)}]"
+    elif value is not None:
+        yield f"{key:28s} {_short(value)}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)
+    return text if len(text) <= 60 else f"{text[:57]}…"
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -108,13 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at interpreter exit
+        return status
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (`runs list | head`): end quietly, as other command-line tools do.
+    stdout is pointed at /dev/null so that the interpreter's final flush does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # the status of a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from samlab.runs import jobs
 from samlab.runs.store import FINAL, open_store
@@ -102,19 +103,45 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if all(s == "completed" for s in statuses.values()) else 1
 
 
-def _wait_with_progress(ids: list[str], store_url: str | None) -> dict[str, str]:
+def _wait_with_progress(ids: list[str], store_url: str | None, stream: TextIO | None = None) -> dict[str, str]:
+    """Poll the runs until all have ended: a progress bar redrawn in place on a terminal, else one line
+    each time the number finished or the progress (in steps of PROGRESS_STEP) changes."""
     store = open_store(store_url)
+    stream = stream or sys.stderr
+    tty = stream.isatty()
+    last = None
     while True:
         runs = [store.get_run(run_id) for run_id in ids]
-        done = sum(r["status"] in FINAL for r in runs)
-        mean = sum((r["progress"] or 0.0) if r["status"] not in FINAL else 1.0 for r in runs) / len(runs)
-        print(f"\r{done}/{len(runs)} finished, {100 * mean:5.1f}%", end="", file=sys.stderr, flush=True)
+        done, fraction = wait_progress(runs)
+        if tty:
+            print(f"\r{progress_bar(done, len(runs), fraction)}", end="", file=stream, flush=True)
+        elif (done, int(fraction / PROGRESS_STEP)) != last:
+            last = (done, int(fraction / PROGRESS_STEP))
+            print(f"{done}/{len(runs)} finished, {100 * fraction:.0f}%", file=stream, flush=True)
         if done == len(runs):
-            print(file=sys.stderr)
+            if tty:
+                print(file=stream)
             for r in runs:
                 print(f"{r['id']} {r['status']}" + (f": {r['error'].splitlines()[0]}" if r["error"] else ""))
             return {r["id"]: r["status"] for r in runs}
         time.sleep(0.5)
+
+
+PROGRESS_STEP = 0.1  # without a terminal, a new line at most every 10% (and at every finished run)
+BAR_WIDTH = 30
+
+
+def wait_progress(runs: list[dict]) -> tuple[int, float]:
+    """How many runs have ended, and the mean progress (an ended run counts as 1)."""
+    done = sum(r["status"] in FINAL for r in runs)
+    mean = sum(1.0 if r["status"] in FINAL else min(max(r["progress"] or 0.0, 0.0), 1.0) for r in runs) / len(runs)
+    return done, mean
+
+
+def progress_bar(done: int, total: int, fraction: float) -> str:
+    """'[##########····················]  33.3%  1/3 finished' for a terminal."""
+    filled = round(BAR_WIDTH * fraction)
+    return f"[{'#' * filled}{'·' * (BAR_WIDTH - filled)}] {100 * fraction:5.1f}%  {done}/{total} finished"
 
 
 def _list(args: argparse.Namespace) -> int:

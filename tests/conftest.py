@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 
 # The layers the summary counts, first match wins: (name, test files, a word in the test id).
 LAYERS = [
-    ("browser", {"test_browser.py"}, None),
+    ("browser", {"test_browser.py", "test_access.py", "test_figure_layout_browser.py"}, None),
     ("Ray", {"test_ray.py"}, None),
     ("PostgreSQL", {"test_postgres.py"}, "postgresql"),
     ("pages (AppTest)", {"test_dashboard_pages.py", "test_analysis_pages.py", "test_lesson_page.py",

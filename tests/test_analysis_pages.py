@@ -58,3 +58,41 @@ def test_landscape_page_draws_a_cached_surface_of_a_trained_run(store_env, tmp_p
     assert plotly_array(curve["x"]) == pytest.approx(result["axes"][0], rel=1e-12)
     assert plotly_array(curve["y"]) == pytest.approx(result["runs"][0]["loss"], rel=1e-12)
     assert curve["name"] == run_labels([store_env.get_run(train_id)])[train_id]
+
+
+def _two_trained_runs(store: Store, tmp_path) -> list[str]:
+    return [stored_trained_run(store, tmp_path / f"train{i}")[0] for i in range(2)]
+
+
+def test_hessian_compute_all_queues_every_missing_spectrum_and_shows_queue_places(store_env, tmp_path):
+    ids = _two_trained_runs(store_env, tmp_path)
+    at = AppTest.from_file("../pages/3_Hessian.py", default_timeout=60)
+    at.run()
+    at.multiselect(key="hessian.runs").set_value(ids).run()
+    assert not at.exception
+    assert len([b for b in at.button if b.label.startswith("Compute the spectrum of")]) == 2
+    at.button(key="hessian.submit_all").click().run()
+    assert not at.exception
+    queued = store_env.list_runs(kind="hessian")
+    assert len(queued) == 2 and {r["status"] for r in queued} == {"queued"}
+    assert {r["params"]["checkpoint"] for r in queued} == {store_env.get_run(i)["checkpoint_path"] for i in ids}
+    text = " ".join(m.value for m in at.markdown)
+    assert "place 1 of 2 in the queue" in text and "place 2 of 2 in the queue" in text
+    assert not [b for b in at.button if b.label.startswith("Compute")]  # nothing left to launch
+
+
+def test_landscape_compute_all_queues_surfaces_interpolation_and_flatness(store_env, tmp_path):
+    ids = _two_trained_runs(store_env, tmp_path)
+    at = AppTest.from_file("../pages/4_Landscape.py", default_timeout=60)
+    for name, value in {"kind": "1d", "points": "5", "n_samples": "128"}.items():
+        at.query_params[name] = value
+    at.run()
+    at.multiselect(key="landscape.runs").set_value(ids).run()
+    assert not at.exception
+    assert at.button(key="landscape.submit_all").label == "Compute all (3 missing)"
+    at.button(key="landscape.submit_all").click().run()
+    assert not at.exception
+    kinds = sorted(r["params"]["kind"] for r in store_env.list_runs(kind="landscape"))
+    assert kinds == ["1d", "flatness", "interpolation"]
+    assert not [b for b in at.button if b.label in ("Compute the surfaces", "Interpolate", "Measure flatness")]
+    assert "in the queue" in " ".join(m.value for m in at.markdown)

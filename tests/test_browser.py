@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,17 @@ def server(tmp_path):
         "SAMLAB_STORE": f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}",
         "SAMLAB_SCHEDULER_IDLE_S": "5",
     })
+    with running_streamlit(env, "127.0.0.1", port, tmp_path / "streamlit.log") as url:
+        yield url
+
+
+@contextmanager
+def running_streamlit(env: dict, address: str, port: int, log_path: Path):
+    """`streamlit run app.py` bound to `address`, reached at http://127.0.0.1:port; stopped afterwards."""
     url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "streamlit.log", "wb") as log:
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", address,
              "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -76,6 +76,17 @@ def test_run_panel_figure_draws_what_exists():
     assert {t.name for t in only_steps.data} == {"train (per step)", "L(w+ε) − L(w)", "learning rate"}
 
 
+def test_run_panel_of_a_run_that_does_not_perturb_has_no_sharpness_panel():
+    step = pd.DataFrame({"step": [1, 2], "train_loss": [2.0, 1.5], "sharpness": [0.0, 0.0], "lr": [0.1, 0.1]})
+    fig = figures.run_panel_figure(step, pd.DataFrame(columns=["step"]), perturbs=False)
+    assert {t.name for t in fig.data} == {"train (per step)", "learning rate"}
+    assert [a.text for a in fig.layout.annotations] == ["loss", "accuracy", "learning rate"]
+    lr_axis = fig.layout[fig.data[-1].xaxis.replace("x", "xaxis")]
+    assert lr_axis.domain[1] - lr_axis.domain[0] > 0.9  # the learning rate spans the bottom row
+    perturbing = figures.run_panel_figure(step, pd.DataFrame(columns=["step"]))
+    assert "sharpness proxy" in [a.text for a in perturbing.layout.annotations]
+
+
 def test_parallel_coordinates_drop_constant_axes_and_name_categories():
     table = pd.DataFrame({"method": ["sam", "sgd", "msam"], "rho": [0.05, None, 0.1], "lr": [0.1, 0.1, 0.1],
                           "final_test_acc": [91.0, 88.0, 93.0]})
@@ -92,12 +103,72 @@ def test_labels_name_runs_by_what_differs():
     sgd = preset("digits-mlp", {"seed": 0})
     sam = preset("digits-mlp", {"optim.method": "sam", "optim.rho": 0.1, "seed": 0})
     msam = preset("digits-mlp", {"optim.method": "msam", "optim.rho": 0.1, "optim.m": 8, "seed": 1})
-    labels = tables.distinguishing_labels({"a": sgd, "b": sam, "c": msam})
-    assert labels == {"a": "sgd seed=0", "b": "sam ρ=0.1 seed=0", "c": "msam ρ=0.1 m=8 seed=1"}
+    labels = tables.distinguishing_labels({"a1b2c3d4": sgd, "b": sam, "c": msam})
+    assert labels == {"a1b2c3d4": "sgd seed=0 · a1b2c3", "b": "sam ρ=0.1 seed=0 · b", "c": "msam ρ=0.1 m=8 seed=1 · c"}
     twins = tables.distinguishing_labels({"x": sgd, "y": sgd}, {"x": "first", "y": "second"})
-    assert twins == {"x": "first", "y": "second"}
+    assert twins == {"x": "first · x", "y": "second · y"}
     same = tables.distinguishing_labels({"x": sgd, "y": sgd})
-    assert same == {"x": "sgd #x", "y": "sgd #y"}
+    assert same == {"x": "sgd · x", "y": "sgd · y"}
+
+
+def test_labels_of_runs_that_differ_in_everything_fit_sixty_characters():
+    # the case of a store with runs from several presets: 20+ hyperparameters differ
+    configs = {
+        "67f621aa11": preset("digits-cnn", {"optim.method": "rwsam", "optim.lam": 0, "optim.delta": 0.001, "seed": 1}),
+        "12ab34cd56": preset("digits-mlp", {"seed": 0}),
+        "99ff001122": preset("digits-cnn", {"optim.method": "msam", "optim.m": 8, "optim.rho": 0.1, "seed": 2}),
+        "abcdef1234": preset("digits-cnn-msharp", {}),
+    }
+    labels = tables.distinguishing_labels(configs)
+    assert all(len(label) <= tables.LABEL_CHARS for label in labels.values())
+    assert labels["67f621aa11"].startswith("rwsam ρ=0.05 λ=0 cnn") and labels["67f621aa11"].endswith(" … · 67f621")
+    assert labels["99ff001122"].startswith("msam ρ=0.1 m=8 cnn")
+    # the full config keeps what the label leaves out
+    full = tables.config_text(configs["67f621aa11"])
+    assert len(full) > 100 and "estimator=fd" in full and full.endswith("seed=1")
+    # a name too long for a label is cut, not dropped
+    long_name = tables.distinguishing_labels({"r1": configs["12ab34cd56"]}, {"r1": "x" * 80})["r1"]
+    assert long_name == "x" * 54 + "… · r1" and len(long_name) == tables.LABEL_CHARS
+
+
+def test_seed_groups_put_runs_that_differ_only_in_seed_together():
+    sam = [preset("digits-mlp", {"optim.method": "sam", "optim.rho": 0.1, "seed": s}) for s in range(3)]
+    sgd = [preset("digits-mlp", {"seed": s}) for s in range(2)]
+    groups = tables.seed_groups({"a": sam[0], "b": sgd[0], "c": sam[1], "d": sam[2], "e": sgd[1]})
+    assert groups == {"sam ρ=0.1 · 3 seeds": ["a", "c", "d"], "sgd · 2 seeds": ["b", "e"]}
+    assert tables.seed_groups({"a": sam[0]}) == {"sam · 1 seed": ["a"]}
+
+
+def test_seed_band_is_the_mean_and_sample_std_at_each_x():
+    # three seeds logged at epochs 1, 2, 3; a fourth curve missing epoch 3 restricts the shared x to 1, 2
+    x = [1, 2, 3]
+    grid, mean, std = figures.seed_band([(x, [0.5, 0.7, 0.8]), (x, [0.6, 0.7, 1.0]), (x, [0.4, 0.7, 0.9])])
+    assert list(grid) == [1, 2, 3]
+    assert mean == pytest.approx([0.5, 0.7, 0.9])
+    # by hand: deviations (0, 0.1, -0.1) → sqrt(0.02 / 2) = 0.1; (0, 0, 0) → 0; (-0.1, 0.1, 0) → 0.1
+    assert std == pytest.approx([0.1, 0.0, 0.1])
+    grid, mean, std = figures.seed_band([([3, 1, 2], [0.8, 0.5, 0.7]), ([1, 2], [0.7, 0.9])])
+    assert list(grid) == [1, 2] and mean == pytest.approx([0.6, 0.8])
+    assert std == pytest.approx([math.sqrt(0.02), math.sqrt(0.02)])
+    # downsampled curves without shared x: interpolated onto the first curve's x inside the common range
+    grid, mean, _ = figures.seed_band([([0, 1, 2, 3], [0, 1, 2, 3]), ([0.5, 2.5], [10, 30])])
+    assert list(grid) == [1, 2] and mean == pytest.approx([(1 + 15) / 2, (2 + 25) / 2])
+
+
+def test_band_figure_draws_a_band_per_group_with_its_seed_count():
+    curves = {i: figures.Curve(i, np.array([1.0, 2.0]), np.array(y)) for i, y in
+              (("a", [0.5, 0.6]), ("b", [0.7, 0.8]), ("c", [0.2, 0.3]))}
+    bands = figures.seed_bands({"sam · 2 seeds": ["a", "b"], "sgd · 1 seed": ["c"]}, curves,
+                               {"a": "sam ρ=0.1 lr=0.1 seed=0", "b": "sam ρ=0.1 lr=0.1 seed=1", "c": "sgd seed=0"})
+    assert [b.n for b in bands] == [2, 1] and bands[0].hover == {"config": "sam ρ=0.1 lr=0.1"}
+    fig = figures.band_figure(bands, metric="test_acc", x="epoch")
+    # group one: band (filled, mean ± std in percent) + mean line; group two (one seed): the line only
+    assert [t.name for t in fig.data] == ["sam · 2 seeds ± std", "sam · 2 seeds", "sgd · 1 seed"]
+    assert fig.data[0].fill == "toself" and not fig.data[0].showlegend
+    std = math.sqrt(0.02)
+    assert list(fig.data[0].y) == pytest.approx([60 + 100 * std, 70 + 100 * std, 70 - 100 * std, 60 - 100 * std])
+    assert list(fig.data[1].y) == pytest.approx([60, 70]) and "± std" in fig.data[1].hovertemplate
+    assert "%{customdata:.3g}" in fig.data[1].hovertemplate and "sam ρ=0.1 lr=0.1" in fig.data[1].hovertemplate
 
 
 def test_summary_table_scores_in_percent():

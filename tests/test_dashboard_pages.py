@@ -229,3 +229,79 @@ def test_runs_page_filters_and_deletes_with_confirmation(store_env, recorded_row
     remaining = {r["id"] for r in store_env.list_runs()}
     assert ids["completed"] not in remaining and ids["completed2"] in remaining
     assert not workdir.exists()
+
+
+def _plotly_specs(at: AppTest) -> list[dict]:
+    import json
+
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def test_runs_page_groups_seeds_into_a_mean_and_std_band(store_env, recorded_rows):
+    ids = _populate(store_env, *recorded_rows)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at.run()
+    at.switch_page("pages/2_Runs.py")
+    at.query_params["runs"] = ",".join([ids["completed"], ids["completed2"], ids["running"]])
+    at.query_params["group_seeds"] = "1"
+    at.run()
+    _no_exception(at, "Runs grouped by seed")
+    names = [t.get("name") for spec in _plotly_specs(at) for t in spec["data"]]
+    # the two sgd seeds form one group with a band; the msam run is a group of one (a line, no band)
+    assert "sgd · 2 seeds ± std" in names and "sgd · 2 seeds" in names
+    assert any(n and n.startswith("msam") and n.endswith("· 1 seed") for n in names)
+    # every picker option is a short label ending in the run's short id
+    options = at.multiselect(key="runs.runs").options
+    assert options and all(len(o) <= 60 for o in options)
+    assert any(o.endswith(f"· {ids['running'][:6]}") for o in options)
+    assert "config" in at.dataframe[0].value.columns  # the full config beside the short label
+
+
+def test_run_card_of_sgd_has_no_sharpness_panel(store_env, recorded_rows):
+    _populate(store_env, *recorded_rows)
+    at = _app("pages/1_Train.py")
+    _no_exception(at, "Train with runs")
+    titles = [[a["text"] for a in spec["layout"].get("annotations", [])] for spec in _plotly_specs(at)]
+    panels = [t for t in titles if "loss" in t]
+    assert any("sharpness proxy" not in t and "learning rate" in t for t in panels)  # the sgd runs
+    assert any("sharpness proxy" in t for t in panels)  # the msam run
+
+
+def test_train_form_explains_a_train_set_smaller_than_the_batch(store_env):
+    at = _app("pages/1_Train.py")
+    assert "samlab never downloads" in at.selectbox(key="train.data.name").help
+    assert "data/datasets/" in at.selectbox(key="train.data.name").help
+    at.number_input(key="train.batch_size").set_value(128).run()
+    at.number_input(key="train.data.n_train").set_value(5).run()
+    _no_exception(at, "n_train < batch size")
+    notes = [c.value for c in at.caption if "batch is clipped" in c.value]
+    assert notes == [":material/info: 5 train samples < batch size 128: the batch is clipped to 5, so each epoch "
+                     "is one full-batch step on all 5 samples."]
+    at.number_input(key="train.data.n_train").set_value(500).run()
+    assert not [c for c in at.caption if "batch is clipped" in c.value]
+
+
+def test_a_train_set_smaller_than_the_batch_trains_one_full_batch_step_per_epoch():
+    # what the note says, checked on the engine: 5 samples, batch 128, 3 epochs → 3 steps of 5 samples
+    from samlab.train import run
+
+    reporter = RecordingReporter()
+    result = run(_tiny_config(**{"data.n_train": 5, "batch_size": 128, "epochs": 3, "log_every": 1}), reporter)
+    assert result.status == "completed" and result.summary["steps"] == 3
+
+
+@pytest.mark.parametrize("page, formula", [
+    (None, r"\varepsilon = \rho\, g / \lVert g \rVert"),
+    ("pages/3_Hessian.py", r"$\lambda_{\max}$"),
+    ("pages/7_Stability.py", r"\frac{\sigma}{\eta} \left(\frac{n}{B} - 1\right)^{-1/2}"),
+    ("pages/7_Stability.py", r"\sum_i H_i M H_i"),
+    ("pages/6_Lesson_m-sharpness.py", r"$\frac{\rho}{2m} \operatorname{tr} V$"),
+], ids=["home", "hessian", "stability-theorem", "stability-map", "lesson"])
+def test_formulas_are_typeset_as_latex(store_env, page, formula):
+    at = _app(page)
+    _no_exception(at, f"{page or 'app.py'}")
+    texts = [e.value for kind in ("markdown", "latex", "caption") for e in at.get(kind)]
+    assert any(formula in text for text in texts), formula
+    # the plain-text spellings they replace are gone
+    plain = ("‖g‖", "(n/B − 1)^(−1/2)", "Σ H_i M H_i", "(ρ/2m) tr V", "top eigenvalue λ_max")
+    assert not [p for p in plain for text in texts if p in text]
