@@ -110,24 +110,21 @@ def test_opening_a_v1_file_migrates_it_and_keeps_its_data(tmp_path):
     assert Store(f"sqlite:///{path}").get_run(new_id)["kind"] == "msharp"
 
 
-def test_opening_a_v3_file_builds_the_buckets_of_its_curves(tmp_path):
-    path = tmp_path / "v3" / "samlab.db"
-    store = Store(f"sqlite:///{path}")
+def test_opening_a_v4_store_builds_the_buckets_of_its_curves(store):
     ids = _make_runs(store, 2)
     rng = np.random.default_rng(1)
     for run_id in ids:
         store.flush(run_id, [("step", s, "loss", float(rng.normal()), 0.0) for s in range(900)])
     expected = store.metrics(ids, max_points=300)
+    with store.engine.begin() as conn:  # back to the v4 layout: no bucket table
+        conn.execute(sa.text("DROP TABLE metric_buckets"))
+        conn.execute(sa.text("UPDATE meta SET value = '4' WHERE key = 'schema_version'"))
     store.dispose()
-    con = sqlite3.connect(path)  # back to the v3 layout: no bucket table
-    con.execute("DROP TABLE metric_buckets")
-    con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-    con.commit()
-    con.close()
-    reopened = Store(f"sqlite:///{path}")
+    reopened = Store(store.url)  # a real file (or server schema) opened by a newer samlab
     assert reopened.schema_version() == SCHEMA_VERSION == 5
     pd.testing.assert_frame_equal(reopened.metrics(ids, max_points=300), expected)
     assert len(expected) < 300 * 2 and len(reopened.metrics(ids)) == 1800
+    reopened.dispose()
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path):
