@@ -73,7 +73,7 @@ else:
         smoothing = params.slider(cols[2], "smoothing (EMA weight)", "smooth", 0.0, 0.99, default=0.0, step=0.01)
         log_y = params.toggle(cols[3], "log y", "log")
         kind, name = tables.split_metric_key(metric)
-        metrics = ui.load_metrics(selected, names=[name], kind=kind, max_points=2000)
+        metrics = ui.load_run_metrics(selected_runs, names=[name], kind=kind, max_points=2000)
         times = ui.metric_times(selected) if x == "time" else None
         curves, task = plots.run_curves(selected_runs, metrics, metric, x, labels=ui.run_labels(selected_runs),
                                         times=times)

@@ -83,3 +83,14 @@ def choose_level(n_points: int, buckets_per_level: Mapping[int, int], max_points
 def curve_points(buckets: Iterable[Bucket]) -> list[tuple[int, float]]:
     """The downsampled curve of a curve's buckets: every bucket's points, in step order."""
     return [p for b in sorted(buckets, key=lambda b: b.first_step) for p in b.points()]
+
+
+def downsample(points: list[tuple[int, float | None]], max_points: int) -> list[tuple[int, float]]:
+    """A curve held in memory, downsampled as the store does it: the points as they are when they
+    fit, else the buckets of the finest width that fits (each its first, min, max and last point)."""
+    if len(points) <= max_points:
+        return [(step, value) for step, value in points]
+    width = next((w for w in LEVEL_WIDTHS
+                  if (points[-1][0] // w - points[0][0] // w + 1) * POINTS_PER_BUCKET <= max_points),
+                 LEVEL_WIDTHS[-1])
+    return curve_points(fold(points, width).values())
