@@ -48,7 +48,7 @@ class LiveCurves:
 
     run_id: str
     frame: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=COLUMNS))
-    last: dict[str, int] = field(default_factory=dict)  # kind -> the last step read
+    last: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, name) -> the last step read
 
     def pull(self, store: Any) -> int:
         """Read the points written since the last pull; returns how many there were."""
@@ -56,8 +56,8 @@ class LiveCurves:
         if new.empty:
             return 0
         self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
-        for kind, step in new.groupby("kind")["step"].max().items():
-            self.last[kind] = max(int(step), self.last.get(kind, -1))
+        for curve, step in new.groupby(["kind", "name"])["step"].max().items():
+            self.last[curve] = max(int(step), self.last.get(curve, -1))
         return len(new)
 
     def view(self, max_points: int = LIVE_MAX_POINTS) -> pd.DataFrame:

@@ -261,13 +261,15 @@ def test_an_incremental_read_returns_exactly_the_new_points(store):
     store.flush(run_id, [("step", s, "loss", 1.0 / (s + 1), 0.0) for s in range(10)]
                 + [("epoch", 0, "test_acc", 0.5, 0.0)])
     seen = store.metrics([run_id])
-    last = seen.groupby("kind")["step"].max().to_dict()
-    assert last == {"step": 9, "epoch": 0}
+    last = seen.groupby(["kind", "name"])["step"].max().to_dict()
+    assert last == {("step", "loss"): 9, ("epoch", "test_acc"): 0}
     assert store.metrics([run_id], after=last).empty
+    # a later flush: new steps, and a new curve whose first point is at a step already seen
     store.flush(run_id, [("step", s, "loss", 1.0 / (s + 1), 0.0) for s in range(10, 14)]
-                + [("epoch", 1, "test_acc", 0.6, 0.0)])
+                + [("epoch", 1, "test_acc", 0.6, 0.0), ("step", 9, "lambda_max", 3.0, 0.0)])
     new = store.metrics([run_id], after=last)
-    assert sorted(zip(new["kind"], new["step"])) == [("epoch", 1)] + [("step", s) for s in range(10, 14)]
+    assert sorted(zip(new["kind"], new["name"], new["step"])) == (
+        [("epoch", "test_acc", 1), ("step", "lambda_max", 9)] + [("step", "loss", s) for s in range(10, 14)])
     # old + new is the full read, row for row
     both = pd.concat([seen, new]).sort_values(["run_id", "kind", "name", "step"], ignore_index=True)
     pd.testing.assert_frame_equal(both, store.metrics([run_id]))

@@ -42,7 +42,8 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
     Store.metrics(run_ids, names=None, kind=None, max_points=None, after=None) -> pandas.DataFrame
         columns run_id, kind, name, step, value; with max_points a curve longer than that comes from
         its write-time buckets (samlab.runs.curves: first, min, max and last point of each); with
-        after={kind: step} only the points after that step (a live panel's incremental read)
+        after={(kind, name): step} only the points of those curves after that step, and every point of
+        the other curves (a live panel's incremental read)
     Store.latest_metrics(run_ids, names=None, kind="epoch") -> dict[run_id, dict[name, value]]
     Store.artifacts(run_id) -> list[dict]
     Store.stale_runs(stale_after_s) -> list[dict]        running, heartbeat older than that (server clock)
@@ -901,14 +902,15 @@ class Store:
             return [(k, n) for k, n in conn.execute(query)]
 
     def metrics(self, run_ids: Iterable[str], names: Iterable[str] | None = None, kind: str | None = None,
-                max_points: int | None = None, after: dict[str, int] | None = None):
+                max_points: int | None = None, after: dict[tuple[str, str], int] | None = None):
         """Long-format metrics (pandas DataFrame: run_id, kind, name, step, value), sorted by step.
 
         With `max_points`, a curve (run, kind, name) with more values than that comes from its
         write-time buckets (`samlab.runs.curves`): the finest bucket width whose buckets give at most
         `max_points` points, each bucket as its first, smallest, largest and last point (NaN values,
-        stored as NULL, are not in buckets: a curve without any finite value is left out). With `after` ({kind: step}), only the points of that kind
-        after that step: a live view asks for what is new since its last read."""
+        stored as NULL, are not in buckets: a curve without any finite value is left out). With `after`
+        ({(kind, name): step}), only the points of those curves after that step, and all points of the
+        curves it does not name: a live view asks for what is new since its last read."""
         import pandas as pd
 
         if max_points is not None and (not isinstance(max_points, int) or max_points < 1):
@@ -955,7 +957,7 @@ class Store:
 
 
 def _metric_filters(table: sa.Table, run_ids: list[str], names: list[str] | None, kind: str | None,
-                    after: dict[str, int] | None = None) -> list[Any]:
+                    after: dict[tuple[str, str], int] | None = None) -> list[Any]:
     c = table.c
     cond: list[Any] = [c.run_id.in_(run_ids)]
     if names is not None:
@@ -963,8 +965,8 @@ def _metric_filters(table: sa.Table, run_ids: list[str], names: list[str] | None
     if kind is not None:
         cond.append(c.kind == kind)
     if after:
-        cond.append(sa.or_(c.kind.not_in(list(after)),
-                           *[sa.and_(c.kind == k, c.step > int(s)) for k, s in after.items()]))
+        cond.append(sa.or_(sa.tuple_(c.kind, c.name).not_in(list(after)),
+                           *[sa.and_(c.kind == k, c.name == n, c.step > int(s)) for (k, n), s in after.items()]))
     return cond
 
 
