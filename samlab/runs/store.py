@@ -924,7 +924,8 @@ class Store:
                 rows = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind, after))).all()
             else:
                 rows = _downsampled_rows(conn, ids, names, kind, max_points)
-        frame = pd.DataFrame(rows, columns=["run_id", "kind", "name", "step", "value"])
+        # plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than the query
+        frame = pd.DataFrame([tuple(r) for r in rows], columns=["run_id", "kind", "name", "step", "value"])
         if max_points is not None:
             frame = frame.sort_values(["run_id", "kind", "name", "step"], kind="stable", ignore_index=True)
         frame["value"] = frame["value"].astype(float)
@@ -997,15 +998,20 @@ def _downsampled_rows(conn: sa.Connection, run_ids: list[str], names: list[str] 
     by_level: dict[int | None, list[tuple[str, str, str]]] = {}
     for curve, per_level in levels.items():
         by_level.setdefault(curves.choose_level(sizes[curve], per_level, max_points), []).append(curve)
-    m = metrics_table.c
+    # plain run_id IN / name IN / kind filters (the indexes serve them; row-value IN lists they do
+    # not), then only the curves chosen for each source are kept
     rows: list[Any] = []
-    for chunk in _chunks(by_level.pop(None, [])):
-        rows += conn.execute(_raw_query([sa.tuple_(m.run_id, m.kind, m.name).in_(chunk)])).all()
     for level, chosen in by_level.items():
-        for chunk in _chunks(chosen):
-            found = conn.execute(sa.select(buckets_table).where(
-                b.level == level, sa.tuple_(b.run_id, b.kind, b.name).in_(chunk)))
-            for row in found:
+        wanted = set(chosen)
+        ids = sorted({run_id for run_id, _, _ in chosen})
+        if level is None:
+            found = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind)))
+            rows += [r for r in found if (r[0], r[1], r[2]) in wanted]
+            continue
+        found = conn.execute(sa.select(buckets_table).where(
+            b.level == level, *_metric_filters(buckets_table, ids, names, kind)))
+        for row in found:
+            if (row.run_id, row.kind, row.name) in wanted:
                 bucket = curves.Bucket.from_row(row._mapping)
                 rows += [(row.run_id, row.kind, row.name, step, value) for step, value in bucket.points()]
     return rows
