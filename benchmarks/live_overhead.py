@@ -196,6 +196,7 @@ def main() -> int:
             sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
         first = wait_final(store, train())  # warm-up, and the curves the seeded runs get
+        settle(store)  # no scheduler alive while the seeded runs are briefly queued: none launches them
         seeded = seed_store(store, metric_rows(store, first["id"]), first["params"])
 
         def with_page(path: str, ready: str):
