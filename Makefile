@@ -7,6 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8501
 # Two test processes keep both cores busy while tests wait on worker subprocesses and servers.
 TEST_WORKERS ?= 2
+# DEV=1: reload on save, watching the app's sources only (never the venv or the run store under data/).
+DEV ?=
+DEV_FLAGS := $(if $(DEV),--server.fileWatcherType auto --server.runOnSave true --server.folderWatchBlacklist .venv --server.folderWatchBlacklist data,)
 
 .PHONY: run test lint bench clean-venv
 
@@ -23,7 +26,7 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 # Bound to anything but loopback, the dashboard needs SAMLAB_PASSWORD: without it, one line says why and nothing starts.
 run: $(STAMP)
 	@$(BIN)/python -m dashboard.access --host $(HOST)
-	$(BIN)/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --browser.gatherUsageStats false
+	$(BIN)/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --browser.gatherUsageStats false $(DEV_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -35,11 +35,12 @@ Stable API (other pages rely on it; extend, do not change):
     field_error(slot, message)                   a compact error right under a widget (slot = st.empty())
     show_exception(err, what)                    a ValueError's message as an error box, not a traceback
     show_figure(fig, key=None)                   plotly with the Streamlit theme (light and dark)
-    live(seconds)                                decorator: st.fragment(run_every=seconds)
+    live(seconds)                                decorator: st.fragment(run_every=seconds); None: no refresh
     submit(kind, params, *, name="", group=None) -> id | None   errors shown, nothing queued
     submit_train(configs) -> [id] | None          one run, or one group of runs (one per seed)
     cancel_run(id) -> str, resume_run(id) -> str, delete_run(id)   ValueError when not possible
     load_metrics(run_ids, names=None, kind=None, max_points=2000) -> long DataFrame
+    load_run_metrics(runs, names=None, kind=None, max_points=2000)   the same, finished runs cached by id
     metric_times(run_ids) -> DataFrame           wall-clock seconds of each logged step (x = time)
     ViewParams(st.query_params, prefix)          widgets whose values live in the URL
     cached_or_submit(kind, params, *, label, key) -> run dict | None   reuse a cached run or offer a button
@@ -89,7 +90,7 @@ ICON_ERROR = ":material/error:"
 __all__ = [
     "ACTIVE", "FINAL", "STATUSES", "ICON_INFO", "ICON_WARNING", "ICON_ERROR", "page_setup", "get_store", "store_url", "list_runs", "run_config",
     "run_labels", "run_details", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
-    "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "metric_times",
+    "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "load_run_metrics", "metric_times",
     "ViewParams", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
 ]
 
@@ -261,8 +262,9 @@ def show_figure(fig: Any, key: str | None = None) -> None:
     st.plotly_chart(fig, theme="streamlit", key=key, config=PLOTLY_CONFIG)
 
 
-def live(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: the function re-runs every `seconds` on its own (a fragment), not the whole page."""
+def live(seconds: float | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the function re-runs every `seconds` on its own (a fragment), not the whole page;
+    with None it is a fragment that never refreshes by itself (a panel of finished runs)."""
     return st.fragment(run_every=seconds)
 
 
@@ -452,6 +454,27 @@ def load_metrics(run_ids: Sequence[str], names: Iterable[str] | None = None, kin
 
         return pd.DataFrame(columns=["run_id", "kind", "name", "step", "value"])
     return get_store().metrics(list(run_ids), names=names, kind=kind, max_points=max_points)
+
+
+def load_run_metrics(runs: Sequence[dict[str, Any]], names: Iterable[str] | None = None, kind: str | None = None,
+                     max_points: int | None = 2000):
+    """`load_metrics` for these runs, the finished ones from a cache: a finished run never changes
+    (a resumed one is another attempt), so its curves are read once, not at every rerun of the page."""
+    import pandas as pd
+
+    names = tuple(names) if names is not None else None
+    done = tuple(sorted((r["id"], int(r.get("attempts") or 0)) for r in runs if r["status"] in FINAL))
+    active = [r["id"] for r in runs if r["status"] not in FINAL]
+    parts = [_finished_metrics(done, names, kind, max_points)] if done else []
+    if active:
+        parts.append(load_metrics(active, names=names, kind=kind, max_points=max_points))
+    return pd.concat(parts, ignore_index=True) if parts else load_metrics([])
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _finished_metrics(runs: tuple[tuple[str, int], ...], names: tuple[str, ...] | None, kind: str | None,
+                      max_points: int | None):
+    return load_metrics([run_id for run_id, _ in runs], names=names, kind=kind, max_points=max_points)
 
 
 def metric_times(run_ids: Sequence[str]):

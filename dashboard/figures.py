@@ -273,50 +273,85 @@ def run_panel_figure(
     With perturbs=False (SGD: no perturbation, so L(w+ε) − L(w) is 0 by definition) the sharpness
     panel is left out and the learning rate spans the bottom row.
     """
-    loss_acc = [
-        (1, 1, [("train_loss", step_metrics, "train (per step)"), ("train_loss", epoch_metrics, "train (epoch)"),
-                ("test_loss", epoch_metrics, "test (epoch)")], "train_loss"),
-        (1, 2, [("train_acc", step_metrics, "train (per step)"), ("train_acc", epoch_metrics, "train (epoch)"),
-                ("test_acc", epoch_metrics, "test (epoch)")], "test_acc"),
-    ]
     if perturbs:
         fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.26,
                             subplot_titles=("loss", "accuracy", "sharpness proxy", "learning rate"))
-        panels = [*loss_acc, (2, 1, [("sharpness", step_metrics, "L(w+ε) − L(w)")], "sharpness"),
-                  (2, 2, [("lr", step_metrics, "learning rate")], "lr")]
     else:
         fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.26,
                             specs=[[{}, {}], [{"colspan": 2}, None]],
                             subplot_titles=("loss", "accuracy", "learning rate"))
-        panels = [*loss_acc, (2, 1, [("lr", step_metrics, "learning rate")], "lr")]
     shown_labels: set[str] = set()
-    for row, col, series, axis_metric in panels:
-        for name, frame, label in series:
-            if frame is None or name not in frame.columns or x not in frame.columns:
-                continue
-            rows = frame[[x, name]].dropna()
-            if rows.empty:
-                continue
-            is_step = frame is step_metrics
-            values = display_values(name, rows[name].to_numpy())
-            fig.add_trace(
-                go.Scatter(
-                    x=rows[x].to_numpy(), y=values, name=label, legendgroup=label,
-                    showlegend=label not in shown_labels,
-                    mode="lines" if is_step and len(rows) > 30 else "lines+markers",
-                    opacity=0.8 if is_step and axis_metric in ("train_loss", "test_acc") else 1.0,
-                    line={"color": _SERIES_COLOURS.get(label, _palette(0)), "width": 1.5 if is_step else 2.5},
-                    marker={"size": 6},
-                    hovertemplate=_hovertemplate(label, x_axis_title(x), metric_axis_title(name, task)),
-                ),
-                row=row, col=col,
-            )
-            shown_labels.add(label)
+    for row, col, name, label, is_step, xs, values, axis_metric in _run_panel_series(step_metrics, epoch_metrics, x,
+                                                                                       perturbs):
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=values, name=label, legendgroup=label, meta=name,
+                showlegend=label not in shown_labels,
+                mode=_run_panel_mode(is_step, len(xs)),
+                opacity=0.8 if is_step and axis_metric in ("train_loss", "test_acc") else 1.0,
+                line={"color": _SERIES_COLOURS.get(label, _palette(0)), "width": 1.5 if is_step else 2.5},
+                marker={"size": 6},
+                hovertemplate=_hovertemplate(label, x_axis_title(x), metric_axis_title(name, task)),
+            ),
+            row=row, col=col,
+        )
+        shown_labels.add(label)
+    for row, col, _, axis_metric in _run_panels(perturbs):
         fig.update_xaxes(title_text=x_axis_title(x), row=row, col=col)
         fig.update_yaxes(title_text=_short_axis_title(axis_metric, task), row=row, col=col)
     _finish_layout(fig, x_title=None, y_title=None, title=None, height=height)
     fig.update_layout(legend={"y": 1.1}, margin={"t": 90})  # above the subplot titles
     return fig
+
+
+def refresh_run_panel(fig: go.Figure, step_metrics: pd.DataFrame, epoch_metrics: pd.DataFrame, *,
+                      x: str = "step", perturbs: bool = True) -> bool:
+    """Put newer data into a figure made by `run_panel_figure` from the same run, keeping its layout
+    (a few ms instead of rebuilding the subplots). False, and `fig` untouched, when the new data has
+    other series (a metric appeared): then build the figure again."""
+    series = _run_panel_series(step_metrics, epoch_metrics, x, perturbs)
+    if [(label, name) for _, _, name, label, *_ in series] != [(t.name, t.meta) for t in fig.data]:
+        return False
+    with fig.batch_update():
+        for trace, (_, _, _, _, is_step, xs, values, _) in zip(fig.data, series):
+            trace.x, trace.y, trace.mode = xs, values, _run_panel_mode(is_step, len(xs))
+    return True
+
+
+_RUN_PANELS = (  # (row, col, series (metric, which frame, label), the metric naming the y axis)
+    (1, 1, [("train_loss", "step", "train (per step)"), ("train_loss", "epoch", "train (epoch)"),
+            ("test_loss", "epoch", "test (epoch)")], "train_loss"),
+    (1, 2, [("train_acc", "step", "train (per step)"), ("train_acc", "epoch", "train (epoch)"),
+            ("test_acc", "epoch", "test (epoch)")], "test_acc"),
+    (2, 1, [("sharpness", "step", "L(w+ε) − L(w)")], "sharpness"),
+    (2, 2, [("lr", "step", "learning rate")], "lr"),
+)
+
+
+def _run_panels(perturbs: bool) -> tuple:
+    """The panels of a run: without a perturbation (SGD) no sharpness proxy, the learning rate below."""
+    return _RUN_PANELS if perturbs else (*_RUN_PANELS[:2], (2, 1, [("lr", "step", "learning rate")], "lr"))
+
+
+def _run_panel_mode(is_step: bool, n: int) -> str:
+    return "lines" if is_step and n > 30 else "lines+markers"
+
+
+def _run_panel_series(step_metrics: pd.DataFrame, epoch_metrics: pd.DataFrame, x: str,
+                      perturbs: bool = True) -> list[tuple]:
+    """(row, col, metric, label, is_step, x values, y values, axis metric) of every series with data."""
+    out = []
+    for row, col, series, axis_metric in _run_panels(perturbs):
+        for name, which, label in series:
+            frame = step_metrics if which == "step" else epoch_metrics
+            if frame is None or name not in frame.columns or x not in frame.columns:
+                continue
+            rows = frame[[x, name]].dropna()
+            if rows.empty:
+                continue
+            out.append((row, col, name, label, which == "step", rows[x].to_numpy(),
+                        display_values(name, rows[name].to_numpy()), axis_metric))
+    return out
 
 
 def parallel_coordinates_figure(

@@ -28,6 +28,7 @@ import plotly.graph_objects as go
 
 from dashboard import figures, hessian_view, landscape_view, msharp_view, stability_view, tables
 from samlab.checkpoints import checkpoint_of
+from samlab.config import RunConfig
 from samlab.notebook import DASHBOARD_MAX_POINTS, resolve_ids
 from samlab.optim.perturbations import METHOD_RULES
 from samlab.runs.store import FINAL, Store, open_store
@@ -82,8 +83,12 @@ def panel_figure(run: Mapping[str, Any], metrics: pd.DataFrame, *, x: str = "ste
     spe = tables.steps_per_epoch(cfg)
     step = tables.wide_metrics(metrics, run["id"], "step", spe=spe)
     epoch = tables.wide_metrics(metrics, run["id"], "epoch", spe=spe)
-    perturbs = METHOD_RULES[cfg.optim.method] is not None  # SGD's sharpness proxy is 0 by definition
-    return figures.run_panel_figure(step, epoch, task=tables.data_task(cfg), x=x, perturbs=perturbs)
+    return figures.run_panel_figure(step, epoch, task=tables.data_task(cfg), x=x, perturbs=perturbs(cfg))
+
+
+def perturbs(cfg: RunConfig) -> bool:
+    """Whether a run's method perturbs the weights (SGD's sharpness proxy is 0 by definition)."""
+    return METHOD_RULES[cfg.optim.method] is not None
 
 
 def run_panel(run_id: str, *, x: str = "step", store: Store | str | None = None) -> go.Figure:

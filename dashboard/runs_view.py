@@ -1,6 +1,8 @@
-"""One training run as a card: status, progress with ETA, live curves, cancel / resume, log tail, error.
+"""Training runs as cards: status, progress with ETA, curves, cancel / resume, log tail, error.
 
-Used by the Train page's live panel (inside a fragment that re-runs every few seconds).
+The Train page's runs panel: an active run's card refreshes only its progress and curves (a fragment
+that reads the new points, backs off while nothing changes and stops when the run ends); a finished
+run's card is drawn once, its figure cached by run id.
 """
 
 from __future__ import annotations
@@ -11,21 +13,51 @@ from typing import Any
 import streamlit as st
 
 from dashboard import common as ui
-from dashboard import plots
+from dashboard import figures, live, plots, tables
 
 RESUMABLE = ("cancelled", "failed")
+
+
+def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> None:
+    """Active runs first (live), then the most recent finished ones; a small watcher re-runs the page
+    when a run starts or ends elsewhere (a CLI, another tab)."""
+    _watch({r["id"] for r in active})
+    runs = active + finished
+    if not runs:
+        ui.empty_state("No runs yet — fill the form above and press Launch.")
+        return
+    labels = ui.run_labels(runs)
+    now = ui.get_store().server_now()
+    st.caption(f"{len(active)} active · the {len(finished)} most recent finished · active runs refresh "
+               f"every {live.BASE_S:g}–{live.MAX_S:g} s, slower while nothing changes")
+    for index, run in enumerate(runs):
+        run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE)
+
+
+def _watch(active_ids: set[str]) -> None:
+    @st.fragment(run_every=live.WATCH_S)
+    def watcher() -> None:
+        now_active = {r["id"] for r in ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=50)}
+        if now_active != active_ids:
+            st.rerun()
+
+    watcher()
 
 
 def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded: bool) -> None:
     """Draw one run: header, progress, curves, buttons, log tail and error."""
     title = f"{ui.status_label(run['status'])} · {label} · `{run['id']}`"
     with st.expander(title, expanded=expanded):
-        fraction, text = ui.progress_text(run, now)
-        st.progress(fraction, text=text)
+        if run["status"] in ui.ACTIVE:
+            _live_progress_and_curves(run)
+        else:
+            fraction, text = ui.progress_text(run, now)
+            st.progress(fraction, text=text)
         if run.get("error") and run["status"] in ("failed", "diverged"):
             st.error(f"This run {run['status']}:\n\n```\n{_tail(run['error'])}\n```", icon=ui.ICON_ERROR)
         _buttons(run)
-        _curves(run)
+        if run["status"] not in ui.ACTIVE:
+            _finished_curves(run)
         with st.popover("log tail", use_container_width=False):
             st.code(ui.log_tail(run, lines=30), language=None)
 
@@ -51,12 +83,64 @@ def _act(action, what: str) -> None:
     st.toast(message or f"{what}: done")
 
 
-def _curves(run: dict[str, Any]) -> None:
-    fig = plots.panel_figure(run, ui.load_metrics([run["id"]], max_points=plots.PANEL_MAX_POINTS), x="step")
-    if fig is None:
-        st.caption("no metrics yet" if run["status"] in ui.ACTIVE else "no metrics recorded")
+def _live_progress_and_curves(run: dict[str, Any]) -> None:
+    """The part of an active run's card that changes: a fragment that reads only what is new."""
+    key = f"live.{run['id']}.{run.get('attempts', 0)}"
+    state = st.session_state.setdefault(key, {"curves": live.LiveCurves(run["id"]), "backoff": live.Backoff(),
+                                              "figure": None, "seen": None})
+
+    @st.fragment(run_every=state["backoff"].interval)
+    def refresh() -> None:
+        store = ui.get_store()
+        current = store.get_run(run["id"])
+        if current["status"] != run["status"]:
+            st.rerun()  # started or ended: the page redraws the card (an ended run stops refreshing)
+        new = state["curves"].pull(store)
+        fraction, text = ui.progress_text(current, store.server_now())
+        st.progress(fraction, text=text)
+        if new or state["figure"] is None:
+            state["figure"] = panel_figure(current, state["curves"].view(), state["figure"])
+        if state["figure"] is None:
+            st.caption("no metrics yet")
+        else:
+            ui.show_figure(state["figure"], key=f"panel.{run['id']}")
+        seen = (current.get("progress"), current.get("progress_message"))
+        changed = bool(new) or seen != state["seen"]
+        state["seen"] = seen
+        interval = state["backoff"].interval
+        if state["backoff"].tick(changed) != interval:
+            st.rerun()  # the page defines the fragment again with the new interval
+
+    refresh()
+
+
+def panel_figure(run: dict[str, Any], metrics, figure=None):
+    """A train run's panel figure (`plots.panel_figure`); `figure`, the one drawn before for the same
+    run, gets the new data in place when it can. None without metrics or a config."""
+    cfg = tables.run_config(run)
+    if figure is not None and cfg is not None and not metrics.empty:
+        spe = tables.steps_per_epoch(cfg)
+        if figures.refresh_run_panel(figure, tables.wide_metrics(metrics, run["id"], "step", spe=spe),
+                                     tables.wide_metrics(metrics, run["id"], "epoch", spe=spe), x="step",
+                                     perturbs=plots.perturbs(cfg)):
+            return figure
+    return plots.panel_figure(run, metrics, x="step")
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def finished_run_figure(run_id: str, finished_at: datetime | None, attempts: int):
+    """The figure of a finished run, built once: finished runs never change (a resumed run is
+    another attempt, so another cache entry)."""
+    run = ui.get_store().get_run(run_id)
+    return panel_figure(run, ui.load_metrics([run_id], max_points=plots.PANEL_MAX_POINTS))
+
+
+def _finished_curves(run: dict[str, Any]) -> None:
+    figure = finished_run_figure(run["id"], run.get("finished_at"), int(run.get("attempts") or 0))
+    if figure is None:
+        st.caption("no metrics recorded")
         return
-    ui.show_figure(fig, key=f"panel.{run['id']}")
+    ui.show_figure(figure, key=f"panel.{run['id']}")
 
 
 def _tail(text: str, n: int = 12) -> str:

@@ -69,33 +69,6 @@ if clicked:
         _launch(configs)
 
 st.subheader("Runs")
-
-
-def _any_active() -> bool:
-    return bool(ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=1))
-
-
-ACTIVE_AT_START = _any_active()
-
-
-# Refresh every 2 s while runs are active, slowly otherwise (runs may also come from the CLI).
-@ui.live(2 if ACTIVE_AT_START else 15)
-def live_panel() -> None:
-    store = ui.get_store()
-    active = ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=50)
-    if bool(active) != ACTIVE_AT_START:
-        st.rerun()  # the refresh rate follows: re-run the page, which redefines the fragment
-    finished = ui.list_runs(kind="train", status=list(ui.FINAL), limit=RECENT_FINISHED)
-    runs = active + finished
-    if not runs:
-        ui.empty_state("No runs yet — fill the form above and press Launch.")
-        return
-    labels = ui.run_labels(runs)
-    now = store.server_now()
-    st.caption(f"{len(active)} active · the {len(finished)} most recent finished · "
-               f"refreshed every {2 if active else 15} s")
-    for index, run in enumerate(runs):
-        runs_view.run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE)
-
-
-live_panel()
+# Active runs refresh on their own (only their progress and new points); finished ones are drawn once.
+runs_view.runs_panel(ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=50),
+                     ui.list_runs(kind="train", status=list(ui.FINAL), limit=RECENT_FINISHED))

@@ -77,7 +77,7 @@ else:
         grouped = params.toggle(cols[4], "group seeds", "group_seeds",
                                 help="runs that differ only in seed: their mean ± std band and seed count")
         kind, name = tables.split_metric_key(metric)
-        metrics = ui.load_metrics(selected, names=[name], kind=kind, max_points=2000)
+        metrics = ui.load_run_metrics(selected_runs, names=[name], kind=kind, max_points=2000)
         times = ui.metric_times(selected) if x == "time" else None
         curves, task = plots.run_curves(selected_runs, metrics, metric, x, labels=ui.run_labels(selected_runs),
                                         times=times)

@@ -52,31 +52,46 @@ else:
         for run_id, request in requests.items()
     }
 
-    @ui.live(2.0)
+    pending = {i for i, a in analyses.items() if a is not None and a["status"] in ui.ACTIVE}
+
+    # refreshes only while an analysis computes; the page re-runs (and stops refreshing) when all are done
+    @ui.live(2.0 if pending else None)
     def spectra_panel() -> None:
-        results = []
+        results, versions = [], []
         for run_id, analysis in analyses.items():
             if analysis is None:
                 continue
-            current = store.get_run(analysis["id"])
+            current = store.get_run(analysis["id"]) if run_id in pending else analysis
             if current["status"] != "completed":
                 st.caption(labels[run_id])
                 ui.task_progress(current)
             if current.get("result"):
                 results.append((labels[run_id], current["result"]))
+            versions.append((current["id"], current["status"], current.get("progress")))
+            if run_id in pending and current["status"] not in ui.ACTIVE:
+                pending.discard(run_id)
+                if not pending:
+                    st.rerun()  # all done: the page draws the results once, without refreshing
         if not results:
             return
         st.dataframe(view.summary_table(results), hide_index=True)
         st.caption(r"$\lambda_{\max}\,\eta / 2 \ge 1$ means full-batch gradient descent at the run's base learning rate would be "
                    "unstable at this point (Cohen et al. 2021). The trace's ± is the Hutch++ standard error.")
+        # figures are rebuilt only when a result changed (a refresh without news redraws the same ones)
+        memo = st.session_state.setdefault("hessian.figures", {})
+        signature = (tuple(versions), log_density, per_layer)
+        if memo.get("signature") != signature:
+            memo.update(signature=signature, eigen=view.eigenvalue_figure(results),
+                        density=view.density_figure(results, log_density),
+                        layers=view.layer_figure(results) if per_layer else None)
         # side by side for one or two runs; stacked at full width beyond, where each legend has a row per run
         left, right = st.columns(2) if len(results) <= 2 else (st.container(), st.container())
         with left:
-            ui.show_figure(view.eigenvalue_figure(results), key="hessian.eigenvalues")
+            ui.show_figure(memo["eigen"], key="hessian.eigenvalues")
         with right:
-            ui.show_figure(view.density_figure(results, log_density), key="hessian.density")
+            ui.show_figure(memo["density"], key="hessian.density")
         if per_layer:
-            ui.show_figure(view.layer_figure(results), key="hessian.layers")
+            ui.show_figure(memo["layers"], key="hessian.layers")
             for label, result in results:
                 with st.expander(f"per-layer table · {label}"):
                     st.dataframe(view.layer_table(result), hide_index=True)
@@ -102,7 +117,9 @@ if not trajectory_ids:
 else:
     trajectory_labels = ui.run_labels([ui.get_store().get_run(i) for i in trajectory_ids])
 
-    @ui.live(5.0)
+    running = any(r["id"] in trajectory_ids for r in ui.list_runs(status="running", limit=200))
+
+    @ui.live(5.0 if running else None)  # finished runs' curves do not change: drawn once
     def trajectory_panel() -> None:
         metrics = ui.load_metrics(trajectory_ids, names=["lambda_max", "lr"], kind="step")
         ui.show_figure(view.lambda_max_figure(metrics, trajectory_labels), key="hessian.trajectory")

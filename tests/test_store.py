@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from samlab.runs.curves import LEVEL_WIDTHS
 from samlab.runs.store import SCHEMA_VERSION, Store
 from tests.helpers import backdate_heartbeat
 from tests.pg_fixtures import BACKENDS, store_on
@@ -87,6 +88,8 @@ def test_opening_a_v1_file_migrates_it_and_keeps_its_data(tmp_path):
     assert run["summary"] == {"final_test_acc": 0.9} and run["cancel_requested"] is False
     frame = store.metrics(["oldrun000001"])
     assert frame["value"].tolist() == [0.5, 0.9]
+    # v4: the old curves were folded into buckets (a 1-point budget reads the coarsest bucket)
+    assert store.metrics(["oldrun000001"], max_points=1)["value"].tolist() == [0.5, 0.9]
     # the migrated file takes the new columns and tables
     (new_id,) = store.create_runs([{"kind": "msharp", "params": {"m": [1, 2]}, "cache_key": "k"}])
     store.add_artifact("oldrun000001", "log", "/x/run.log")
@@ -105,6 +108,23 @@ def test_opening_a_v1_file_migrates_it_and_keeps_its_data(tmp_path):
     assert store.get_search("gs")["spec"] == {"ms": [8]} and store.get_search("gs")["status"] == "running"
     # a second open of the migrated file is a no-op
     assert Store(f"sqlite:///{path}").get_run(new_id)["kind"] == "msharp"
+
+
+def test_opening_a_v4_store_builds_the_buckets_of_its_curves(store):
+    ids = _make_runs(store, 2)
+    rng = np.random.default_rng(1)
+    for run_id in ids:
+        store.flush(run_id, [("step", s, "loss", float(rng.normal()), 0.0) for s in range(900)])
+    expected = store.metrics(ids, max_points=300)
+    with store.engine.begin() as conn:  # back to the v4 layout: no bucket table
+        conn.execute(sa.text("DROP TABLE metric_buckets"))
+        conn.execute(sa.text("UPDATE meta SET value = '4' WHERE key = 'schema_version'"))
+    store.dispose()
+    reopened = Store(store.url)  # a real file (or server schema) opened by a newer samlab
+    assert reopened.schema_version() == SCHEMA_VERSION == 5
+    pd.testing.assert_frame_equal(reopened.metrics(ids, max_points=300), expected)
+    assert len(expected) < 300 * 2 and len(reopened.metrics(ids)) == 1800
+    reopened.dispose()
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(tmp_path):
@@ -182,18 +202,30 @@ def test_heartbeats_use_the_database_clock(store):
     assert [r["id"] for r in store.stale_runs(3600)] == [run_id]
 
 
-def _bucket_oracle(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:
-    """The documented downsampling, computed with numpy on the raw rows."""
-    out = []
-    for (run_id, kind, name), curve in frame.groupby(["run_id", "kind", "name"], sort=True):
-        lo, hi = curve["step"].min(), curve["step"].max()
-        bucket = (curve["step"] - lo) * max_points // (hi - lo + 1)
-        for _, group in curve.groupby(bucket, sort=True):
-            out.append((run_id, kind, name, group["step"].mean(), group["value"].mean()))
-    return pd.DataFrame(out, columns=["run_id", "kind", "name", "step", "value"])
+def _m4_oracle(curve: pd.DataFrame, width: int) -> list[tuple[int, float]]:
+    """The documented downsampling of one curve, computed with pandas on its raw rows: per bucket of
+    `width` steps the first, smallest, largest and last finite point (ties: the earliest step)."""
+    finite = curve[curve["value"].notna()]
+    out: set[tuple[int, float]] = set()
+    for _, group in finite.groupby(finite["step"] // width, sort=True):
+        group = group.sort_values("step", kind="stable")
+        lo = group.loc[group["value"] == group["value"].min()].iloc[0]
+        hi = group.loc[group["value"] == group["value"].max()].iloc[0]
+        for row in (group.iloc[0], lo, hi, group.iloc[-1]):
+            out.add((int(row["step"]), float(row["value"])))
+    return sorted(out)
 
 
-def test_downsampled_reads_match_a_numpy_oracle(store):
+def _assert_points(frame: pd.DataFrame, expected: list[tuple[int, float]]) -> None:
+    assert frame["step"].tolist() == [step for step, _ in expected]
+    assert frame["value"].tolist() == pytest.approx([value for _, value in expected])
+
+
+def _finest_width(n_steps_span: int, max_points: int) -> int:
+    return next(w for w in LEVEL_WIDTHS if (n_steps_span // w + 1) * 4 <= max_points)
+
+
+def test_downsampled_curve_keeps_first_last_and_every_buckets_extremes(store):
     ids = _make_runs(store, 2)
     rng = np.random.default_rng(0)
     rows = {ids[0]: [], ids[1]: []}
@@ -202,18 +234,58 @@ def test_downsampled_reads_match_a_numpy_oracle(store):
         rows[ids[0]].append(("step", step, "acc", float("nan") if step % 300 == 0 else float(rng.random()), 0.0))
     for step in range(5, 80):
         rows[ids[1]].append(("step", step, "loss", float(step) ** 0.5, 0.0))
-    for run_id, run_rows in rows.items():
-        store.flush(run_id, run_rows)
+    for run_id, run_rows in rows.items():  # written in uneven flushes, as a worker does
+        for start in range(0, len(run_rows), 37):
+            store.flush(run_id, run_rows[start:start + 37])
     raw = store.metrics(ids)
     assert len(raw) == 2 * 1000 + 75 and raw["value"].isna().sum() == 10  # NaN kept as missing
-    small = store.metrics(ids, names=["loss", "acc"], kind="step", max_points=50)
-    assert small.groupby(["run_id", "name"]).size().max() <= 50
-    expected = _bucket_oracle(raw, 50)
-    pd.testing.assert_frame_equal(small.reset_index(drop=True), expected, check_dtype=False, atol=1e-9)
+    small = store.metrics(ids, names=["loss", "acc"], kind="step", max_points=200)
+    width = _finest_width(3000, 200)
+    assert width == 64
+    for name in ("loss", "acc"):
+        curve = raw[(raw.run_id == ids[0]) & (raw.name == name)]
+        got = small[(small.run_id == ids[0]) & (small.name == name)]
+        assert len(got) <= 200
+        _assert_points(got, _m4_oracle(curve, width))
+        finite = curve[curve["value"].notna()]
+        assert got["step"].iloc[0] == finite["step"].iloc[0] and got["step"].iloc[-1] == finite["step"].iloc[-1]
+        assert got["value"].iloc[[0, -1]].tolist() == pytest.approx(finite["value"].iloc[[0, -1]].tolist())
     # a curve shorter than max_points comes back point for point
     short = store.metrics([ids[1]], max_points=500)
     assert short["step"].tolist() == list(range(5, 80))
     assert store.metric_names(ids) == [("step", "acc"), ("step", "loss")]
+
+
+def test_an_incremental_read_returns_exactly_the_new_points(store):
+    (run_id,) = _make_runs(store, 1)
+    store.flush(run_id, [("step", s, "loss", 1.0 / (s + 1), 0.0) for s in range(10)]
+                + [("epoch", 0, "test_acc", 0.5, 0.0)])
+    seen = store.metrics([run_id])
+    last = seen.groupby(["kind", "name"])["step"].max().to_dict()
+    assert last == {("step", "loss"): 9, ("epoch", "test_acc"): 0}
+    assert store.metrics([run_id], after=last).empty
+    # a later flush: new steps, and a new curve whose first point is at a step already seen
+    store.flush(run_id, [("step", s, "loss", 1.0 / (s + 1), 0.0) for s in range(10, 14)]
+                + [("epoch", 1, "test_acc", 0.6, 0.0), ("step", 9, "lambda_max", 3.0, 0.0)])
+    new = store.metrics([run_id], after=last)
+    assert sorted(zip(new["kind"], new["name"], new["step"])) == (
+        [("epoch", "test_acc", 1), ("step", "lambda_max", 9)] + [("step", "loss", s) for s in range(10, 14)])
+    # old + new is the full read, row for row
+    both = pd.concat([seen, new]).sort_values(["run_id", "kind", "name", "step"], ignore_index=True)
+    pd.testing.assert_frame_equal(both, store.metrics([run_id]))
+    with pytest.raises(ValueError, match="after"):
+        store.metrics([run_id], after=last, max_points=10)
+
+
+def test_buckets_follow_a_resumed_run_that_rewrites_its_tail(store):
+    (run_id,) = _make_runs(store, 1)
+    store.flush(run_id, [("step", s, "loss", float((s * 7) % 11), 0.0) for s in range(0, 700)])
+    store.flush(run_id, [("step", s, "loss", -float(s), 0.0) for s in range(600, 650)],
+                restart_from=[("step", "loss", 600)])
+    raw = store.metrics([run_id])
+    assert raw["step"].tolist() == list(range(650))
+    got = store.metrics([run_id], max_points=400)
+    _assert_points(got, _m4_oracle(raw, _finest_width(650, 400)))
 
 
 def test_latest_metrics_restart_and_delete(store, tmp_path):

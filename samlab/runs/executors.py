@@ -81,9 +81,13 @@ def local_slots() -> list[Slot]:
         return [Slot(f"gpu{i}", {"CUDA_VISIBLE_DEVICES": dev}) for i, dev in enumerate(ids)]
     cores = os.cpu_count() or 1
     n = int(env_float("SAMLAB_CPU_SLOTS", max(1, cores // 4), 1, 1024))
-    threads = str(max(1, cores // n))
+    threads = str(int(env_float("SAMLAB_CPU_THREADS", max(1, cores // n), 1, 4096)))
+    # OpenMP threads that sleep when idle instead of spinning: a run shares its cores with the
+    # dashboard and the browser without slowing them (or being slowed by them) while it waits
+    wait = os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"
     # hide GPUs from CPU runs explicitly, so a CPU slot never touches a device it was not given
-    return [Slot(f"cpu{i}", {"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}) for i in range(n)]
+    return [Slot(f"cpu{i}", {"OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": wait, "CUDA_VISIBLE_DEVICES": ""})
+            for i in range(n)]
 
 
 def pid_alive(pid: int) -> bool:

@@ -39,9 +39,11 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
     Store.count_by_status(kind=None, group=None, text=None) -> dict[str, int]
     Store.find_cached(cache_key) -> dict | None          newest queued/running/completed run with the key
     Store.metric_names(run_ids) -> list[tuple[kind, name]]
-    Store.metrics(run_ids, names=None, kind=None, max_points=None) -> pandas.DataFrame
-        columns run_id, kind, name, step, value; with max_points each curve is bucketed by step on the
-        server (integer division) into at most max_points buckets, each the mean step and mean value
+    Store.metrics(run_ids, names=None, kind=None, max_points=None, after=None) -> pandas.DataFrame
+        columns run_id, kind, name, step, value; with max_points a curve longer than that comes from
+        its write-time buckets (samlab.runs.curves: first, min, max and last point of each); with
+        after={(kind, name): step} only the points of those curves after that step, and every point of
+        the other curves (a live panel's incremental read)
     Store.latest_metrics(run_ids, names=None, kind="epoch") -> dict[run_id, dict[name, value]]
     Store.artifacts(run_id) -> list[dict]
     Store.stale_runs(stale_after_s) -> list[dict]        running, heartbeat older than that (server clock)
@@ -61,6 +63,8 @@ Schema history (SCHEMA_VERSION, `meta.schema_version`); opening an older file mi
     v4  runs gain study, trial (the Optuna study and trial number of a search's run) and stop_reason (why
         a stop was requested: "pruned" ends the run as `pruned`); the searches table (one row per
         adaptive search: its spec, status, driver process and heartbeat, cancel flag).
+    v5  metric_buckets: every curve downsampled at write time (samlab.runs.curves), filled from the
+        existing metrics when an older file is opened.
 
 Searches (samlab.runs.search): Store.create_search(search_id, name, spec), get_search(id),
 list_searches(), search_heartbeat(id, pid, host, status=None, error=None),
@@ -84,10 +88,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import expression
 
+from samlab.runs import curves
+
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "diverged", "pruned")
 ACTIVE = ("queued", "running")
 FINAL = ("completed", "failed", "cancelled", "diverged", "pruned")
@@ -188,6 +194,20 @@ metrics_table = sa.Table(
     sa.Column("time", sa.Float),  # writer's unix time of the measurement
     # covering (value included): curve reads never touch the table rows
     sa.Index("ix_metrics_run_kind_name_step", "run_id", "kind", "name", "step", "value"),
+)
+
+# The downsampled curves (samlab.runs.curves): one row per (curve, level, bucket), kept by `flush`.
+buckets_table = sa.Table(
+    "metric_buckets",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("level", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("n", sa.Integer, nullable=False),
+    *[sa.Column(f"{edge}_{part}", sa.Integer if part == "step" else sa.Float, nullable=False)
+      for edge in ("first", "last", "min", "max") for part in ("step", "value")],
 )
 
 artifacts_table = sa.Table(
@@ -308,7 +328,36 @@ def _migrate_3_to_4(conn: sa.Connection) -> None:
     searches_table.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {2: _migrate_1_to_2, 3: _migrate_2_to_3, 4: _migrate_3_to_4}  # target version -> step from the version before
+def _migrate_4_to_5(conn: sa.Connection) -> None:
+    buckets_table.create(conn, checkfirst=True)
+    m = metrics_table.c
+    for run_id in conn.execute(sa.select(m.run_id).distinct()).scalars().all():  # one run in memory at a time
+        rows = conn.execute(sa.select(m.kind, m.name, m.step, m.value).where(m.run_id == run_id)
+                            .order_by(m.kind, m.name, m.step)).all()
+        by_curve: dict[tuple[str, str], list[tuple[int, float | None]]] = {}
+        for kind, name, step, value in rows:
+            by_curve.setdefault((kind, name), []).append((step, value))
+        for (kind, name), points in by_curve.items():
+            _insert_buckets(conn, (run_id, kind, name), points)
+
+
+def _insert_buckets(conn: sa.Connection, curve: tuple[str, str, str] | None,
+                    points: list[tuple[int, float | None]], from_step: int | None = None) -> None:
+    """Fold a curve's points into its buckets at every level (only the buckets that hold `from_step`
+    and later ones when given) and insert them."""
+    if curve is None:
+        return
+    run_id, kind, name = curve
+    rows = []
+    for level, width in enumerate(curves.LEVEL_WIDTHS):
+        chosen = points if from_step is None else [p for p in points if p[0] >= from_step // width * width]
+        rows += [{"run_id": run_id, "kind": kind, "name": name, "level": level, "bucket": index,
+                  **bucket.as_row()} for index, bucket in curves.fold(chosen, width).items()]
+    if rows:
+        conn.execute(sa.insert(buckets_table), rows)
+
+
+MIGRATIONS = {2: _migrate_1_to_2, 3: _migrate_2_to_3, 4: _migrate_3_to_4, 5: _migrate_4_to_5}  # target version -> step from the version before
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -552,11 +601,14 @@ class Store:
             for kind, name, step in restart_from:
                 conn.execute(sa.delete(metrics_table).where(
                     m.run_id == run_id, m.kind == kind, m.name == name, m.step >= step))
+            for kind, name, step in restart_from:
+                _rebuild_buckets(conn, run_id, kind, name, step)
             if rows:
                 conn.execute(sa.insert(metrics_table), [
                     {"run_id": run_id, "kind": k, "step": s, "name": n, "value": _nan_to_null(v), "time": t}
                     for k, s, n, v, t in rows
                 ])
+                _add_to_buckets(conn, run_id, rows)
             flag = conn.execute(
                 sa.select(runs_table.c.cancel_requested).where(runs_table.c.id == run_id)
             ).scalar_one_or_none()
@@ -653,6 +705,7 @@ class Store:
             raise ValueError(f"run_id: run {run['id']} is running; cancel it before deleting")
         with self.engine.begin() as conn:
             conn.execute(sa.delete(metrics_table).where(metrics_table.c.run_id == run["id"]))
+            conn.execute(sa.delete(buckets_table).where(buckets_table.c.run_id == run["id"]))
             conn.execute(sa.delete(artifacts_table).where(artifacts_table.c.run_id == run["id"]))
             conn.execute(sa.delete(runs_table).where(runs_table.c.id == run["id"],
                                                      runs_table.c.status != "running"))
@@ -849,32 +902,34 @@ class Store:
             return [(k, n) for k, n in conn.execute(query)]
 
     def metrics(self, run_ids: Iterable[str], names: Iterable[str] | None = None, kind: str | None = None,
-                max_points: int | None = None):
+                max_points: int | None = None, after: dict[tuple[str, str], int] | None = None):
         """Long-format metrics (pandas DataFrame: run_id, kind, name, step, value), sorted by step.
 
-        With `max_points`, each curve (run, kind, name) is split on the server into at most that many
-        equal step ranges, bucket = (step - first) * max_points // (last - first + 1), and each bucket
-        is returned as its mean step and mean value (NaN values, stored as NULL, are skipped)."""
+        With `max_points`, a curve (run, kind, name) with more values than that comes from its
+        write-time buckets (`samlab.runs.curves`): the finest bucket width whose buckets give at most
+        `max_points` points, each bucket as its first, smallest, largest and last point (NaN values,
+        stored as NULL, are not in buckets: a curve without any finite value is left out). With `after`
+        ({(kind, name): step}), only the points of those curves after that step, and all points of the
+        curves it does not name: a live view asks for what is new since its last read."""
         import pandas as pd
 
         if max_points is not None and (not isinstance(max_points, int) or max_points < 1):
             raise ValueError(f"max_points: must be a positive integer or None (got {max_points!r})")
-        m = metrics_table.c
-        cond = [m.run_id.in_(list(run_ids))]
-        if names is not None:
-            cond.append(m.name.in_(list(names)))
-        if kind is not None:
-            cond.append(m.kind == kind)
-        if max_points is None:
-            query = sa.select(m.run_id, m.kind, m.name, m.step, m.value).where(*cond).order_by(
-                m.run_id, m.kind, m.name, m.step)
-        else:
-            query = _bucketed_query(cond, max_points)
+        if after is not None and max_points is not None:
+            raise ValueError("after: incremental reads are raw points; do not combine after with max_points")
+        ids = list(run_ids)
+        names = _as_list(names)
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        frame = pd.DataFrame(rows, columns=["run_id", "kind", "name", "step", "value"])
+            if max_points is None:
+                rows = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind, after))).all()
+            else:
+                rows = _downsampled_rows(conn, ids, names, kind, max_points)
+        # plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than the query
+        frame = pd.DataFrame([tuple(r) for r in rows], columns=["run_id", "kind", "name", "step", "value"])
+        if max_points is not None:
+            frame = frame.sort_values(["run_id", "kind", "name", "step"], kind="stable", ignore_index=True)
         frame["value"] = frame["value"].astype(float)
-        frame["step"] = frame["step"].astype(float if max_points is not None else "int64")
+        frame["step"] = frame["step"].astype("int64")
         return frame
 
     def latest_metrics(self, run_ids: Iterable[str], names: Iterable[str] | None = None,
@@ -902,21 +957,104 @@ class Store:
             return [dict(r._mapping) for r in rows]
 
 
-def _bucketed_query(cond: list[Any], max_points: int):
+def _metric_filters(table: sa.Table, run_ids: list[str], names: list[str] | None, kind: str | None,
+                    after: dict[tuple[str, str], int] | None = None) -> list[Any]:
+    c = table.c
+    cond: list[Any] = [c.run_id.in_(run_ids)]
+    if names is not None:
+        cond.append(c.name.in_(names))
+    if kind is not None:
+        cond.append(c.kind == kind)
+    if after:
+        cond.append(sa.or_(sa.tuple_(c.kind, c.name).not_in(list(after)),
+                           *[sa.and_(c.kind == k, c.name == n, c.step > int(s)) for (k, n), s in after.items()]))
+    return cond
+
+
+def _raw_query(cond: list[Any]):
     m = metrics_table.c
-    span = (sa.select(m.run_id, m.kind, m.name, sa.func.min(m.step).label("lo"),
-                      sa.func.max(m.step).label("hi"))
-            .where(*cond).group_by(m.run_id, m.kind, m.name).subquery())
-    # integer floor division (`//` renders as integer division on SQLite and PostgreSQL alike)
-    bucket = ((m.step - span.c.lo) * sa.literal(max_points, sa.Integer)) // (span.c.hi - span.c.lo + 1)
-    bucket = bucket.label("bucket")
-    joined = sa.select(m.run_id, m.kind, m.name, m.step, m.value, bucket).join(
-        span, sa.and_(m.run_id == span.c.run_id, m.kind == span.c.kind, m.name == span.c.name)
-    ).where(*cond).subquery()
-    b = joined.c
-    return (sa.select(b.run_id, b.kind, b.name, sa.func.avg(b.step), sa.func.avg(b.value))
-            .group_by(b.run_id, b.kind, b.name, b.bucket)
-            .order_by(b.run_id, b.kind, b.name, b.bucket))
+    return sa.select(m.run_id, m.kind, m.name, m.step, m.value).where(*cond).order_by(
+        m.run_id, m.kind, m.name, m.step)
+
+
+def _chunks(items: list[Any], size: int = 200) -> Iterable[list[Any]]:
+    """Bounded IN lists (SQLite limits the number of bound parameters of one statement)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _downsampled_rows(conn: sa.Connection, run_ids: list[str], names: list[str] | None, kind: str | None,
+                      max_points: int) -> list[tuple[Any, ...]]:
+    """Short curves point for point, long ones from the level of buckets that fits `max_points`."""
+    b = buckets_table.c
+    counts = conn.execute(sa.select(b.run_id, b.kind, b.name, b.level, sa.func.count(), sa.func.sum(b.n))
+                          .where(*_metric_filters(buckets_table, run_ids, names, kind))
+                          .group_by(b.run_id, b.kind, b.name, b.level)).all()
+    levels: dict[tuple[str, str, str], dict[int, int]] = {}
+    sizes: dict[tuple[str, str, str], int] = {}
+    for run_id, kind_, name, level, n_buckets, n_points in counts:
+        levels.setdefault((run_id, kind_, name), {})[level] = n_buckets
+        sizes[(run_id, kind_, name)] = int(n_points)
+    by_level: dict[int | None, list[tuple[str, str, str]]] = {}
+    for curve, per_level in levels.items():
+        by_level.setdefault(curves.choose_level(sizes[curve], per_level, max_points), []).append(curve)
+    # plain run_id IN / name IN / kind filters (the indexes serve them; row-value IN lists they do
+    # not), then only the curves chosen for each source are kept
+    rows: list[Any] = []
+    for level, chosen in by_level.items():
+        wanted = set(chosen)
+        ids = sorted({run_id for run_id, _, _ in chosen})
+        if level is None:
+            found = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind)))
+            rows += [r for r in found if (r[0], r[1], r[2]) in wanted]
+            continue
+        found = conn.execute(sa.select(buckets_table).where(
+            b.level == level, *_metric_filters(buckets_table, ids, names, kind)))
+        for row in found:
+            if (row.run_id, row.kind, row.name) in wanted:
+                bucket = curves.Bucket.from_row(row._mapping)
+                rows += [(row.run_id, row.kind, row.name, step, value) for step, value in bucket.points()]
+    return rows
+
+
+def _add_to_buckets(conn: sa.Connection, run_id: str, rows: Sequence[tuple[str, int, str, float | None, float]]) -> None:
+    """Fold a flush's metric rows into the run's buckets (read, merge, write back the touched ones)."""
+    points: dict[tuple[str, str], list[tuple[int, float | None]]] = {}
+    for kind, step, name, value, _ in rows:
+        points.setdefault((kind, name), []).append((step, value))
+    new: dict[tuple[str, str, int, int], curves.Bucket] = {}
+    for (kind, name), curve in points.items():
+        for level, width in enumerate(curves.LEVEL_WIDTHS):
+            for index, bucket in curves.fold(curve, width).items():
+                new[(kind, name, level, index)] = bucket
+    b = buckets_table.c
+    key = sa.tuple_(b.kind, b.name, b.level, b.bucket)
+    existing = []
+    for chunk in _chunks(list(new)):
+        existing += conn.execute(sa.select(buckets_table).where(b.run_id == run_id, key.in_(chunk))).all()
+    for row in existing:
+        at = (row.kind, row.name, row.level, row.bucket)
+        new[at] = curves.Bucket.from_row(row._mapping).merge(new[at])
+    for chunk in _chunks([(r.kind, r.name, r.level, r.bucket) for r in existing]):
+        conn.execute(sa.delete(buckets_table).where(b.run_id == run_id, key.in_(chunk)))
+    if new:
+        conn.execute(sa.insert(buckets_table), [
+            {"run_id": run_id, "kind": k, "name": n, "level": level, "bucket": index, **bucket.as_row()}
+            for (k, n, level, index), bucket in new.items()])
+
+
+def _rebuild_buckets(conn: sa.Connection, run_id: str, kind: str, name: str, step: int) -> None:
+    """A curve cut at `step` (its later rows deleted): rebuild every bucket that held `step` or later
+    from the raw rows left."""
+    b, m = buckets_table.c, metrics_table.c
+    for level, width in enumerate(curves.LEVEL_WIDTHS):
+        conn.execute(sa.delete(buckets_table).where(b.run_id == run_id, b.kind == kind, b.name == name,
+                                                    b.level == level, b.bucket >= step // width))
+    widest = curves.LEVEL_WIDTHS[-1]
+    kept = conn.execute(sa.select(m.step, m.value).where(
+        m.run_id == run_id, m.kind == kind, m.name == name, m.step >= step // widest * widest,
+        m.step < step)).all()
+    _insert_buckets(conn, (run_id, kind, name), [tuple(r) for r in kept], from_step=step)
 
 
 def _default_runs_root(url: str) -> Path:

@@ -1,0 +1,300 @@
+"""What watching costs a run: its wall time with a dashboard page open against no page at all.
+
+    python benchmarks/live_overhead.py [--repeats 3] [--epochs 40] [--pages train,runs,hessian] [--json]
+
+Starts the dashboard server as `make run` does (`streamlit run app.py` in the app folder, with its
+`.streamlit/config.toml`) on a free loopback port over a fresh run store, seeds the store with 100
+finished runs with curves, and times the same fixed run (digits-cnn, --epochs epochs, seed 0, CPU)
+under interleaved conditions, repeated --repeats times:
+
+  none      no browser at all (the baseline), with the worker's chosen thread setting
+  all-cores no browser, the worker's OpenMP threads spinning (OMP_WAIT_POLICY=ACTIVE): the run with
+            all cores to itself, against which the chosen setting must not be slower by > 10 %
+  train     the Train page open in headless Chromium (opened before the run is submitted; it picks
+            the run up and watches it to the end)
+  runs      the Runs page open with the 100 seeded runs selected
+  hessian   a Hessian analysis of a trained digits-cnn run, timed with no page and with the Hessian
+            page open on it (the page opened and the run picked while the analysis computes)
+
+A run's wall time is finished_at − started_at in the store (the worker's own time, without the
+scheduler's start-up). While a run is timed, the server's CPU seconds (/proc utime + stime) are
+sampled; CPU per wall second is printed per condition. Prints per-condition medians, the page/no-page
+ratios (each against the no-page runs interleaved with it) and the machine's load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import samlab
+from samlab.config import preset
+from samlab.runs import jobs
+from samlab.runs.store import FINAL, Store
+
+APP_DIR = Path(samlab.__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SEEDED = 100
+HESSIAN = {"k": 2, "n_samples": 256, "trace_samples": 12, "mode": "eval"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+@contextmanager
+def server(app_dir: Path, python: str, env: dict[str, str], log: Path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [python, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1", "--server.port",
+             str(port), "--browser.gatherUsageStats", "false"],
+            cwd=app_dir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard did not start (see {log})")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_final(store: Store, run_id: str, timeout: float = 1800) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = store.get_run(run_id)
+        if run["status"] in FINAL:
+            return run
+        time.sleep(0.25)
+    raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s")
+
+
+def wait_running(store: Store, run_id: str) -> None:
+    while store.get_run(run_id)["status"] == "queued":
+        time.sleep(0.05)
+
+
+def wall(run: dict[str, Any]) -> float:
+    if run["status"] != "completed":
+        raise RuntimeError(f"run {run['id']} ended {run['status']}: {run.get('error')}")
+    return (run["finished_at"] - run["started_at"]).total_seconds()
+
+
+def settle(store: Store) -> None:
+    """Wait until the previous scheduler has exited, so the next run starts a fresh one with this
+    process's environment (SAMLAB_SCHEDULER_IDLE_S is short)."""
+    from samlab.runs.scheduler import lock_path, release, try_lock
+
+    for _ in range(100):
+        fd = try_lock(lock_path(store))
+        if fd is not None:
+            release(fd)
+            return
+        time.sleep(0.1)
+
+
+def seed_store(store: Store, rows: list[tuple], params: dict[str, Any]) -> list[str]:
+    """SEEDED finished runs with the curves of a real run (the seed differs, so do the labels)."""
+    ids = store.create_runs([{"kind": "train", "params": {**params, "seed": 1000 + i}, "name": f"history {i}"}
+                             for i in range(SEEDED)])
+    for run_id in ids:
+        store.start_run(run_id, pid=os.getpid(), host="bench", device="cpu")
+        store.flush(run_id, rows, progress=1.0, message="completed")
+        store.finish_run(run_id, "completed", summary={})
+    return ids
+
+
+def metric_rows(store: Store, run_id: str) -> list[tuple]:
+    frame = store.metrics([run_id])
+    return [(r.kind, int(r.step), r.name, float(r.value) if r.value == r.value else None, 0.0)
+            for r in frame.itertuples()]
+
+
+def timed(store: Store, submit, pid: int, page_open=None) -> dict[str, float]:
+    """Submit a run, optionally open a page once it runs, wait for it; its wall time, the server's CPU."""
+    settle(store)
+    cpu0, t0, load0 = cpu_seconds(pid), time.monotonic(), load()
+    run_id = submit()
+    if page_open is not None:
+        wait_running(store, run_id)
+        page_open()
+    run = wait_final(store, run_id)
+    cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    return {"wall_s": wall(run), "server_cpu_per_s": (cpu1 - cpu0) / (t1 - t0), "load": load0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--pages", default="train,runs,hessian")
+    parser.add_argument("--app-dir", default=str(APP_DIR), help="the app folder (default: this samlab's)")
+    parser.add_argument("--python", default=sys.executable, help="the server's interpreter")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="also time the run with one worker thread (SAMLAB_CPU_THREADS=1), no page and Train")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    pages = [p for p in args.pages.split(",") if p]
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp(prefix="samlab-live-"))
+    url_store = f"sqlite:///{tmp / 'samlab.db'}"
+    os.environ.update({"SAMLAB_STORE": url_store, "SAMLAB_SCHEDULER_IDLE_S": "0.3", "SAMLAB_CPU_SLOTS": "1",
+                       "PYTHONPATH": args.app_dir})
+    store = Store(url_store)
+    config = preset("digits-cnn", {"epochs": args.epochs, "seed": 0, "device": "cpu"})
+
+    def train() -> str:
+        return jobs.submit(config, store=store)
+
+    results: dict[str, list[dict[str, float]]] = {}
+
+    def record(condition: str, figures: dict[str, float]) -> None:
+        results.setdefault(condition, []).append(figures)
+        print(f"  {condition:16s} wall {figures['wall_s']:7.2f} s  server CPU {figures['server_cpu_per_s']:.3f}"
+              f" core  load {figures['load']:.2f}", file=sys.stderr, flush=True)
+
+    with server(Path(args.app_dir), args.python, dict(os.environ), tmp / "streamlit.log") as (url, pid), \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        first = wait_final(store, train())  # warm-up, and the curves the seeded runs get
+        settle(store)  # no scheduler alive while the seeded runs are briefly queued: none launches them
+        seeded = seed_store(store, metric_rows(store, first["id"]), first["params"])
+
+        def with_page(path: str, ready: str):
+            def run_with_page(condition: str, submit, during=None) -> None:
+                page = browser.new_page(viewport={"width": 1400, "height": 1600})
+                try:
+                    if during is None:
+                        page.goto(f"{url}/{path}", wait_until="load")
+                        page.get_by_text(ready).first.wait_for(timeout=120_000)
+                    record(condition, timed(store, submit, pid, during and (lambda: during(page))))
+                finally:
+                    page.close()
+            return run_with_page
+
+        checkpoint = None
+        if "hessian" in pages:
+            from dashboard.hessian_view import request
+
+            checkpoint = first["checkpoint_path"]
+
+        for r in range(args.repeats):
+            print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+            record("none", timed(store, train, pid))
+            os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+            record("all-cores", timed(store, train, pid))
+            del os.environ["OMP_WAIT_POLICY"]
+            if "train" in pages:
+                with_page("Train", "Runs")("train", train)
+                record("none", timed(store, train, pid))
+            if args.one_thread:
+                os.environ["SAMLAB_CPU_THREADS"] = "1"
+                record("one-thread", timed(store, train, pid))
+                if "train" in pages:
+                    with_page("Train", "Runs")("train-one-thread", train)
+                del os.environ["SAMLAB_CPU_THREADS"]
+            if "runs" in pages:
+                with_page("Runs?runs=" + ",".join(seeded), "Summary")("runs", train)
+                record("none", timed(store, train, pid))
+            if "hessian" in pages and checkpoint:
+                def analysis(seed: int) -> Any:
+                    params = request(checkpoint, seed=seed, per_layer=True, **HESSIAN)
+                    return lambda: jobs.submit(params, kind="hessian", store=store)
+
+                record("hessian-none", timed(store, analysis(2 * r + 1), pid))
+                query = "&".join(f"{k}={v}" for k, v in {"k": HESSIAN["k"], "n_samples": HESSIAN["n_samples"],
+                                                          "trace": HESSIAN["trace_samples"], "seed": 2 * r + 2}.items())
+
+                def pick(page, first_id=first["id"], query=query) -> None:
+                    page.goto(f"{url}/Hessian?{query}", wait_until="load")
+                    box = page.get_by_role("combobox").first
+                    box.wait_for(timeout=120_000)
+                    box.click()
+                    page.keyboard.type(first_id[:6])
+                    page.keyboard.press("Enter")
+                    page.get_by_text("λ_max during training").first.wait_for(timeout=120_000)
+
+                with_page("Hessian", "")("hessian", analysis(2 * r + 2), during=pick)
+        browser.close()
+    summary = summarize(results, pages)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def summarize(results: dict[str, list[dict[str, float]]], pages: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"cores": os.cpu_count(), "load_end": load()}
+    for condition, rows in results.items():
+        out[condition] = {key: statistics.median(r[key] for r in rows) for key in rows[0]} | {"n": len(rows)}
+    base = out.get("none", {}).get("wall_s")
+    for page in ("train", "runs"):
+        if page in out and base:
+            out[f"ratio_{page}"] = out[page]["wall_s"] / base
+    if "hessian" in out and "hessian-none" in out:
+        out["ratio_hessian"] = out["hessian"]["wall_s"] / out["hessian-none"]["wall_s"]
+    if "train-one-thread" in out and "one-thread" in out:
+        out["ratio_train_one_thread"] = out["train-one-thread"]["wall_s"] / out["one-thread"]["wall_s"]
+    if "one-thread" in out and "all-cores" in out:
+        out["ratio_one_thread_over_all_cores"] = out["one-thread"]["wall_s"] / out["all-cores"]["wall_s"]
+    if "all-cores" in out and base:
+        out["ratio_chosen_over_all_cores"] = base / out["all-cores"]["wall_s"]
+    return out
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"{summary['cores']} cores; load average at the end {summary['load_end']:.2f}")
+    for condition in ("none", "all-cores", "train", "runs", "one-thread", "train-one-thread", "hessian-none",
+                      "hessian"):
+        if condition in summary:
+            s = summary[condition]
+            print(f"{condition:14s} median wall {s['wall_s']:7.2f} s  server CPU {s['server_cpu_per_s']:.3f} core"
+                  f"  load {s['load']:.2f}  (n={s['n']})")
+    for key in ("ratio_train", "ratio_runs", "ratio_hessian", "ratio_chosen_over_all_cores", "ratio_train_one_thread",
+                "ratio_one_thread_over_all_cores"):
+        if key in summary:
+            print(f"{key:28s} {summary[key]:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Downsampled curves kept at write time: the store folds every metric point into fixed-width step
+buckets at a few widths (LEVEL_WIDTHS), each bucket holding its first, last, smallest and largest
+point. A read of a long curve picks the finest width whose buckets fit the asked number of points, so
+no read ever scans or aggregates the raw rows of a long curve, and the shape of the curve survives:
+the curve's first and last points and every bucket's extremes are kept (spikes do not average away).
+
+Pure functions and a small record; `samlab.runs.store` does the SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+
+LEVEL_WIDTHS = (8, 64, 512, 4096, 32768, 262144)  # steps per bucket at level 0, 1, …
+POINTS_PER_BUCKET = 4  # first, min, max, last
+
+
+@dataclass
+class Bucket:
+    """The extremes of one step range of one curve (None values are never folded in)."""
+
+    n: int
+    first_step: int
+    first_value: float
+    last_step: int
+    last_value: float
+    min_step: int
+    min_value: float
+    max_step: int
+    max_value: float
+
+    @classmethod
+    def of(cls, step: int, value: float) -> Bucket:
+        return cls(1, step, value, step, value, step, value, step, value)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, object]) -> Bucket:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+    def as_row(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def merge(self, other: Bucket) -> Bucket:
+        """The bucket of both point sets; the same whatever the order (ties go to the earlier step)."""
+        first = min((self.first_step, self.first_value), (other.first_step, other.first_value),
+                    key=lambda p: p[0])
+        last = max((self.last_step, self.last_value), (other.last_step, other.last_value), key=lambda p: p[0])
+        low = min((self.min_value, self.min_step), (other.min_value, other.min_step))
+        high = max((self.max_value, -self.max_step), (other.max_value, -other.max_step))
+        return Bucket(self.n + other.n, first[0], first[1], last[0], last[1], low[1], low[0], -high[1], high[0])
+
+    def points(self) -> list[tuple[int, float]]:
+        """The bucket's distinct points in step order: first, min and max in the order they came, last."""
+        found = {self.first_step: self.first_value, self.min_step: self.min_value,
+                 self.max_step: self.max_value, self.last_step: self.last_value}
+        return sorted(found.items())
+
+
+def fold(points: Iterable[tuple[int, float | None]], width: int) -> dict[int, Bucket]:
+    """Buckets (index step // width) of these points; points without a value are skipped."""
+    out: dict[int, Bucket] = {}
+    for step, value in points:
+        if value is None or value != value:
+            continue
+        index = step // width
+        new = Bucket.of(int(step), float(value))
+        out[index] = out[index].merge(new) if index in out else new
+    return out
+
+
+def choose_level(n_points: int, buckets_per_level: Mapping[int, int], max_points: int) -> int | None:
+    """The finest level whose buckets give at most `max_points` points (None: the raw curve fits);
+    the coarsest level when none does."""
+    if n_points <= max_points or not buckets_per_level:
+        return None
+    for level in sorted(buckets_per_level):
+        if buckets_per_level[level] * POINTS_PER_BUCKET <= max_points:
+            return level
+    return max(buckets_per_level)
+
+
+def curve_points(buckets: Iterable[Bucket]) -> list[tuple[int, float]]:
+    """The downsampled curve of a curve's buckets: every bucket's points, in step order."""
+    return [p for b in sorted(buckets, key=lambda b: b.first_step) for p in b.points()]
+
+
+def downsample(points: list[tuple[int, float | None]], max_points: int) -> list[tuple[int, float]]:
+    """A curve held in memory, downsampled as the store does it: the points as they are when they
+    fit, else the buckets of the finest width that fits (each its first, min, max and last point)."""
+    if len(points) <= max_points:
+        return [(step, value) for step, value in points]
+    width = next((w for w in LEVEL_WIDTHS
+                  if (points[-1][0] // w - points[0][0] // w + 1) * POINTS_PER_BUCKET <= max_points),
+                 LEVEL_WIDTHS[-1])
+    return curve_points(fold(points, width).values())

@@ -1,0 +1,133 @@
+"""Live panels: incremental points, a figure refreshed in place equals a fresh build, finished runs'
+figures cached by run id, back-off, and the Train page's live card stops refreshing when its run ends."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from dashboard import figures, live, runs_view, tables
+from samlab.config import preset
+from samlab.reporting import RecordingReporter
+from samlab.runs import curves
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """A real tiny training run's config and metric rows, in the store's row format."""
+    from samlab.train import run
+
+    cfg = preset("digits-mlp", {"data.n_train": 96, "data.n_test": 64, "epochs": 3, "batch_size": 16, "seed": 0})
+    reporter = RecordingReporter()
+    result = run(cfg, reporter)
+    t0 = time.time()
+    rows = [(kind, step, name, float(value), t0 + 0.01 * i)
+            for i, (kind, step, values) in enumerate(reporter.rows) for name, value in values.items()]
+    return cfg, rows, result.summary
+
+
+def _running(store, cfg, rows):
+    (run_id,) = store.create_runs([{"kind": "train", "params": cfg.to_dict(), "name": "live"}])
+    store.start_run(run_id, pid=os.getpid(), host="test-host", device="cpu")
+    if rows:
+        store.flush(run_id, rows, progress=0.5, message="half")
+    return run_id
+
+
+def _fresh_figure(store, run_id: str, cfg):
+    """The panel built from scratch from every raw row of the run (no cache, no incremental read)."""
+    raw = store.metrics([run_id])
+    spe = tables.steps_per_epoch(cfg)
+    return figures.run_panel_figure(tables.wide_metrics(raw, run_id, "step", spe=spe),
+                                    tables.wide_metrics(raw, run_id, "epoch", spe=spe),
+                                    task=tables.data_task(cfg), x="step")
+
+
+def test_incremental_pulls_and_an_in_place_refresh_equal_a_fresh_build(store_env, recorded):
+    cfg, rows, _ = recorded
+    run_id = _running(store_env, cfg, [])
+    watched = live.LiveCurves(run_id)
+    run = store_env.get_run(run_id)
+    figure = None
+    pulled, in_place, cuts = 0, 0, [len(rows) * k // 6 for k in range(1, 7)]
+    for start, stop in zip([0, *cuts], cuts):
+        store_env.flush(run_id, rows[start:stop])
+        new = watched.pull(store_env)
+        assert new == stop - start  # exactly the rows written since the last pull
+        pulled += new
+        before = figure
+        figure = runs_view.panel_figure(run, watched.view(), figure)
+        in_place += figure is before  # same layout, new data put in place (rebuilt when a series appears)
+    assert watched.pull(store_env) == 0 and pulled == len(rows) and in_place >= 3
+    assert figure.to_json() == _fresh_figure(store_env, run_id, cfg).to_json()
+
+
+def test_a_finished_runs_cached_figure_equals_a_fresh_build(store_env, recorded):
+    cfg, rows, summary = recorded
+    run_id = _running(store_env, cfg, rows)
+    store_env.finish_run(run_id, "completed", summary=summary)
+    run = store_env.get_run(run_id)
+    key = (run_id, run["finished_at"], run["attempts"])
+    first = runs_view.finished_run_figure(*key)
+    assert runs_view.finished_run_figure(*key) is first  # built once, then served from the cache
+    assert first.to_json() == _fresh_figure(store_env, run_id, cfg).to_json()
+
+
+def test_live_view_downsamples_a_long_curve_like_the_store(store_env):
+    (run_id,) = store_env.create_runs([{"kind": "train", "params": {}, "name": "long"}])
+    values = [((s * 37) % 101) / 7.0 for s in range(5000)]
+    store_env.flush(run_id, [("step", s, "train_loss", v, 0.0) for s, v in enumerate(values)])
+    watched = live.LiveCurves(run_id)
+    watched.pull(store_env)
+    shown = watched.view(max_points=400)
+    stored = store_env.metrics([run_id], max_points=400)
+    assert shown["step"].tolist() == stored["step"].tolist()
+    assert shown["value"].tolist() == pytest.approx(stored["value"].tolist())
+    assert shown["step"].tolist() == [s for s, _ in curves.downsample(list(enumerate(values)), 400)]
+
+
+def test_backoff_doubles_after_quiet_refreshes_and_resets_on_news():
+    backoff = live.Backoff()
+    seen = [backoff.tick(False) for _ in range(3 * live.IDLE_TICKS)]
+    assert seen[live.IDLE_TICKS - 1] == 2 * live.BASE_S and seen[-1] == 8 * live.BASE_S
+    assert max(backoff.tick(False) for _ in range(20 * live.IDLE_TICKS)) == live.MAX_S
+    assert backoff.tick(True) == live.BASE_S
+
+
+def _fragments(monkeypatch) -> list[tuple[str, float | None]]:
+    """Record every fragment a script defines, with its refresh interval."""
+    defined: list[tuple[str, float | None]] = []
+    real = st.fragment
+
+    def recording(func=None, *, run_every=None, **kwargs):
+        def wrap(f):
+            defined.append((f.__name__, run_every))
+            return real(f, run_every=run_every, **kwargs)
+        return wrap(func) if func is not None else wrap
+
+    monkeypatch.setattr(st, "fragment", recording)
+    return defined
+
+
+def test_the_train_pages_live_card_stops_refreshing_when_its_run_ends(store_env, recorded, monkeypatch):
+    cfg, rows, summary = recorded
+    run_id = _running(store_env, cfg, rows)
+    defined = _fragments(monkeypatch)
+    at = AppTest.from_file(str(ROOT / "pages" / "1_Train.py"), default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert ("refresh", live.BASE_S) in defined  # the running run's card refreshes itself
+    assert run_id in " ".join(e.label for e in at.expander)
+    store_env.finish_run(run_id, "completed", summary=summary)
+    defined.clear()
+    at.run()
+    assert not at.exception
+    assert [name for name, every in defined if every] == ["watcher"]  # only the cheap watcher is left
+    assert ":green[" in " ".join(e.label for e in at.expander)  # drawn as a finished card
