@@ -9,7 +9,7 @@
         named in full or by its last dotted part (`method="msam"`, `rho=[0.05, 0.1]`).
     metrics(run_ids, names=None, *, kind=None, max_points=2000, store=None)
         long frame (run_id, kind, name, step, value): `Store.metrics`, each curve downsampled on the
-        database server to at most `max_points` bucket means, as the dashboard draws it (None: every row).
+        store to about `max_points` points (each bucket's first, last, min and max), as the dashboard draws it (None: every row).
 
     resolve_ids(run_ids, store=None) -> [full run id]
 

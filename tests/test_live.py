@@ -11,7 +11,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from dashboard import figures, live, runs_view, tables
+from dashboard import figures, live, plots, runs_view, tables
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs import curves
@@ -47,7 +47,7 @@ def _fresh_figure(store, run_id: str, cfg):
     spe = tables.steps_per_epoch(cfg)
     return figures.run_panel_figure(tables.wide_metrics(raw, run_id, "step", spe=spe),
                                     tables.wide_metrics(raw, run_id, "epoch", spe=spe),
-                                    task=tables.data_task(cfg), x="step")
+                                    task=tables.data_task(cfg), x="step", perturbs=plots.perturbs(cfg))
 
 
 def test_incremental_pulls_and_an_in_place_refresh_equal_a_fresh_build(store_env, recorded):
