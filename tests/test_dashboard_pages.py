@@ -260,7 +260,7 @@ def test_runs_page_groups_seeds_into_a_mean_and_std_band(store_env, recorded_row
 def test_run_card_of_sgd_has_no_sharpness_panel(store_env, recorded_rows):
     _populate(store_env, *recorded_rows)
     at = _app("pages/1_Train.py")
-    _no_exception(at, "Train with runs")
+    _no_exception(at, "Train with runs", FAILED_RUN_ERROR)
     titles = [[a["text"] for a in spec["layout"].get("annotations", [])] for spec in _plotly_specs(at)]
     panels = [t for t in titles if "loss" in t]
     assert any("sharpness proxy" not in t and "learning rate" in t for t in panels)  # the sgd runs

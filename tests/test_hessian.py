@@ -617,7 +617,8 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
     assert not at.exception and not at.error, [e.value for e in at.error]
     trajectory = [c for c in at.get("plotly_chart") if c.key == "hessian.trajectory"]
     spec = json.loads(trajectory[0].proto.spec)
-    curves = {trace["name"]: plotly_array(trace["y"]) for trace in spec["data"]}
+    # legend names end with the run's short id; the trained run is "tiny cnn"
+    curves = {trace["name"].rsplit(" · ", 1)[0]: plotly_array(trace["y"]) for trace in spec["data"]}
     logged = [values["lambda_max"] for _, _, values in reporter.rows if "lambda_max" in values]
     assert curves["tiny cnn"] == pytest.approx(logged)
     assert curves["2/η · tiny cnn"] == pytest.approx([2 / v["lr"] for _, _, v in reporter.rows if "lr" in v])

@@ -46,7 +46,9 @@ def test_panel_draws_the_table_and_both_curves_of_a_cached_analysis(store_env, t
     table = after.dataframe[0].value
     assert table["tr V"].tolist() == [result["noise"]["trace_v"]] and table["samples"].tolist() == [64]
     noise = {r["m"]: r for r in result["noise_curve"]}
-    (curve,) = chart_traces(after, "t.noise")
+    measured, predicted = chart_traces(after, "t.noise")  # the measurement, then the SGN prediction over it
+    curve = measured
+    assert predicted["name"] == "sgd: predicted from ‖∇L‖, tr V"
     assert curve["name"] == "sgd" and plotly_array(curve["x"]) == [1, 8, 64]
     assert plotly_array(curve["y"]) == pytest.approx([noise[m]["mean"] for m in (1, 8, 64)], rel=1e-12)
     assert plotly_array(curve["error_y"]["array"]) == pytest.approx(

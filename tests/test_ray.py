@@ -50,6 +50,8 @@ def cluster():
          f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=temp,
+        # the suite's own task kinds (tests/job_tasks.py) live in the repository, not in the installed package
+        env=dict(os.environ) | {"PYTHONPATH": str(REPO)},
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
