@@ -8,8 +8,8 @@ running statistics), which then move along with the parameters: `interpolation_d
 two models does so, so that an interpolation reproduces both endpoints in eval mode.
 
 Surfaces are evaluated in chunks of grid points at once: the parameters of every point of a chunk are
-stacked along a leading axis and `torch.func.vmap` runs `torch.func.functional_call` over them, so one
-batched forward pass replaces one model copy per point. Everything runs under `no_grad` on the model's
+stacked along a leading axis and evaluated together (one vmapped or one multi-copy pass per data batch,
+or point after point: `PointEvaluator`). Everything runs under `no_grad` on the model's
 device; the model passed in is never modified (its parameters, buffers and train/eval flag are the
 same afterwards). The loss function is a *per-sample* loss (`samlab.losses.per_sample_loss`), so the
 same forward pass gives the mean loss and the accuracy (`samlab.losses.correct`) of every point.
@@ -29,6 +29,7 @@ from torch.func import functional_call, vmap
 
 from samlab.hessian import top_eigenvalues
 from samlab.losses import correct
+from samlab.optim.fused import copies_forward, per_sample_model, unsupported_modules
 from samlab.reporting import Reporter
 from samlab.tensors import MODES, Batch, Data, Params, PerSampleLoss, model_mode
 from samlab.validation import check_choice, check_int
@@ -308,7 +309,7 @@ def surface_2d(
 ) -> Surface:
     """Mean loss and accuracy at center + x d1 + y d2 on the grid xs × ys (`loss[i, j]` at (xs[i], ys[j])).
 
-    Same contract as `surface_1d`: per-sample `loss_fn`, vmapped chunks under a memory budget,
+    Same contract as `surface_1d`: per-sample `loss_fn`, chunks of points under a memory budget,
     progress and cancellation through `reporter`, resumable from a partial surface.
     """
     return _surface(model, loss_fn, data, [d1, d2], [xs, ys], center, mode, task, max_memory_mb,
@@ -407,13 +408,21 @@ class PointEvaluator:
     The names moved by some direction (and, in train mode, every buffer, since BatchNorm updates its
     running statistics in place) are stacked along a leading point axis; the rest are shared.
 
-    `vectorize` (default: on accelerators only) maps the chunk's points through one vmapped pass. On a
-    CPU the points of a chunk go one after another instead: vmap turns each convolution into a grouped
-    one, which CPU kernels run several times slower than a plain convolution over the same data
-    (measured 3.4× on the digits CNN, benchmarks/landscape_vs_loss_landscapes.py). Each point's tensors
-    are then copied into the model's own parameters and buffers and the model runs as it is, so a
-    point costs one plain forward over the data (benchmarks/landscape_point_cost.py); the model's
-    tensors are restored when the chunk is done, also on error.
+    `impl` says how the points of a chunk are evaluated:
+
+    - "vmap": one vmapped pass per data batch for all the chunk's points.
+    - "copies": one pass per data batch in which point j's weights act on its own copy of the data
+      (`samlab.optim.fused.copies_forward`: linear layers as batched products, convolutions as grouped
+      ones, BatchNorm over P·C channels), then loss and accuracy of all points from the stacked logits.
+      The per-point cost of dispatching the layers, the loss and the accuracy is paid once per chunk.
+    - "sequential": points one after another; each point's tensors are copied into the model's own
+      parameters and buffers and the model runs as it is (restored when the chunk is done, also on
+      error), so a point costs one plain forward over the data.
+    - "auto" (default): "vmap" on accelerators. On a CPU, "copies" for models of layers it batches
+      without convolutions, else "sequential": grouped convolutions (from vmap or copies) run several
+      times slower on CPU kernels than one plain convolution over the same data (3.4× on the digits CNN,
+      benchmarks/landscape_vs_loss_landscapes.py), while a small model's forward is dominated by the
+      per-point overhead that "copies" removes (benchmarks/landscape_point_cost.py).
     """
 
     def __init__(
@@ -426,12 +435,16 @@ class PointEvaluator:
         center: nn.Module | Params | None = None,
         mode: str = "eval",
         task: str | None = None,
-        vectorize: bool | None = None,
+        impl: str = "auto",
     ) -> None:
         check_choice("mode", mode, MODES)
+        check_choice("impl", impl, POINT_IMPLS)
         self.model, self.loss_fn, self.mode = model, loss_fn, mode
         self.device = _model_device(model)
-        self.vectorize = self.device.type != "cpu" if vectorize is None else bool(vectorize)
+        self.impl = _point_impl(model, self.device) if impl == "auto" else impl
+        if self.impl == "copies" and not per_sample_model(model):
+            found = ", ".join(unsupported_modules(model)) or "modules of unknown type"
+            raise ValueError(f"impl: 'copies' cannot batch this model ({found}); use 'sequential' or 'vmap'")
         self.batches = _batches_on(data, self.device)
         self.task = task or _infer_task(self.batches[0][1])
         state = {n: p.detach() for n, p in model.named_parameters()}
@@ -456,12 +469,13 @@ class PointEvaluator:
         coords = torch.as_tensor(np.asarray(coordinates), dtype=torch.float64, device=self.device)
         points = self._stacked_points(coords)
         with torch.no_grad(), model_mode(self.model, self.mode):
-            if self.vectorize:
-                sums = [self._vmapped_sums(points, x, y) for x, y in self.batches]
+            if self.impl == "sequential":
+                loss_sum, correct_sum = self._in_place_sums(points, len(coords))
+            else:
+                batch_sums = self._vmapped_sums if self.impl == "vmap" else self._copies_sums
+                sums = [batch_sums(points, x, y) for x, y in self.batches]
                 loss_sum = sum(losses.double() for losses, _ in sums)
                 correct_sum = sum(hits.double() for _, hits in sums)
-            else:
-                loss_sum, correct_sum = self._in_place_sums(points, len(coords))
         return (loss_sum / self.n_samples).cpu().numpy(), (correct_sum / self.n_samples).cpu().numpy()
 
     def _in_place_sums(self, points: Params, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -500,12 +514,23 @@ class PointEvaluator:
                        randomness="different" if self.mode == "train" else "error")
         return batched(points, self.shared, x, y)
 
+    def _copies_sums(self, points: Params, x: torch.Tensor, y: torch.Tensor):
+        """Loss and hit sums of each point over one batch, all points in one pass (`copies_forward`)."""
+        count = len(next(iter(points.values())))
+        tensors = {n: t.expand(count, *t.shape) for n, t in self.shared.items() if t.is_floating_point()}
+        tensors.update({n: t for n, t in points.items() if t.is_floating_point()})
+        outputs = copies_forward(self.model, tensors, x, count)
+        outputs = outputs.reshape(count * x.shape[0], *outputs.shape[2:])
+        targets = y.repeat(count, *([1] * (y.dim() - 1)))
+        losses = self.loss_fn(outputs, targets).reshape(count, -1).sum(1)
+        return losses, correct(outputs, targets, self.task).reshape(count, -1).sum(1)
+
     def _point_sums(self, point: Params, shared: Params, x: torch.Tensor, y: torch.Tensor):
         outputs = functional_call(self.model, (point, shared), (x,))
         return self.loss_fn(outputs, y).sum(), correct(outputs, y, self.task).sum()
 
     def chunk_size(self, max_memory_mb: float) -> int:
-        """Points per vmapped call so that stacked parameters plus activations fit the budget."""
+        """Points per call so that the stacked parameters plus the activations of every point of a pass fit the budget."""
         if not (isinstance(max_memory_mb, (int, float)) and max_memory_mb > 0):
             raise ValueError(f"max_memory_mb: must be > 0 (got {max_memory_mb!r})")
         per_point = self.point_bytes() + self.activation_bytes()
@@ -547,6 +572,18 @@ def _checked_overrides(values: Params, state: Params, field: str) -> Params:
             raise ValueError(f"{field}: {name} is an integer buffer and cannot be moved along a direction")
         out[name] = t.detach().to(state[name].device, state[name].dtype)
     return out
+
+
+POINT_IMPLS = ("auto", "vmap", "copies", "sequential")
+
+
+def _point_impl(model: nn.Module, device: torch.device) -> str:
+    """impl="auto" of `PointEvaluator` (see there)."""
+    if device.type != "cpu":
+        return "vmap"
+    if per_sample_model(model) and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return "copies"
+    return "sequential"
 
 
 def _model_device(model: nn.Module) -> torch.device:

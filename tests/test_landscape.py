@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from samlab import landscape as L
+from samlab.config import ModelConfig
 from samlab.losses import cross_entropy_per_sample, squared_error_per_sample
+from samlab.models import build_model
 from samlab.reporting import RecordingReporter
 from samlab.tasks import landscape as LT
 
@@ -153,13 +155,72 @@ def test_vmapped_and_sequential_evaluation_agree(mode):
     model, (x, y) = conv_bn_model(), image_data()
     d1, d2 = L.random_directions(model, 2, seed=3)
     coords = np.array([[0.0, 0.0], [0.5, -0.25], [-1.0, 1.0]])
-    vmapped = L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2], mode=mode, vectorize=True)
-    sequential = L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2], mode=mode, vectorize=False)
-    assert sequential.vectorize is False and vmapped.vectorize is True
+    vmapped = L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2], mode=mode, impl="vmap")
+    sequential = L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2], mode=mode, impl="sequential")
+    assert sequential.impl == "sequential" and vmapped.impl == "vmap"
     (loss_v, acc_v), (loss_s, acc_s) = vmapped(coords), sequential(coords)
     np.testing.assert_allclose(loss_v, loss_s, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(acc_v, acc_s)
-    assert L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2]).vectorize is False  # CPU default
+    assert L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2]).impl == "sequential"  # CPU, conv
+
+
+BUILT_IN = {
+    "mlp": (ModelConfig(name="mlp", width=9, depth=2), (1, 4, 4), 3),
+    "cnn-bn": (ModelConfig(name="cnn", width=4, norm="bn"), (1, 8, 8), 3),
+    "cnn-gn": (ModelConfig(name="cnn", width=4, norm="gn"), (1, 8, 8), 3),
+    "wrn16": (ModelConfig(name="wrn16", widen=1, norm="bn"), (3, 8, 8), 3),
+    "resnet18": (ModelConfig(name="resnet18", width=2, norm="bn"), (3, 8, 8), 3),
+    "diag-linear": (ModelConfig(name="diag-linear"), (6,), 1),
+}
+
+
+def built_in(name: str, n: int = 14):
+    """(float64 built-in model with trained-looking BatchNorm statistics, uneven batches, loss)."""
+    cfg, shape, outputs = BUILT_IN[name]
+    g = torch.Generator().manual_seed(7)
+    model = build_model(cfg, shape, outputs, seed=3).double()
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64) if outputs == 1 else torch.randint(0, outputs, (n,), generator=g)
+    with torch.no_grad():
+        model.train()
+        model(x * 1.5 + 0.3)
+    loss = squared_error_per_sample if outputs == 1 else cross_entropy_per_sample
+    return model.eval(), [(x[:9], y[:9]), (x[9:], y[9:])], loss
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(BUILT_IN))
+def test_copies_evaluation_equals_point_by_point_on_every_built_in_model(name, mode):
+    """All points of a chunk in one pass (point j's weights on its own copy of the data) give the
+    numbers of the points evaluated one by one, also with BatchNorm statistics moving along a direction."""
+    model, batches, loss_fn = built_in(name)
+    ignore = "none" if name == "diag-linear" else "biasbn"
+    d1 = L.random_directions(model, 1, seed=1, ignore=ignore)[0]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in other.state_dict().values():
+            if t.is_floating_point():
+                t.mul_(1.2).add_(0.05)
+    d2 = L.interpolation_direction(model, other)  # parameters and running statistics
+    coords = np.array([[0.0, 0.0], [0.5, -0.25], [-1.0, 1.0], [0.3, 0.6], [0.0, 1.0]])
+    out = {impl: L.PointEvaluator(model, loss_fn, batches, [d1, d2], mode=mode, impl=impl)(coords)
+           for impl in ("sequential", "copies")}
+    np.testing.assert_allclose(out["copies"][0], out["sequential"][0], rtol=1e-10)
+    np.testing.assert_array_equal(out["copies"][1], out["sequential"][1])
+    assert len(np.unique(out["copies"][0].round(6))) >= 4  # (the diagonal network has u = v along d2)
+
+
+def test_auto_impl_batches_small_models_into_copies_on_cpu():
+    for name, impl in (("mlp", "copies"), ("diag-linear", "copies"), ("cnn-bn", "sequential"), ("wrn16", "sequential")):
+        model, batches, loss_fn = built_in(name)
+        directions = L.random_directions(model, 1, ignore="none")
+        assert L.PointEvaluator(model, loss_fn, batches, directions).impl == impl
+    relu_net = build_model(ModelConfig(name="relu-net", width=4), (6,), 1, seed=0)  # no batched forward
+    data = (torch.randn(5, 6), torch.randn(5))
+    directions = L.random_directions(relu_net, 1, ignore="none")
+    assert L.PointEvaluator(relu_net, squared_error_per_sample, data, directions).impl == "sequential"
+    with pytest.raises(ValueError, match="impl: 'copies' cannot batch"):
+        L.PointEvaluator(relu_net, squared_error_per_sample, data, directions, impl="copies")
 
 
 # -- cancel and resume ---------------------------------------------------------------------------
@@ -195,6 +256,28 @@ def test_cancelled_then_resumed_equals_uninterrupted(tmp_path):
     assert resumed.complete and len(calls.progress_calls) == 20 - 7  # the saved points are not recomputed
     np.testing.assert_allclose(resumed.loss, whole.loss, atol=1e-6)
     np.testing.assert_array_equal(resumed.accuracy, whole.accuracy)
+
+
+def test_copies_chunks_cancelled_then_resumed_equal_one_chunk_per_pass():
+    model, data = mlp(), vector_data()
+    d1, d2 = L.random_directions(model, 2, seed=4)
+    xs, ys = np.linspace(-1, 1, 9), np.linspace(-1, 1, 5)
+    evaluator = L.PointEvaluator(model, cross_entropy_per_sample, data, [d1, d2])
+    assert evaluator.impl == "copies"
+    budget = 3.5 * (evaluator.point_bytes() + evaluator.activation_bytes()) / 2**20  # 3 points per pass
+    assert evaluator.chunk_size(budget) == 3
+    partial = L.surface_2d(model, cross_entropy_per_sample, data, d1, d2, xs, ys, max_memory_mb=budget,
+                           reporter=StopAfter(6))
+    assert not partial.complete and (partial.done[L.grid_levels((9, 5)) == 0]).all()
+    resumed = L.surface_2d(model, cross_entropy_per_sample, data, d1, d2, xs, ys, max_memory_mb=budget,
+                           resume_from=partial)
+    whole = L.surface_2d(model, cross_entropy_per_sample, data, d1, d2, xs, ys)  # one chunk per pass
+    one_by_one = L.PointEvaluator(model, cross_entropy_per_sample, data, [d1, d2], impl="sequential")
+    loss, accuracy = one_by_one(whole.coordinates)
+    assert resumed.complete
+    np.testing.assert_allclose(resumed.loss, whole.loss, rtol=1e-6)
+    np.testing.assert_allclose(whole.loss.reshape(-1), loss, rtol=1e-6)
+    np.testing.assert_array_equal(resumed.accuracy.reshape(-1), accuracy)
 
 
 def test_resume_from_a_different_grid_is_refused():

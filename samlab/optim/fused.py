@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +117,7 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, p: Par
         raise ValueError(f"m: BatchNorm in train mode needs more than one value per channel in a "
                          f"micro-batch (got input {list(x.shape)} split into {k})")
     track = module.running_mean is not None and (not batch_stats or (update and module.training))
-    mean = module.running_mean.repeat(k) if track else None
-    var = module.running_var.repeat(k) if track else None
+    mean, var = (_running(module, p, "running_mean", k), _running(module, p, "running_var", k)) if track else (None, None)
     momentum = 0.0
     if batch_stats and track:
         module.num_batches_tracked.add_(1)
@@ -130,6 +130,20 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, p: Par
             module.running_mean.copy_(mean.reshape(k, channels).mean(0))
             module.running_var.copy_(var.reshape(k, channels).mean(0))
     return out.reshape(x.shape)
+
+
+def _running(module: nn.Module, p: Params, name: str, k: int) -> torch.Tensor:
+    """The k·C running statistics: per-copy ones from `p` when given (`copies_forward`), else the module's k times."""
+    return p[name].reshape(-1) if name in p else getattr(module, name).repeat(k)
+
+
+def _linear(module: nn.Linear, x: torch.Tensor, p: Params, k: int, interleaved: bool) -> torch.Tensor:
+    """A linear layer with its own weight (and bias) per micro-batch, p[...][j]: one batched product."""
+    rows = micro_batches(x, k, interleaved)
+    weight, bias = p["weight"].transpose(1, 2), p.get("bias")
+    flat = rows.reshape(k, -1, rows.shape[-1])
+    out = torch.bmm(flat, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, weight)
+    return _merge(out.reshape(*rows.shape[:-1], out.shape[-1]), interleaved)
 
 
 def _group_norm(module: nn.GroupNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
@@ -260,12 +274,15 @@ def _swapped_forwards(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.T
                 del module.forward  # the instance attribute; the class's forward shows through again
 
 
-def _layers(model: nn.Module, trainable: set[str]) -> tuple[list[tuple[nn.Module, list[str], object]], bool]:
-    """((module, its parameter names, its _LowRankLinear or None) for every module with tensors,
-    whether the batch must be interleaved: only when some layer other than a linear one is batched)."""
+def _modules_with_tensors(model: nn.Module, buffers: bool = False) -> tuple[list[tuple[nn.Module, list[str]]], bool]:
+    """((module, its parameter names (and floating buffer names with `buffers`)) for every module with
+    tensors, whether the batch must be interleaved: only when some layer other than a linear one is batched)."""
     found = []
     for prefix, module in model.named_modules():
-        own = [f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)]
+        tensors = list(module.named_parameters(recurse=False))
+        if buffers:
+            tensors += [(name, b) for name, b in module.named_buffers(recurse=False) if b.is_floating_point()]
+        own = [f"{prefix}.{name}" if prefix else name for name, _ in tensors]
         if not own and not any(True for _ in module.buffers(recurse=False)):
             continue
         if not _batchable(module):
@@ -275,6 +292,34 @@ def _layers(model: nn.Module, trainable: set[str]) -> tuple[list[tuple[nn.Module
     # grouped convolutions and norm layers read micro-batches as channel groups of the interleaved batch
     interleaved = any(type(module) in LAYERS or isinstance(module, nn.modules.batchnorm._BatchNorm)
                       for module, _ in found)
+    return found, interleaved
+
+
+def copies_forward(model: nn.Module, tensors: Params, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The outputs of k copies of `model` on the same input x, in one pass: [k, n, ...], [j] copy j's.
+
+    `tensors` maps every parameter and floating buffer name of the model to a [k, ...] tensor, [j] the
+    value copy j uses (an expanded tensor for one shared by all). Under no_grad; BatchNorm uses the
+    copies' running statistics in eval mode and each copy's batch statistics in train mode, and its
+    running statistics are not updated. The model must pass `per_sample_model`.
+    """
+    found, interleaved = _modules_with_tensors(model, buffers=True)
+    forwards = {}
+    for module, own in found:
+        layer = (partial(_linear, module, interleaved=interleaved) if type(module) is nn.Linear
+                 else _layer_forward(module, False, interleaved))
+        forwards[module] = _bound(layer, _own(own, tensors), k)
+    n = x.shape[0]
+    copies = x.unsqueeze(1 if interleaved else 0).expand(*((n, k) if interleaved else (k, n)), *x.shape[1:])
+    with _swapped_forwards(forwards):
+        out = model(copies.reshape(n * k, *x.shape[1:]))
+    return micro_batches(out, k, interleaved)
+
+
+def _layers(model: nn.Module, trainable: set[str]) -> tuple[list[tuple[nn.Module, list[str], object]], bool]:
+    """((module, its parameter names, its _LowRankLinear or None) for every module with tensors,
+    whether the batch must be interleaved (`_modules_with_tensors`))."""
+    found, interleaved = _modules_with_tensors(model)
     out = []
     for module, own in found:
         local = {name.rsplit(".", 1)[-1] for name in own if name in trainable}
