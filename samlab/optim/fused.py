@@ -220,40 +220,45 @@ class _LowRankLinear:
     def __init__(self, module: nn.Linear, trainable: set[str], interleaved: bool) -> None:
         self.module, self.interleaved = module, interleaved
         self.weight, self.bias = "weight" in trainable, "bias" in trainable
-        self.inputs = self.outputs = self.grads = self.one = None
+        self.inputs = self.inputs_t = self.outputs = self.grads = self.one = None
+
+    def _split(self, t: torch.Tensor, k: int) -> torch.Tensor:
+        """[k, rows, features]: the rows of each micro-batch."""
+        return _rows(t, k, self.interleaved) if self.interleaved else t.reshape(k, -1, t.shape[-1])
 
     def _features(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """[k, rows, in]: the rows of each micro-batch (no features when the weight is frozen)."""
-        rows = _rows(x, k, self.interleaved)
+        rows = self._split(x, k)
         return rows if self.weight else rows[..., :0]
 
     def _grams(self, rows: torch.Tensor) -> torch.Tensor:
         """X'_r·x'_s for the rows of each micro-batch against the first pass's inputs: [k, rows, m]."""
         if self.bias:  # the constant input 1 of the bias
-            return torch.baddbmm(self.one, rows, self.inputs.transpose(1, 2))
-        return torch.bmm(rows, self.inputs.transpose(1, 2))
+            return torch.baddbmm(self.one, rows, self.inputs_t)
+        return torch.bmm(rows, self.inputs_t)
 
     def first(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
         self.inputs = self._features(x.detach(), k)
-        self.one = torch.ones((), dtype=x.dtype, device=x.device)
+        self.inputs_t = self.inputs.transpose(1, 2)
+        self.one = torch.ones((), dtype=x.dtype, device=x.device) if self.bias else None
         self.outputs = F.linear(x, p["weight"], p.get("bias"))
         return self.outputs
 
     def squared_norms(self, grad_out: torch.Tensor, k: int) -> torch.Tensor:
         """‖g_j‖² of this layer's trainable tensors, [k]."""
-        self.grads = _rows(grad_out, k, self.interleaved)
+        self.grads = self._split(grad_out, k)
         grams = torch.bmm(self.grads, self.grads.transpose(1, 2))
         return (grams * self._grams(self.inputs)).sum((1, 2))
 
     def perturb(self, scale: torch.Tensor) -> None:
         """Fix c_j for the second pass (c_j G_r, one tensor for the whole pass)."""
-        self.grads = self.grads * scale.reshape(-1, 1, 1)
+        self.grads = self.grads * scale.view(-1, 1, 1)
 
     def second(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
         out = F.linear(x, p["weight"], p.get("bias"))
         grams = self._grams(self._features(x, k))
         if not self.interleaved and out.dim() == 2:  # the rows of micro-batch j are a block of out
-            return torch.baddbmm(out.reshape(k, -1, out.shape[-1]), grams, self.grads).reshape(out.shape)
+            return torch.baddbmm(out.view(k, -1, out.shape[-1]), grams, self.grads).view(out.shape)
         return out + from_micro_batches(torch.bmm(grams, self.grads), out.shape, self.interleaved)
 
 
@@ -266,12 +271,11 @@ def _swapped_forwards(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.T
     """Within the block, each module in `forwards` runs the given function as its forward."""
     try:
         for module, fn in forwards.items():
-            module.forward = fn
+            module.__dict__["forward"] = fn  # an instance attribute (nn.Module.__setattr__ adds nothing here)
         yield
     finally:
         for module in forwards:
-            if "forward" in module.__dict__:
-                del module.forward  # the instance attribute; the class's forward shows through again
+            module.__dict__.pop("forward", None)  # the class's forward shows through again
 
 
 def _modules_with_tensors(model: nn.Module, buffers: bool = False) -> tuple[list[tuple[nn.Module, list[str]]], bool]:
@@ -364,16 +368,16 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     with _swapped_forwards(forwards):
         losses = loss_fn(model(x), y)
     wanted = [per_micro[n] for n in batched] + [shared[n] for n in linear] + [lr.outputs for lr in low_ranks]
-    grads = _grads(losses.sum() * (k / x.shape[0]), wanted)
+    # the gradient of the batch mean: g_j / k in the per-micro-batch leaves and low-rank factors, so the
+    # shared leaves hold mean_j g_j as they are; eps_j = rho g_j / ‖g_j‖ is the same for g_j / k
+    grads = _grads(losses.mean(), wanted)
     micro = dict(zip(batched, grads[:len(batched)], strict=True))
-    gradient = {name: g.mean(0) for name, g in micro.items()}
-    gradient.update({name: g / k for name, g in zip(linear, grads[len(batched):len(batched) + len(linear)],
-                                                   strict=True)})
-    squared = sum((g.reshape(k, -1).pow(2).sum(1) for g in micro.values()),
-                  torch.zeros(k, dtype=losses.dtype, device=losses.device))
-    for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
-        squared = squared + lr.squared_norms(grad_out, k)
-    norms = squared.sqrt()
+    gradient = {name: g.sum(0) for name, g in micro.items()}
+    gradient.update(zip(linear, grads[len(batched):len(batched) + len(linear)], strict=True))
+    squares = [g.reshape(k, -1).pow(2).sum(1) for g in micro.values()]
+    squares += [lr.squared_norms(grad_out, k) for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):],
+                                                                        strict=True)]
+    norms = (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()  # ‖g_j‖ / k
     scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
     again = {name: weights[name].detach().requires_grad_() for name in names}
@@ -390,7 +394,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     with _swapped_forwards(forwards):
         perturbed_losses = loss_fn(model(x), y)
     descent = _grads(perturbed_losses.mean(), [again[name] for name in names])
-    return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms,
+    return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms * k,
             "losses": micro_batches(losses.detach(), k, interleaved),
             "perturbed_losses": micro_batches(perturbed_losses.detach(), k, interleaved)}
 
