@@ -25,6 +25,7 @@ micro-batch j sees), and it returns the output as [k, m, ...].
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -191,12 +192,31 @@ def unsupported_modules(model: nn.Module) -> list[str]:
     return out
 
 
+_STRUCTURE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
+
+
+def _remembered(model: nn.Module, key: object, compute: Callable[[], object]) -> object:
+    """compute(), remembered for `model` while its modules stay the same (the same objects, of the
+    same types): the module walks below cost more than a small model's step."""
+    signature = tuple((id(m), type(m)) for m in model.modules())
+    entry = _STRUCTURE.get(model)
+    if entry is None or entry[0] != signature:
+        entry = _STRUCTURE[model] = (signature, {})
+    if key not in entry[1]:
+        entry[1][key] = compute()
+    return entry[1][key]
+
+
 def per_sample_model(model: nn.Module) -> bool:
     """True when every module is a supported layer, a per-sample torch module or a samlab model.
 
     The fused path assumes samples interact only through BatchNorm statistics; this is the check
     that lets `impl="auto"` rely on it without running the model.
     """
+    return _remembered(model, "per_sample", lambda: _per_sample_model(model))
+
+
+def _per_sample_model(model: nn.Module) -> bool:
     for module in model.modules():
         if _batchable(module) or isinstance(module, PER_SAMPLE_MODULES):
             continue
@@ -281,6 +301,10 @@ def _swapped_forwards(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.T
 def _modules_with_tensors(model: nn.Module, buffers: bool = False) -> tuple[list[tuple[nn.Module, list[str]]], bool]:
     """((module, its parameter names (and floating buffer names with `buffers`)) for every module with
     tensors, whether the batch must be interleaved: only when some layer other than a linear one is batched)."""
+    return _remembered(model, ("tensors", buffers), lambda: _find_modules(model, buffers))
+
+
+def _find_modules(model: nn.Module, buffers: bool) -> tuple[list[tuple[nn.Module, list[str]]], bool]:
     found = []
     for prefix, module in model.named_modules():
         tensors = list(module.named_parameters(recurse=False))
@@ -320,10 +344,14 @@ def copies_forward(model: nn.Module, tensors: Params, x: torch.Tensor, k: int) -
     return micro_batches(out, k, interleaved)
 
 
-def _layers(model: nn.Module, trainable: set[str]) -> tuple[list[tuple[nn.Module, list[str], object]], bool]:
+def _layers(model: nn.Module, trainable: set[str],
+            parameters: Params) -> tuple[list[tuple[nn.Module, list[str], object]], bool]:
     """((module, its parameter names, its _LowRankLinear or None) for every module with tensors,
     whether the batch must be interleaved (`_modules_with_tensors`))."""
     found, interleaved = _modules_with_tensors(model)
+    if sum(len(own) for _, own in found) != len(parameters):  # a parameter was added or removed since
+        _STRUCTURE.pop(model, None)
+        found, interleaved = _modules_with_tensors(model)
     out = []
     for module, own in found:
         local = {name.rsplit(".", 1)[-1] for name in own if name in trainable}
@@ -346,7 +374,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     """
     trainable = set(names)
     weights = {name: p.detach() for name, p in model.named_parameters()}
-    layers, interleaved = _layers(model, trainable)
+    layers, interleaved = _layers(model, trainable, weights)
     low_ranks = [lr for _, _, lr in layers if lr is not None]
     batched = [name for _, own, lr in layers if lr is None for name in own if name in trainable]
     linear = [name for _, own, lr in layers if lr is not None for name in own if name in trainable]
@@ -374,16 +402,21 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     micro = dict(zip(batched, grads[:len(batched)], strict=True))
     gradient = {name: g.sum(0) for name, g in micro.items()}
     gradient.update(zip(linear, grads[len(batched):len(batched) + len(linear)], strict=True))
-    squares = [g.reshape(k, -1).pow(2).sum(1) for g in micro.values()]
-    squares += [lr.squared_norms(grad_out, k) for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):],
-                                                                        strict=True)]
+    squares = [lr.squared_norms(grad_out, k) for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):],
+                                                                       strict=True)]
+    if micro:
+        norms = [torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim()))) if g.dim() > 1 else g.abs()
+                 for g in micro.values()]
+        squares.append(torch.stack(norms).pow(2).sum(0))
     norms = (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()  # ‖g_j‖ / k
     scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
     again = {name: weights[name].detach().requires_grad_() for name in names}
     second_params = dict(expanded)
+    scales = {}  # scale viewed as [k, 1, ...] for each tensor rank
     for name, g in micro.items():
-        second_params[name] = again[name].unsqueeze(0) + scale.reshape(k, *([1] * (g.dim() - 1))) * g
+        view = scales.setdefault(g.dim(), scale.view(k, *([1] * (g.dim() - 1))))
+        second_params[name] = torch.addcmul(again[name].unsqueeze(0), view, g)
     forwards = {}
     for module, own, low_rank in layers:
         if low_rank is None:
