@@ -204,3 +204,17 @@ def test_fused_with_a_zero_micro_batch_gradient_does_not_perturb():
         return (out.squeeze(1) - target) ** 2
 
     assert_same_step(*run_both(model, mse, x, y, m=4))
+
+
+def test_a_model_changed_between_steps_is_looked_at_again():
+    """The layer structure is remembered between steps; a replaced module or an added parameter is seen."""
+    model, x, y, loss_fn = builtin("mlp")
+    assert per_sample_model(model) and choose_impl(model) == "fused"
+    assert_same_step(*run_both(model, loss_fn, x, y, 4))
+    model.hidden[1] = nn.Linear(12, 12, bias=False).to(DTYPE)  # a bias fewer
+    assert_same_step(*run_both(model, loss_fn, x, y, 4))
+    model.hidden[0].register_parameter("extra", nn.Parameter(torch.ones(3, dtype=DTYPE)))  # unused by forward
+    loop_model, a, fused_model, b = run_both(model, loss_fn, x, y, 4)
+    assert_same_step(loop_model, a, fused_model, b)
+    model.hidden[0] = nn.RNN(16, 12)  # a module the fused path does not know
+    assert not per_sample_model(model) and choose_impl(model) == "vmap"
