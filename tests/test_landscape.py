@@ -16,6 +16,7 @@ from samlab.losses import cross_entropy_per_sample, squared_error_per_sample
 from samlab.models import build_model
 from samlab.reporting import RecordingReporter
 from samlab.tasks import landscape as LT
+from tests.test_optim_fused import BUILTIN, builtin
 
 
 def conv_bn_model(seed: int = 0) -> nn.Module:
@@ -164,32 +165,14 @@ def test_vmapped_and_sequential_evaluation_agree(mode):
     assert L.PointEvaluator(model, cross_entropy_per_sample, (x, y), [d1, d2]).impl == "sequential"  # CPU, conv
 
 
-BUILT_IN = {
-    "mlp": (ModelConfig(name="mlp", width=9, depth=2), (1, 4, 4), 3),
-    "cnn-bn": (ModelConfig(name="cnn", width=4, norm="bn"), (1, 8, 8), 3),
-    "cnn-gn": (ModelConfig(name="cnn", width=4, norm="gn"), (1, 8, 8), 3),
-    "wrn16": (ModelConfig(name="wrn16", widen=1, norm="bn"), (3, 8, 8), 3),
-    "resnet18": (ModelConfig(name="resnet18", width=2, norm="bn"), (3, 8, 8), 3),
-    "diag-linear": (ModelConfig(name="diag-linear"), (6,), 1),
-}
-
-
-def built_in(name: str, n: int = 14):
-    """(float64 built-in model with trained-looking BatchNorm statistics, uneven batches, loss)."""
-    cfg, shape, outputs = BUILT_IN[name]
-    g = torch.Generator().manual_seed(7)
-    model = build_model(cfg, shape, outputs, seed=3).double()
-    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
-    y = torch.randn(n, generator=g, dtype=torch.float64) if outputs == 1 else torch.randint(0, outputs, (n,), generator=g)
-    with torch.no_grad():
-        model.train()
-        model(x * 1.5 + 0.3)
-    loss = squared_error_per_sample if outputs == 1 else cross_entropy_per_sample
-    return model.eval(), [(x[:9], y[:9]), (x[9:], y[9:])], loss
+def built_in(name: str):
+    """(float64 built-in model with non-trivial BatchNorm statistics, two uneven batches, loss)."""
+    model, x, y, loss_fn = builtin(name)
+    return model.eval(), [(x[:5], y[:5]), (x[5:], y[5:])], loss_fn
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("name", list(BUILT_IN))
+@pytest.mark.parametrize("name", list(BUILTIN))
 def test_copies_evaluation_equals_point_by_point_on_every_built_in_model(name, mode):
     """All points of a chunk in one pass (point j's weights on its own copy of the data) give the
     numbers of the points evaluated one by one, also with BatchNorm statistics moving along a direction."""
@@ -211,7 +194,7 @@ def test_copies_evaluation_equals_point_by_point_on_every_built_in_model(name, m
 
 
 def test_auto_impl_batches_small_models_into_copies_on_cpu():
-    for name, impl in (("mlp", "copies"), ("diag-linear", "copies"), ("cnn-bn", "sequential"), ("wrn16", "sequential")):
+    for name, impl in (("mlp", "copies"), ("diag-linear", "copies"), ("cnn-bn", "sequential"), ("wrn16-bn", "sequential")):
         model, batches, loss_fn = built_in(name)
         directions = L.random_directions(model, 1, ignore="none")
         assert L.PointEvaluator(model, loss_fn, batches, directions).impl == impl
