@@ -8,7 +8,8 @@ this process repeats the dashboard's 100-run query (list 100 runs + counts by st
 of those 100 runs downsampled to 200 points) and a live panel's refresh (the points of one writer's run
 after the last step it read) and times them. The same queries are timed first with no writers, in the
 same process, as the baseline. Prints rows written vs expected (must be equal), the achieved write
-rate, read latency median / p95 idle and under load with their ratio, and whether the goals hold
+rate, the median cost of one flush transaction (each writer's median, then the median over writers),
+read latency median / p95 idle and under load with their ratio, and whether the goals hold
 (100-run query under load: median <= 100 ms, p95 <= 250 ms; no row lost). Exit status 1 when a row
 is lost.
 """
@@ -34,6 +35,17 @@ GOAL_P95_MS = 250.0
 def writer(url: str, run_id: str, rate: float, seconds: float, flush_s: float) -> None:
     """Emit `rate` values per second (two metrics per step) for `seconds`; print how many."""
     store = Store(url)
+    flush_times: list[float] = []
+    write = store.flush
+
+    def timed_flush(*args, **kwargs):  # the cost of one flush transaction, as the worker pays it
+        t0 = time.perf_counter()
+        try:
+            return write(*args, **kwargs)
+        finally:
+            flush_times.append(time.perf_counter() - t0)
+
+    store.flush = timed_flush
     reporter = StoreReporter(store, run_id, flush_s=flush_s)
     reporter.start()
     t0 = time.monotonic()
@@ -46,7 +58,8 @@ def writer(url: str, run_id: str, rate: float, seconds: float, flush_s: float) -
         reporter.progress(elapsed, seconds, "writing")
         time.sleep(0.005)
     reporter.close()
-    print(json.dumps({"rows": 2 * step, "flush_errors": reporter.flush_errors}), flush=True)
+    print(json.dumps({"rows": 2 * step, "flush_errors": reporter.flush_errors,
+                      "flush_median_ms": 1000 * statistics.median(flush_times)}), flush=True)
 
 
 def seed(store: Store, runs: int) -> list[str]:
@@ -136,6 +149,7 @@ def main() -> int:
         "read_loaded_median_ms": 1000 * statistics.median(loaded),
         "read_loaded_p95_ms": 1000 * percentile(loaded, 0.95),
         "reads_under_load": len(loaded),
+        "flush_median_ms": statistics.median(r["flush_median_ms"] for r in reports) if reports else None,
         "live_refresh_median_ms": 1000 * statistics.median(refreshes) if refreshes else None,
         "live_refresh_rows_read": refreshed_rows,
         "live_refresh_rows_of_run": first_rows,
@@ -156,6 +170,8 @@ def main() -> int:
         print(f"  under load  median {figures['read_loaded_median_ms']:7.1f} ms  p95 {figures['read_loaded_p95_ms']:7.1f} ms"
               f"  ({len(loaded)} reads)")
         print(f"  ratio loaded/idle (median) {figures['read_median_ratio_loaded_over_idle']:.2f}")
+        if reports:
+            print(f"one flush (median over writers of each writer's median): {figures['flush_median_ms']:.1f} ms")
         if refreshes:
             print(f"live refresh of one writer's run: median {figures['live_refresh_median_ms']:.1f} ms; read "
                   f"{refreshed_rows} rows in all for the run's {first_rows} (each row once)")

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from samlab.runs.curves import LEVEL_WIDTHS
 from samlab.runs.store import SCHEMA_VERSION, Store
+from samlab.runs.worker import StoreReporter
 from tests.helpers import backdate_heartbeat
 from tests.pg_fixtures import BACKENDS, store_on
 
@@ -116,14 +117,45 @@ def test_opening_a_v4_store_builds_the_buckets_of_its_curves(store):
     for run_id in ids:
         store.flush(run_id, [("step", s, "loss", float(rng.normal()), 0.0) for s in range(900)])
     expected = store.metrics(ids, max_points=300)
-    with store.engine.begin() as conn:  # back to the v4 layout: no bucket table
+    with store.engine.begin() as conn:  # back to the v4 layout: no bucket or curve table
         conn.execute(sa.text("DROP TABLE metric_buckets"))
+        conn.execute(sa.text("DROP TABLE metric_curves"))
         conn.execute(sa.text("UPDATE meta SET value = '4' WHERE key = 'schema_version'"))
     store.dispose()
     reopened = Store(store.url)  # a real file (or server schema) opened by a newer samlab
-    assert reopened.schema_version() == SCHEMA_VERSION == 5
+    assert reopened.schema_version() == SCHEMA_VERSION == 6
     pd.testing.assert_frame_equal(reopened.metrics(ids, max_points=300), expected)
     assert len(expected) < 300 * 2 and len(reopened.metrics(ids)) == 1800
+    reopened.dispose()
+
+
+def test_opening_a_v5_store_counts_its_curves(store):
+    ids = _make_runs(store, 3)
+    rng = np.random.default_rng(2)
+    store.flush(ids[0], [("step", s, "loss", float(rng.normal()), 0.0) for s in range(0, 5000, 2)]
+                + [("epoch", e, "test_acc", float("nan") if e == 1 else 0.1 * e, 0.0) for e in range(4)])
+    store.flush(ids[1], [("step", s, "loss", float(s), 0.0) for s in range(40)]
+                + [("step", s, "gnorm", float("nan"), 0.0) for s in range(5)])  # no finite value at all
+    store.flush(ids[1], [("step", s, "loss", -float(s), 0.0) for s in range(30, 35)],
+                restart_from=[("step", "loss", 30)])
+    reads = {mp: store.metrics(ids, max_points=mp) for mp in (50, 100, 400, 3000)}
+    names = store.metric_names(ids)
+    with store.engine.begin() as conn:  # back to the v5 layout: no curve table
+        conn.execute(sa.text("DROP TABLE metric_curves"))
+        conn.execute(sa.text("UPDATE meta SET value = '5' WHERE key = 'schema_version'"))
+    store.dispose()
+    reopened = Store(store.url)
+    assert reopened.schema_version() == SCHEMA_VERSION == 6
+    for run_id in ids:
+        _assert_store_matches_raw(reopened, run_id)
+    for mp, expected in reads.items():
+        pd.testing.assert_frame_equal(reopened.metrics(ids, max_points=mp), expected)
+    assert reopened.metric_names(ids) == names == [("epoch", "test_acc"), ("step", "gnorm"), ("step", "loss")]
+    # the migrated curves take new writes (version 1 rows, writers' memory starts empty)
+    memory: dict = {}
+    reopened.flush(ids[1], [("step", s, "loss", 1.0, 0.0) for s in range(35, 90)], open_curves=memory)
+    reopened.flush(ids[1], [("step", s, "loss", 2.0, 0.0) for s in range(90, 95)], open_curves=memory)
+    _assert_store_matches_raw(reopened, ids[1])
     reopened.dispose()
 
 
@@ -219,6 +251,45 @@ def _m4_oracle(curve: pd.DataFrame, width: int) -> list[tuple[int, float]]:
 def _assert_points(frame: pd.DataFrame, expected: list[tuple[int, float]]) -> None:
     assert frame["step"].tolist() == [step for step, _ in expected]
     assert frame["value"].tolist() == pytest.approx([value for _, value in expected])
+
+
+def _bucket_oracle(points: pd.DataFrame) -> dict[tuple[str, str, int, int], dict[str, float]]:
+    """Every bucket of these raw rows (columns kind, name, step, value) at every level, with pandas:
+    count, first and last point by step, smallest and largest value (ties: the earliest step)."""
+    out = {}
+    finite = points[points["value"].notna()].sort_values(["kind", "name", "step"], kind="stable")
+    for level, width in enumerate(LEVEL_WIDTHS):
+        for (kind, name, index), group in finite.groupby([finite["kind"], finite["name"], finite["step"] // width]):
+            lo = group.loc[group["value"] == group["value"].min()].iloc[0]
+            hi = group.loc[group["value"] == group["value"].max()].iloc[0]
+            out[(kind, name, level, int(index))] = {
+                "n": len(group), "first_step": int(group["step"].iloc[0]), "first_value": group["value"].iloc[0],
+                "last_step": int(group["step"].iloc[-1]), "last_value": group["value"].iloc[-1],
+                "min_step": int(lo["step"]), "min_value": lo["value"], "max_step": int(hi["step"]),
+                "max_value": hi["value"]}
+    return out
+
+
+def _assert_store_matches_raw(store: Store, run_id: str) -> None:
+    """The run's bucket and curve rows, read with SQL, equal what its raw rows give (pandas oracle)."""
+    raw = store.metrics([run_id])
+    with store.engine.connect() as conn:
+        stored = {(r.kind, r.name, r.level, r.bucket): {k: v for k, v in r._mapping.items() if k not in
+                  ("run_id", "kind", "name", "level", "bucket")}
+                  for r in conn.execute(sa.text("SELECT * FROM metric_buckets WHERE run_id = :r"), {"r": run_id})}
+        counted = {(r.kind, r.name): dict(r._mapping) for r in conn.execute(
+            sa.text("SELECT * FROM metric_curves WHERE run_id = :r AND rows > 0"), {"r": run_id})}
+    expected = _bucket_oracle(raw)
+    assert stored.keys() == expected.keys()
+    for key, bucket in expected.items():
+        assert stored[key] == pytest.approx(bucket), key
+    assert set(counted) == set(zip(raw["kind"], raw["name"]))
+    for (kind, name), row in counted.items():
+        curve = raw[(raw.kind == kind) & (raw.name == name)]
+        finite = curve[curve["value"].notna()]
+        assert (row["rows"], row["n"]) == (len(curve), len(finite))
+        for level, width in enumerate(LEVEL_WIDTHS):
+            assert row[f"buckets_{level}"] == (finite["step"] // width).nunique()
 
 
 def _finest_width(n_steps_span: int, max_points: int) -> int:
@@ -361,3 +432,108 @@ def test_metric_times_are_seconds_since_each_runs_first_record(store):
     got = {(r.run_id, r.kind, int(r.step)): float(r.time) for r in frame.itertuples()}
     assert got == {(ids[0], "step", 1): 0.0, (ids[0], "step", 2): 3.0,
                    (ids[1], "epoch", 1): 0.0, (ids[1], "epoch", 2): 10.0}
+
+
+def _flush_in_chunks(store: Store, run_id: str, rows: list, memory: dict | None, size: int) -> None:
+    for start in range(0, len(rows), size):
+        store.flush(run_id, rows[start:start + size], open_curves=memory)
+
+
+def _bucket_reads(store: Store, write) -> int:
+    """How many SELECTs on metric_buckets `write()` sends."""
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        write()
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+    return sum(s.lstrip().upper().startswith("SELECT") and "metric_buckets" in s for s in statements)
+
+
+def test_a_writers_memory_of_its_buckets_gives_the_buckets_a_fresh_fold_gives(store):
+    """Flushes that skip reading their open buckets (the writer remembers them) write the same buckets
+    as the raw rows give, across uneven flushes, NaN, a curve that steps back, another writer of the
+    same run, and a resumed tail."""
+    ids = _make_runs(store, 2)
+    rng = np.random.default_rng(3)
+    rows = []
+    for step in range(0, 2500):
+        rows.append(("step", step, "loss", float(rng.normal()), 0.0))
+        rows.append(("step", step, "acc", float("nan") if step % 97 == 0 else float(rng.random()), 0.0))
+        if step % 300 == 299:  # a curve logged late, at steps already passed
+            rows += [("step", s, "lambda_max", float(rng.random()), 0.0) for s in range(step - 299, step, 50)]
+    memory: dict = {}
+    _flush_in_chunks(store, ids[0], rows[:3000], memory, 41)
+    _flush_in_chunks(store, ids[1], rows[:3000], None, 41)  # no memory: every flush reads its buckets
+    assert {key[0] for key in memory} == {ids[0]} and len(memory) == 3
+    _assert_store_matches_raw(store, ids[0])
+    _assert_store_matches_raw(store, ids[1])
+    # an extending flush with memory reads no bucket back; without, it reads the ones it touches
+    extend = [("step", s, "loss", 0.5, 0.0) for s in range(1495, 1499)]
+    assert _bucket_reads(store, lambda: store.flush(ids[0], extend, open_curves=memory)) == 0
+    assert _bucket_reads(store, lambda: store.flush(ids[1], extend)) == 1
+    rows = [r for r in rows if not (r[2] == "loss" and 1495 <= r[1] < 1499)]
+    # another writer extends the curve ahead (its version moves on): the first writer's next flushes
+    # must read back, and learn the other's buckets as the curve's last ones
+    store.flush(ids[0], [("step", s, "loss", 10.0 + s, 0.0) for s in range(5000, 5030)])
+    _flush_in_chunks(store, ids[0], rows[3000:4000], memory, 57)
+    _assert_store_matches_raw(store, ids[0])
+    # the writer's own resumed tail (restart_from cuts the curve, then the flush writes it again)
+    store.flush(ids[0], [("step", s, "loss", -float(s), 0.0) for s in range(1000, 1100)],
+                restart_from=[("step", "loss", 1000)], open_curves=memory)
+    _flush_in_chunks(store, ids[0], [("step", s, "loss", float(s % 13), 0.0) for s in range(1100, 1400)], memory, 64)
+    _assert_store_matches_raw(store, ids[0])
+    loss = store.metrics([ids[0]], names=["loss"])
+    assert loss["step"].tolist() == list(range(1400))
+    frame = store.metrics(ids, max_points=300)
+    assert not frame.empty and (frame.groupby(["run_id", "kind", "name"]).size() <= 300).all()
+
+
+def test_a_resumed_worker_rewrites_its_tail_into_correct_buckets(store):
+    """Two real StoreReporters, as a worker and its resumed successor use them: the second starts
+    without memory, cuts each curve where it writes it again, and its buckets still equal the raw rows'."""
+    (run_id,) = _make_runs(store, 1)
+    first = StoreReporter(store, run_id, flush_s=60)
+    for step in range(700):
+        first.metrics("step", step, {"loss": float((step * 7) % 11), "acc": step / 700})
+        if step % 90 == 0:
+            first.flush()
+    first.close()
+    second = StoreReporter(store, run_id, flush_s=60, resume=True)
+    for step in range(600, 900):
+        second.metrics("step", step, {"loss": -float(step), "acc": float(step % 5)})
+        if step % 70 == 0:
+            second.flush()
+    second.close()
+    raw = store.metrics([run_id])
+    assert raw.groupby("name")["step"].apply(list).to_dict() == {"acc": list(range(900)), "loss": list(range(900))}
+    assert raw[(raw.name == "loss") & (raw.step >= 600)]["value"].tolist() == [-float(s) for s in range(600, 900)]
+    _assert_store_matches_raw(store, run_id)
+
+
+@pytest.mark.parametrize("max_points", [3, 40, 130, 400, 700, 5000])
+def test_the_level_read_is_the_finest_that_fits(sqlite_store, max_points):
+    """Against a brute-force count over the raw rows: a curve with at most max_points finite values
+    comes point for point; else the finest level whose buckets (4 points each) fit, else the coarsest."""
+    store = sqlite_store
+    ids = _make_runs(store, 3)
+    rng = np.random.default_rng(max_points)
+    steps = {ids[0]: range(0, 3000), ids[1]: sorted(rng.choice(200_000, 600, replace=False)), ids[2]: range(7, 400, 3)}
+    for run_id, run_steps in steps.items():
+        _flush_in_chunks(store, run_id, [("step", int(s), "loss", float(rng.normal()), 0.0) for s in run_steps],
+                         {}, 113)
+    raw = store.metrics(ids)
+    got = store.metrics(ids, max_points=max_points)
+    for run_id in ids:
+        curve = raw[raw.run_id == run_id]
+        read = got[got.run_id == run_id]
+        if len(curve) <= max_points:
+            assert read["step"].tolist() == curve["step"].tolist()
+            continue
+        counts = [(curve["step"] // w).nunique() for w in LEVEL_WIDTHS]
+        width = next((w for w, n in zip(LEVEL_WIDTHS, counts) if 4 * n <= max_points), LEVEL_WIDTHS[-1])
+        _assert_points(read, _m4_oracle(curve, width))

@@ -52,9 +52,26 @@ class Bucket:
 
     def points(self) -> list[tuple[int, float]]:
         """The bucket's distinct points in step order: first, min and max in the order they came, last."""
-        found = {self.first_step: self.first_value, self.min_step: self.min_value,
-                 self.max_step: self.max_value, self.last_step: self.last_value}
-        return sorted(found.items())
+        return edge_points(self.first_step, self.first_value, self.last_step, self.last_value,
+                           self.min_step, self.min_value, self.max_step, self.max_value)
+
+
+@dataclass
+class OpenCurve:
+    """What a writer knows of one curve after its own last write: the store's version of the curve
+    then, and at every level the last bucket (its index and extremes; None: no bucket yet). Valid only
+    while the store's version is still that one (nobody else wrote or cut the curve since)."""
+
+    version: int
+    last: list[tuple[int, Bucket] | None]
+
+
+def edge_points(first_step: int, first_value: float, last_step: int, last_value: float, min_step: int,
+                min_value: float, max_step: int, max_value: float) -> list[tuple[int, float]]:
+    """A bucket's distinct points in step order, from its stored columns (no Bucket built: reads
+    turn thousands of rows into points)."""
+    found = {first_step: first_value, min_step: min_value, max_step: max_value, last_step: last_value}
+    return sorted(found.items())
 
 
 def fold(points: Iterable[tuple[int, float | None]], width: int) -> dict[int, Bucket]:

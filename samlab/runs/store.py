@@ -21,9 +21,10 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
     Store.start_run(run_id, pid, host, device) -> bool   worker takes the run (queued, or claimed for it)
     Store.set_launch(run_id, pid, executor_ref)          launcher records the process it started
     Store.assign_executor(run_ids, executor, ref) -> int queued runs: the backend job that will run them
-    Store.flush(run_id, rows, progress=None, message=None, result=None, restart_from=()) -> bool
-        one transaction: metric rows [(kind, step, name, value, time)], heartbeat, progress, partial
-        result; returns the run's cancel_requested flag
+    Store.flush(run_id, rows, progress=None, message=None, result=None, restart_from=(), open_curves=None)
+        -> bool   one transaction: metric rows [(kind, step, name, value, time)], heartbeat, progress,
+        partial result; returns the run's cancel_requested flag. open_curves: a dict the writer keeps
+        between its flushes (what it knows of its curves' last buckets), so a flush need not read them
     Store.finish_run(run_id, status, *, result, summary, error, checkpoint_path) -> bool
     Store.fail_run(run_id, reason, *, only_if_running=True) -> bool
     Store.request_cancel(run_id) -> str        "cancelled" (was queued), "requested" (running) or ""
@@ -65,6 +66,8 @@ Schema history (SCHEMA_VERSION, `meta.schema_version`); opening an older file mi
         adaptive search: its spec, status, driver process and heartbeat, cancel flag).
     v5  metric_buckets: every curve downsampled at write time (samlab.runs.curves), filled from the
         existing metrics when an older file is opened.
+    v6  metric_curves: one row per curve (rows, finite values, buckets per level, a write version), so a
+        read chooses each curve's level without counting buckets; filled from the existing tables.
 
 Searches (samlab.runs.search): Store.create_search(search_id, name, spec), get_search(id),
 list_searches(), search_heartbeat(id, pid, host, status=None, error=None),
@@ -93,7 +96,7 @@ from samlab.runs import curves
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "diverged", "pruned")
 ACTIVE = ("queued", "running")
 FINAL = ("completed", "failed", "cancelled", "diverged", "pruned")
@@ -209,6 +212,23 @@ buckets_table = sa.Table(
     *[sa.Column(f"{edge}_{part}", sa.Integer if part == "step" else sa.Float, nullable=False)
       for edge in ("first", "last", "min", "max") for part in ("step", "value")],
 )
+_EDGE_COLUMNS = [c for c in buckets_table.c if c.name.endswith(("_step", "_value"))]  # edge_points' order
+
+# One row per curve, kept by `flush` beside its buckets: how many rows and finite values it has and how
+# many buckets at each level, so a read picks a curve's level from one row, and a version bumped by every
+# write (a writer's OpenCurve is valid while the version is the one it wrote).
+curves_table = sa.Table(
+    "metric_curves",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("rows", sa.Integer, nullable=False),  # metric rows, NaN ones included
+    sa.Column("n", sa.Integer, nullable=False),  # finite values (the points in the buckets)
+    sa.Column("version", sa.Integer, nullable=False),
+    *[sa.Column(f"buckets_{level}", sa.Integer, nullable=False) for level in range(len(curves.LEVEL_WIDTHS))],
+)
+_LEVEL_COLUMNS = [f"buckets_{level}" for level in range(len(curves.LEVEL_WIDTHS))]
 
 artifacts_table = sa.Table(
     "artifacts",
@@ -357,7 +377,35 @@ def _insert_buckets(conn: sa.Connection, curve: tuple[str, str, str] | None,
         conn.execute(sa.insert(buckets_table), rows)
 
 
-MIGRATIONS = {2: _migrate_1_to_2, 3: _migrate_2_to_3, 4: _migrate_3_to_4, 5: _migrate_4_to_5}  # target version -> step from the version before
+def _migrate_5_to_6(conn: sa.Connection) -> None:
+    curves_table.create(conn, checkfirst=True)
+    rows = list(_count_curves(conn, (), ()).values())
+    for chunk in _chunks(rows, 1000):
+        conn.execute(sa.insert(curves_table), chunk)
+
+
+def _count_curves(conn: sa.Connection, metric_cond: Sequence[Any], bucket_cond: Sequence[Any]
+                  ) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The metric_curves rows (version 1) of the curves matching these filters, counted from the
+    metrics and the buckets themselves."""
+    m, b = metrics_table.c, buckets_table.c
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    query = sa.select(m.run_id, m.kind, m.name, sa.func.count()).where(*metric_cond).group_by(
+        m.run_id, m.kind, m.name)
+    for run_id, kind, name, n_rows in conn.execute(query):
+        out[(run_id, kind, name)] = {"run_id": run_id, "kind": kind, "name": name, "rows": int(n_rows),
+                                     "n": 0, "version": 1, **dict.fromkeys(_LEVEL_COLUMNS, 0)}
+    query = sa.select(b.run_id, b.kind, b.name, b.level, sa.func.count(), sa.func.sum(b.n)).where(
+        *bucket_cond).group_by(b.run_id, b.kind, b.name, b.level)
+    for run_id, kind, name, level, n_buckets, n_points in conn.execute(query):
+        row = out[(run_id, kind, name)]
+        row[_LEVEL_COLUMNS[level]] = int(n_buckets)
+        row["n"] = int(n_points)
+    return out
+
+
+MIGRATIONS = {2: _migrate_1_to_2, 3: _migrate_2_to_3, 4: _migrate_3_to_4, 5: _migrate_4_to_5,
+              6: _migrate_5_to_6}  # target version -> step from the version before
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -583,10 +631,17 @@ class Store:
     def flush(self, run_id: str, rows: Sequence[tuple[str, int, str, float | None, float]],
               progress: float | None = None, message: str | None = None,
               result: dict[str, Any] | None = None,
-              restart_from: Sequence[tuple[str, str, int]] = ()) -> bool:
+              restart_from: Sequence[tuple[str, str, int]] = (),
+              open_curves: dict[tuple[str, str, str], curves.OpenCurve] | None = None) -> bool:
         """Metric rows, heartbeat, progress and a partial result in one transaction; returns the
         run's cancel_requested flag. `restart_from` (kind, name, step) first drops those curves' rows
-        from that step on (a resumed run writing them again)."""
+        from that step on (a resumed run writing them again).
+
+        `open_curves` is a writer's memory of its curves between flushes ((run_id, kind, name) ->
+        curves.OpenCurve), updated once the transaction commits: with it a flush that only extends a
+        curve does not read its buckets back. An entry is used only while the curve's version in the
+        store is the one it recorded, so another writer or a cut tail makes this flush read the
+        buckets it touches, as it does without it."""
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
         if progress is not None:
             values["progress"] = progress
@@ -595,8 +650,10 @@ class Store:
         if result is not None:
             values["result"] = _dumps(result)
         m = metrics_table.c
+        opened: dict[tuple[str, str, str], curves.OpenCurve] = {}
         with self.engine.begin() as conn:
-            # the heartbeat first: a write takes SQLite's write lock before anything is read
+            # the heartbeat first: a write takes SQLite's write lock (PostgreSQL: the run's row lock,
+            # which orders two writers of one run) before anything is read
             conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(**values))
             for kind, name, step in restart_from:
                 conn.execute(sa.delete(metrics_table).where(
@@ -608,10 +665,12 @@ class Store:
                     {"run_id": run_id, "kind": k, "step": s, "name": n, "value": _nan_to_null(v), "time": t}
                     for k, s, n, v, t in rows
                 ])
-                _add_to_buckets(conn, run_id, rows)
+                opened = _add_to_buckets(conn, run_id, rows, open_curves or {})
             flag = conn.execute(
                 sa.select(runs_table.c.cancel_requested).where(runs_table.c.id == run_id)
             ).scalar_one_or_none()
+        if open_curves is not None:  # committed: the writer's memory follows the store
+            open_curves.update(opened)
         return bool(flag)
 
     def finish_run(self, run_id: str, status: str, *, result: dict[str, Any] | None = None,
@@ -706,6 +765,7 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(sa.delete(metrics_table).where(metrics_table.c.run_id == run["id"]))
             conn.execute(sa.delete(buckets_table).where(buckets_table.c.run_id == run["id"]))
+            conn.execute(sa.delete(curves_table).where(curves_table.c.run_id == run["id"]))
             conn.execute(sa.delete(artifacts_table).where(artifacts_table.c.run_id == run["id"]))
             conn.execute(sa.delete(runs_table).where(runs_table.c.id == run["id"],
                                                      runs_table.c.status != "running"))
@@ -895,9 +955,9 @@ class Store:
             return [(row.group_id, row.name) for row in conn.execute(query)]
 
     def metric_names(self, run_ids: Iterable[str]) -> list[tuple[str, str]]:
-        m = metrics_table.c
-        query = (sa.select(m.kind, m.name).where(m.run_id.in_(list(run_ids))).distinct()
-                 .order_by(m.kind, m.name))
+        c = curves_table.c  # one row per curve: the metrics themselves are not scanned
+        query = (sa.select(c.kind, c.name).where(c.run_id.in_(list(run_ids)), c.rows > 0).distinct()
+                 .order_by(c.kind, c.name))
         with self.engine.connect() as conn:
             return [(k, n) for k, n in conn.execute(query)]
 
@@ -924,10 +984,9 @@ class Store:
                 rows = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind, after))).all()
             else:
                 rows = _downsampled_rows(conn, ids, names, kind, max_points)
-        # plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than the query
+        # plain tuples: pandas probes each SQLAlchemy Row for attributes, which costs more than the query;
+        # downsampled rows come sorted already
         frame = pd.DataFrame([tuple(r) for r in rows], columns=["run_id", "kind", "name", "step", "value"])
-        if max_points is not None:
-            frame = frame.sort_values(["run_id", "kind", "name", "step"], kind="stable", ignore_index=True)
         frame["value"] = frame["value"].astype(float)
         frame["step"] = frame["step"].astype("int64")
         return frame
@@ -985,68 +1044,131 @@ def _chunks(items: list[Any], size: int = 200) -> Iterable[list[Any]]:
 
 def _downsampled_rows(conn: sa.Connection, run_ids: list[str], names: list[str] | None, kind: str | None,
                       max_points: int) -> list[tuple[Any, ...]]:
-    """Short curves point for point, long ones from the level of buckets that fits `max_points`."""
-    b = buckets_table.c
-    counts = conn.execute(sa.select(b.run_id, b.kind, b.name, b.level, sa.func.count(), sa.func.sum(b.n))
-                          .where(*_metric_filters(buckets_table, run_ids, names, kind))
-                          .group_by(b.run_id, b.kind, b.name, b.level)).all()
-    levels: dict[tuple[str, str, str], dict[int, int]] = {}
-    sizes: dict[tuple[str, str, str], int] = {}
-    for run_id, kind_, name, level, n_buckets, n_points in counts:
-        levels.setdefault((run_id, kind_, name), {})[level] = n_buckets
-        sizes[(run_id, kind_, name)] = int(n_points)
-    by_level: dict[int | None, list[tuple[str, str, str]]] = {}
-    for curve, per_level in levels.items():
-        by_level.setdefault(curves.choose_level(sizes[curve], per_level, max_points), []).append(curve)
+    """Short curves point for point, long ones from the level of buckets that fits `max_points`; the
+    level comes from each curve's metric_curves row. Rows sorted by run, kind, name and step."""
+    c, b = curves_table.c, buckets_table.c
+    query = sa.select(c.run_id, c.kind, c.name, c.n, *[c[col] for col in _LEVEL_COLUMNS]).where(
+        c.n > 0, *_metric_filters(curves_table, run_ids, names, kind))
+    by_level: dict[int | None, set[tuple[str, str, str]]] = {}
+    for run_id, kind_, name, n_points, *n_buckets in conn.execute(query):
+        level = curves.choose_level(n_points, dict(enumerate(n_buckets)), max_points)
+        by_level.setdefault(level, set()).add((run_id, kind_, name))
     # plain run_id IN / name IN / kind filters (the indexes serve them; row-value IN lists they do
     # not), then only the curves chosen for each source are kept
-    rows: list[Any] = []
-    for level, chosen in by_level.items():
-        wanted = set(chosen)
-        ids = sorted({run_id for run_id, _, _ in chosen})
+    points: dict[tuple[str, str, str], list[tuple[int, float | None]]] = {}
+    for level, wanted in by_level.items():
+        ids = sorted({run_id for run_id, _, _ in wanted})
         if level is None:
-            found = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind)))
-            rows += [r for r in found if (r[0], r[1], r[2]) in wanted]
+            for run_id, kind_, name, step, value in conn.execute(
+                    _raw_query(_metric_filters(metrics_table, ids, names, kind))):
+                if (run_id, kind_, name) in wanted:
+                    points.setdefault((run_id, kind_, name), []).append((step, value))
             continue
-        found = conn.execute(sa.select(buckets_table).where(
-            b.level == level, *_metric_filters(buckets_table, ids, names, kind)))
-        for row in found:
-            if (row.run_id, row.kind, row.name) in wanted:
-                bucket = curves.Bucket.from_row(row._mapping)
-                rows += [(row.run_id, row.kind, row.name, step, value) for step, value in bucket.points()]
-    return rows
+        found = conn.execute(sa.select(b.run_id, b.kind, b.name, *_EDGE_COLUMNS)
+                             .where(b.level == level, *_metric_filters(buckets_table, ids, names, kind))
+                             .order_by(b.run_id, b.kind, b.name, b.bucket))
+        for run_id, kind_, name, *edges in found:
+            if (run_id, kind_, name) in wanted:
+                points.setdefault((run_id, kind_, name), []).extend(curves.edge_points(*edges))
+    return [(*curve, step, value) for curve in sorted(points) for step, value in points[curve]]
 
 
-def _add_to_buckets(conn: sa.Connection, run_id: str, rows: Sequence[tuple[str, int, str, float | None, float]]) -> None:
-    """Fold a flush's metric rows into the run's buckets (read, merge, write back the touched ones)."""
+def _add_to_buckets(conn: sa.Connection, run_id: str, rows: Sequence[tuple[str, int, str, float | None, float]],
+                    known: dict[tuple[str, str, str], curves.OpenCurve]
+                    ) -> dict[tuple[str, str, str], curves.OpenCurve]:
+    """Fold a flush's metric rows into the run's buckets and curve rows. A bucket that may exist is
+    read back unless `known` (the writer's memory, valid while the curve's version matches) has it:
+    a flush that only extends its curves reads one metric_curves row per curve and no bucket. Returns
+    what the writer knows after this write."""
     points: dict[tuple[str, str], list[tuple[int, float | None]]] = {}
     for kind, step, name, value, _ in rows:
         points.setdefault((kind, name), []).append((step, value))
-    new: dict[tuple[str, str, int, int], curves.Bucket] = {}
+    c = curves_table.c
+    stored = {(r.kind, r.name): r for r in conn.execute(sa.select(curves_table).where(
+        c.run_id == run_id, c.name.in_(sorted({name for _, name in points}))))}
+    opened: dict[tuple[str, str, str], curves.OpenCurve] = {}
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
     for (kind, name), curve in points.items():
-        for level, width in enumerate(curves.LEVEL_WIDTHS):
-            for index, bucket in curves.fold(curve, width).items():
-                new[(kind, name, level, index)] = bucket
+        row = stored.get((kind, name))
+        state = known.get((run_id, kind, name))
+        if row is None or row.n == 0:
+            last: list[tuple[int, curves.Bucket] | None] | None = [None] * len(curves.LEVEL_WIDTHS)
+        elif state is not None and state.version == row.version:
+            last = list(state.last)
+        else:
+            last = None  # not known: read what this flush touches
+        folded = [curves.fold(curve, width) for width in curves.LEVEL_WIDTHS]
+        unread = {level: min(new) for level, new in enumerate(folded)
+                  if new and (last is None or (last[level] is not None and min(new) < last[level][0]))}
+        existing = _read_buckets(conn, run_id, kind, name, unread)
+        added = [0] * len(folded)
+        tops: list[tuple[int, curves.Bucket] | None] = []
+        for level, new in enumerate(folded):
+            top = last[level] if last is not None else None
+            candidates = dict([top] if top is not None else []) | existing.get(level, {})
+            for index, bucket in new.items():
+                old = candidates.get(index) if level in unread or top is None or index == top[0] else None
+                merged = old.merge(bucket) if old is not None else bucket
+                key = {"run_id": run_id, "kind": kind, "name": name, "level": level, "bucket": index}
+                if old is None:
+                    inserts.append(key | merged.as_row())
+                    added[level] += 1
+                else:
+                    updates.append({f"key_{k}": v for k, v in key.items()} | merged.as_row())
+                candidates[index] = merged
+            tops.append(max(candidates.items()) if candidates else None)
+        version = (row.version + 1) if row is not None else 1
+        n_points = sum(bucket.n for bucket in folded[0].values())
+        counts = {col: (getattr(row, col) if row is not None else 0) + added[level]
+                  for level, col in enumerate(_LEVEL_COLUMNS)}
+        curve_row = {"rows": (row.rows if row is not None else 0) + len(curve),
+                     "n": (row.n if row is not None else 0) + n_points, "version": version, **counts}
+        _write_curve_row(conn, (run_id, kind, name), curve_row, exists=row is not None)
+        if last is not None or all(folded):  # every level's last bucket known
+            opened[(run_id, kind, name)] = curves.OpenCurve(version, tops)
     b = buckets_table.c
-    key = sa.tuple_(b.kind, b.name, b.level, b.bucket)
-    existing = []
-    for chunk in _chunks(list(new)):
-        existing += conn.execute(sa.select(buckets_table).where(b.run_id == run_id, key.in_(chunk))).all()
-    for row in existing:
-        at = (row.kind, row.name, row.level, row.bucket)
-        new[at] = curves.Bucket.from_row(row._mapping).merge(new[at])
-    for chunk in _chunks([(r.kind, r.name, r.level, r.bucket) for r in existing]):
-        conn.execute(sa.delete(buckets_table).where(b.run_id == run_id, key.in_(chunk)))
-    if new:
-        conn.execute(sa.insert(buckets_table), [
-            {"run_id": run_id, "kind": k, "name": n, "level": level, "bucket": index, **bucket.as_row()}
-            for (k, n, level, index), bucket in new.items()])
+    if updates:
+        conn.execute(sa.update(buckets_table).where(
+            b.run_id == sa.bindparam("key_run_id"), b.kind == sa.bindparam("key_kind"),
+            b.name == sa.bindparam("key_name"), b.level == sa.bindparam("key_level"),
+            b.bucket == sa.bindparam("key_bucket")), updates)
+    if inserts:
+        conn.execute(sa.insert(buckets_table), inserts)
+    return opened
+
+
+def _read_buckets(conn: sa.Connection, run_id: str, kind: str, name: str, start: dict[int, int]
+                  ) -> dict[int, dict[int, curves.Bucket]]:
+    """A curve's stored buckets from index `start[level]` on at those levels ({level: {index: bucket}})."""
+    if not start:
+        return {}
+    b = buckets_table.c
+    found = conn.execute(sa.select(buckets_table).where(
+        b.run_id == run_id, b.kind == kind, b.name == name,
+        sa.or_(*[sa.and_(b.level == level, b.bucket >= index) for level, index in start.items()])))
+    out: dict[int, dict[int, curves.Bucket]] = {}
+    for row in found:
+        out.setdefault(row.level, {})[row.bucket] = curves.Bucket.from_row(row._mapping)
+    return out
+
+
+def _write_curve_row(conn: sa.Connection, curve: tuple[str, str, str], values: dict[str, Any], *,
+                     exists: bool) -> None:
+    run_id, kind, name = curve
+    c = curves_table.c
+    if exists:
+        conn.execute(sa.update(curves_table).where(c.run_id == run_id, c.kind == kind, c.name == name)
+                     .values(**values))
+    else:
+        conn.execute(sa.insert(curves_table).values(run_id=run_id, kind=kind, name=name, **values))
 
 
 def _rebuild_buckets(conn: sa.Connection, run_id: str, kind: str, name: str, step: int) -> None:
     """A curve cut at `step` (its later rows deleted): rebuild every bucket that held `step` or later
-    from the raw rows left."""
-    b, m = buckets_table.c, metrics_table.c
+    from the raw rows left, and recount its metric_curves row (a new version: writers' memory of the
+    curve is void)."""
+    b, m, c = buckets_table.c, metrics_table.c, curves_table.c
     for level, width in enumerate(curves.LEVEL_WIDTHS):
         conn.execute(sa.delete(buckets_table).where(b.run_id == run_id, b.kind == kind, b.name == name,
                                                     b.level == level, b.bucket >= step // width))
@@ -1055,6 +1177,14 @@ def _rebuild_buckets(conn: sa.Connection, run_id: str, kind: str, name: str, ste
         m.run_id == run_id, m.kind == kind, m.name == name, m.step >= step // widest * widest,
         m.step < step)).all()
     _insert_buckets(conn, (run_id, kind, name), [tuple(r) for r in kept], from_step=step)
+    version = conn.execute(sa.select(c.version).where(c.run_id == run_id, c.kind == kind, c.name == name)
+                           ).scalar_one_or_none()
+    counted = _count_curves(conn, [m.run_id == run_id, m.kind == kind, m.name == name],
+                            [b.run_id == run_id, b.kind == kind, b.name == name])
+    values = counted.get((run_id, kind, name)) or {"rows": 0, "n": 0, **dict.fromkeys(_LEVEL_COLUMNS, 0)}
+    values = {k: v for k, v in values.items() if k not in ("run_id", "kind", "name")}
+    values["version"] = (version or 0) + 1
+    _write_curve_row(conn, (run_id, kind, name), values, exists=version is not None)
 
 
 def _default_runs_root(url: str) -> Path:

@@ -32,6 +32,7 @@ from typing import Any
 
 from samlab import tasks
 from samlab.reporting import Reporter
+from samlab.runs.curves import OpenCurve
 from samlab.runs.executors import env_float, hostname
 from samlab.runs.store import Store, open_store
 
@@ -62,6 +63,7 @@ class StoreReporter(Reporter):
         self._message: str | None = None
         self._result: dict[str, Any] | None = None
         self._seen: set[tuple[str, str]] = set()
+        self._open_curves: dict[tuple[str, str, str], OpenCurve] = {}  # its curves' last buckets (Store.flush)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
@@ -123,7 +125,8 @@ class StoreReporter(Reporter):
                 self._result = None
             restart = self._restart_points(rows)
             try:
-                cancel = self.store.flush(self.run_id, rows, progress, message, result, restart_from=restart)
+                cancel = self.store.flush(self.run_id, rows, progress, message, result, restart_from=restart,
+                                          open_curves=self._open_curves)
             except Exception as exc:  # the database may be briefly unavailable: keep rows, retry later
                 self.flush_errors += 1
                 print(f"store write failed ({type(exc).__name__}: {exc}); will retry", file=sys.stderr)
