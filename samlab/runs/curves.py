@@ -31,10 +31,6 @@ class Bucket:
     max_value: float
 
     @classmethod
-    def of(cls, step: int, value: float) -> Bucket:
-        return cls(1, step, value, step, value, step, value, step, value)
-
-    @classmethod
     def from_row(cls, row: Mapping[str, object]) -> Bucket:
         return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
@@ -70,20 +66,34 @@ def edge_points(first_step: int, first_value: float, last_step: int, last_value:
                 min_value: float, max_step: int, max_value: float) -> list[tuple[int, float]]:
     """A bucket's distinct points in step order, from its stored columns (no Bucket built: reads
     turn thousands of rows into points)."""
-    found = {first_step: first_value, min_step: min_value, max_step: max_value, last_step: last_value}
-    return sorted(found.items())
+    low, high = (min_step, min_value), (max_step, max_value)
+    if high[0] < low[0]:
+        low, high = high, low
+    out = [(first_step, first_value)]
+    for point in (low, high, (last_step, last_value)):  # steps in order within [first, last]: a repeat
+        if point[0] != out[-1][0]:  # is the same point as the one before it
+            out.append(point)
+    return out
 
 
 def fold(points: Iterable[tuple[int, float | None]], width: int) -> dict[int, Bucket]:
     """Buckets (index step // width) of these points; points without a value are skipped."""
-    out: dict[int, Bucket] = {}
+    groups: dict[int, list[tuple[int, float]]] = {}
     for step, value in points:
         if value is None or value != value:
             continue
-        index = step // width
-        new = Bucket.of(int(step), float(value))
-        out[index] = out[index].merge(new) if index in out else new
-    return out
+        groups.setdefault(step // width, []).append((int(step), float(value)))
+    return {index: _bucket_of(group) for index, group in groups.items()}
+
+
+def _bucket_of(points: list[tuple[int, float]]) -> Bucket:
+    """The bucket of these points in one pass (what merging them one by one gives: ties go to the
+    earlier step, and between equal steps to the earlier point)."""
+    first = min(points, key=lambda p: p[0])
+    last = max(points, key=lambda p: p[0])
+    low = min(points, key=lambda p: (p[1], p[0]))
+    high = max(points, key=lambda p: (p[1], -p[0]))
+    return Bucket(len(points), *first, *last, *low, *high)
 
 
 def choose_level(n_points: int, buckets_per_level: Mapping[int, int], max_points: int) -> int | None:
