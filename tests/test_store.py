@@ -372,6 +372,7 @@ def test_latest_metrics_restart_and_delete(store, tmp_path):
     removed = store.delete_run(ids[0])
     assert removed["id"] == ids[0]
     assert store.metrics([ids[0]]).empty and store.artifacts(ids[0]) == []
+    assert store.metrics([ids[0]]).dtypes.tolist() == [object, object, object, "int64", "float64"]
     assert [r["id"] for r in store.list_runs()] == [ids[1]]
     store.claim(ids[1], "h", "local")
     with pytest.raises(ValueError, match="cancel it before deleting"):

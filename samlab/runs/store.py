@@ -987,7 +987,11 @@ class Store:
                 rows = _downsampled_rows(conn, ids, names, kind, max_points)
         # column by column from plain tuples (pandas probing each SQLAlchemy Row costs more than the
         # query); downsampled rows come sorted already
-        run_col, kind_col, name_col, steps, values = zip(*rows) if rows else ((),) * 5
+        if not rows:
+            return pd.DataFrame({"run_id": pd.Series(dtype=object), "kind": pd.Series(dtype=object),
+                                 "name": pd.Series(dtype=object), "step": np.array((), dtype="int64"),
+                                 "value": np.array((), dtype=float)})
+        run_col, kind_col, name_col, steps, values = zip(*rows)
         return pd.DataFrame({"run_id": list(run_col), "kind": list(kind_col), "name": list(name_col),
                              "step": np.array(steps, dtype="int64"), "value": np.array(values, dtype=float)})
 
