@@ -199,13 +199,17 @@ metrics_table = sa.Table(
     sa.Index("ix_metrics_run_kind_name_step", "run_id", "kind", "name", "step", "value"),
 )
 
+def _curve_key() -> list[sa.Column]:
+    """The primary key columns naming one curve (new Column objects for each table)."""
+    return [sa.Column("run_id", sa.String(32), primary_key=True), sa.Column("kind", sa.String(16), primary_key=True),
+            sa.Column("name", sa.String(64), primary_key=True)]
+
+
 # The downsampled curves (samlab.runs.curves): one row per (curve, level, bucket), kept by `flush`.
 buckets_table = sa.Table(
     "metric_buckets",
     metadata,
-    sa.Column("run_id", sa.String(32), primary_key=True),
-    sa.Column("kind", sa.String(16), primary_key=True),
-    sa.Column("name", sa.String(64), primary_key=True),
+    *_curve_key(),
     sa.Column("level", sa.SmallInteger, primary_key=True, autoincrement=False),
     sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("n", sa.Integer, nullable=False),
@@ -220,9 +224,7 @@ _EDGE_COLUMNS = [c for c in buckets_table.c if c.name.endswith(("_step", "_value
 curves_table = sa.Table(
     "metric_curves",
     metadata,
-    sa.Column("run_id", sa.String(32), primary_key=True),
-    sa.Column("kind", sa.String(16), primary_key=True),
-    sa.Column("name", sa.String(64), primary_key=True),
+    *_curve_key(),
     sa.Column("rows", sa.Integer, nullable=False),  # metric rows, NaN ones included
     sa.Column("n", sa.Integer, nullable=False),  # finite values (the points in the buckets)
     sa.Column("version", sa.Integer, nullable=False),
