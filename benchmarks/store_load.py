@@ -1,6 +1,7 @@
 """Run-store load: N worker processes write metrics at a fixed rate while the dashboard reads.
 
-    python benchmarks/store_load.py [--writers 8] [--rate 200] [--seconds 10] [--store URL] [--json]
+    python benchmarks/store_load.py [--writers 8] [--rate 200] [--seconds 10] [--writer-history STEPS]
+                                    [--store URL] [--json]
 
 Each writer is a real `StoreReporter` (the worker's write path: buffer, flush every --flush seconds in
 one transaction with the heartbeat) emitting --rate metric values per second for --seconds. Meanwhile
@@ -33,7 +34,7 @@ GOAL_MEDIAN_MS = 100.0
 GOAL_P95_MS = 250.0
 
 
-def writer(url: str, run_id: str, rate: float, seconds: float, flush_s: float) -> None:
+def writer(url: str, run_id: str, rate: float, seconds: float, flush_s: float, first_step: int = 0) -> None:
     """Emit `rate` values per second (two metrics per step) for `seconds`; print how many."""
     store = Store(url)
     flush_times: list[float] = []
@@ -52,16 +53,16 @@ def writer(url: str, run_id: str, rate: float, seconds: float, flush_s: float) -
     reporter = StoreReporter(store, run_id, flush_s=flush_s)
     reporter.start()
     t0 = time.monotonic()
-    step = 0
+    step = first_step
     while (elapsed := time.monotonic() - t0) < seconds:
-        due = int(elapsed * rate / 2)
+        due = first_step + int(elapsed * rate / 2)
         while step < due:
             reporter.metrics("step", step, {"loss": 1.0 / (step + 1), "acc": step % 100 / 100})
             step += 1
         reporter.progress(elapsed, seconds, "writing")
         time.sleep(0.005)
     reporter.close()
-    print(json.dumps({"rows": 2 * step, "flush_errors": reporter.flush_errors,
+    print(json.dumps({"rows": 2 * (step - first_step), "flush_errors": reporter.flush_errors,
                       "flush_median_ms": 1000 * statistics.median(flush_times),
                       "flush_cpu_median_ms": 1000 * statistics.median(flush_cpu)}), flush=True)
 
@@ -98,12 +99,14 @@ def main() -> int:
     parser.add_argument("--flush", type=float, default=0.5, help="writer flush interval (s)")
     parser.add_argument("--store", default=None, help="store URL (default: a fresh SQLite file in /tmp)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--writer", nargs=5, metavar=("URL", "RUN_ID", "RATE", "SECONDS", "FLUSH"),
+    parser.add_argument("--writer-history", type=int, default=0,
+                        help="steps each writer's run already has (a long run's flushes: its curves' buckets)")
+    parser.add_argument("--writer", nargs=6, metavar=("URL", "RUN_ID", "RATE", "SECONDS", "FLUSH", "FIRST"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.writer:
-        url, run_id, rate, seconds, flush = args.writer
-        writer(url, run_id, float(rate), float(seconds), float(flush))
+        url, run_id, rate, seconds, flush, first = args.writer
+        writer(url, run_id, float(rate), float(seconds), float(flush), int(first))
         return 0
 
     url = args.store or f"sqlite:///{tempfile.mkdtemp(prefix='samlab-bench-')}/samlab.db"
@@ -115,8 +118,12 @@ def main() -> int:
 
     run_ids = store.create_runs([{"kind": "train", "params": {"w": i}, "name": f"writer {i}"}
                                  for i in range(args.writers)])
+    for run_id in run_ids:  # the same curves the writers extend, already this long
+        for start in range(0, args.writer_history, 2000):
+            store.flush(run_id, [("step", s, name, value, 0.0) for s in range(start, min(start + 2000, args.writer_history))
+                                 for name, value in (("loss", 1.0 / (s + 1)), ("acc", s % 100 / 100))])
     procs = [subprocess.Popen([sys.executable, __file__, "--writer", url, run_id, str(args.rate),
-                               str(args.seconds), str(args.flush)], stdout=subprocess.PIPE,
+                               str(args.seconds), str(args.flush), str(args.writer_history)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for run_id in run_ids]
     loaded, refreshes, refreshed_rows = [], [], 0
     seen: dict[tuple[str, str], int] = {}
@@ -136,7 +143,7 @@ def main() -> int:
             errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}")
         else:
             reports.append(json.loads(out.strip().splitlines()[-1]))
-    expected = sum(r["rows"] for r in reports)
+    expected = sum(r["rows"] for r in reports) + 2 * args.writer_history * len(run_ids)
     written = int(store.metrics(run_ids).shape[0])
     first_rows = int(store.metrics([run_ids[0]]).shape[0])
     refreshed_rows += len(store.metrics([run_ids[0]], after=seen or None))  # what came after the last read
@@ -145,12 +152,13 @@ def main() -> int:
         "rate_per_writer": args.rate,
         "seconds": args.seconds,
         "flush_s": args.flush,
+        "writer_history_steps": args.writer_history,
         "rows_expected": expected,
         "rows_written": written,
         "rows_equal": expected == written and not errors,
         "writer_errors": errors,
         "flush_retries": sum(r["flush_errors"] for r in reports),
-        "achieved_rows_per_s": written / args.seconds,
+        "achieved_rows_per_s": (written - 2 * args.writer_history * len(run_ids)) / args.seconds,
         "target_rows_per_s": args.writers * args.rate,
         "history_rows": 100 * HISTORY_STEPS,
         "read_idle_median_ms": 1000 * statistics.median(idle),
@@ -172,7 +180,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(figures, sort_keys=True))
     else:
-        print(f"{args.writers} writers x {args.rate:g} values/s for {args.seconds:g}s (flush {args.flush:g}s), "
+        print(f"{args.writers} writers x {args.rate:g} values/s for {args.seconds:g}s (flush {args.flush:g}s, "
+              f"{args.writer_history} steps of history per writer run), "
               f"store {url}")
         print(f"rows written {written} / expected {expected}: {'EQUAL' if figures['rows_equal'] else 'MISMATCH'}"
               f"  ({figures['achieved_rows_per_s']:.0f} rows/s of {figures['target_rows_per_s']:.0f} target; "
