@@ -498,7 +498,8 @@ def test_task_result_matches_the_dense_hessian(trained_run, tmp_path, rademacher
     assert torch.allclose(as64(result["eigenvalues"]["smallest"]["values"]), exact[:3].flip(0), rtol=0, atol=1e-4 * scale)
     trace = result["trace"]
     assert abs(trace["mean"] - float(exact.sum())) <= 3 * trace["stderr"] + 1e-5 * abs(float(exact.sum()))
-    sketch, probes = rademacher_draws[:2]  # the trace stage's Hutch++ draws (the density's come after)
+    # the spectrum's start vector (the density's first run), then the trace stage's Hutch++ draws
+    sketch, probes = rademacher_draws[1:3]
     assert len(sketch) == 4 and len(probes) == 4  # trace_samples 12 = 2 × 4 + 4
     sd = hutch_plus_plus_sd(H, sketch, len(probes))
     assert abs(trace["mean"] - float(exact.sum())) <= 3 * sd + 1e-5 * abs(float(exact.sum()))
@@ -535,12 +536,12 @@ def test_task_stops_after_a_stage_and_resumes_without_recomputing(trained_run, t
     checkpoint = trained_run[0]
     params = task_params(checkpoint, per_layer=False, density=False)
     first = run_task(params, StopAfterFirstStage(), tmp_path, resume=False)
-    assert not first["complete"] and first["done"] == ["largest"]
+    assert not first["complete"] and first["done"] == ["spectrum"]
     again = RecordingReporter()
     resumed = run_task(params, again, tmp_path, resume=True)
-    assert resumed["complete"] and resumed["done"] == ["largest", "smallest", "trace"]
-    assert resumed["eigenvalues"]["largest"] == first["eigenvalues"]["largest"]
-    assert not any(message.startswith("largest") for _, _, message in again.progress_calls)
+    assert resumed["complete"] and resumed["done"] == ["spectrum", "trace"]
+    assert resumed["eigenvalues"] == first["eigenvalues"]
+    assert not any(message.startswith("spectrum") for _, _, message in again.progress_calls)
 
 
 @pytest.mark.parametrize(
