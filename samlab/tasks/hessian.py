@@ -7,8 +7,9 @@ Stages run in turn; each finished stage is saved to the task's workdir and publi
 - "trace": Hutch++ on the whole Hessian, whose products also give every layer's block trace;
 - "density": the remaining quadrature runs;
 - "layer:NAME" per layer: λ_max of the layer's block (Lanczos on it alone), and its block trace: exact
-  (one product per parameter) when the layer has at most `trace_samples` parameters, else the trace
-  stage's estimate with its standard error.
+  (one product per parameter) when the layer has at most `layer_trace_samples` (default
+  `trace_samples`) parameters, else the trace stage's estimate with its standard error, or, with
+  `layer_trace_samples` set, a Hutch++ run of that budget on the layer's block.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ TASK_DEFAULTS: dict[str, Any] = {
     "smallest": True,
     "n_samples": 512,  # a seeded subset of the train split (None: all of it)
     "batch_size": 256,
-    "trace_samples": 99,  # Hutch++ budget, also per layer
+    "trace_samples": 99,  # Hutch++ budget
+    # per-layer traces: None takes them from the trace stage's products; a number: a Hutch++ run of that
+    # budget per layer (smaller standard errors, a run per layer); layers this small or smaller: exact
+    "layer_trace_samples": None,
     "density": True,
     "density_runs": 3,
     "density_steps": 60,
@@ -55,7 +59,7 @@ STATE_FILE = "hessian_state.json"
 def check_task(params: dict[str, Any]) -> dict[str, Any]:
     """Validate and fill in a Hessian request (ValueError naming the field).
 
-    {"checkpoint": path, "k", "smallest", "n_samples", "batch_size", "trace_samples", "density",
+    {"checkpoint": path, "k", "smallest", "n_samples", "batch_size", "trace_samples", "layer_trace_samples", "density",
     "density_runs", "density_steps", "per_layer", "mode": "eval"|"train", "seed", "tol", "max_iter",
     "device"}; "digest" (sha256 of the checkpoint file) is filled in, so a checkpoint trained further is
     a new request for the run store's cache.
@@ -71,6 +75,7 @@ def check_task(params: dict[str, Any]) -> dict[str, Any]:
     check_int("seed", p["seed"], 0, 2**31 - 1)
     check_int("max_iter", p["max_iter"], 2 * p["k"] if p["smallest"] is True else p["k"], 1_000_000)
     check_optional_int("n_samples", p["n_samples"], 1, 100_000_000)
+    check_optional_int("layer_trace_samples", p["layer_trace_samples"], 6, 100_000)
     for name in ("smallest", "density", "per_layer"):
         check_bool(name, p[name])
     check_choice("mode", p["mode"], MODES)
@@ -153,7 +158,7 @@ class _HessianJob:
             return {e.which: {"values": e.values, "residuals": e.residuals, "converged": e.converged,
                               "n_hvp": r.n_hvp} for e in ends}  # both ends: the n_hvp of the one shared run
         if stage == "trace":
-            blocks = self.layers if p["per_layer"] else None
+            blocks = self.layers if p["per_layer"] and not p["layer_trace_samples"] else None
             r = hessian_trace(model, self.loss_fn, self.batches, n_samples=p["trace_samples"], seed=p["seed"],
                               blocks=blocks, **common)  # fmt: skip
             self.shared["layer_traces"] = r.blocks
@@ -171,12 +176,17 @@ class _HessianJob:
                               seed=p["seed"], params=names, **common)  # fmt: skip
         dim = sum(dict(model.named_parameters())[n].numel() for n in names)
         row = {"layer": layer, "params": names, "n_params": dim, "lambda_max": top.values[0]}
-        if dim <= p["trace_samples"]:  # exact in at most the products a stochastic estimate would spend
+        budget = p["layer_trace_samples"]
+        if dim <= (budget or p["trace_samples"]):  # exact in at most the products an estimate would spend
             tr = hessian_trace(model, self.loss_fn, self.batches, method="exact", params=names, **common)
-            row.update(trace=tr.mean, trace_stderr=0.0, trace_method="exact")
+            row.update(trace=tr.mean, trace_stderr=tr.stderr, trace_method="exact")
+        elif budget:
+            tr = hessian_trace(model, self.loss_fn, self.batches, n_samples=budget, seed=p["seed"], params=names,
+                               **common)  # fmt: skip
+            row.update(trace=tr.mean, trace_stderr=tr.stderr, trace_method="hutch++")
         elif layer in self.shared.get("layer_traces", {}):  # from the trace stage's products
             row["trace"], row["trace_stderr"] = self.shared["layer_traces"][layer]
-            row["trace_method"] = "hutch++ (shared)"
+            row["trace_method"] = "hutch++ (whole-Hessian products)"
         return row
 
     def _store(self, stage: str, output: dict[str, Any]) -> None:
