@@ -649,7 +649,7 @@ def assert_block_trace(row, exact, scale, trace_samples):
         assert row["trace_method"] == "exact" and row["trace_stderr"] == 0
         assert math.isclose(row["trace"], exact, rel_tol=1e-4, abs_tol=1e-6 * scale), row["layer"]
     else:
-        assert 0 < row["trace_stderr"] and abs(row["trace"] - exact) <= 4 * row["trace_stderr"] + 1e-5 * scale
+        assert row["trace_stderr"] > 0 and abs(row["trace"] - exact) <= 4 * row["trace_stderr"] + 1e-5 * scale
 
 
 def test_task_per_layer_hutch_plus_plus_runs_when_asked(trained_run, tmp_path):
@@ -693,6 +693,25 @@ def test_task_stops_after_a_stage_and_resumes_without_recomputing(trained_run, t
     assert resumed["complete"] and resumed["done"] == ["spectrum", "trace"]
     assert resumed["eigenvalues"] == first["eigenvalues"]
     assert not any(message.startswith("spectrum") for _, _, message in again.progress_calls)
+
+
+def test_resumed_density_takes_its_first_run_from_the_saved_spectrum(trained_run, tmp_path):
+    from samlab.reporting import RecordingReporter
+    from samlab.tasks.hessian import run_task
+
+    class StopAfterFirstStage(RecordingReporter):
+        def result(self, value):
+            super().result(value)
+            self.stop_requested = True
+
+    params = task_params(trained_run[0], per_layer=False, density_runs=2, density_steps=8)
+    first = run_task(params, StopAfterFirstStage(), tmp_path / "a", resume=False)
+    assert first["done"] == ["spectrum"]
+    resumed = run_task(params, RecordingReporter(), tmp_path / "a", resume=True)
+    whole = run_task(params, RecordingReporter(), tmp_path / "b", resume=False)
+    assert resumed["done"] == whole["done"] == ["spectrum", "trace", "density"]
+    assert resumed["density"]["n_hvp"] == whole["density"]["n_hvp"] == 8  # one run computed, one reused
+    assert resumed["density"]["nodes"] == whole["density"]["nodes"]
 
 
 @pytest.mark.parametrize(
