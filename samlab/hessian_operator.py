@@ -268,6 +268,8 @@ def batchnorm_as_affine(model: nn.Module) -> Iterator[None]:
 
 
 def _affine_batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    if self.training or self.running_mean is None or self.running_var is None:  # e.g. a deep copy put in train mode
+        return type(self).forward(self, x)
     self._check_input_dim(x)
     scale = torch.rsqrt(self.running_var + self.eps)
     if self.weight is not None:

@@ -19,6 +19,7 @@ from samlab.hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from samlab.hessian_operator import HessianOperator
 from samlab.losses import mean_loss
 from tests.helpers import plotly_array
 
@@ -300,6 +301,11 @@ def test_eval_mode_batchnorm_products_match_dense(variant):
     assert rel_err(hvp(model, CE, data, v), H @ v) < 1e-10
     assert rel_err(hvp(model, CE, data, v, impl="func"), H @ v) < 1e-10
     assert vars(norm)["forward"] is sentinel
+    with HessianOperator(model, CE, data):  # a copy made meanwhile and put in train mode uses batch statistics
+        import copy
+
+        twin = copy.deepcopy(model).train()
+    assert torch.equal(twin(data[0]), model.train()(data[0]))
 
 
 class SmoothGate(torch.autograd.Function):
