@@ -120,10 +120,11 @@ def summary_table(results: Labelled) -> pd.DataFrame:
 
 def layer_table(result: dict[str, Any]) -> pd.DataFrame:
     """Per-layer top eigenvalue and trace (± stderr) of the layer's diagonal Hessian block."""
-    rows = [{"layer": r["layer"], "parameters": r["n_params"], "λ_max (block)": r["lambda_max"],
-             "trace (block)": r.get("trace"), "trace stderr": r.get("trace_stderr")}
+    columns = ["layer", "parameters", "λ_max (block)", "trace (block)", "trace stderr", "trace by"]
+    rows = [dict(zip(columns, (r["layer"], r["n_params"], r["lambda_max"], r.get("trace"), r.get("trace_stderr"),
+                               r.get("trace_method"))))
             for r in result.get("per_layer", [])]
-    return pd.DataFrame(rows, columns=["layer", "parameters", "λ_max (block)", "trace (block)", "trace stderr"])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def layer_figure(results: Labelled) -> go.Figure:

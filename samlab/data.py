@@ -9,6 +9,7 @@ changing one option does not reshuffle what another option drew.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import pickle
 import zlib
@@ -388,15 +389,26 @@ def _real(cfg: DataConfig, download: bool) -> Dataset:
 
 def _digits(seed: int):
     """scikit-learn's 1797 digits, scaled to [0, 1], split 1437 / 360 by a seeded permutation."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.int64)
+    images, target = _digits_file()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.int64)
     order = torch.randperm(x.shape[0], generator=_stream(seed, "digits-split"))
     n_train = DATASET_INFO["digits"]["n_train"]
     train, test = order[:n_train], order[n_train:]
     return x[train], y[train], x[test], y[test]
+
+
+def _digits_file() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8], labels) read from the CSV file scikit-learn ships (each row: 64 pixel values,
+    then the label), as `sklearn.datasets.load_digits` reads it, without importing scikit-learn (whose
+    import alone takes seconds, longer than a small analysis)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("data.name: 'digits' needs scikit-learn (pip install scikit-learn)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
 
 def _image_files(name: str, root: Path, download: bool):

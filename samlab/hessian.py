@@ -20,6 +20,7 @@ recorded in every result; the model's modes and parameters are left as they were
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ from samlab.reporting import Reporter
 from samlab.tensors import Data, LossFn, ParamSelection
 
 BACKENDS = ("samlab", "pyhessian")
-TRACE_METHODS = ("hutch++", "hutchinson")
+TRACE_METHODS = ("hutch++", "hutchinson", "exact")
 WHICH = ("largest", "smallest")
 
 
@@ -50,6 +51,14 @@ class EigenResult:
 
 
 @dataclass
+class SpectrumResult:
+    largest: EigenResult
+    smallest: EigenResult | None
+    slq_run: tuple[list[float], list[float]] | None  # (Ritz values, weights) of the first slq_steps steps
+    n_hvp: int  # of the one shared Lanczos run
+
+
+@dataclass
 class TraceResult:
     mean: float
     stderr: float
@@ -58,6 +67,7 @@ class TraceResult:
     method: str
     backend: str
     samples: list[float] = field(repr=False)  # the stochastic terms the stderr comes from
+    blocks: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (trace of H_bb, stderr)
 
 
 @dataclass
@@ -192,8 +202,8 @@ def top_eigenvalues(
 ) -> EigenResult:
     """The k largest (or most negative, which="smallest") eigenvalues of the loss Hessian.
 
-    Thick-restart Lanczos with full reorthogonalization on H (or −H for "smallest") from a Gaussian
-    start vector drawn with `seed`; stops when each wanted Ritz pair's residual is below
+    Thick-restart Lanczos with full reorthogonalization on H from a Gaussian start vector drawn with
+    `seed`, keeping the wanted end's Ritz vectors at a restart; stops when each wanted Ritz pair's residual is below
     tol · max(|θ|, ε^(2/3)‖T‖) (so |λ − θ| ≤ tol·|θ|) or after `max_iter` Hessian-vector products.
     `basis_size` vectors are kept in memory (default max(2k + 20, 40), at most dim).
     backend="pyhessian": PyHessian 0.1's power iteration with deflation (`hessian.eigenvalues`),
@@ -213,45 +223,141 @@ def top_eigenvalues(
     with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
         if k > op.dim:
             raise ValueError(f"k: must be at most the number of selected parameters {op.dim} (got {k})")
-        sign = 1.0 if which == "largest" else -1.0
-        capacity = basis_size if basis_size is not None else max(2 * k + 20, 40)
-        if capacity < k + 2 and capacity < op.dim:
-            raise ValueError(f"basis_size: must be at least k + 2 = {k + 2} (got {capacity})")
-        gen = torch.Generator().manual_seed(int(seed))
-        start = op.random_vectors(1, seed)[0]
-        lanczos = _Lanczos(lambda v: sign * op.matvec(v), start, capacity)
-        converged = False
-        while True:
-            lanczos.extend()
-            theta, s, residual = lanczos.ritz()
-            wanted = torch.arange(lanczos.m - 1, max(lanczos.m - 1 - k, -1), -1)  # largest first
-            converged = lanczos.m >= k and _ritz_converged(theta, residual, wanted, tol, lanczos.eps)
-            reporter.progress(op.n_hvp, max_iter, f"Lanczos: {op.n_hvp} Hessian-vector products")
-            if converged or op.n_hvp >= max_iter or reporter.should_stop():
-                break
-            if lanczos.broke_down():
-                if lanczos.m >= op.dim:
-                    converged = True
-                    break
-                lanczos.restart_with_random(gen)
-            if lanczos.m == lanczos.capacity:
-                keep_count = min(lanczos.m - 1, k + (lanczos.capacity - k) // 2)
-                lanczos.restart(torch.arange(lanczos.m - 1, lanczos.m - 1 - keep_count, -1))
-        wanted = wanted[:k]
-        vectors = lanczos.ritz_vectors(s[:, wanted])
-        values = (sign * theta[wanted]).tolist()
+        ends = (k, 0) if which == "largest" else (0, k)
+        run = _extreme_lanczos(op, ends, tol, max_iter, seed, op.random_vectors(1, seed)[0],
+                               _capacity(basis_size, k, 1, 0, op.dim), reporter)
+        return run.result(which, op)
+
+
+def extreme_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    k: int = 1,
+    *,
+    smallest: bool = True,
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    seed: int = 0,
+    slq_steps: int = 0,
+    params: ParamSelection = None,
+    mode: str = "eval",
+    impl: str = "auto",
+    basis_size: int | None = None,
+    reporter: Reporter | None = None,
+) -> SpectrumResult:
+    """The k largest and (`smallest`) the k most negative eigenvalues from one Lanczos run.
+
+    The extreme Ritz values of a Krylov space converge first at both ends, so one thick-restart
+    Lanczos run on H (full reorthogonalization; at a restart both ends' Ritz vectors are kept) serves
+    both; it stops once every wanted pair at either end meets `top_eigenvalues`' residual test
+    (|λ − θ| ≤ tol·|θ|), or after `max_iter` Hessian-vector products.
+    The start vector is the normalized Rademacher vector that `spectral_density` starts its first run
+    from with the same seed, and the first `slq_steps` steps are plain Lanczos steps (no restart
+    before them; the basis holds at least `slq_steps` vectors): with `slq_steps` = its `n_steps`,
+    `slq_run` is that first quadrature run, node for node (None if the run ended before them), and
+    `spectral_density(..., first_runs=[result.slq_run])` takes it instead of recomputing it.
+    """
+    _check_common(k=k, which="largest", tol=tol, max_iter=max_iter, backend="samlab")
+    if not isinstance(slq_steps, int) or isinstance(slq_steps, bool) or slq_steps < 0:
+        raise ValueError(f"slq_steps: must be an integer >= 0 (got {slq_steps!r})")
+    ends = (k, k if smallest else 0)
+    if max_iter < sum(ends):
+        raise ValueError(f"max_iter: Lanczos needs at least {sum(ends)} Hessian-vector products (got {max_iter})")
+    reporter = reporter or Reporter()
+    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
+        if sum(ends) > op.dim:
+            raise ValueError(f"k: {'2k' if smallest else 'k'} must be at most the number of selected parameters "
+                             f"{op.dim} (got k = {k})")  # fmt: skip
+        start = op.random_vectors(1, seed, "rademacher")[0]
+        capacity = _capacity(basis_size, k, 1 + smallest, slq_steps, op.dim)
+        run = _extreme_lanczos(op, ends, tol, max_iter, seed, start, capacity, reporter, slq_steps)
+        return SpectrumResult(run.result("largest", op), run.result("smallest", op) if smallest else None,
+                              run.slq, op.n_hvp)  # fmt: skip
+
+
+def _capacity(basis_size: int | None, k: int, n_ends: int, slq_steps: int, dim: int) -> int:
+    """Lanczos basis size: default max(n_ends·(2k + 20), 40, slq_steps); at least n_ends·(k + 2) and
+    slq_steps unless it covers the whole space."""
+    if basis_size is None:
+        return max(n_ends * (2 * k + 20), 40, slq_steps)
+    needed = max(n_ends * (k + 2), slq_steps)
+    if basis_size < needed and basis_size < dim:
+        raise ValueError(f"basis_size: must be at least {needed} (got {basis_size})")
+    return basis_size
+
+
+@dataclass
+class _LanczosRun:
+    lanczos: _Lanczos
+    wanted: dict[str, torch.Tensor]  # "largest" / "smallest" -> Ritz indices (ascending θ order)
+    converged: bool
+    slq: tuple[list[float], list[float]] | None
+
+    def result(self, which: str, op: HessianOperator) -> EigenResult:
+        theta, s, residual = self.lanczos.ritz()
+        wanted = self.wanted[which]
+        vectors = self.lanczos.ritz_vectors(s[:, wanted])
+        values = theta[wanted].tolist()
         order = sorted(range(len(values)), key=lambda i: -values[i])
         return EigenResult(
             values=[values[i] for i in order],
             vectors=vectors[order],
             residuals=[float(residual[wanted][i]) for i in order],
             n_hvp=op.n_hvp,
-            mode=mode,
+            mode=op.mode,
             which=which,
-            converged=bool(converged),
+            converged=self.converged,
             backend="samlab",
             param_names=list(op.names),
         )
+
+
+def _extreme_lanczos(op: HessianOperator, ends: tuple[int, int], tol: float, max_iter: int, seed: int,
+                     start: torch.Tensor, capacity: int, reporter: Reporter, slq_steps: int = 0) -> _LanczosRun:
+    """Thick-restart Lanczos on H until the `ends` = (k largest, k smallest) Ritz pairs converge; the
+    quadrature rule (Ritz values, squared first components) after the first `slq_steps` steps is kept."""
+    gen = torch.Generator().manual_seed(int(seed))
+    lanczos = _Lanczos(op.matvec, start, capacity)
+    distinct = min(op.dim, sum(ends))
+    slq = None
+    while True:
+        lanczos.extend()
+        theta, s, residual = lanczos.ritz()
+        wanted = _wanted(lanczos.m, ends)
+        converged = lanczos.m >= distinct and all(
+            _ritz_converged(theta, residual, index, tol, lanczos.eps) for index in wanted.values())
+        if slq_steps and slq is None and (lanczos.m == min(slq_steps, op.dim) or lanczos.broke_down()):
+            slq = (theta.tolist(), (s[0] ** 2).tolist())  # before any restart: a plain run from `start`
+        reporter.progress(op.n_hvp, max_iter, f"Lanczos: {op.n_hvp} Hessian-vector products")
+        if (converged and (slq is not None or not slq_steps)) or op.n_hvp >= max_iter or reporter.should_stop():
+            break
+        if lanczos.broke_down():
+            if lanczos.m >= op.dim:
+                converged = True
+                break
+            lanczos.restart_with_random(gen)
+        if lanczos.m == lanczos.capacity:
+            lanczos.restart(_kept(lanczos.m, ends, lanczos.capacity))
+    return _LanczosRun(lanczos, wanted, bool(converged), slq)
+
+
+def _wanted(m: int, ends: tuple[int, int]) -> dict[str, torch.Tensor]:
+    top, bottom = ends
+    wanted = {}
+    if top:
+        wanted["largest"] = torch.arange(m - 1, max(m - 1 - top, -1), -1)
+    if bottom:
+        wanted["smallest"] = torch.arange(0, min(bottom, m))
+    return wanted
+
+
+def _kept(m: int, ends: tuple[int, int], capacity: int) -> torch.Tensor:
+    """Thick restart: at each wanted end keep k + half the rest of that end's share of the basis."""
+    n_ends = sum(1 for k in ends if k)
+    share, limit = capacity // n_ends, (m - 1) // n_ends
+    top, bottom = (min(k + (share - k) // 2, limit) if k else 0 for k in ends)
+    return torch.cat([torch.arange(0, bottom), torch.arange(m - 1, m - 1 - top, -1)])
 
 
 def _ritz_converged(theta, residual, wanted, tol: float, eps: float) -> bool:
@@ -273,42 +379,64 @@ def hessian_trace(
     backend: str = "samlab",
     impl: str = "auto",
     tol: float = 1e-3,
+    blocks: dict[str, Sequence[str]] | None = None,
     reporter: Reporter | None = None,
 ) -> TraceResult:
     """tr(H) from `n_samples` Hessian-vector products, with a standard error.
 
     Hutchinson: tr(H) ≈ (1/n) Σ zᵢᵀ H zᵢ, zᵢ Rademacher; stderr = sample std / √n.
+    "exact": Σᵢ eᵢᵀ H eᵢ over the coordinate vectors (dim products, n_samples unused), stderr 0; for
+    small parameter selections (fewer parameters than a stochastic budget would spend).
     Hutch++ (Meyer et al. 2021), budget n = 2s + g: S Rademacher [dim × s], Q = orth(H S);
     tr(H) ≈ tr(Qᵀ H Q) + (1/g) Σⱼ gⱼᵀ (I − QQᵀ) H (I − QQᵀ) gⱼ. Given Q the first term is exact and
     the second an unbiased Hutchinson estimate of tr((I − QQᵀ) H (I − QQᵀ)), so stderr is the
     sample std of those g terms / √g (the deflated remainder's spread; it vanishes when Q captures
     the whole range of H). The sketches go through vmapped batches of HVPs.
+    `blocks` ({name: parameter names}, disjoint): the trace of each diagonal block H_bb too, from the
+    same products. With P_b the projector on the block's coordinates, tr(H_bb) = tr(P_b H) =
+    tr(Qᵀ P_b H Q) + tr((I − QQᵀ) P_b H (I − QQᵀ)) (cyclicity, I − QQᵀ idempotent): the first term is
+    exact from the sketch's products, the second the mean of gⱼ,bᵀ (H gⱼ)_b over the deflated probes,
+    unbiased (E[ggᵀ] = I) with its own sample stderr, which includes the coupling of the block to the
+    other coordinates (Hutchinson: z_bᵀ (H z)_b likewise). The block estimates sum to the total one.
     backend="pyhessian": PyHessian's `hessian.trace(maxIter=n_samples, tol=tol)` (Hutchinson that
     stops early once the running mean changes by less than tol relative).
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method: must be one of {', '.join(TRACE_METHODS)} (got {method!r})")
-    min_samples = 6 if method == "hutch++" else 2
+    min_samples = {"hutch++": 6, "hutchinson": 2, "exact": 1}[method]
     if not isinstance(n_samples, int) or n_samples < min_samples:
         raise ValueError(f"n_samples: must be an integer >= {min_samples} for {method} (got {n_samples!r})")
     _check_backend(backend)
+    blocks = dict(blocks or {})
     if backend == "pyhessian":
+        if blocks:
+            raise ValueError("blocks: the pyhessian backend estimates the whole trace only")
         samples, n_hvp = pyhessian_trace(model, loss_fn, data, n_samples, tol, seed, params, mode)
-        drawn = torch.tensor(samples, dtype=torch.float64)
-        mean, stderr = _mean_and_stderr(drawn) if len(drawn) > 1 else (samples[0], float("nan"))
+        if len(samples) > 1:
+            means, stderrs = _means_and_stderrs(torch.tensor(samples, dtype=torch.float64)[:, None])
+            mean, stderr = float(means[0]), stderrs[0]
+        else:
+            mean, stderr = samples[0], float("nan")
         return TraceResult(mean, stderr, n_hvp, "eval", "hutchinson", "pyhessian", samples)
     reporter = reporter or Reporter()
     with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
-        if method == "hutchinson":
-            exact, samples = 0.0, _quadratic_forms(op, op.random_vectors(n_samples, seed, "rademacher"))
+        index = _block_index(op, blocks)
+        if method == "exact":
+            totals, stderrs, drawn = _exact_trace(op, index, len(blocks)).tolist(), [0.0] * (1 + len(blocks)), []
         else:
-            exact, samples = _hutch_plus_plus(op, n_samples, seed, reporter)
+            if method == "hutchinson":
+                probes = op.random_vectors(n_samples, seed, "rademacher")
+                exact, samples = torch.zeros(1 + len(blocks)), _forms(probes, op.matmat(probes), index, len(blocks))
+            else:
+                exact, samples = _hutch_plus_plus(op, n_samples, seed, reporter, index, len(blocks))
+            means, stderrs = _means_and_stderrs(samples)
+            totals, drawn = (exact + means).tolist(), samples[:, 0].tolist()
         reporter.progress(n_samples, n_samples, "trace")
-        mean, stderr = _mean_and_stderr(samples)
-        return TraceResult(exact + mean, stderr, op.n_hvp, mode, method, "samlab", samples.tolist())
+        return TraceResult(totals[0], stderrs[0], op.n_hvp, mode, method, "samlab", drawn,
+                           {name: (totals[1 + i], stderrs[1 + i]) for i, name in enumerate(blocks)})  # fmt: skip
 
 
-def _hutch_plus_plus(op: HessianOperator, n_samples: int, seed: int, reporter: Reporter):
+def _hutch_plus_plus(op: HessianOperator, n_samples: int, seed: int, reporter: Reporter, index, n_blocks: int):
     s = n_samples // 3
     g = n_samples - 2 * s
     sketch = op.matmat(op.random_vectors(s, seed, "rademacher"))
@@ -317,17 +445,50 @@ def _hutch_plus_plus(op: HessianOperator, n_samples: int, seed: int, reporter: R
     probes = op.random_vectors(g, seed + 1, "rademacher")
     probes = probes - (probes @ q.T) @ q
     products = op.matmat(torch.cat([q, probes]))
-    exact = float((q.double() * products[: len(q)].double()).sum())
-    samples = (probes.double() * products[len(q) :].double()).sum(dim=1)
-    return exact, samples.cpu()
+    exact = _forms(q, products[: len(q)], index, n_blocks).sum(dim=0)
+    return exact, _forms(probes, products[len(q) :], index, n_blocks)
 
 
-def _quadratic_forms(op: HessianOperator, vectors: torch.Tensor) -> torch.Tensor:
-    return (vectors.double() * op.matmat(vectors).double()).sum(dim=1).cpu()
+def _exact_trace(op: HessianOperator, index, n_blocks: int, chunk: int = 64) -> torch.Tensor:
+    """Σᵢ eᵢᵀ H eᵢ over the coordinate vectors (dim products), with the block sums."""
+    total = torch.zeros(1 + n_blocks, dtype=torch.float64)
+    for first in range(0, op.dim, chunk):
+        rows = torch.arange(first, min(first + chunk, op.dim))
+        basis = torch.zeros(len(rows), op.dim, device=op.device, dtype=op.dtype)
+        basis[torch.arange(len(rows)), rows.to(op.device)] = 1
+        total += _forms(basis, op.matmat(basis), index, n_blocks).sum(dim=0)
+    return total
 
 
-def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
-    return float(samples.mean()), float(samples.std(unbiased=True) / math.sqrt(len(samples)))
+def _forms(vectors: torch.Tensor, products: torch.Tensor, index: torch.Tensor | None, n_blocks: int) -> torch.Tensor:
+    """Per row: vᵀ(H v) in column 0, then its sum over each block's coordinates (v_bᵀ (H v)_b)."""
+    terms = vectors.double() * products.double()
+    columns = [terms.sum(dim=1, keepdim=True)]
+    if index is not None:
+        parts = torch.zeros(len(terms), n_blocks + 1, dtype=terms.dtype, device=terms.device)
+        columns.append(parts.index_add_(1, index, terms)[:, :n_blocks])  # the last column: outside every block
+    return torch.cat(columns, dim=1).cpu()
+
+
+def _block_index(op: HessianOperator, blocks: dict[str, Sequence[str]]) -> torch.Tensor | None:
+    """The block number of each flat coordinate (len(blocks) for coordinates outside every block)."""
+    if not blocks:
+        return None
+    owner: dict[str, int] = {}
+    for number, (name, names) in enumerate(blocks.items()):
+        for param in names:
+            if param not in op.names:
+                raise ValueError(f"blocks: {param!r} (block {name!r}) is not among the selected parameters")
+            if param in owner:
+                raise ValueError(f"blocks: {param!r} is in more than one block")
+            owner[param] = number
+    pieces = [torch.full((n,), owner.get(param, len(blocks)), dtype=torch.long) for param, n in zip(op.names, op.numels)]
+    return torch.cat(pieces).to(op.device)
+
+
+def _means_and_stderrs(samples: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Column means, and standard errors = sample std / √n (unbiased variance)."""
+    return samples.mean(dim=0), (samples.std(dim=0, unbiased=True) / math.sqrt(len(samples))).tolist()
 
 
 # -- spectral density ------------------------------------------------------------------------------
@@ -344,6 +505,7 @@ def spectral_density(
     params: ParamSelection = None,
     mode: str = "eval",
     impl: str = "auto",
+    first_runs: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
     reporter: Reporter | None = None,
 ) -> DensityResult:
     """Eigenvalue density of H by stochastic Lanczos quadrature with Gaussian broadening.
@@ -354,17 +516,24 @@ def spectral_density(
     spectral measure seen from v: Σ wⱼ g(θⱼ) ≈ vᵀ g(H) v, an unbiased estimate of tr(g(H)) / dim.
     density(t) = (1/n_runs) Σ_runs Σⱼ wⱼ N(t; θⱼ, σ²); `sigma` defaults to 1% of the Ritz range, the
     default grid spans the Ritz values ± 6σ with `grid` points (or pass the grid itself).
+    `first_runs`: (Ritz values, weights) of runs already made from this seed's first start vectors
+    (e.g. `extreme_eigenvalues(..., slq_steps=n_steps).slq_run`); only the remaining runs are computed.
     """
     for name, value in (("n_runs", n_runs), ("n_steps", n_steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be a positive integer (got {value!r})")
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma: must be > 0 (got {sigma!r})")
+    if len(first_runs) > n_runs:
+        raise ValueError(f"first_runs: at most n_runs = {n_runs} runs (got {len(first_runs)})")
     reporter = reporter or Reporter()
-    nodes, weights = [], []
+    nodes = [[float(x) for x in xs] for xs, _ in first_runs]
+    weights = [[float(w) for w in ws] for _, ws in first_runs]
     with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
         starts = op.random_vectors(n_runs, seed, "rademacher") / math.sqrt(op.dim)
         for run, start in enumerate(starts):
+            if run < len(first_runs):
+                continue
             lanczos = _Lanczos(op.matvec, start, n_steps)
             while lanczos.m < lanczos.capacity and not lanczos.broke_down() and not reporter.should_stop():
                 lanczos.extend()
@@ -455,7 +624,9 @@ __all__ = [
     "DensityResult",
     "EigenResult",
     "HessianOperator",
+    "SpectrumResult",
     "TraceResult",
+    "extreme_eigenvalues",
     "hessian_trace",
     "hvp",
     "lambda_max_metric",

@@ -29,7 +29,8 @@ and leaving the operator (a context manager) restores every module's mode.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -100,6 +101,8 @@ class HessianOperator:
     def __enter__(self) -> HessianOperator:
         self._restore = contextlib.ExitStack()
         self._restore.enter_context(model_mode(self.model, self.mode))
+        if self.mode == "eval":
+            self._restore.enter_context(batchnorm_as_affine(self.model))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -236,6 +239,46 @@ class HessianOperator:
             loss = as_scalar_loss(self.loss_fn(self.model(x[:probe]), y[:probe]))
             torch.autograd.grad(loss, self._selected, create_graph=True, allow_unused=True)
         return saved[0] * self.n_samples / probe <= self.graph_budget_mb * 2**20
+
+
+# -- eval-mode BatchNorm ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def batchnorm_as_affine(model: nn.Module) -> Iterator[None]:
+    """Eval-mode BatchNorm layers (running statistics) computed as the per-channel affine map they are,
+    x ↦ x·a + c with a = γ/√(σ² + ε), c = β − μ·a, for the block; their forwards are restored after.
+
+    The same function of x, γ and β, but its second derivatives are a few broadcast products, where
+    autograd's double backward of `F.batch_norm` evaluates the general (batch-statistics) formula over
+    the whole activation: about 40 % of a Hessian-vector product of the digits CNN.
+    Layers in train mode or without running statistics are left alone.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and not m.training and m.running_mean is not None and m.running_var is not None]  # fmt: skip
+    own = [("forward" in vars(m), vars(m).get("forward")) for m in layers]
+    for m in layers:
+        m.forward = types.MethodType(_affine_batchnorm_forward, m)
+    try:
+        yield
+    finally:
+        for m, (had, forward) in zip(layers, own):
+            if had:
+                m.forward = forward
+            else:
+                del m.forward
+
+
+def _affine_batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    if self.training or self.running_mean is None or self.running_var is None:  # e.g. a deep copy put in train mode
+        return type(self).forward(self, x)
+    self._check_input_dim(x)
+    scale = torch.rsqrt(self.running_var + self.eps)
+    if self.weight is not None:
+        scale = scale * self.weight
+    shift = -self.running_mean * scale
+    if self.bias is not None:
+        shift = shift + self.bias
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x * scale.reshape(shape) + shift.reshape(shape)
 
 
 # -- helpers shared by the analyses ----------------------------------------------------------------

@@ -38,6 +38,16 @@ def test_digits_shapes_and_split_partition_the_sklearn_set():
     np.testing.assert_allclose(sorted_rows(with_labels), sorted_rows(torch.tensor(theirs, dtype=torch.float32)))
 
 
+def test_digits_file_reader_is_sklearn_load_digits_row_for_row():
+    # samlab reads scikit-learn's CSV itself (no sklearn import); the order matters for the seeded split
+    from samlab.data import _digits_file
+
+    images, target = _digits_file()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(target, bunch.target)
+
+
 def test_digits_split_is_seeded():
     a = load_dataset(cfg(name="digits"))
     b = load_dataset(cfg(name="digits"))

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from samlab.hessian import (
+    extreme_eigenvalues,
     hessian_trace,
     hvp,
     lambda_max_metric,
@@ -18,6 +19,7 @@ from samlab.hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from samlab.hessian_operator import HessianOperator
 from samlab.losses import mean_loss
 from tests.helpers import plotly_array
 
@@ -170,6 +172,44 @@ def test_top_and_bottom_k_match_dense_eigenvalues():
         assert torch.allclose(vectors @ vectors.T, torch.eye(len(values), dtype=torch.float64), atol=1e-8)
 
 
+@pytest.mark.parametrize("basis_size", [None, 14])
+def test_one_lanczos_run_gives_both_ends_of_the_dense_spectrum(basis_size):
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    exact = torch.linalg.eigvalsh(H)  # ascending
+    result = extreme_eigenvalues(model, CE, data, k=4, tol=1e-8, basis_size=basis_size, max_iter=3000)
+    top, bottom = result.largest, result.smallest
+    assert top.converged and bottom.converged and top.which == "largest" and bottom.which == "smallest"
+    assert top.n_hvp == bottom.n_hvp == result.n_hvp
+    assert torch.allclose(as64(top.values), exact.flip(0)[:4], rtol=1e-6, atol=0)
+    assert torch.allclose(as64(bottom.values), exact[:4].flip(0), rtol=1e-6, atol=0)
+    for values, vectors in ((top.values, top.vectors), (bottom.values, bottom.vectors)):
+        residual = vectors @ H - as64(values)[:, None] * vectors
+        assert float(residual.norm(dim=1).max()) < 1e-6 * max(abs(v) for v in values)
+    if basis_size is None:  # fewer products than the two ends computed one after the other
+        separate = (top_eigenvalues(model, CE, data, k=4, tol=1e-8).n_hvp
+                    + top_eigenvalues(model, CE, data, k=4, which="smallest", tol=1e-8).n_hvp)
+        assert result.n_hvp < separate
+    only_top = extreme_eigenvalues(model, CE, data, k=2, smallest=False, tol=1e-8)
+    assert only_top.smallest is None
+    assert torch.allclose(as64(only_top.largest.values), exact.flip(0)[:2], rtol=1e-6, atol=0)
+
+
+def test_the_shared_lanczos_run_starts_with_the_density_first_run():
+    model, data = mlp(), classification_data()
+    alone = spectral_density(model, CE, data, n_runs=3, n_steps=15, seed=4)
+    result = extreme_eigenvalues(model, CE, data, k=2, tol=1e-8, seed=4, slq_steps=15)
+    nodes, weights = result.slq_run
+    assert torch.allclose(as64(nodes), as64(alone.nodes[0]), rtol=0, atol=1e-10)
+    assert torch.allclose(as64(weights), as64(alone.weights[0]), rtol=0, atol=1e-10)
+    shared = spectral_density(model, CE, data, n_runs=3, n_steps=15, seed=4, first_runs=[result.slq_run])
+    assert shared.n_hvp == alone.n_hvp - 15
+    assert shared.nodes[1:] == alone.nodes[1:]
+    assert torch.allclose(as64(shared.density), as64(alone.density), rtol=1e-8, atol=1e-12)
+    short = extreme_eigenvalues(model, CE, data, k=1, tol=0.5, seed=4, slq_steps=15, max_iter=10)
+    assert short.slq_run is None  # stopped before the quadrature run was complete
+
+
 def test_thick_restart_with_small_basis_still_converges():
     model, data = mlp(), classification_data()
     exact = torch.linalg.eigvalsh(dense_hessian(model, CE, [data])).flip(0)
@@ -239,6 +279,33 @@ def test_model_parameters_modes_and_grads_unchanged():
         assert torch.equal(v, before[k]), k
     assert torch.equal(model.head.weight.grad, torch.ones_like(model.head.weight))
     assert model.conv.weight.grad is None
+    assert "forward" not in vars(model.bn)  # the eval-mode affine BatchNorm forward is gone again
+
+
+@pytest.mark.parametrize("variant", ["affine", "no-affine", "no-running-stats"])
+def test_eval_mode_batchnorm_products_match_dense(variant):
+    # In eval mode the operator computes BatchNorm with running statistics as its affine map; the oracle
+    # runs torch's own BatchNorm. Without running statistics eval-mode BatchNorm uses the batch's: untouched.
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(5, affine=variant != "no-affine", track_running_stats=variant != "no-running-stats")
+    model = nn.Sequential(nn.Linear(6, 5), norm, nn.Tanh(), nn.Linear(5, 3)).double()
+    if norm.running_mean is not None:
+        with torch.no_grad():
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+    sentinel = norm.forward
+    norm.forward = sentinel  # an instance-level forward of the model's own is kept
+    data = classification_data(n=24, shape=(6,), classes=3)
+    H = dense_hessian(model, CE, [data], mode="eval")
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert rel_err(hvp(model, CE, data, v), H @ v) < 1e-10
+    assert rel_err(hvp(model, CE, data, v, impl="func"), H @ v) < 1e-10
+    assert vars(norm)["forward"] is sentinel
+    with HessianOperator(model, CE, data):  # a copy made meanwhile and put in train mode uses batch statistics
+        import copy
+
+        twin = copy.deepcopy(model).train()
+    assert torch.equal(twin(data[0]), model.train()(data[0]))
 
 
 class SmoothGate(torch.autograd.Function):
@@ -324,6 +391,70 @@ def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum(rademacher_draw
         assert sd / STDERR_FACTOR[result.method] <= result.stderr <= sd * STDERR_FACTOR[result.method]
     assert deflated.stderr < 0.1 * plain.stderr
     assert sds["hutch++"] < 0.1 * sds["hutchinson"]
+
+
+def block_positions(model, blocks):
+    starts = torch.tensor([0] + [p.numel() for _, p in model.named_parameters()]).cumsum(0)
+    where = {n: torch.arange(int(starts[i]), int(starts[i + 1])) for i, (n, _) in enumerate(model.named_parameters())}
+    return {b: torch.cat([where[n] for n in names]) for b, names in blocks.items()}
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_block_traces_from_shared_probes_are_unbiased_with_honest_stderr(method, rademacher_draws):
+    # Every block's trace from the whole-Hessian products: over 200 seeds the mean is within 4 standard
+    # errors of the dense block trace, the estimates sum to the total, and each run's reported stderr
+    # matches the estimator's exact spread (from the dense Hessian and the run's own sketch).
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    blocks = layer_groups(model)
+    index = block_positions(model, blocks)
+    exact = {b: float(H[i][:, i].trace()) for b, i in index.items()}
+    estimates = {b: [] for b in blocks}
+    ratios = {b: [] for b in blocks}
+    spreads = {b: [] for b in blocks}
+    for seed in range(200):
+        rademacher_draws.clear()
+        r = hessian_trace(model, CE, data, n_samples=30, method=method, seed=seed, blocks=blocks)
+        assert math.isclose(sum(m for m, _ in r.blocks.values()), r.mean, rel_tol=1e-10)
+        if method == "hutch++":
+            sketch, probes = rademacher_draws
+            q = torch.linalg.qr(H @ sketch.T, mode="reduced").Q
+            deflate = torch.eye(H.shape[0], dtype=H.dtype) - q @ q.T
+        else:
+            deflate, probes = torch.eye(H.shape[0], dtype=H.dtype), rademacher_draws[0]
+        for b, i in index.items():
+            estimates[b].append(r.blocks[b][0])
+            select = torch.zeros_like(H)
+            select[i, i] = 1
+            a = deflate @ select @ H @ deflate  # the remainder zᵀAz averages: Var = 2 Σ_{i≠j} sym(A)_ij²
+            sd = hutchinson_sd(0.5 * (a + a.T), len(probes))
+            ratios[b].append(r.blocks[b][1] / sd)
+            spreads[b].append(sd)
+    for b in blocks:
+        values = torch.tensor(estimates[b])
+        stderr = float(values.std() / math.sqrt(len(values)))
+        assert abs(float(values.mean()) - exact[b]) <= 4 * stderr, b
+        assert 0.8 <= float(torch.tensor(ratios[b]).mean()) <= 1.1, b  # E[sample sd] is a bit below sd
+        # given the sketch only the remainder is random: the spread over seeds is the exact sd's rms
+        rms_sd = math.sqrt(float((torch.tensor(spreads[b]) ** 2).mean()))
+        assert 0.8 * rms_sd <= float(values.std()) <= 1.25 * rms_sd, b
+
+
+def test_exact_trace_and_block_traces_equal_the_dense_ones():
+    model, data = mlp(), classification_data()
+    H = dense_hessian(model, CE, [data])
+    blocks = layer_groups(model)
+    r = hessian_trace(model, CE, data, method="exact", blocks=blocks)
+    assert r.n_hvp == H.shape[0] and r.stderr == 0 and r.method == "exact"
+    assert math.isclose(r.mean, float(torch.trace(H)), rel_tol=1e-10)
+    for b, i in block_positions(model, blocks).items():
+        assert math.isclose(r.blocks[b][0], float(H[i][:, i].trace()), rel_tol=1e-10) and r.blocks[b][1] == 0
+    alone = hessian_trace(model, CE, data, method="exact", params=blocks["2"])
+    assert alone.n_hvp == 44 and math.isclose(alone.mean, r.blocks["2"][0], rel_tol=1e-10)
+    with pytest.raises(ValueError, match="blocks"):
+        hessian_trace(model, CE, data, blocks={"a": ["0.weight"], "b": ["0.weight"]})
+    with pytest.raises(ValueError, match="blocks"):
+        hessian_trace(model, CE, data, params=["0.bias"], blocks={"a": ["0.weight"]})
 
 
 def test_trace_with_full_sketch_is_exact():
@@ -445,7 +576,7 @@ def test_bad_data_and_trace_arguments():
     with pytest.raises(ValueError, match="^n_samples:"):
         hessian_trace(model, CE, data, n_samples=4)
     with pytest.raises(ValueError, match="^method:"):
-        hessian_trace(model, CE, data, method="exact")
+        hessian_trace(model, CE, data, method="dense")
     with pytest.raises(ValueError, match="^n_steps:"):
         spectral_density(model, CE, data, n_steps=0)
 
@@ -498,7 +629,8 @@ def test_task_result_matches_the_dense_hessian(trained_run, tmp_path, rademacher
     assert torch.allclose(as64(result["eigenvalues"]["smallest"]["values"]), exact[:3].flip(0), rtol=0, atol=1e-4 * scale)
     trace = result["trace"]
     assert abs(trace["mean"] - float(exact.sum())) <= 3 * trace["stderr"] + 1e-5 * abs(float(exact.sum()))
-    sketch, probes = rademacher_draws[:2]  # the trace stage's Hutch++ draws (the density's come after)
+    # the spectrum's start vector (the density's first run), then the trace stage's Hutch++ draws
+    sketch, probes = rademacher_draws[1:3]
     assert len(sketch) == 4 and len(probes) == 4  # trace_samples 12 = 2 × 4 + 4
     sd = hutch_plus_plus_sd(H, sketch, len(probes))
     assert abs(trace["mean"] - float(exact.sum())) <= 3 * sd + 1e-5 * abs(float(exact.sum()))
@@ -511,9 +643,35 @@ def test_task_result_matches_the_dense_hessian(trained_run, tmp_path, rademacher
         index = torch.cat([position[n] for n in names])  # the layer's sub-block of the full Hessian
         top = float(torch.linalg.eigvalsh(H[index][:, index])[-1])
         assert math.isclose(layers[layer]["lambda_max"], top, rel_tol=1e-4, abs_tol=1e-6 * scale), layer
+        assert_block_trace(layers[layer], float(H[index][:, index].trace()), scale, trace_samples=12)
+    assert {row["trace_method"] for row in layers.values()} == {"exact", "hutch++ (whole-Hessian products)"}
     assert reporter.results[-1] == result
     assert reporter.progress_calls[-1][0] == reporter.progress_calls[-1][1]
     assert check_task(task_params(checkpoint))["digest"] == result_digest(checkpoint)
+
+
+def assert_block_trace(row, exact, scale, trace_samples):
+    if row["n_params"] <= trace_samples:
+        assert row["trace_method"] == "exact" and row["trace_stderr"] == 0
+        assert math.isclose(row["trace"], exact, rel_tol=1e-4, abs_tol=1e-6 * scale), row["layer"]
+    else:
+        assert row["trace_stderr"] > 0 and abs(row["trace"] - exact) <= 4 * row["trace_stderr"] + 1e-5 * scale
+
+
+def test_task_per_layer_hutch_plus_plus_runs_when_asked(trained_run, tmp_path):
+    from samlab.reporting import RecordingReporter
+    from samlab.tasks.hessian import run_task
+
+    checkpoint, _, H, model = trained_run
+    params = task_params(checkpoint, density=False, layer_trace_samples=12)
+    result = run_task(params, RecordingReporter(), tmp_path, resume=False)
+    scale = float(torch.linalg.eigvalsh(H).abs().max())
+    positions = torch.arange(H.shape[0]).split([p.numel() for p in model.parameters()])
+    position = dict(zip([n for n, _ in model.named_parameters()], positions))
+    for row in result["per_layer"]:
+        index = torch.cat([position[n] for n in row["params"]])
+        assert row["trace_method"] == ("exact" if row["n_params"] <= 12 else "hutch++")
+        assert_block_trace(row, float(H[index][:, index].trace()), scale, trace_samples=12)
 
 
 def result_digest(path):
@@ -535,12 +693,31 @@ def test_task_stops_after_a_stage_and_resumes_without_recomputing(trained_run, t
     checkpoint = trained_run[0]
     params = task_params(checkpoint, per_layer=False, density=False)
     first = run_task(params, StopAfterFirstStage(), tmp_path, resume=False)
-    assert not first["complete"] and first["done"] == ["largest"]
+    assert not first["complete"] and first["done"] == ["spectrum"]
     again = RecordingReporter()
     resumed = run_task(params, again, tmp_path, resume=True)
-    assert resumed["complete"] and resumed["done"] == ["largest", "smallest", "trace"]
-    assert resumed["eigenvalues"]["largest"] == first["eigenvalues"]["largest"]
-    assert not any(message.startswith("largest") for _, _, message in again.progress_calls)
+    assert resumed["complete"] and resumed["done"] == ["spectrum", "trace"]
+    assert resumed["eigenvalues"] == first["eigenvalues"]
+    assert not any(message.startswith("spectrum") for _, _, message in again.progress_calls)
+
+
+def test_resumed_density_takes_its_first_run_from_the_saved_spectrum(trained_run, tmp_path):
+    from samlab.reporting import RecordingReporter
+    from samlab.tasks.hessian import run_task
+
+    class StopAfterFirstStage(RecordingReporter):
+        def result(self, value):
+            super().result(value)
+            self.stop_requested = True
+
+    params = task_params(trained_run[0], per_layer=False, density_runs=2, density_steps=8)
+    first = run_task(params, StopAfterFirstStage(), tmp_path / "a", resume=False)
+    assert first["done"] == ["spectrum"]
+    resumed = run_task(params, RecordingReporter(), tmp_path / "a", resume=True)
+    whole = run_task(params, RecordingReporter(), tmp_path / "b", resume=False)
+    assert resumed["done"] == whole["done"] == ["spectrum", "trace", "density"]
+    assert resumed["density"]["n_hvp"] == whole["density"]["n_hvp"] == 8  # one run computed, one reused
+    assert resumed["density"]["nodes"] == whole["density"]["nodes"]
 
 
 @pytest.mark.parametrize(
