@@ -1,6 +1,7 @@
 """What watching costs a run: its wall time with a dashboard page open against no page at all.
 
-    python benchmarks/live_overhead.py [--repeats 3] [--epochs 40] [--pages train,runs,hessian] [--json]
+    python benchmarks/live_overhead.py [--repeats 3] [--epochs 40] [--pages train,runs,hessian] [--one-thread]
+                                       [--settings NAME:VAR=VALUE[+VAR=VALUE],...] [--json]
 
 Starts the dashboard server as `make run` does (`streamlit run app.py` in the app folder, with its
 `.streamlit/config.toml`) on a free loopback port over a fresh run store, seeds the store with 100
@@ -13,13 +14,18 @@ under interleaved conditions, repeated --repeats times:
   train     the Train page open in headless Chromium (opened before the run is submitted; it picks
             the run up and watches it to the end)
   runs      the Runs page open with the 100 seeded runs selected
+  NAME      (--one-thread, --settings) the run with other worker thread settings: one-thread is
+            SAMLAB_CPU_THREADS=1; a setting puts its variables into the environment the scheduler and
+            its workers inherit (e.g. passive:OMP_WAIT_POLICY=PASSIVE, spin3e4:GOMP_SPINCOUNT=30000);
+            each is timed with no page and, as train-NAME, with the Train page open
   hessian   a Hessian analysis of a trained digits-cnn run, timed with no page and with the Hessian
             page open on it (the page opened and the run picked while the analysis computes)
 
 A run's wall time is finished_at − started_at in the store (the worker's own time, without the
-scheduler's start-up). While a run is timed, the server's CPU seconds (/proc utime + stime) are
-sampled; CPU per wall second is printed per condition. Prints per-condition medians, the page/no-page
-ratios (each against the no-page runs interleaved with it) and the machine's load average.
+scheduler's start-up). While a run is timed, the CPU seconds (/proc utime + stime) of the server and
+of the headless browser are sampled; CPU per wall second is printed per condition (the figures the
+machine's load moves least). Prints per-condition medians, the page/no-page ratios (a page against the
+no-page runs of the same setting), each setting's no-page time over all-cores, and the load average.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +54,7 @@ APP_DIR = Path(samlab.__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SEEDED = 100
+TRAIN_READY = "most recent finished"  # the Train page's runs panel is drawn (the menu also says "Runs")
 HESSIAN = {"k": 2, "n_samples": 256, "trace_samples": 12, "mode": "eval"}
 
 
@@ -62,6 +69,31 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def browser_cpu_seconds() -> float:
+    """CPU seconds of the live Chromium processes started under this process (the headless browser)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    head, tail = f.read().rsplit(")", 1)
+            except OSError:
+                continue
+            parents[int(entry)] = int(tail.split()[1])
+            names[int(entry)] = head.split("(", 1)[1]
+    mine, grown = {os.getpid()}, True
+    while grown:  # the descendants of this process
+        grown = {pid for pid, ppid in parents.items() if ppid in mine} - mine
+        mine |= grown
+    total = 0.0
+    for pid in mine:
+        if "chrom" in names.get(pid, "").lower():
+            with suppress(OSError, IndexError):
+                total += cpu_seconds(pid)
+    return total
 
 
 def load() -> float:
@@ -149,16 +181,45 @@ def metric_rows(store: Store, run_id: str) -> list[tuple]:
 
 
 def timed(store: Store, submit, pid: int, page_open=None) -> dict[str, float]:
-    """Submit a run, optionally open a page once it runs, wait for it; its wall time, the server's CPU."""
+    """Submit a run, optionally open a page once it runs, wait for it; its wall time, the CPU of the
+    server and of the browser per wall second."""
     settle(store)
-    cpu0, t0, load0 = cpu_seconds(pid), time.monotonic(), load()
+    cpu0, browser0, t0, load0 = cpu_seconds(pid), browser_cpu_seconds(), time.monotonic(), load()
     run_id = submit()
     if page_open is not None:
         wait_running(store, run_id)
         page_open()
     run = wait_final(store, run_id)
-    cpu1, t1 = cpu_seconds(pid), time.monotonic()
-    return {"wall_s": wall(run), "server_cpu_per_s": (cpu1 - cpu0) / (t1 - t0), "load": load0}
+    cpu1, browser1, t1 = cpu_seconds(pid), browser_cpu_seconds(), time.monotonic()
+    return {"wall_s": wall(run), "server_cpu_per_s": (cpu1 - cpu0) / (t1 - t0),
+            "browser_cpu_per_s": max(0.0, browser1 - browser0) / (t1 - t0), "load": load0}
+
+
+def parse_settings(text: str) -> list[tuple[str, dict[str, str]]]:
+    """'name:VAR=VALUE+VAR=VALUE,…' → [(name, {VAR: VALUE})]."""
+    settings = []
+    for item in filter(None, text.split(",")):
+        name, _, assignments = item.partition(":")
+        pairs = [a.split("=", 1) for a in assignments.split("+") if a]
+        if not name or not pairs or any(len(p) != 2 or not p[0] for p in pairs):
+            raise SystemExit(f"--settings: expected NAME:VAR=VALUE[+VAR=VALUE], got {item!r}")
+        settings.append((name, dict(pairs)))
+    return settings
+
+
+@contextmanager
+def environ(overrides: dict[str, str]):
+    """These variables in os.environ (inherited by the scheduler and its workers), restored after."""
+    before = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main() -> int:
@@ -170,9 +231,12 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable, help="the server's interpreter")
     parser.add_argument("--one-thread", action="store_true",
                         help="also time the run with one worker thread (SAMLAB_CPU_THREADS=1), no page and Train")
+    parser.add_argument("--settings", default="", help="other worker thread settings to time, no page and Train: "
+                        "NAME:VAR=VALUE[+VAR=VALUE],… (e.g. passive:OMP_WAIT_POLICY=PASSIVE)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     pages = [p for p in args.pages.split(",") if p]
+    settings = ([("one-thread", {"SAMLAB_CPU_THREADS": "1"})] if args.one_thread else []) + parse_settings(args.settings)
     from playwright.sync_api import sync_playwright
 
     tmp = Path(tempfile.mkdtemp(prefix="samlab-live-"))
@@ -190,7 +254,8 @@ def main() -> int:
     def record(condition: str, figures: dict[str, float]) -> None:
         results.setdefault(condition, []).append(figures)
         print(f"  {condition:16s} wall {figures['wall_s']:7.2f} s  server CPU {figures['server_cpu_per_s']:.3f}"
-              f" core  load {figures['load']:.2f}", file=sys.stderr, flush=True)
+              f" core  browser CPU {figures['browser_cpu_per_s']:.3f} core  load {figures['load']:.2f}",
+              file=sys.stderr, flush=True)
 
     with server(Path(args.app_dir), args.python, dict(os.environ), tmp / "streamlit.log") as (url, pid), \
             sync_playwright() as pw:
@@ -220,18 +285,16 @@ def main() -> int:
         for r in range(args.repeats):
             print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
             record("none", timed(store, train, pid))
-            os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
-            record("all-cores", timed(store, train, pid))
-            del os.environ["OMP_WAIT_POLICY"]
+            with environ({"OMP_WAIT_POLICY": "ACTIVE"}):
+                record("all-cores", timed(store, train, pid))
             if "train" in pages:
-                with_page("Train", "Runs")("train", train)
+                with_page("Train", TRAIN_READY)("train", train)
                 record("none", timed(store, train, pid))
-            if args.one_thread:
-                os.environ["SAMLAB_CPU_THREADS"] = "1"
-                record("one-thread", timed(store, train, pid))
-                if "train" in pages:
-                    with_page("Train", "Runs")("train-one-thread", train)
-                del os.environ["SAMLAB_CPU_THREADS"]
+            for name, overrides in settings:
+                with environ(overrides):
+                    record(name, timed(store, train, pid))
+                    if "train" in pages:
+                        with_page("Train", TRAIN_READY)(f"train-{name}", train)
             if "runs" in pages:
                 with_page("Runs?runs=" + ",".join(seeded), "Summary")("runs", train)
                 record("none", timed(store, train, pid))
@@ -255,45 +318,44 @@ def main() -> int:
 
                 with_page("Hessian", "")("hessian", analysis(2 * r + 2), during=pick)
         browser.close()
-    summary = summarize(results, pages)
+    summary = summarize(results, [name for name, _ in settings])
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print_summary(summary)
+        print_summary(summary, [name for name, _ in settings])
     return 0
 
 
-def summarize(results: dict[str, list[dict[str, float]]], pages: list[str]) -> dict[str, Any]:
+def summarize(results: dict[str, list[dict[str, float]]], settings: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"cores": os.cpu_count(), "load_end": load()}
     for condition, rows in results.items():
         out[condition] = {key: statistics.median(r[key] for r in rows) for key in rows[0]} | {"n": len(rows)}
-    base = out.get("none", {}).get("wall_s")
-    for page in ("train", "runs"):
-        if page in out and base:
-            out[f"ratio_{page}"] = out[page]["wall_s"] / base
-    if "hessian" in out and "hessian-none" in out:
-        out["ratio_hessian"] = out["hessian"]["wall_s"] / out["hessian-none"]["wall_s"]
-    if "train-one-thread" in out and "one-thread" in out:
-        out["ratio_train_one_thread"] = out["train-one-thread"]["wall_s"] / out["one-thread"]["wall_s"]
-    if "one-thread" in out and "all-cores" in out:
-        out["ratio_one_thread_over_all_cores"] = out["one-thread"]["wall_s"] / out["all-cores"]["wall_s"]
-    if "all-cores" in out and base:
-        out["ratio_chosen_over_all_cores"] = base / out["all-cores"]["wall_s"]
+
+    def ratio(key: str, numerator: str, denominator: str) -> None:
+        if numerator in out and denominator in out:
+            out[key] = out[numerator]["wall_s"] / out[denominator]["wall_s"]
+
+    ratio("ratio_train", "train", "none")
+    ratio("ratio_runs", "runs", "none")
+    ratio("ratio_hessian", "hessian", "hessian-none")
+    ratio("ratio_chosen_over_all_cores", "none", "all-cores")
+    for name in settings:
+        ratio(f"ratio_train_{name.replace('-', '_')}", f"train-{name}", name)
+        ratio(f"ratio_{name.replace('-', '_')}_over_all_cores", name, "all-cores")
     return out
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any], settings: list[str]) -> None:
     print(f"{summary['cores']} cores; load average at the end {summary['load_end']:.2f}")
-    for condition in ("none", "all-cores", "train", "runs", "one-thread", "train-one-thread", "hessian-none",
-                      "hessian"):
+    conditions = ["none", "all-cores", "train", "runs", *(c for n in settings for c in (n, f"train-{n}")),
+                  "hessian-none", "hessian"]
+    for condition in conditions:
         if condition in summary:
             s = summary[condition]
-            print(f"{condition:14s} median wall {s['wall_s']:7.2f} s  server CPU {s['server_cpu_per_s']:.3f} core"
-                  f"  load {s['load']:.2f}  (n={s['n']})")
-    for key in ("ratio_train", "ratio_runs", "ratio_hessian", "ratio_chosen_over_all_cores", "ratio_train_one_thread",
-                "ratio_one_thread_over_all_cores"):
-        if key in summary:
-            print(f"{key:28s} {summary[key]:.3f}")
+            print(f"{condition:16s} median wall {s['wall_s']:7.2f} s  server CPU {s['server_cpu_per_s']:.3f} core"
+                  f"  browser CPU {s['browser_cpu_per_s']:.3f} core  load {s['load']:.2f}  (n={s['n']})")
+    for key in sorted(k for k in summary if k.startswith("ratio_")):
+        print(f"{key:36s} {summary[key]:.3f}")
 
 
 if __name__ == "__main__":

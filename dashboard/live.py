@@ -1,7 +1,7 @@
 """Live panels that cost the runs nothing.
 
 A live panel refreshes only what changes: it keeps the points of the runs it watches and asks the
-store only for those after the last step it has (`Store.metrics(after=…)`), puts them into the figure
+store only for the rows written after the last one it has (`Store.new_metrics`), puts them into the figure
 it already drew (`figures.refresh_run_panel`), refreshes slower while nothing changes (`Backoff`) and
 stops when its run ends. Finished runs do not change, so their figures are built once per run and
 cached by run id (`finished_run_figure` in `runs_view`).
@@ -9,6 +9,7 @@ cached by run id (`finished_run_figure` in `runs_view`).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,29 +45,33 @@ class Backoff:
 
 @dataclass
 class LiveCurves:
-    """The points of one watched run, grown by incremental reads."""
+    """The points of one watched run, grown by incremental reads: each pull asks the store for the rows
+    written after the last row id it got (`Store.new_metrics`), so a refresh with nothing new reads
+    nothing, and one with news reads only those."""
 
     run_id: str
-    frame: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=COLUMNS))
-    last: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, name) -> the last step read
+    cursor: tuple[int, float | None] | None = None  # where the last read ended
+    points: dict[tuple[str, str], tuple[list[int], list[float]]] = field(default_factory=dict)  # (kind, name)
 
     def pull(self, store: Any) -> int:
         """Read the points written since the last pull; returns how many there were."""
-        new = store.metrics([self.run_id], after=dict(self.last) or None)
-        if new.empty:
-            return 0
-        self.frame = new if self.frame.empty else pd.concat([self.frame, new], ignore_index=True)
-        for curve, step in new.groupby(["kind", "name"])["step"].max().items():
-            self.last[curve] = max(int(step), self.last.get(curve, -1))
-        return len(new)
+        rows, self.cursor, replaced = store.new_metrics(self.run_id, self.cursor)
+        if replaced:
+            self.points = {}
+        for kind, name, step, value in rows:
+            steps, values = self.points.setdefault((kind, name), ([], []))
+            if steps and step <= steps[-1]:  # a resumed run rewrote its tail: the new points replace it
+                cut = bisect.bisect_left(steps, step)
+                del steps[cut:], values[cut:]
+            steps.append(step)
+            values.append(value)
+        return len(rows)
 
     def view(self, max_points: int = LIVE_MAX_POINTS) -> pd.DataFrame:
         """The points to draw: each curve downsampled like the store's buckets when it is long."""
         parts = []
-        for (kind, name), curve in self.frame.groupby(["kind", "name"], sort=False):
-            if len(curve) <= max_points:
-                parts.append(curve)
-                continue
-            points = curves.downsample(list(zip(curve["step"].tolist(), curve["value"].tolist())), max_points)
-            parts.append(pd.DataFrame([(self.run_id, kind, name, s, v) for s, v in points], columns=COLUMNS))
-        return pd.concat(parts, ignore_index=True) if parts else self.frame
+        for (kind, name), (steps, values) in self.points.items():
+            shown_steps, shown_values = curves.downsample_arrays(steps, values, max_points)
+            parts.append(pd.DataFrame({"run_id": self.run_id, "kind": kind, "name": name,
+                                       "step": shown_steps, "value": shown_values}, columns=COLUMNS))
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -131,3 +132,91 @@ def test_the_train_pages_live_card_stops_refreshing_when_its_run_ends(store_env,
     assert not at.exception
     assert [name for name, every in defined if every] == ["watcher"]  # only the cheap watcher is left
     assert ":green[" in " ".join(e.label for e in at.expander)  # drawn as a finished card
+
+
+def test_new_metrics_returns_each_row_once_in_written_order_among_other_runs_rows(store_env):
+    ids = store_env.create_runs([{"kind": "train", "params": {}, "name": n} for n in ("watched", "other")])
+    written: list[tuple] = []
+    cursor, got = None, []
+    for flush in range(5):
+        mine = [("step", 10 * flush + i, name, float(i) if i != 2 else None, 0.0)
+                for i in range(4) for name in ("loss", "acc")] + ([("epoch", flush, "test_acc", 0.5, 0.0)])
+        store_env.flush(ids[1], [("step", 10 * flush, "loss", 9.0, 0.0)])  # another run writes in between
+        store_env.flush(ids[0], mine)
+        written += [(k, n, s, float("nan") if v is None else v) for k, s, n, v, _ in mine]
+        rows, cursor, replaced = store_env.new_metrics(ids[0], cursor)
+        got += rows
+        assert not replaced and store_env.new_metrics(ids[0], cursor) == ([], cursor, False)  # nothing new
+    assert [r[:3] for r in got] == [r[:3] for r in written]
+    assert [r[3] for r in got] == pytest.approx([r[3] for r in written], nan_ok=True)
+
+
+@pytest.mark.parametrize("other_run_writes", [False, True])
+def test_a_resumed_runs_rewritten_tail_replaces_the_points_a_live_view_had(store_env, other_run_writes):
+    run_id, other = store_env.create_runs([{"kind": "train", "params": {}, "name": n} for n in ("resumed", "o")])
+    t0 = time.time()
+    store_env.flush(run_id, [("step", s, name, float(s), t0 + s) for s in range(10) for name in ("loss", "lr")])
+    if other_run_writes:  # rows above the run's: the rewrite gets new ids (else SQLite reuses the freed ones)
+        store_env.flush(other, [("step", 0, "loss", 1.0, t0)])
+    watched = live.LiveCurves(run_id)
+    assert watched.pull(store_env) == 20
+    # the resumed attempt goes back to its checkpoint at step 6 and writes steps 6… again
+    t1 = time.time() + 100
+    store_env.flush(run_id, [("step", s, name, -float(s), t1 + s) for s in range(6, 12) for name in ("loss", "lr")],
+                    restart_from=[("step", "loss", 6), ("step", "lr", 6)])
+    watched.pull(store_env)
+    shown, fresh = watched.view(), store_env.metrics([run_id])
+    for name in ("loss", "lr"):
+        mine, stored = shown[shown["name"] == name], fresh[fresh["name"] == name]
+        assert mine["step"].tolist() == stored["step"].tolist() == list(range(12))
+        assert mine["value"].tolist() == stored["value"].tolist() == [*range(6), *(-s for s in range(6, 12))]
+
+
+@pytest.mark.parametrize("n, max_points", [(5000, 400), (20000, 2000), (3000, 100), (500, 2000)])
+def test_downsampled_arrays_equal_the_bucket_downsample(n, max_points):
+    rng = np.random.default_rng(n)
+    steps = np.sort(rng.choice(10 * n, n, replace=False)) + 7
+    values = np.round(rng.normal(size=n), 1)  # many ties: the earliest step of an extreme is kept
+    values[rng.random(n) < 0.05] = np.nan
+    values[3], values[-2] = np.inf, -np.inf
+    oracle = curves.downsample([(int(s), None if np.isnan(v) else float(v)) for s, v in zip(steps, values)],
+                               max_points)
+    shown_steps, shown_values = curves.downsample_arrays(steps, values, max_points)
+    assert shown_steps.tolist() == [s for s, _ in oracle]
+    assert shown_values.tolist() == pytest.approx([np.nan if v is None else v for _, v in oracle], nan_ok=True)
+
+
+def test_train_page_reruns_read_only_new_rows_and_never_finished_runs_again(store_env, recorded, monkeypatch):
+    from samlab.runs.store import Store
+
+    cfg, rows, summary = recorded
+    done = _running(store_env, cfg, rows)
+    store_env.finish_run(done, "completed", summary=summary)
+    active = _running(store_env, cfg, rows[: len(rows) // 2])
+    calls: dict[str, list] = {"metrics": [], "new_metrics": []}
+    real_metrics, real_new = Store.metrics, Store.new_metrics
+
+    def metrics(self, run_ids, *args, **kwargs):
+        calls["metrics"].append(list(run_ids))
+        return real_metrics(self, run_ids, *args, **kwargs)
+
+    def new_metrics(self, run_id, cursor=None):
+        out = real_new(self, run_id, cursor)
+        calls["new_metrics"].append((run_id, len(out[0])))
+        return out
+
+    monkeypatch.setattr(Store, "metrics", metrics)
+    monkeypatch.setattr(Store, "new_metrics", new_metrics)
+    at = AppTest.from_file(str(ROOT / "pages" / "1_Train.py"), default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert calls["new_metrics"] == [(active, len(rows) // 2)]  # the live card: every row so far, once
+    for _ in range(2):  # reruns with nothing new: no curve read, no row
+        calls["metrics"].clear(), calls["new_metrics"].clear()
+        at.run()
+        assert not at.exception
+        assert calls["metrics"] == [] and calls["new_metrics"] == [(active, 0)]
+    store_env.flush(active, rows[len(rows) // 2:])
+    calls["new_metrics"].clear()
+    at.run()
+    assert calls["metrics"] == [] and calls["new_metrics"] == [(active, len(rows) - len(rows) // 2)]

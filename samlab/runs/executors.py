@@ -82,12 +82,21 @@ def local_slots() -> list[Slot]:
     cores = os.cpu_count() or 1
     n = int(env_float("SAMLAB_CPU_SLOTS", max(1, cores // 4), 1, 1024))
     threads = str(int(env_float("SAMLAB_CPU_THREADS", max(1, cores // n), 1, 4096)))
-    # OpenMP threads that sleep when idle instead of spinning: a run shares its cores with the
-    # dashboard and the browser without slowing them (or being slowed by them) while it waits
-    wait = os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"
     # hide GPUs from CPU runs explicitly, so a CPU slot never touches a device it was not given
-    return [Slot(f"cpu{i}", {"OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": wait, "CUDA_VISIBLE_DEVICES": ""})
-            for i in range(n)]
+    env = {"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": "", **cpu_wait_env()}
+    return [Slot(f"cpu{i}", dict(env)) for i in range(n)]
+
+
+# How long an idle OpenMP thread of a CPU run spins before it sleeps (libgomp's GOMP_SPINCOUNT).
+CPU_SPINCOUNT = "PASSIVE"
+
+
+def cpu_wait_env() -> dict[str, str]:
+    """How the OpenMP threads of a CPU run wait between parallel regions; nothing when the
+    environment already says (OMP_WAIT_POLICY or GOMP_SPINCOUNT, inherited by the worker)."""
+    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def pid_alive(pid: int) -> bool:

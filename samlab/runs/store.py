@@ -45,6 +45,10 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
         its write-time buckets (samlab.runs.curves: first, min, max and last point of each); with
         after={(kind, name): step} only the points of those curves after that step, and every point of
         the other curves (a live panel's incremental read)
+    Store.new_metrics(run_id, cursor=None) -> (rows, cursor, replaced)
+        the rows (kind, name, step, value) of one run written since the read that returned `cursor`, in
+        the order they were written (a live view's refresh reads only what is new); replaced: a resumed
+        run's rewrite removed what the cursor pointed to, and these are all the run's rows
     Store.latest_metrics(run_ids, names=None, kind="epoch") -> dict[run_id, dict[name, value]]
     Store.artifacts(run_id) -> list[dict]
     Store.stale_runs(stale_after_s) -> list[dict]        running, heartbeat older than that (server clock)
@@ -996,6 +1000,41 @@ class Store:
         run_col, kind_col, name_col, steps, values = zip(*rows)
         return pd.DataFrame({"run_id": list(run_col), "kind": list(kind_col), "name": list(name_col),
                              "step": np.array(steps, dtype="int64"), "value": np.array(values, dtype=float)})
+
+    def new_metrics(self, run_id: str, cursor: tuple[int, float | None] | None = None
+                    ) -> tuple[list[tuple[str, str, int, float]], tuple[int, float | None] | None, bool]:
+        """The metric rows (kind, name, step, value; NaN for NULL) of one run written since the read that
+        returned `cursor`, in the order they were written; the cursor for the next read; and whether the
+        rows replace everything read before.
+
+        A cursor is the id and write time of the last row read. Ids grow with every insert and a run has
+        one writer (its worker), so the rows after it are the new ones, and the read walks only the ids
+        above it (rows written since, by any run), never the run's older rows: a refresh of a long run
+        with nothing new costs a lookup, not a scan. A resumed run rewrites its tail: the new rows either
+        come after the cursor (steps the reader had, which replace the old ones), or, when the rewrite
+        removed the cursor's row (SQLite then hands its id out again), every row of the run comes back
+        with the flag set."""
+        m = metrics_table.c
+        columns = (m.id, m.time, m.kind, m.name, m.step, m.value)
+        rows: list[Any] = []
+        if cursor is not None:
+            run = m.run_id
+            if self.engine.dialect.name == "sqlite":
+                # `run_id || ''` is no index key: SQLite then walks the ids from the cursor on instead of
+                # the run's whole range of the (run_id, …) index (PostgreSQL's planner picks that itself)
+                run = m.run_id.concat("")
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(*columns).where(m.id >= int(cursor[0]), run == run_id)
+                                    .order_by(m.id)).all()
+        replaced = cursor is not None and not (rows and (rows[0][0], rows[0][1]) == tuple(cursor))
+        if cursor is None or replaced:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(*columns).where(m.run_id == run_id).order_by(m.id)).all()
+        else:
+            rows = rows[1:]  # the cursor's own row, read before
+        new_cursor = (int(rows[-1][0]), rows[-1][1]) if rows else (cursor if not replaced else None)
+        return [(k, n, int(step), float("nan") if v is None else float(v)) for _, _, k, n, step, v in rows], \
+            new_cursor, replaced
 
     def latest_metrics(self, run_ids: Iterable[str], names: Iterable[str] | None = None,
                        kind: str = "epoch") -> dict[str, dict[str, float | None]]:
