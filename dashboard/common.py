@@ -41,6 +41,7 @@ Stable API (other pages rely on it; extend, do not change):
     cancel_run(id) -> str, resume_run(id) -> str, delete_run(id)   ValueError when not possible
     load_metrics(run_ids, names=None, kind=None, max_points=2000) -> long DataFrame
     load_run_metrics(runs, names=None, kind=None, max_points=2000)   the same, finished runs cached by id
+    metrics_csv(run_ids, labels) -> () -> str    the raw metrics as CSV, built when a download button is clicked
     metric_times(run_ids) -> DataFrame           wall-clock seconds of each logged step (x = time)
     ViewParams(st.query_params, prefix)          widgets whose values live in the URL
     cached_or_submit(kind, params, *, label, key) -> run dict | None   reuse a cached run or offer a button
@@ -90,7 +91,8 @@ ICON_ERROR = ":material/error:"
 __all__ = [
     "ACTIVE", "FINAL", "STATUSES", "ICON_INFO", "ICON_WARNING", "ICON_ERROR", "page_setup", "get_store", "store_url", "list_runs", "run_config",
     "run_labels", "run_details", "run_picker", "empty_state", "field_error", "show_exception", "show_figure", "live",
-    "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "load_run_metrics", "metric_times",
+    "submit", "submit_train", "cancel_run", "resume_run", "delete_run", "load_metrics", "load_run_metrics", "metrics_csv",
+    "metric_times",
     "ViewParams", "cached_or_submit", "task_progress", "progress_text", "log_tail", "status_label", "page_files",
 ]
 
@@ -469,6 +471,19 @@ def load_run_metrics(runs: Sequence[dict[str, Any]], names: Iterable[str] | None
     if active:
         parts.append(load_metrics(active, names=names, kind=kind, max_points=max_points))
     return pd.concat(parts, ignore_index=True) if parts else load_metrics([])
+
+
+def metrics_csv(run_ids: Sequence[str], labels: dict[str, str]) -> Callable[[], str]:
+    """The CSV of these runs' raw metrics (`tables.metrics_csv`, one block per run under its label), as
+    a function for `st.download_button` to call when the button is clicked: every raw row of a large
+    selection is read then, not at each rerun of the page."""
+    store, run_ids, labels = get_store(), list(run_ids), dict(labels)
+
+    def build() -> str:
+        full = store.metrics(run_ids)
+        return tables.metrics_csv({labels[i]: full[full["run_id"] == i].drop(columns=["run_id"]) for i in run_ids})
+
+    return build
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

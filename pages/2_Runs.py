@@ -125,9 +125,7 @@ st.subheader("Export and delete")
 cols = st.columns(2, gap="large")
 with cols[0]:
     if selected:
-        full = ui.load_metrics(selected, max_points=None)
-        frames = {labels[i]: full[full["run_id"] == i].drop(columns=["run_id"]) for i in selected}
-        st.download_button("Download metrics of the selected runs (CSV)", tables.metrics_csv(frames),
+        st.download_button("Download metrics of the selected runs (CSV)", ui.metrics_csv(selected, labels),
                            file_name="samlab-metrics.csv", mime="text/csv")
         st.download_button("Download the summary table (CSV)",
                            shown[shown["id"].isin(selected)].to_csv(index=False),

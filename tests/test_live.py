@@ -220,3 +220,37 @@ def test_train_page_reruns_read_only_new_rows_and_never_finished_runs_again(stor
     calls["new_metrics"].clear()
     at.run()
     assert calls["metrics"] == [] and calls["new_metrics"] == [(active, len(rows) - len(rows) // 2)]
+
+
+def test_the_runs_page_reads_no_raw_rows_until_the_metrics_download_is_clicked(store_env, recorded, monkeypatch):
+    import io
+
+    import pandas as pd
+
+    from dashboard import common as ui
+    from samlab.runs.store import Store
+
+    cfg, rows, summary = recorded
+    ids = []
+    for _ in range(3):
+        ids.append(_running(store_env, cfg, rows))
+        store_env.finish_run(ids[-1], "completed", summary=summary)
+    raw_reads: list[list[str]] = []
+    real = Store.metrics
+
+    def metrics(self, run_ids, *args, **kwargs):
+        if kwargs.get("max_points") is None and not kwargs.get("after"):
+            raw_reads.append(list(run_ids))
+        return real(self, run_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "metrics", metrics)
+    at = AppTest.from_file(str(ROOT / "pages" / "2_Runs.py"), default_timeout=120)
+    at.query_params["runs"] = ",".join(ids)
+    at.run()
+    assert not at.exception and raw_reads == []  # the page drew its curves from the buckets only
+    labels = {i: f"run {n}" for n, i in enumerate(ids)}
+    build = ui.metrics_csv(ids, labels)
+    assert raw_reads == []  # deferred: nothing read until the download asks for it
+    table = pd.read_csv(io.StringIO(build()))
+    assert raw_reads == [ids]
+    assert table.groupby("run").size().to_dict() == {label: len(rows) for label in labels.values()}
