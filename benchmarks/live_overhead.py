@@ -9,8 +9,9 @@ finished runs with curves, and times the same fixed run (digits-cnn, --epochs ep
 under interleaved conditions, repeated --repeats times:
 
   none      no browser at all (the baseline), with the worker's chosen thread setting
-  all-cores no browser, the worker's OpenMP threads spinning (OMP_WAIT_POLICY=ACTIVE): the run with
-            all cores to itself, against which the chosen setting must not be slower by > 10 %
+  all-cores no browser, one thread per core, spinning while they wait (SAMLAB_CPU_THREADS=cores,
+            OMP_WAIT_POLICY=ACTIVE): the run with all cores to itself, against which the chosen
+            setting must not be slower by > 10 %
   train     the Train page open in headless Chromium (opened before the run is submitted; it picks
             the run up and watches it to the end)
   runs      the Runs page open with the 100 seeded runs selected
@@ -54,6 +55,7 @@ APP_DIR = Path(samlab.__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SEEDED = 100
+ALL_CORES = {"SAMLAB_CPU_THREADS": str(os.cpu_count() or 1), "OMP_WAIT_POLICY": "ACTIVE"}
 TRAIN_READY = "most recent finished"  # the Train page's runs panel is drawn (the menu also says "Runs")
 HESSIAN = {"k": 2, "n_samples": 256, "trace_samples": 12, "mode": "eval"}
 
@@ -285,7 +287,7 @@ def main() -> int:
         for r in range(args.repeats):
             print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
             record("none", timed(store, train, pid))
-            with environ({"OMP_WAIT_POLICY": "ACTIVE"}):
+            with environ(ALL_CORES):
                 record("all-cores", timed(store, train, pid))
             if "train" in pages:
                 with_page("Train", TRAIN_READY)("train", train)

@@ -7,7 +7,9 @@ log path are recorded there), so a backend on other machines (Ray, later) needs 
 Public API:
     Slot(name, env)                     one unit of capacity: a visible GPU or a CPU share
     local_slots() -> list[Slot]         one slot per visible CUDA device (CUDA_VISIBLE_DEVICES=i),
-                                        else SAMLAB_CPU_SLOTS CPU slots (default max(1, cores // 4))
+                                        else SAMLAB_CPU_SLOTS CPU slots (default max(1, cores // 4)), each
+                                        with SAMLAB_CPU_THREADS threads (default `cpu_threads`: the cores
+                                        but one, shared) that sleep while they wait (`cpu_wait_env`)
     Executor                            interface: launch(run, store_url, slot) -> ref,
                                         alive(run) -> bool | None, kill(run), reap() -> [(run_id, code)]
     LocalExecutor                       a detached OS process per run, in its own session and process group,
@@ -81,19 +83,29 @@ def local_slots() -> list[Slot]:
         return [Slot(f"gpu{i}", {"CUDA_VISIBLE_DEVICES": dev}) for i, dev in enumerate(ids)]
     cores = os.cpu_count() or 1
     n = int(env_float("SAMLAB_CPU_SLOTS", max(1, cores // 4), 1, 1024))
-    threads = str(int(env_float("SAMLAB_CPU_THREADS", max(1, cores // n), 1, 4096)))
+    threads = str(int(env_float("SAMLAB_CPU_THREADS", cpu_threads(cores, n), 1, 4096)))
     # hide GPUs from CPU runs explicitly, so a CPU slot never touches a device it was not given
     env = {"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": "", **cpu_wait_env()}
     return [Slot(f"cpu{i}", dict(env)) for i in range(n)]
 
 
-# How long an idle OpenMP thread of a CPU run spins before it sleeps (libgomp's GOMP_SPINCOUNT).
-CPU_SPINCOUNT = "PASSIVE"
+def cpu_threads(cores: int, slots: int) -> int:
+    """Threads of each CPU run by default: the cores but one, shared by the slots, at least one.
+
+    The core left over is the dashboard's and the browser's: a page watching a run then takes no time
+    from it. On a 2-core machine a run gets one thread, which on the small models such a machine
+    trains costs nothing: their parallel regions are too short for a second thread to pay for the
+    handing over. Measured with `benchmarks/live_overhead.py` on a busy 2-core machine, a digits-cnn run
+    took longer with two threads that sleep between regions than with one, and several times as long
+    with two that spin (OMP_WAIT_POLICY=ACTIVE, or libgomp's default spin before sleeping)."""
+    return max(1, (cores - 1) // slots)
 
 
 def cpu_wait_env() -> dict[str, str]:
-    """How the OpenMP threads of a CPU run wait between parallel regions; nothing when the
-    environment already says (OMP_WAIT_POLICY or GOMP_SPINCOUNT, inherited by the worker)."""
+    """How the OpenMP threads of a CPU run wait between parallel regions: asleep (OMP_WAIT_POLICY=PASSIVE),
+    not spinning, so several threads never burn cores that the dashboard, the browser or another run
+    needs. Nothing when the environment already says (OMP_WAIT_POLICY or GOMP_SPINCOUNT, which the
+    worker inherits)."""
     if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
