@@ -16,6 +16,7 @@ from dashboard import figures, live, plots, runs_view, tables
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs import curves
+from tests.pg_fixtures import BACKENDS, store_on
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,7 +135,15 @@ def test_the_train_pages_live_card_stops_refreshing_when_its_run_ends(store_env,
     assert ":green[" in " ".join(e.label for e in at.expander)  # drawn as a finished card
 
 
-def test_new_metrics_returns_each_row_once_in_written_order_among_other_runs_rows(store_env):
+@pytest.fixture(params=BACKENDS)
+def any_store(request, tmp_path):
+    """A store on SQLite and (when SAMLAB_TEST_PG names a server) on PostgreSQL."""
+    with store_on(request.param, tmp_path) as store:
+        yield store
+
+
+def test_new_metrics_returns_each_row_once_in_written_order_among_other_runs_rows(any_store):
+    store_env = any_store
     ids = store_env.create_runs([{"kind": "train", "params": {}, "name": n} for n in ("watched", "other")])
     written: list[tuple] = []
     cursor, got = None, []
@@ -152,7 +161,8 @@ def test_new_metrics_returns_each_row_once_in_written_order_among_other_runs_row
 
 
 @pytest.mark.parametrize("other_run_writes", [False, True])
-def test_a_resumed_runs_rewritten_tail_replaces_the_points_a_live_view_had(store_env, other_run_writes):
+def test_a_resumed_runs_rewritten_tail_replaces_the_points_a_live_view_had(any_store, other_run_writes):
+    store_env = any_store
     run_id, other = store_env.create_runs([{"kind": "train", "params": {}, "name": n} for n in ("resumed", "o")])
     t0 = time.time()
     store_env.flush(run_id, [("step", s, name, float(s), t0 + s) for s in range(10) for name in ("loss", "lr")])
