@@ -87,6 +87,9 @@ def main() -> int:
     print("paired against SAM (positive = lower test loss than SAM):")
     for row in report["paired"]:
         m = "" if row["m"] != row["m"] else f" m={row['m']:g}"
+        if row["method"] in ("sam", "msam") and row["m"] == row["reference_m"]:
+            print(f"  {row['method']}{m}: the reference")
+            continue
         print(f"  {row['method']}{m}: {row['diff_mean']:+.5f} ± {row['diff_se']:.5f} "
               f"(z {row['z']:+.1f}, {row['n_better']}/{row['n_pairs']} better)")
     return 0
