@@ -7,8 +7,7 @@ a partial result lacks the stages not finished yet, and every builder draws what
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,14 +26,6 @@ def request(checkpoint: str, *, k: int, n_samples: int, trace_samples: int, mode
     """Params of a "hessian" background run for the page's widgets (same subset seed for every run)."""
     return {"checkpoint": checkpoint, "k": int(k), "n_samples": int(n_samples), "trace_samples": int(trace_samples),
             "mode": mode, "seed": int(seed), "density": bool(density), "per_layer": bool(per_layer)}
-
-
-def results_signature(analyses: Iterable[dict[str, Any]]) -> tuple:
-    """What the page draws from its analyses (each one's id, status and result), without their progress:
-    equal signatures draw the same tables and figures, so a refresh that changes only the progress
-    leaves them as they are."""
-    return tuple((a["id"], a["status"], json.dumps(a.get("result"), sort_keys=True, default=str))
-                 for a in analyses)
 
 
 def eigenvalue_figure(results: Labelled) -> go.Figure:

@@ -53,31 +53,33 @@ else:
     }
 
     pending = {i for i, a in analyses.items() if a is not None and a["status"] in ui.ACTIVE}
-    shown = {run_id: analysis for run_id, analysis in analyses.items() if analysis is not None}
-    shown_signature = view.results_signature(shown.values())
 
-    # Only the progress refreshes while an analysis computes. The results below are drawn once per page
-    # run; the page runs again when a result changed (a stage finished, an analysis ended), so a refresh
-    # without news re-sends no table or figure to the browser, and the refreshing stops when all are done.
+    # refreshes only while an analysis computes; the page re-runs (and stops refreshing) when all are done
     @ui.live(2.0 if pending else None)
-    def progress_panel() -> None:
-        now = shown | {run_id: store.get_run(shown[run_id]["id"]) for run_id in pending}
-        for run_id in pending:
-            if now[run_id]["status"] != "completed":
+    def spectra_panel() -> None:
+        results, versions = [], []
+        for run_id, analysis in analyses.items():
+            if analysis is None:
+                continue
+            current = store.get_run(analysis["id"]) if run_id in pending else analysis
+            if current["status"] != "completed":
                 st.caption(labels[run_id])
-                ui.task_progress(now[run_id])
-        if view.results_signature(now.values()) != shown_signature:
-            st.rerun()
-
-    progress_panel()
-    results = [(labels[run_id], analysis["result"]) for run_id, analysis in shown.items() if analysis.get("result")]
-    if results:
+                ui.task_progress(current)
+            if current.get("result"):
+                results.append((labels[run_id], current["result"]))
+            versions.append((current["id"], current["status"], current.get("progress")))
+            if run_id in pending and current["status"] not in ui.ACTIVE:
+                pending.discard(run_id)
+                if not pending:
+                    st.rerun()  # all done: the page draws the results once, without refreshing
+        if not results:
+            return
         st.dataframe(view.summary_table(results), hide_index=True)
         st.caption(r"$\lambda_{\max}\,\eta / 2 \ge 1$ means full-batch gradient descent at the run's base learning rate would be "
                    "unstable at this point (Cohen et al. 2021). The trace's ± is the Hutch++ standard error.")
-        # figures are rebuilt only when a result changed
+        # figures are rebuilt only when a result changed (a refresh without news redraws the same ones)
         memo = st.session_state.setdefault("hessian.figures", {})
-        signature = (shown_signature, log_density, per_layer)
+        signature = (tuple(versions), log_density, per_layer)
         if memo.get("signature") != signature:
             memo.update(signature=signature, eigen=view.eigenvalue_figure(results),
                         density=view.density_figure(results, log_density),
@@ -93,6 +95,8 @@ else:
             for label, result in results:
                 with st.expander(f"per-layer table · {label}"):
                     st.dataframe(view.layer_table(result), hide_index=True)
+
+    spectra_panel()
 
 # -- λ_max during training -----------------------------------------------------------------------------
 st.subheader("λ_max during training")

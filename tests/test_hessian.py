@@ -742,10 +742,7 @@ def test_check_task_names_the_bad_field(trained_run, overrides, field):
 
 
 # -- the Hessian page --------------------------------------------------------------------------------
-def _hessian_page(trained_run, tmp_path, monkeypatch, *, finished: bool = True):
-    """A store file with a trained run and the analysis the page asks for (computed for real; finished, or
-    running with its result stored as a partial one), and the page's AppTest opened with those settings
-    and nothing picked yet."""
+def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trained_run, tmp_path, monkeypatch):
     import os
     import time
     from pathlib import Path
@@ -777,20 +774,12 @@ def _hessian_page(trained_run, tmp_path, monkeypatch, *, finished: bool = True):
     analysis_id = jobs.submit_cached("hessian", request, store=store)
     result = run_task(request, RecordingReporter(), tmp_path / "analysis", resume=False)
     store.start_run(analysis_id, pid=os.getpid(), host="test", device="cpu")
-    if finished:
-        store.finish_run(analysis_id, "completed", result=result, summary={})
-    else:  # still computing, with what it has so far stored as its partial result
-        store.flush(analysis_id, [], progress=0.5, message="density", result=result)
+    store.finish_run(analysis_id, "completed", result=result, summary={})
 
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "pages" / "3_Hessian.py"), default_timeout=120)
     at.query_params.update({"k": "2", "n_samples": "64", "trace": "12", "mode": "eval", "seed": "0", "per_layer": "1"})
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    return store, train_id, analysis_id, result, reporter, at
-
-
-def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trained_run, tmp_path, monkeypatch):
-    store, train_id, analysis_id, result, reporter, at = _hessian_page(trained_run, tmp_path, monkeypatch)
     at.multiselect(key="hessian.runs").set_value([train_id]).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert not [b for b in at.button if b.key == f"hessian.submit.{train_id}"]  # cached: nothing to submit
@@ -810,30 +799,6 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
     logged = [values["lambda_max"] for _, _, values in reporter.rows if "lambda_max" in values]
     assert curves["tiny cnn"] == pytest.approx(logged)
     assert curves["2/η · tiny cnn"] == pytest.approx([2 / v["lr"] for _, _, v in reporter.rows if "lr" in v])
-
-
-def test_hessian_page_refreshes_only_the_progress_while_an_analysis_runs(trained_run, tmp_path, monkeypatch):
-    from dashboard import hessian_view
-    from tests.test_live import _fragments
-
-    defined = _fragments(monkeypatch)
-    store, train_id, analysis_id, result, _, at = _hessian_page(trained_run, tmp_path, monkeypatch, finished=False)
-    at.multiselect(key="hessian.runs").set_value([train_id]).run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    assert [name for name, every in defined if every] == ["progress_panel"]  # the only refreshing part
-    # the partial result is drawn by the page itself, outside the refreshing fragment
-    assert [c.key for c in at.get("plotly_chart")][:3] == ["hessian.eigenvalues", "hessian.density", "hessian.layers"]
-    shown = hessian_view.results_signature([store.get_run(analysis_id)])
-    store.flush(analysis_id, [], progress=0.9, message="per layer")  # news of progress only
-    assert hessian_view.results_signature([store.get_run(analysis_id)]) == shown
-    store.flush(analysis_id, [], result={**result, "trace": {**result["trace"], "mean": 0.0}})
-    assert hessian_view.results_signature([store.get_run(analysis_id)]) != shown  # a changed result: page re-runs
-    store.finish_run(analysis_id, "completed", result=result, summary={})
-    defined.clear()
-    at.run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
-    assert not [name for name, every in defined if every]  # all done: nothing refreshes any more
-    assert at.dataframe[0].value["trace"].iloc[0] == pytest.approx(result["trace"]["mean"])
 
 
 def test_view_builders_draw_partial_results():
