@@ -93,11 +93,11 @@ def cpu_threads(cores: int, slots: int) -> int:
     """Threads of each CPU run by default: the cores but one, shared by the slots, at least one.
 
     The core left over is the dashboard's and the browser's: a page watching a run then takes no time
-    from it. On a 2-core machine a run gets one thread, which on the small models such a machine
-    trains costs nothing: their parallel regions are too short for a second thread to pay for the
-    handing over. Measured with `benchmarks/live_overhead.py` on a busy 2-core machine, a digits-cnn run
-    took longer with two threads that sleep between regions than with one, and several times as long
-    with two that spin (OMP_WAIT_POLICY=ACTIVE, or libgomp's default spin before sleeping)."""
+    from it. On a 2-core machine a run gets one thread. Measured with `benchmarks/live_overhead.py` on
+    the digits-cnn preset: on an idle 2-core machine two spinning threads (OMP_WAIT_POLICY=ACTIVE) were
+    3-13 % faster than one and two sleeping threads about 50 % slower than spinning ones; under other
+    jobs' load two spinning threads (ACTIVE, or libgomp's default spin before sleeping) took 4-10 times
+    as long as one thread."""
     return max(1, (cores - 1) // slots)
 
 
