@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from samlab.runs import jobs
-from samlab.runs.store import FINAL, open_store
+# the run store (SQLAlchemy) and the job layer are imported inside the commands that use them: building
+# the parser, which every `python -m samlab` command does, then costs neither
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +85,8 @@ def _parse_seeds(text: str) -> list[int]:
 
 def _submit(args: argparse.Namespace) -> int:
     from samlab.config import preset
+    from samlab.runs import jobs
+    from samlab.runs.store import open_store
 
     cfg = preset(args.preset, args.overrides)
     if args.seeds is None:
@@ -106,6 +108,8 @@ def _submit(args: argparse.Namespace) -> int:
 def _wait_with_progress(ids: list[str], store_url: str | None, stream: TextIO | None = None) -> dict[str, str]:
     """Poll the runs until all have ended: a progress bar redrawn in place on a terminal, else one line
     each time the number finished or the progress (in steps of PROGRESS_STEP) changes."""
+    from samlab.runs.store import open_store
+
     store = open_store(store_url)
     stream = stream or sys.stderr
     tty = stream.isatty()
@@ -133,6 +137,8 @@ BAR_WIDTH = 30
 
 def wait_progress(runs: list[dict]) -> tuple[int, float]:
     """How many runs have ended, and the mean progress (an ended run counts as 1)."""
+    from samlab.runs.store import FINAL
+
     done = sum(r["status"] in FINAL for r in runs)
     mean = sum(1.0 if r["status"] in FINAL else min(max(r["progress"] or 0.0, 0.0), 1.0) for r in runs) / len(runs)
     return done, mean
@@ -145,6 +151,8 @@ def progress_bar(done: int, total: int, fraction: float) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from samlab.runs.store import open_store
+
     store = open_store(args.store)
     rows = store.list_runs(status=args.status, kind=args.kind, group=args.group, text=args.text,
                            limit=args.limit)
@@ -159,6 +167,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from samlab.runs.store import open_store
+
     store = open_store(args.store)
     run = store.get_run(args.run_id)
     run["last_epoch_metrics"] = store.latest_metrics([run["id"]]).get(run["id"], {})
@@ -180,17 +190,23 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    from samlab.runs import jobs
+
     outcome = jobs.cancel(args.run_id, store=args.store)
     print("cancelled" if outcome == "cancelled" else "stop requested (the run checkpoints, then ends)")
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from samlab.runs import jobs
+
     print(f"queued {jobs.resume(args.run_id, store=args.store)} to resume")
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
+    from samlab.runs.store import FINAL, open_store
+
     store = open_store(args.store)
     run = store.get_run(args.run_id)
     path = Path(run["log_path"])
@@ -215,6 +231,8 @@ def _size(path: Path) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
+    from samlab.runs import jobs
+
     jobs.delete(args.run_id, store=args.store, files=not args.keep_files)
     print("deleted")
     return 0

@@ -15,8 +15,6 @@ import sys
 import time
 
 from samlab.cli_runs import _add_store, _parse_seeds, add_id_verbs
-from samlab.runs import search as search_runs
-from samlab.runs.store import open_store
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +58,7 @@ def _parse_ms(text: str) -> list[int]:
 
 def _search(args: argparse.Namespace) -> int:
     from samlab.config import preset
+    from samlab.runs import search as search_runs
     from samlab.search import SearchSpec, parse_range
 
     spec = SearchSpec(preset(args.preset, args.overrides), ms=_parse_ms(args.ms), rho=parse_range("--rho", args.rho),
@@ -93,6 +92,8 @@ def _print_best(state: dict) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from samlab.runs.store import open_store
+
     rows = open_store(args.store).list_searches()
     for row in rows:
         created = row["created_at"].strftime("%Y-%m-%d %H:%M:%S") if row["created_at"] else ""
@@ -103,6 +104,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from samlab.runs import search as search_runs
+
     state = search_runs.progress(args.search_id, store=args.store)
     _print_best(state)
     if args.trials:
@@ -111,10 +114,14 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    from samlab.runs import search as search_runs
+
     print(f"search cancelled; {search_runs.cancel(args.search_id, store=args.store)} run(s) asked to stop")
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from samlab.runs import search as search_runs
+
     print(f"driver started (pid {search_runs.resume(args.search_id, store=args.store)})")
     return 0
