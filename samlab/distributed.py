@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(preset(args.preset, args.overrides), workdir=args.workdir, resume=args.resume,
                        sync_perturbation=args.sync_perturbation)
+        # every rank waits for the others (the writer rank saves and evaluates last) before the process
+        # group is torn down: a rank that tore it down while a peer still used it could abort at exit
+        dist.barrier()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
