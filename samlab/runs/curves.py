@@ -118,10 +118,14 @@ def downsample(points: list[tuple[int, float | None]], max_points: int) -> list[
     `downsample_arrays` gives the same points for a long curve held as arrays."""
     if len(points) <= max_points:
         return [(step, value) for step, value in points]
-    width = next((w for w in LEVEL_WIDTHS
-                  if (points[-1][0] // w - points[0][0] // w + 1) * POINTS_PER_BUCKET <= max_points),
-                 LEVEL_WIDTHS[-1])
-    return curve_points(fold(points, width).values())
+    return curve_points(fold(points, fitting_width(points[0][0], points[-1][0], max_points)).values())
+
+
+def fitting_width(first_step: int, last_step: int, max_points: int) -> int:
+    """The finest bucket width whose buckets over [first_step, last_step] give at most `max_points`
+    points (the widest when none does)."""
+    return next((w for w in LEVEL_WIDTHS if (last_step // w - first_step // w + 1) * POINTS_PER_BUCKET <= max_points),
+                LEVEL_WIDTHS[-1])
 
 
 def downsample_arrays(steps, values, max_points: int):
@@ -132,8 +136,7 @@ def downsample_arrays(steps, values, max_points: int):
     steps, values = np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=float)
     if len(steps) <= max_points:
         return steps, values
-    width = next((w for w in LEVEL_WIDTHS if (steps[-1] // w - steps[0] // w + 1) * POINTS_PER_BUCKET <= max_points),
-                 LEVEL_WIDTHS[-1])
+    width = fitting_width(int(steps[0]), int(steps[-1]), max_points)
     kept = ~np.isnan(values)
     steps, values = steps[kept], values[kept]
     if not len(steps):
