@@ -8,7 +8,7 @@ Starts the dashboard server as `make run` does (`streamlit run app.py` in the ap
 finished runs with curves, and times the same fixed run (digits-cnn, --epochs epochs, seed 0, CPU)
 under interleaved conditions, repeated --repeats times:
 
-  none      no browser at all (the baseline), with the worker's chosen thread setting
+  none      no browser at all (the baseline), with the worker's default threads (its governor)
   all-cores no browser, one thread per core, spinning while they wait (SAMLAB_CPU_THREADS=cores,
             OMP_WAIT_POLICY=ACTIVE): the run with all cores to itself, against which the chosen
             setting must not be slower by > 10 %
@@ -19,8 +19,11 @@ under interleaved conditions, repeated --repeats times:
             SAMLAB_CPU_THREADS=1; a setting puts its variables into the environment the scheduler and
             its workers inherit (e.g. passive:OMP_WAIT_POLICY=PASSIVE, spin3e4:GOMP_SPINCOUNT=30000);
             each is timed with no page and, as train-NAME, with the Train page open
-  hessian   a Hessian analysis of a trained digits-cnn run, timed with no page and with the Hessian
-            page open on it (the page opened and the run picked while the analysis computes)
+  hessian   the analysis the Hessian page runs with its defaults (top-5 and bottom-5 eigenvalues,
+            Hutch++ trace with 99 vectors, density, per-layer, 512 samples) of a trained digits-cnn run,
+            timed with no page (submitted from here) and as a user runs it: the Hessian page opened, the
+            run picked, then the page's own "Compute the spectrum" button clicked; the page then watches
+            the analysis to the end
 
 A run's wall time is finished_at − started_at in the store (the worker's own time, without the
 scheduler's start-up). While a run is timed, the CPU seconds (/proc utime + stime) of the server and
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import samlab
+from samlab import tasks
 from samlab.config import preset
 from samlab.runs import jobs
 from samlab.runs.store import FINAL, Store
@@ -57,7 +61,7 @@ LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgro
 SEEDED = 100
 ALL_CORES = {"SAMLAB_CPU_THREADS": str(os.cpu_count() or 1), "OMP_WAIT_POLICY": "ACTIVE"}
 TRAIN_READY = "most recent finished"  # the Train page's runs panel is drawn (the menu also says "Runs")
-HESSIAN = {"k": 2, "n_samples": 256, "trace_samples": 12, "mode": "eval"}
+HESSIAN = {"k": 5, "n_samples": 512, "trace_samples": 99, "mode": "eval"}  # the page's defaults
 
 
 def free_port() -> int:
@@ -182,19 +186,25 @@ def metric_rows(store: Store, run_id: str) -> list[tuple]:
             for r in frame.itertuples()]
 
 
-def timed(store: Store, submit, pid: int, page_open=None) -> dict[str, float]:
-    """Submit a run, optionally open a page once it runs, wait for it; its wall time, the CPU of the
-    server and of the browser per wall second."""
+def timed(store: Store, submit, pid: int) -> dict[str, float]:
+    """Submit a run, wait for it; its wall time, the CPU of the server and of the browser per wall second."""
     settle(store)
     cpu0, browser0, t0, load0 = cpu_seconds(pid), browser_cpu_seconds(), time.monotonic(), load()
-    run_id = submit()
-    if page_open is not None:
-        wait_running(store, run_id)
-        page_open()
-    run = wait_final(store, run_id)
+    run = wait_final(store, submit())
     cpu1, browser1, t1 = cpu_seconds(pid), browser_cpu_seconds(), time.monotonic()
     return {"wall_s": wall(run), "server_cpu_per_s": (cpu1 - cpu0) / (t1 - t0),
             "browser_cpu_per_s": max(0.0, browser1 - browser0) / (t1 - t0), "load": load0}
+
+
+def wait_submitted(store: Store, key: str, timeout: float = 120) -> str:
+    """The id of the run with this cache key, once the page has queued it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = store.find_cached(key)
+        if found is not None:
+            return found["id"]
+        time.sleep(0.05)
+    raise TimeoutError("the page did not queue the analysis")
 
 
 def parse_settings(text: str) -> list[tuple[str, dict[str, str]]]:
@@ -266,17 +276,17 @@ def main() -> int:
         settle(store)  # no scheduler alive while the seeded runs are briefly queued: none launches them
         seeded = seed_store(store, metric_rows(store, first["id"]), first["params"])
 
-        def with_page(path: str, ready: str):
-            def run_with_page(condition: str, submit, during=None) -> None:
-                page = browser.new_page(viewport={"width": 1400, "height": 1600})
-                try:
-                    if during is None:
-                        page.goto(f"{url}/{path}", wait_until="load")
-                        page.get_by_text(ready).first.wait_for(timeout=120_000)
-                    record(condition, timed(store, submit, pid, during and (lambda: during(page))))
-                finally:
-                    page.close()
-            return run_with_page
+        def with_page(path: str, ready: str, condition: str, submit, prepare=None) -> None:
+            """Time a run with a page open: the page loaded (and prepared) first, then the run submitted."""
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            try:
+                page.goto(f"{url}/{path}", wait_until="load")
+                page.get_by_text(ready).first.wait_for(timeout=120_000)
+                if prepare is not None:
+                    prepare(page)
+                record(condition, timed(store, lambda: submit(page), pid))
+            finally:
+                page.close()
 
         checkpoint = None
         if "hessian" in pages:
@@ -290,35 +300,37 @@ def main() -> int:
             with environ(ALL_CORES):
                 record("all-cores", timed(store, train, pid))
             if "train" in pages:
-                with_page("Train", TRAIN_READY)("train", train)
+                with_page("Train", TRAIN_READY, "train", lambda page: train())
                 record("none", timed(store, train, pid))
             for name, overrides in settings:
                 with environ(overrides):
                     record(name, timed(store, train, pid))
                     if "train" in pages:
-                        with_page("Train", TRAIN_READY)(f"train-{name}", train)
+                        with_page("Train", TRAIN_READY, f"train-{name}", lambda page: train())
             if "runs" in pages:
-                with_page("Runs?runs=" + ",".join(seeded), "Summary")("runs", train)
+                with_page("Runs?runs=" + ",".join(seeded), "Summary", "runs", lambda page: train())
                 record("none", timed(store, train, pid))
             if "hessian" in pages and checkpoint:
-                def analysis(seed: int) -> Any:
-                    params = request(checkpoint, seed=seed, per_layer=True, **HESSIAN)
-                    return lambda: jobs.submit(params, kind="hessian", store=store)
-
-                record("hessian-none", timed(store, analysis(2 * r + 1), pid))
+                record("hessian-none", timed(store, lambda seed=2 * r + 1: jobs.submit_cached(
+                    "hessian", request(checkpoint, seed=seed, per_layer=True, **HESSIAN), store=store), pid))
+                seed = 2 * r + 2
                 query = "&".join(f"{k}={v}" for k, v in {"k": HESSIAN["k"], "n_samples": HESSIAN["n_samples"],
-                                                          "trace": HESSIAN["trace_samples"], "seed": 2 * r + 2}.items())
+                                                          "trace": HESSIAN["trace_samples"], "seed": seed}.items())
+                key = tasks.cache_key("hessian", tasks.check_params(
+                    "hessian", request(checkpoint, seed=seed, per_layer=True, **HESSIAN)))
 
-                def pick(page, first_id=first["id"], query=query) -> None:
-                    page.goto(f"{url}/Hessian?{query}", wait_until="load")
+                def pick(page, first_id=first["id"]) -> None:
                     box = page.get_by_role("combobox").first
-                    box.wait_for(timeout=120_000)
                     box.click()
                     page.keyboard.type(first_id[:6])
                     page.keyboard.press("Enter")
-                    page.get_by_text("λ_max during training").first.wait_for(timeout=120_000)
+                    page.get_by_role("button", name="Compute the spectrum").first.wait_for(timeout=120_000)
 
-                with_page("Hessian", "")("hessian", analysis(2 * r + 2), during=pick)
+                def click(page, key=key) -> str:
+                    page.get_by_role("button", name="Compute the spectrum").first.click()
+                    return wait_submitted(store, key)
+
+                with_page(f"Hessian?{query}", "λ_max during training", "hessian", click, prepare=pick)
         browser.close()
     summary = summarize(results, [name for name, _ in settings])
     if args.json:

@@ -26,7 +26,7 @@ LAYERS = [
     ("PostgreSQL", {"test_postgres.py"}, "postgresql"),
     ("pages (AppTest)", {"test_dashboard_pages.py", "test_analysis_pages.py", "test_lesson_page.py",
                          "test_msharp_panel.py"}, "_page"),
-    ("store and runs", {"test_store.py", "test_jobs.py", "test_sweeps.py", "test_cli.py"}, None),
+    ("store and runs", {"test_store.py", "test_jobs.py", "test_sweeps.py", "test_cli.py", "test_cores.py"}, None),
     ("analyses", {"test_hessian.py", "test_landscape.py", "test_stability.py", "test_msharp.py",
                   "test_noise.py", "test_tasks_protocol.py"}, None),
     ("dashboard helpers", {"test_dashboard_common.py", "test_dashboard_figures.py", "test_dashboard_forms.py"},

@@ -8,8 +8,8 @@ Public API:
     Slot(name, env)                     one unit of capacity: a visible GPU or a CPU share
     local_slots() -> list[Slot]         one slot per visible CUDA device (CUDA_VISIBLE_DEVICES=i),
                                         else SAMLAB_CPU_SLOTS CPU slots (default max(1, cores // 4)), each
-                                        with SAMLAB_CPU_THREADS threads (default `cpu_threads`: the cores
-                                        but one, shared) that sleep while they wait (`cpu_wait_env`)
+                                        with SAMLAB_CPU_THREADS threads, by default a range (`cpu_threads`)
+                                        that the worker's governor keeps to (samlab.runs.cores)
     Executor                            interface: launch(run, store_url, slot) -> ref,
                                         alive(run) -> bool | None, kill(run), reap() -> [(run_id, code)]
     LocalExecutor                       a detached OS process per run, in its own session and process group,
@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from samlab.runs.cores import RANGE_VAR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # workers run here, so relative data paths resolve alike
 
@@ -83,32 +85,28 @@ def local_slots() -> list[Slot]:
         return [Slot(f"gpu{i}", {"CUDA_VISIBLE_DEVICES": dev}) for i, dev in enumerate(ids)]
     cores = os.cpu_count() or 1
     n = int(env_float("SAMLAB_CPU_SLOTS", max(1, cores // 4), 1, 1024))
-    threads = str(int(env_float("SAMLAB_CPU_THREADS", cpu_threads(cores, n), 1, 4096)))
     # hide GPUs from CPU runs explicitly, so a CPU slot never touches a device it was not given
-    env = {"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": "", **cpu_wait_env()}
+    env = {"CUDA_VISIBLE_DEVICES": "", **cpu_thread_env(cores, n)}
     return [Slot(f"cpu{i}", dict(env)) for i in range(n)]
 
 
-def cpu_threads(cores: int, slots: int) -> int:
-    """Threads of each CPU run by default: the cores but one, shared by the slots, at least one.
-
-    The core left over is the dashboard's and the browser's: a page watching a run then takes no time
-    from it. On a 2-core machine a run gets one thread. Measured with `benchmarks/live_overhead.py` on
-    the digits-cnn preset: on an idle 2-core machine two spinning threads (OMP_WAIT_POLICY=ACTIVE) were
-    3-13 % faster than one and two sleeping threads about 50 % slower than spinning ones; under other
-    jobs' load two spinning threads (ACTIVE, or libgomp's default spin before sleeping) took 4-10 times
-    as long as one thread."""
-    return max(1, (cores - 1) // slots)
+def cpu_threads(cores: int, slots: int) -> tuple[int, int]:
+    """The thread range of each CPU run: (the cores but one, shared by the slots; all cores shared), at
+    least one. The worker's `ThreadGovernor` (samlab.runs.cores) moves between them: all of its share
+    while the other processes leave the cores idle, one core fewer as soon as anything else wants one
+    (the dashboard, a browser, another job), so a page watching a run takes no time from it. On a
+    2-core machine: one or two threads."""
+    return max(1, (cores - 1) // slots), max(1, cores // slots)
 
 
-def cpu_wait_env() -> dict[str, str]:
-    """How the OpenMP threads of a CPU run wait between parallel regions: asleep (OMP_WAIT_POLICY=PASSIVE),
-    not spinning, so several threads never burn cores that the dashboard, the browser or another run
-    needs. Nothing when the environment already says (OMP_WAIT_POLICY or GOMP_SPINCOUNT, which the
-    worker inherits)."""
-    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
-        return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+def cpu_thread_env(cores: int, slots: int) -> dict[str, str]:
+    """A CPU worker's thread settings: SAMLAB_CPU_THREADS fixes the count; otherwise the range the
+    worker's governor keeps to (SAMLAB_CPU_THREADS_RANGE), the process started with the fewest."""
+    fixed = os.environ.get("SAMLAB_CPU_THREADS")
+    if fixed:
+        return {"OMP_NUM_THREADS": str(int(env_float("SAMLAB_CPU_THREADS", 1, 1, 4096)))}
+    fewest, most = cpu_threads(cores, slots)
+    return {"OMP_NUM_THREADS": str(fewest), RANGE_VAR: f"{fewest}-{most}"}
 
 
 def pid_alive(pid: int) -> bool:
@@ -151,6 +149,7 @@ def spawn_module(module: str, args: Sequence[str], log_path: Path,
 
 def _worker_env(slot: Slot) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop(RANGE_VAR, None)  # a thread range comes from the slot only (not from a worker that submits runs)
     env.update(slot.env)
     env["PYTHONUNBUFFERED"] = "1"
     return env

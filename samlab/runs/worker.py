@@ -16,6 +16,10 @@ on are replaced, so a run resumed from a checkpoint has no duplicate or stale po
 
 Public API: StoreReporter(store, run_id, *, flush_s, resume), run_worker(run_id, store_url) -> int,
 register_plugin_tasks(), main(argv).
+
+A CPU worker given a thread range by its slot (SAMLAB_CPU_THREADS_RANGE) runs its task under a
+`samlab.runs.cores.ThreadGovernor`, ticked whenever the task reports progress or checks for a stop; the
+log's last lines say how long it ran at each thread count.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from samlab import tasks
 from samlab.reporting import Reporter
+from samlab.runs.cores import governor_from_env
 from samlab.runs.curves import OpenCurve
 from samlab.runs.executors import env_float, hostname
 from samlab.runs.store import Store, open_store
@@ -53,8 +59,10 @@ def register_plugin_tasks() -> None:
 class StoreReporter(Reporter):
     """A Reporter that buffers in memory and lets a background thread write to the store."""
 
-    def __init__(self, store: Store, run_id: str, *, flush_s: float = 1.0, resume: bool = False) -> None:
+    def __init__(self, store: Store, run_id: str, *, flush_s: float = 1.0, resume: bool = False,
+                 on_check: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.on_check = on_check  # called on the task's thread whenever it reports progress or checks for a stop
         self.run_id = run_id
         self.flush_s = flush_s
         self.resume = resume
@@ -79,6 +87,8 @@ class StoreReporter(Reporter):
             self._rows.extend(rows)
 
     def progress(self, done: float, total: float, message: str = "") -> None:
+        if self.on_check is not None:
+            self.on_check()
         with self._lock:
             self._progress = 0.0 if total <= 0 else max(0.0, min(1.0, float(done) / float(total)))
             self._message = message
@@ -91,6 +101,8 @@ class StoreReporter(Reporter):
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     def should_stop(self) -> bool:
+        if self.on_check is not None:
+            self.on_check()
         return self._stop.is_set()
 
     # -- worker side ---------------------------------------------------------------------------
@@ -220,8 +232,9 @@ def run_worker(run_id: str, store_url: str | None = None) -> int:
     if not store.start_run(run["id"], os.getpid(), hostname(), device):
         print(f"run {run['id']} is {store.get_run(run['id'])['status']}, not waiting for a worker", flush=True)
         return 3
+    governor = governor_from_env()  # a CPU run's thread count follows the machine's load
     reporter = StoreReporter(store, run["id"], flush_s=env_float("SAMLAB_FLUSH_S", 1.0, 0.01, 3600),
-                             resume=resume)
+                             resume=resume, on_check=governor and governor.tick)
     signal.signal(signal.SIGTERM, lambda signum, frame: reporter.request_stop())
     reporter.start()
     try:
@@ -236,6 +249,8 @@ def run_worker(run_id: str, store_url: str | None = None) -> int:
         return 1
     status, summary = _final_status(out, reporter.should_stop())
     reporter.close()
+    if governor is not None:
+        print(governor.summary(), flush=True)
     if status == "cancelled":
         status = store.stopped_status(run["id"])  # "pruned" when a search's pruner asked for the stop
     checkpoint = out.get("checkpoint") if isinstance(out, dict) else None

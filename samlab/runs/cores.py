@@ -1,0 +1,160 @@
+"""A CPU run's thread count that follows what else the machine is doing.
+
+On a laptop the workers, the dashboard server and the browser share a few cores. A run that spreads
+its OpenMP threads over every core is fastest on an idle machine, but when anything else wants a core
+its threads wait for one another at every parallel region and the run slows down many times over; a run
+that leaves a core free is robust but gives up that core's speed when nothing else needs it. A
+`ThreadGovernor` takes both: the worker's compute thread calls `tick()` where a task checks for a stop
+request (every training step, Lanczos iteration, grid point); every `interval_s` it measures how many
+cores the *other* processes kept busy (all CPUs this process may run on, from /proc/stat, minus this
+process's own CPU time) and sets torch's thread count:
+
+    `fewest` threads as soon as one interval saw others use more than what `most` threads leave them
+              (cores − most) plus `busy_core`;
+    `most`   once they stayed below that for `quiet_s` seconds (longer than a live page's 2 s refresh
+              cycle, so a page that keeps refreshing keeps the run at `fewest`).
+
+It starts at `fewest`. Without /proc/stat (not Linux) it stays there. Measured with
+`benchmarks/live_overhead.py` on 2 cores (see README, "Worker threads").
+
+Public API:
+    ThreadGovernor(most, fewest, *, interval_s, busy_core, quiet_s, usage, set_threads, clock, cores)
+        .tick()                 measure when due and set the thread count; cheap otherwise
+        .threads                the thread count set last
+        .summary()              how long it ran at each count (the worker logs it at the end)
+    other_cores_busy()          a callable: cores the other processes kept busy since its previous call
+    busy_ticks(cpus), own_cpu_seconds()   what it reads
+    governor_from_env()         the worker's governor from SAMLAB_CPU_THREADS_RANGE ("fewest-most"), or None
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+RANGE_VAR = "SAMLAB_CPU_THREADS_RANGE"
+BUSY_STATES = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (guest time is inside user)
+
+
+def busy_ticks(cpus: set[int], stat: str = "/proc/stat") -> int:
+    """Clock ticks the given CPUs spent busy since boot (every process's time, niced ones included:
+    a low-priority process still takes a core from a thread that spins while it waits)."""
+    total = 0
+    with open(stat) as f:
+        for line in f:
+            if not line.startswith("cpu") or line.startswith("cpu "):
+                continue
+            name, *fields = line.split()
+            if int(name[3:]) in cpus:
+                total += sum(int(fields[i]) for i in BUSY_STATES if i < len(fields))
+    return total
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def other_cores_busy(*, stat: str = "/proc/stat", cpus: set[int] | None = None,
+                     own: Callable[[], float] = own_cpu_seconds,
+                     clock: Callable[[], float] = time.monotonic) -> Callable[[], float]:
+    """A function returning how many cores processes other than this one kept busy since its previous
+    call, on `cpus` (default: the CPUs this process may use). OSError when `stat` cannot be read."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    hz = os.sysconf("SC_CLK_TCK")
+    state = {"busy": busy_ticks(cpus, stat) / hz, "own": own(), "at": clock()}
+
+    def measure() -> float:
+        busy, mine, now = busy_ticks(cpus, stat) / hz, own(), clock()
+        elapsed = now - state["at"]
+        others = ((busy - state["busy"]) - (mine - state["own"])) / elapsed if elapsed > 0 else 0.0
+        state.update(busy=busy, own=mine, at=now)
+        return max(0.0, others)
+
+    return measure
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+class ThreadGovernor:
+    """Sets the compute thread's torch thread count between `fewest` and `most` from the others' load."""
+
+    def __init__(self, most: int, fewest: int, *, interval_s: float = 0.5, busy_core: float = 0.25,
+                 quiet_s: float = 2.5, usage: Callable[[], float] | None = None,
+                 set_threads: Callable[[int], None] = _set_torch_threads,
+                 clock: Callable[[], float] = time.monotonic, cores: int | None = None) -> None:
+        if not 1 <= fewest <= most:
+            raise ValueError(f"thread range: need 1 <= fewest <= most (got {fewest}-{most})")
+        self.most, self.fewest = most, fewest
+        self.interval_s, self.quiet_s = interval_s, quiet_s
+        cores = cores if cores is not None else len(os.sched_getaffinity(0))
+        self.allowance = max(0, cores - most) + busy_core  # others may use this much while we use `most`
+        self.usage = usage if usage is not None else other_cores_busy()
+        self.set_threads, self.clock = set_threads, clock
+        self.threads = fewest
+        self.quiet_since = self.changed_at = clock()  # the interval before the first tick (start-up) counts
+        self.seconds_at: dict[int, float] = {}
+        self.due = self.quiet_since + interval_s
+        self.owner = threading.get_ident()  # thread counts are per thread: only the compute thread sets them
+        set_threads(fewest)
+
+    def tick(self) -> None:
+        now = self.clock()
+        if now < self.due or threading.get_ident() != self.owner:
+            return
+        self.due = now + self.interval_s
+        if self.usage() > self.allowance:
+            self.quiet_since = now
+            self._use(self.fewest)
+        elif now - self.quiet_since >= self.quiet_s:
+            self._use(self.most)
+
+    def _use(self, n: int) -> None:
+        if n != self.threads:
+            self.set_threads(n)
+            self._account(self.clock())
+            self.threads = n
+
+    def _account(self, now: float) -> None:
+        self.seconds_at[self.threads] = self.seconds_at.get(self.threads, 0.0) + now - self.changed_at
+        self.changed_at = now
+
+    def summary(self) -> str:
+        """How long the run spent at each thread count, e.g. 'threads: 2 for 6.1 s, 1 for 1.9 s'."""
+        self._account(self.clock())
+        parts = [f"{n} for {s:.1f} s" for n, s in sorted(self.seconds_at.items(), reverse=True)]
+        return "threads: " + ", ".join(parts)
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'fewest-most' → (fewest, most); ValueError naming the variable on anything else."""
+    low, sep, high = text.partition("-")
+    try:
+        fewest, most = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"{RANGE_VAR}: expected FEWEST-MOST, e.g. 1-2 (got {text!r})") from None
+    if not sep or not 1 <= fewest <= most:
+        raise ValueError(f"{RANGE_VAR}: expected 1 <= FEWEST <= MOST (got {text!r})")
+    return fewest, most
+
+
+def governor_from_env() -> ThreadGovernor | None:
+    """The worker's governor when its slot gave it a thread range, else None (a fixed thread count)."""
+    text = os.environ.get(RANGE_VAR, "")
+    if not text:
+        return None
+    fewest, most = parse_range(text)
+    if fewest == most:
+        return None
+    try:
+        return ThreadGovernor(most, fewest)
+    except OSError:  # no /proc/stat: the fixed, robust count
+        _set_torch_threads(fewest)
+        return None
