@@ -40,7 +40,9 @@ Stable API (other pages rely on it; extend, do not change):
     submit_train(configs) -> [id] | None          one run, or one group of runs (one per seed)
     cancel_run(id) -> str, resume_run(id) -> str, delete_run(id)   ValueError when not possible
     load_metrics(run_ids, names=None, kind=None, max_points=2000) -> long DataFrame
-    load_run_metrics(runs, names=None, kind=None, max_points=2000)   the same, finished runs cached by id
+    load_run_metrics(runs, names=None, kind=None, max_points=2000, live_key=None)
+                                        the same, finished runs cached by id, active ones read
+                                        incrementally under a live panel's key
     metrics_csv(run_ids, labels) -> () -> str    the raw metrics as CSV, built when a download button is clicked
     metric_times(run_ids) -> DataFrame           wall-clock seconds of each logged step (x = time)
     ViewParams(st.query_params, prefix)          widgets whose values live in the URL
@@ -65,6 +67,7 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from dashboard import access, tables
+from dashboard.live import LIVE_MAX_POINTS, LiveCurves
 from dashboard.tables import run_config, run_details, run_labels  # part of this module's API; pure, in tables
 from samlab.config import RunConfig
 from samlab.runs.store import ACTIVE, FINAL, STATUSES, Store, default_url, display_url, open_store
@@ -459,17 +462,25 @@ def load_metrics(run_ids: Sequence[str], names: Iterable[str] | None = None, kin
 
 
 def load_run_metrics(runs: Sequence[dict[str, Any]], names: Iterable[str] | None = None, kind: str | None = None,
-                     max_points: int | None = 2000):
+                     max_points: int | None = 2000, live_key: str | None = None):
     """`load_metrics` for these runs, the finished ones from a cache: a finished run never changes
-    (a resumed one is another attempt), so its curves are read once, not at every rerun of the page."""
+    (a resumed one is another attempt), so its curves are read once, not at every rerun of the page.
+    With `live_key` (a live panel's), an active run's points are kept in the session under that key and
+    each call reads only the rows written since the previous one (`live.LiveCurves`)."""
     import pandas as pd
 
     names = tuple(names) if names is not None else None
     done = tuple(sorted((r["id"], int(r.get("attempts") or 0)) for r in runs if r["status"] in FINAL))
     active = [r["id"] for r in runs if r["status"] not in FINAL]
     parts = [_finished_metrics(done, names, kind, max_points)] if done else []
-    if active:
+    if active and live_key is None:
         parts.append(load_metrics(active, names=names, kind=kind, max_points=max_points))
+    elif active:
+        watched = st.session_state.setdefault(live_key, {})
+        for run_id in active:
+            run_curves = watched.setdefault(run_id, LiveCurves(run_id))
+            run_curves.pull(get_store())
+            parts.append(run_curves.view(max_points or LIVE_MAX_POINTS, names=names, kind=kind))
     return pd.concat(parts, ignore_index=True) if parts else load_metrics([])
 
 

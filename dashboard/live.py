@@ -10,6 +10,7 @@ cached by run id (`finished_run_figure` in `runs_view`).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,11 +68,15 @@ class LiveCurves:
             values.append(value)
         return len(rows)
 
-    def view(self, max_points: int = LIVE_MAX_POINTS) -> pd.DataFrame:
-        """The points to draw: each curve downsampled like the store's buckets when it is long."""
-        parts = []
-        for (kind, name), (steps, values) in self.points.items():
+    def view(self, max_points: int = LIVE_MAX_POINTS, names: Iterable[str] | None = None,
+             kind: str | None = None) -> pd.DataFrame:
+        """The points to draw (of these curve names and kind, default all): each curve downsampled like
+        the store's buckets when it is long."""
+        parts, wanted = [], None if names is None else set(names)
+        for (curve_kind, name), (steps, values) in self.points.items():
+            if (wanted is not None and name not in wanted) or (kind is not None and curve_kind != kind):
+                continue
             shown_steps, shown_values = curves.downsample_arrays(steps, values, max_points)
-            parts.append(pd.DataFrame({"run_id": self.run_id, "kind": kind, "name": name,
+            parts.append(pd.DataFrame({"run_id": self.run_id, "kind": curve_kind, "name": name,
                                        "step": shown_steps, "value": shown_values}, columns=COLUMNS))
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)

@@ -115,13 +115,15 @@ if not trajectory_ids:
         st.info("Pick runs to draw their λ_max over training; only runs trained with 'λ_max every (steps)' > 0 "
                 "have these measurements.", icon=ui.ICON_INFO)
 else:
-    trajectory_labels = ui.run_labels([ui.get_store().get_run(i) for i in trajectory_ids])
-
-    running = any(r["id"] in trajectory_ids for r in ui.list_runs(status="running", limit=200))
+    trajectory_runs = [ui.get_store().get_run(i) for i in trajectory_ids]
+    trajectory_labels = ui.run_labels(trajectory_runs)
+    running = any(r["status"] in ui.ACTIVE for r in trajectory_runs)
 
     @ui.live(5.0 if running else None)  # finished runs' curves do not change: drawn once
     def trajectory_panel() -> None:
-        metrics = ui.load_metrics(trajectory_ids, names=["lambda_max", "lr"], kind="step")
+        # finished runs' curves come from a cache, a training run's only rows new since the last refresh
+        metrics = ui.load_run_metrics(trajectory_runs, names=["lambda_max", "lr"], kind="step",
+                                      live_key="hessian.trajectory_curves")
         ui.show_figure(view.lambda_max_figure(metrics, trajectory_labels), key="hessian.trajectory")
 
     trajectory_panel()

@@ -16,6 +16,7 @@ from dashboard import figures, live, plots, runs_view, tables
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs import curves
+from tests.helpers import plotly_array
 from tests.pg_fixtures import BACKENDS, store_on
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,3 +265,70 @@ def test_the_runs_page_reads_no_raw_rows_until_the_metrics_download_is_clicked(s
     table = pd.read_csv(io.StringIO(build()))
     assert raw_reads == [ids]
     assert table.groupby("run").size().to_dict() == {label: len(rows) for label in labels.values()}
+
+
+def test_hessian_trajectory_reads_a_training_runs_new_rows_only_and_a_finished_run_once(store_env, recorded,
+                                                                                          monkeypatch):
+    import json
+
+    from samlab.runs.store import Store
+
+    cfg, _, summary = recorded
+    t0 = time.time()
+
+    def trajectory_rows(steps, scale):
+        return [("step", s, name, value, t0 + s) for s in steps
+                for name, value in (("lambda_max", scale * (1 + s)), ("lr", 0.1), ("train_loss", 1.0 / (1 + s)))]
+
+    done = _running(store_env, cfg, trajectory_rows(range(0, 40, 4), 2.0))
+    store_env.finish_run(done, "completed", summary=summary)
+    active = _running(store_env, cfg, trajectory_rows(range(0, 20, 4), 3.0))
+    calls: dict[str, list] = {"metrics": [], "new_metrics": []}
+    real_metrics, real_new = Store.metrics, Store.new_metrics
+
+    def metrics(self, run_ids, *args, **kwargs):
+        calls["metrics"].append(list(run_ids))
+        return real_metrics(self, run_ids, *args, **kwargs)
+
+    def new_metrics(self, run_id, cursor=None):
+        out = real_new(self, run_id, cursor)
+        calls["new_metrics"].append((run_id, len(out[0])))
+        return out
+
+    monkeypatch.setattr(Store, "metrics", metrics)
+    monkeypatch.setattr(Store, "new_metrics", new_metrics)
+    at = AppTest.from_file(str(ROOT / "pages" / "3_Hessian.py"), default_timeout=120)
+    at.run()
+    at.multiselect(key="hessian.trajectory_runs").set_value([done, active]).run()
+    assert not at.exception
+
+    def drawn() -> dict[str, list[float]]:  # λ_max traces by legend name (the 2/η lines are named "2/η · …")
+        (chart,) = [c for c in at.get("plotly_chart") if c.key == "hessian.trajectory"]
+        spec = json.loads(chart.proto.spec)
+        return {t["name"]: plotly_array(t["y"]) for t in spec["data"] if not t["name"].startswith("2/η")}
+
+    def stored(run_id: str) -> list[float]:  # the oracle: every raw row of the run
+        raw = real_metrics(store_env, [run_id], names=["lambda_max"], kind="step")
+        return raw.sort_values("step")["value"].tolist()
+
+    def check_drawn() -> None:
+        shown = drawn()
+        assert len(shown) == 2
+        for run_id in (done, active):
+            (values,) = [v for name, v in shown.items() if name.endswith(run_id[:6])]
+            assert values == pytest.approx(stored(run_id))
+
+    check_drawn()
+    assert calls["new_metrics"] == [(active, 3 * 5)]  # the training run: every row so far, once
+    assert calls["metrics"].count([done]) <= 1  # the finished run: read once, then cached
+    for _ in range(2):  # reruns with nothing new: no curve read, no row
+        calls["metrics"].clear(), calls["new_metrics"].clear()
+        at.run()
+        assert not at.exception
+        assert calls["metrics"] == [] and calls["new_metrics"] == [(active, 0)]
+    store_env.flush(active, trajectory_rows(range(20, 32, 4), 3.0))
+    calls["new_metrics"].clear()
+    at.run()
+    assert calls["metrics"] == [] and calls["new_metrics"] == [(active, 3 * 3)]
+    check_drawn()
+
