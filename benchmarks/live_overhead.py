@@ -324,6 +324,7 @@ def main() -> int:
                     box.click()
                     page.keyboard.type(first_id[:6])
                     page.keyboard.press("Enter")
+                    page.keyboard.press("Escape")  # the multiselect commits its value when it closes
                     page.get_by_role("button", name="Compute the spectrum").first.wait_for(timeout=120_000)
 
                 def click(page, key=key) -> str:

@@ -6,19 +6,22 @@ its threads wait for one another at every parallel region and the run slows down
 that leaves a core free is robust but gives up that core's speed when nothing else needs it. A
 `ThreadGovernor` takes both: the worker's compute thread calls `tick()` where a task checks for a stop
 request (every training step, Lanczos iteration, grid point); every `interval_s` it measures how many
-cores the *other* processes kept busy (all CPUs this process may run on, from /proc/stat, minus this
-process's own CPU time) and sets torch's thread count:
+cores the *other* processes kept busy (on the CPUs this process may run on, from /proc/stat, minus this
+process's own CPU time), averages it over the last `tau_s` seconds (an exponential average, so the
+2 s refresh cycle of a live page counts as its mean) and sets torch's thread count:
 
-    `fewest` threads as soon as one interval saw others use more than what `most` threads leave them
-              (cores − most) plus `busy_core`;
-    `most`   once they stayed below that for `quiet_s` seconds (longer than a live page's 2 s refresh
-              cycle, so a page that keeps refreshing keeps the run at `fewest`).
+    `fewest` threads when that load rises above what `most` threads leave the others (cores − most,
+              another slot's share) plus `high` cores;
+    `most`   when it falls to that plus `low` (the gap keeps a load near one threshold from flapping).
 
-It starts at `fewest`. Without /proc/stat (not Linux) it stays there. Measured with
-`benchmarks/live_overhead.py` on 2 cores (see README, "Worker threads").
+It starts at `fewest`, the interval before its first tick (the task's start-up) counting as measured.
+The thresholds come from `benchmarks/live_overhead.py` on 2 cores (digits-cnn, idle machine): two
+threads were ~25 % faster than one with nothing else running, and 14 % slower than one with the Train
+page open (the browser and the server then used ≈ 0.35 core); under other jobs' load 4–10 times
+slower. Without /proc/stat (not Linux) it stays at `fewest`.
 
 Public API:
-    ThreadGovernor(most, fewest, *, interval_s, busy_core, quiet_s, usage, set_threads, clock, cores)
+    ThreadGovernor(most, fewest, *, interval_s, tau_s, high, low, usage, set_threads, clock, cores)
         .tick()                 measure when due and set the thread count; cheap otherwise
         .threads                the thread count set last
         .summary()              how long it ran at each count (the worker logs it at the end)
@@ -29,6 +32,7 @@ Public API:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -86,22 +90,24 @@ def _set_torch_threads(n: int) -> None:
 class ThreadGovernor:
     """Sets the compute thread's torch thread count between `fewest` and `most` from the others' load."""
 
-    def __init__(self, most: int, fewest: int, *, interval_s: float = 0.5, busy_core: float = 0.25,
-                 quiet_s: float = 2.5, usage: Callable[[], float] | None = None,
+    def __init__(self, most: int, fewest: int, *, interval_s: float = 0.5, tau_s: float = 2.0,
+                 high: float = 0.3, low: float = 0.15, usage: Callable[[], float] | None = None,
                  set_threads: Callable[[int], None] = _set_torch_threads,
                  clock: Callable[[], float] = time.monotonic, cores: int | None = None) -> None:
         if not 1 <= fewest <= most:
             raise ValueError(f"thread range: need 1 <= fewest <= most (got {fewest}-{most})")
         self.most, self.fewest = most, fewest
-        self.interval_s, self.quiet_s = interval_s, quiet_s
+        self.interval_s, self.tau_s = interval_s, tau_s
         cores = cores if cores is not None else len(os.sched_getaffinity(0))
-        self.allowance = max(0, cores - most) + busy_core  # others may use this much while we use `most`
+        share = max(0, cores - most)  # what `most` threads leave the others (another slot's share)
+        self.high, self.low = share + high, share + low
         self.usage = usage if usage is not None else other_cores_busy()
         self.set_threads, self.clock = set_threads, clock
         self.threads = fewest
-        self.quiet_since = self.changed_at = clock()  # the interval before the first tick (start-up) counts
+        self.load: float | None = None  # the others' load, averaged over the last ~tau_s seconds
+        self.last = self.changed_at = clock()  # the interval before the first tick (start-up) counts
+        self.due = self.last + interval_s
         self.seconds_at: dict[int, float] = {}
-        self.due = self.quiet_since + interval_s
         self.owner = threading.get_ident()  # thread counts are per thread: only the compute thread sets them
         set_threads(fewest)
 
@@ -110,10 +116,12 @@ class ThreadGovernor:
         if now < self.due or threading.get_ident() != self.owner:
             return
         self.due = now + self.interval_s
-        if self.usage() > self.allowance:
-            self.quiet_since = now
+        busy, weight = self.usage(), 1.0 - math.exp(-(now - self.last) / self.tau_s)
+        self.last = now
+        self.load = busy if self.load is None else self.load + weight * (busy - self.load)
+        if self.threads == self.most and self.load > self.high:
             self._use(self.fewest)
-        elif now - self.quiet_since >= self.quiet_s:
+        elif self.threads == self.fewest and self.load <= self.low:
             self._use(self.most)
 
     def _use(self, n: int) -> None:
