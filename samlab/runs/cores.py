@@ -15,10 +15,12 @@ process's own CPU time), averages it over the last `tau_s` seconds (an exponenti
     `most`   when it falls to that plus `low` (the gap keeps a load near one threshold from flapping).
 
 It starts at `fewest`, the interval before its first tick (the task's start-up) counting as measured.
-The thresholds come from `benchmarks/live_overhead.py` on 2 cores (digits-cnn, idle machine): two
-threads were ~25 % faster than one with nothing else running, and 14 % slower than one with the Train
-page open (the browser and the server then used ≈ 0.35 core); under other jobs' load 4–10 times
-slower. Without /proc/stat (not Linux) it stays at `fewest`.
+The thresholds come from `benchmarks/live_overhead.py` on 2 cores (idle machine): two threads were
+~25 % faster than one on the digits-cnn preset with nothing else running; with the Train page open
+(browser and server ≈ 0.6 core) two spinning threads took 10.8 s against 9.5 s for one; with the
+Hessian page watching an analysis (≈ 0.3 core) two threads lost 9 % to the page and one thread 25 %;
+under other jobs' load two threads were 4–10 times slower than one. Without /proc/stat (not Linux) it
+stays at `fewest`.
 
 Public API:
     ThreadGovernor(most, fewest, *, interval_s, tau_s, high, low, usage, set_threads, clock, cores)
@@ -91,7 +93,7 @@ class ThreadGovernor:
     """Sets the compute thread's torch thread count between `fewest` and `most` from the others' load."""
 
     def __init__(self, most: int, fewest: int, *, interval_s: float = 0.5, tau_s: float = 2.0,
-                 high: float = 0.3, low: float = 0.15, usage: Callable[[], float] | None = None,
+                 high: float = 0.45, low: float = 0.25, usage: Callable[[], float] | None = None,
                  set_threads: Callable[[int], None] = _set_torch_threads,
                  clock: Callable[[], float] = time.monotonic, cores: int | None = None) -> None:
         if not 1 <= fewest <= most:
