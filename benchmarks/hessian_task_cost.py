@@ -52,6 +52,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # as the CLI does (trees that have it)
+        from samlab.devices import retain_freed_memory
+    except ImportError:
+        pass
+    else:
+        retain_freed_memory()
     params = {"checkpoint": args.checkpoint, "device": "cpu", **dict(parse_assignment(s) for s in args.params)}
     load_before = os.getloadavg()
     clock = StageClock()

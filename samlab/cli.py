@@ -52,6 +52,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from samlab.config import preset
+    from samlab.devices import retain_freed_memory
     from samlab.reporting import ConsoleReporter
     from samlab.train import run
 
@@ -59,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
         from samlab.distributed import launch
 
         return launch(args, args.nproc)
+    retain_freed_memory()
     cfg = preset(args.preset, args.overrides)
     reporter = ConsoleReporter()
     result = run(cfg, reporter, workdir=args.workdir, resume=args.resume)
@@ -79,10 +81,12 @@ def _analyze(args: argparse.Namespace) -> int:
 
     from samlab import tasks
     from samlab.config import parse_assignment
+    from samlab.devices import retain_freed_memory
     from samlab.reporting import ConsoleReporter
 
     if args.kind == "train":
         raise ValueError("kind: use `python -m samlab train` for training runs")
+    retain_freed_memory()
     params = tasks.check_params(args.kind, dict(parse_assignment(item) for item in args.params))
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(args.workdir or scratch)

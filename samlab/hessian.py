@@ -97,14 +97,17 @@ def hvp(
     params: ParamSelection = None,
     mode: str = "eval",
     impl: str = "auto",
+    threads: int | None = None,
 ) -> torch.Tensor:
     """H v, H the Hessian of the mean loss over `data` w.r.t. the selected parameters.
 
     `v` is a flat vector (the selected parameters concatenated in `model.named_parameters()`
     order, each flattened row-major; length = their total size), or a [k, dim] stack of them.
     impl: "func" (torch.func forward-over-reverse), "autograd" (double backward) or "auto".
+    threads: worker threads for the products on a CPU (None: torch's intra-op thread count); every
+    analysis here takes it (see `HessianOperator`).
     """
-    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
+    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl, threads=threads) as op:
         return op.matmat(v) if v.ndim == 2 else op.matvec(v)
 
 
@@ -197,6 +200,7 @@ def top_eigenvalues(
     mode: str = "eval",
     backend: str = "samlab",
     impl: str = "auto",
+    threads: int | None = None,
     basis_size: int | None = None,
     reporter: Reporter | None = None,
 ) -> EigenResult:
@@ -220,7 +224,7 @@ def top_eigenvalues(
         return EigenResult([values[i] for i in order], vectors[order], [], n_hvp, "eval", which, True,
                            "pyhessian", select_parameter_names(model, None))  # fmt: skip
     reporter = reporter or Reporter()
-    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
+    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl, threads=threads) as op:
         if k > op.dim:
             raise ValueError(f"k: must be at most the number of selected parameters {op.dim} (got {k})")
         ends = (k, 0) if which == "largest" else (0, k)
@@ -243,6 +247,7 @@ def extreme_eigenvalues(
     params: ParamSelection = None,
     mode: str = "eval",
     impl: str = "auto",
+    threads: int | None = None,
     basis_size: int | None = None,
     reporter: Reporter | None = None,
 ) -> SpectrumResult:
@@ -265,7 +270,7 @@ def extreme_eigenvalues(
     if max_iter < sum(ends):
         raise ValueError(f"max_iter: Lanczos needs at least {sum(ends)} Hessian-vector products (got {max_iter})")
     reporter = reporter or Reporter()
-    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
+    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl, threads=threads) as op:
         if sum(ends) > op.dim:
             raise ValueError(f"k: {'2k' if smallest else 'k'} must be at most the number of selected parameters "
                              f"{op.dim} (got k = {k})")  # fmt: skip
@@ -378,6 +383,7 @@ def hessian_trace(
     mode: str = "eval",
     backend: str = "samlab",
     impl: str = "auto",
+    threads: int | None = None,
     tol: float = 1e-3,
     blocks: dict[str, Sequence[str]] | None = None,
     reporter: Reporter | None = None,
@@ -419,7 +425,7 @@ def hessian_trace(
             mean, stderr = samples[0], float("nan")
         return TraceResult(mean, stderr, n_hvp, "eval", "hutchinson", "pyhessian", samples)
     reporter = reporter or Reporter()
-    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
+    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl, threads=threads) as op:
         index = _block_index(op, blocks)
         if method == "exact":
             totals, stderrs, drawn = _exact_trace(op, index, len(blocks)).tolist(), [0.0] * (1 + len(blocks)), []
@@ -505,6 +511,7 @@ def spectral_density(
     params: ParamSelection = None,
     mode: str = "eval",
     impl: str = "auto",
+    threads: int | None = None,
     first_runs: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
     reporter: Reporter | None = None,
 ) -> DensityResult:
@@ -529,7 +536,7 @@ def spectral_density(
     reporter = reporter or Reporter()
     nodes = [[float(x) for x in xs] for xs, _ in first_runs]
     weights = [[float(w) for w in ws] for _, ws in first_runs]
-    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl) as op:
+    with HessianOperator(model, loss_fn, data, params=params, mode=mode, impl=impl, threads=threads) as op:
         starts = op.random_vectors(n_runs, seed, "rademacher") / math.sqrt(op.dim)
         for run, start in enumerate(starts):
             if run < len(first_runs):

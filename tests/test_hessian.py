@@ -308,6 +308,59 @@ def test_eval_mode_batchnorm_products_match_dense(variant):
     assert torch.equal(twin(data[0]), model.train()(data[0]))
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("budget", [2048.0, 0.0])  # graphs kept, or rebuilt at every product
+def test_worker_threads_split_the_samples_and_match_dense(mode, threads, budget):
+    import threading
+
+    model = bn_dropout_net()
+    model.drop.p = 0.0  # train mode: BatchNorm's batch statistics, no random masks
+    x, y = classification_data(n=25, shape=(1, 5, 5), classes=3)
+    batches = [(x[:10], y[:10]), (x[10:17], y[10:17]), (x[17:], y[17:])]
+    H = dense_hessian(model, CE, batches, mode=mode)
+    vectors = torch.randn(4, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    seen: list[tuple[str, int]] = []  # (thread, samples) of every forward
+    hook = model.conv.register_forward_hook(lambda m, i, o: seen.append((threading.current_thread().name, len(i[0]))))
+    before = torch.get_num_threads()
+    try:
+        with HessianOperator(model, CE, batches, mode=mode, threads=threads, graph_budget_mb=budget) as op:
+            assert torch.get_num_threads() == 1  # the caller's own ops leave the cores to the workers
+            products = op.matmat(vectors)
+        # the graph-budget probe (8 samples) runs in the caller, the graphs in the workers
+        in_caller = [n for name, n in seen if name == threading.main_thread().name]
+        in_workers = [n for name, n in seen if name != threading.main_thread().name]
+        with HessianOperator(model, CE, batches, mode=mode, threads=1, graph_budget_mb=budget) as op:
+            single = op.matmat(vectors)
+    finally:
+        hook.remove()
+    assert torch.get_num_threads() == before
+    assert rel_err(products, vectors @ H) < 1e-10
+    assert rel_err(products, single) < 1e-13
+    assert in_caller == ([8] if budget else [])
+    if mode == "eval" and budget:  # samples do not interact: one kept graph per worker over a share of them
+        assert sorted(in_workers) == sorted(len(part) for part in torch.tensor_split(x, threads))
+    else:  # the batches as given (BatchNorm statistics per batch), spread over the workers
+        assert sorted(in_workers) == sorted(len(b) for b, _ in batches)  # one graph each for the 4 vectors
+
+
+def test_products_do_not_import_sympy():
+    # torch.autograd.grad with grad_outputs imports sympy (~0.6 s) on first use; the products avoid it
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from samlab.hessian import hvp; from torch import nn\n"
+            "model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))\n"
+            "data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))\n"
+            "from samlab.losses import mean_loss\n"
+            "hvp(model, mean_loss('classification'), data, torch.randn(2, 26), threads=2)\n"
+            "hvp(model, mean_loss('classification'), data, torch.randn(26), threads=1)\n"
+            "print('sympy' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 class SmoothGate(torch.autograd.Function):
     """x · tanh(x) with a hand-written (differentiable) backward and no forward-mode rule or
     setup_context, so torch.func cannot transform it but double backward works."""
@@ -557,6 +610,7 @@ def test_lambda_max_metric_is_the_eval_mode_top_eigenvalue_and_restores_train_mo
         ({"k": 1000, "max_iter": 5000}, "k"),
         ({"k": 3, "max_iter": 2}, "max_iter"),
         ({"impl": "jax"}, "impl"),
+        ({"threads": 0}, "threads"),
         ({"which": "smallest", "backend": "pyhessian"}, "which"),
         ({"params": ["0.bias"], "backend": "pyhessian"}, "params"),
     ],

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from samlab import tasks
+from samlab.devices import retain_freed_memory
 from samlab.reporting import Reporter
 from samlab.runs.cores import governor_from_env
 from samlab.runs.curves import OpenCurve
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_id")
     parser.add_argument("--store", default=None, help="store URL (default: SAMLAB_STORE or data/runs)")
     args = parser.parse_args(argv)
+    retain_freed_memory()  # one run per process
     try:
         return run_worker(args.run_id, args.store)
     except ValueError as exc:
