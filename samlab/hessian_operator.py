@@ -20,11 +20,12 @@ forward-over-reverse runs a forward and a backward, each carrying tangents (meas
 CNN, 512 samples, one CPU thread: 26–39 ms against 57–113 ms per vector; benchmarks/hessian_vs_pyhessian.py
 compares both).
 
-On a CPU with `threads` > 1 (default: torch's intra-op thread count) the "autograd" products are split
-over the samples: each of `threads` worker threads keeps the graph of its share (eval mode) or of its
-batches (train mode), runs its backwards with one intra-op thread, and the shares' products are summed
-in a fixed order; while the operator is open, the calling thread runs with one intra-op thread too
-(restored on leaving). The ops of one product are too small for torch's own intra-op threads to pay (two of
+In eval mode on a CPU with `threads` > 1 (default: torch's intra-op thread count) the "autograd"
+products are split over the samples: each of `threads` worker threads keeps the graph of its share of
+them (or, when the graphs do not fit the budget, builds those of its batches), runs its backwards with
+one intra-op thread, and the shares' products are summed in a fixed order; while the operator is open,
+the calling thread runs with one intra-op thread too (restored on leaving). Train mode stays in the
+calling thread (dropout's masks would be drawn in no fixed order). The ops of one product are too small for torch's own intra-op threads to pay (two of
 them took 1.5 times one's CPU for a 1.3 times shorter product on the digits CNN, and far longer when
 another process holds a core); whole backwards side by side do not wait for each other within an op.
 
@@ -108,8 +109,9 @@ class HessianOperator:
         self._fixed = {n: p.detach() for n, p in named.items() if n not in set(self.names)}
         self._func_hvp = self._build_func_hvp()
         self._restore: contextlib.ExitStack | None = None
-        # worker threads for the products (see the module docstring): CPU "autograd" products only
-        parallel = self.device.type == "cpu" and self.impl == "autograd"
+        # worker threads for the products (see the module docstring): CPU "autograd" products in eval mode
+        # (in train mode dropout draws its masks from the global generator: in threads, in no fixed order)
+        parallel = self.device.type == "cpu" and self.impl == "autograd" and mode == "eval"
         self.threads = (threads or torch.get_num_threads()) if parallel else 1
         self._pool: ThreadPoolExecutor | None = None
         self._main_threads: int | None = None

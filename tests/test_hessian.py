@@ -308,40 +308,42 @@ def test_eval_mode_batchnorm_products_match_dense(variant):
     assert torch.equal(twin(data[0]), model.train()(data[0]))
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("budget", [2048.0, 0.0])  # graphs kept, or rebuilt at every product
-def test_worker_threads_split_the_samples_and_match_dense(mode, threads, budget):
+def test_worker_threads_split_the_samples_and_match_dense(threads, budget):
     import threading
 
     model = bn_dropout_net()
-    model.drop.p = 0.0  # train mode: BatchNorm's batch statistics, no random masks
     x, y = classification_data(n=25, shape=(1, 5, 5), classes=3)
     batches = [(x[:10], y[:10]), (x[10:17], y[10:17]), (x[17:], y[17:])]
-    H = dense_hessian(model, CE, batches, mode=mode)
+    H = dense_hessian(model, CE, batches)
     vectors = torch.randn(4, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     seen: list[tuple[str, int]] = []  # (thread, samples) of every forward
     hook = model.conv.register_forward_hook(lambda m, i, o: seen.append((threading.current_thread().name, len(i[0]))))
     before = torch.get_num_threads()
+    caller = threading.current_thread().name
     try:
-        with HessianOperator(model, CE, batches, mode=mode, threads=threads, graph_budget_mb=budget) as op:
+        with HessianOperator(model, CE, batches, threads=threads, graph_budget_mb=budget) as op:
             assert torch.get_num_threads() == 1  # the caller's own ops leave the cores to the workers
             products = op.matmat(vectors)
+        assert torch.get_num_threads() == before
         # the graph-budget probe (8 samples) runs in the caller, the graphs in the workers
-        in_caller = [n for name, n in seen if name == threading.main_thread().name]
-        in_workers = [n for name, n in seen if name != threading.main_thread().name]
-        with HessianOperator(model, CE, batches, mode=mode, threads=1, graph_budget_mb=budget) as op:
+        assert [n for name, n in seen if name == caller] == ([8] if budget else [])
+        in_workers = sorted(n for name, n in seen if name != caller)
+        seen.clear()
+        with HessianOperator(model, CE, batches, threads=1, graph_budget_mb=budget) as op:
             single = op.matmat(vectors)
+        with HessianOperator(model, CE, batches, mode="train", threads=threads) as op:
+            op.matmat(vectors[:1])
     finally:
         hook.remove()
-    assert torch.get_num_threads() == before
     assert rel_err(products, vectors @ H) < 1e-10
     assert rel_err(products, single) < 1e-13
-    assert in_caller == ([8] if budget else [])
-    if mode == "eval" and budget:  # samples do not interact: one kept graph per worker over a share of them
-        assert sorted(in_workers) == sorted(len(part) for part in torch.tensor_split(x, threads))
-    else:  # the batches as given (BatchNorm statistics per batch), spread over the workers
-        assert sorted(in_workers) == sorted(len(b) for b, _ in batches)  # one graph each for the 4 vectors
+    if budget:  # samples do not interact: one kept graph per worker over a share of them
+        assert in_workers == sorted(len(part) for part in torch.tensor_split(x, threads))
+    else:  # the batches as given, spread over the workers; one graph each for the 4 vectors
+        assert in_workers == sorted(len(b) for b, _ in batches)
+    assert {name for name, _ in seen} == {caller}  # threads=1, and train mode: in the caller
 
 
 def test_products_do_not_import_sympy():
