@@ -48,9 +48,9 @@ def retain_freed_memory(mmap_mb: int = 32, trim_mb: int = 256, pad_mb: int = 64)
     By default glibc serves large blocks (from 128 KiB up; the threshold adapts) with fresh `mmap`s that
     `free` unmaps, and returns the top of its heap to the system once a little is free there, so the
     activations of every step or Hessian-vector product are page-faulted and zeroed by the kernel again:
-    on the digits CNN 20–30 % of a product's CPU time. Blocks up to `mmap_mb` (glibc's maximum is 32
-    MB on 64-bit systems) then come from the heap, which keeps up to `trim_mb` free at its top and grows
-    by `pad_mb` extra at a time. False where there is no glibc `mallopt` (macOS, Windows, musl's stub)."""
+    on the digits CNN 20–30 % of a product's CPU time. Blocks up to `mmap_mb` then come from the heap,
+    which keeps up to `trim_mb` free at its top and grows by `pad_mb` extra at a time (the fixed mmap
+    threshold also ends glibc's adaptive one). False where there is no glibc `mallopt` (macOS, Windows, musl's stub)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):

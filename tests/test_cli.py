@@ -131,3 +131,11 @@ def test_progress_bar_and_wait_progress():
     done, fraction = wait_progress(runs)
     assert done == 1 and fraction == pytest.approx(1.25 / 3)
     assert progress_bar(done, 3, fraction) == f"[{'#' * 12}{'·' * 18}]  41.7%  1/3 finished"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's mallopt")  # fmt: skip
+def test_the_allocator_keeps_freed_memory_under_glibc():
+    from samlab.devices import retain_freed_memory
+
+    assert retain_freed_memory() is True  # glibc accepted every setting (mallopt answers 0 for one it refuses)
