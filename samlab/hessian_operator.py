@@ -24,10 +24,12 @@ In eval mode on a CPU with `threads` > 1 (default: torch's intra-op thread count
 products are split over the samples: each of `threads` worker threads keeps the graph of its share of
 them (or, when the graphs do not fit the budget, builds those of its batches), runs its backwards with
 one intra-op thread, and the shares' products are summed in a fixed order; while the operator is open,
-the calling thread runs with one intra-op thread too (restored on leaving). Train mode stays in the
-calling thread (dropout's masks would be drawn in no fixed order). The ops of one product are too small for torch's own intra-op threads to pay (two of
-them took 1.5 times one's CPU for a 1.3 times shorter product on the digits CNN, and far longer when
-another process holds a core); whole backwards side by side do not wait for each other within an op.
+the calling thread runs with one intra-op thread too (restored on leaving, unless its count was changed
+meanwhile, e.g. by a run worker's thread governor). Train mode stays in the calling thread (dropout's
+masks would be drawn in no fixed order). The ops of one product are too small for torch's own intra-op
+threads to pay (two of them took 1.5 times one's CPU for a 1.3 times shorter product on the digits CNN,
+and 4–30 times longer while other processes kept both cores busy); whole backwards side by side do not
+wait for each other within an op.
 
 The model's mode is explicit: "eval" (BatchNorm uses its running statistics, dropout is off) or
 "train" (BatchNorm normalises with the batch statistics). In train mode BatchNorm's running-statistic
@@ -133,7 +135,8 @@ class HessianOperator:
             self._pool.shutdown()
             self._pool = None
         if self._main_threads is not None:
-            torch.set_num_threads(self._main_threads)
+            if torch.get_num_threads() == 1:  # unless someone else (a worker's thread governor) set it since
+                torch.set_num_threads(self._main_threads)
             self._main_threads = None
         if self._restore is not None:
             self._restore.close()

@@ -346,6 +346,18 @@ def test_worker_threads_split_the_samples_and_match_dense(threads, budget):
     assert {name for name, _ in seen} == {caller}  # threads=1, and train mode: in the caller
 
 
+def test_worker_threads_leave_a_thread_count_set_meanwhile():
+    model, data = mlp(), classification_data()
+    before = torch.get_num_threads()
+    try:
+        with HessianOperator(model, CE, data, threads=2) as op:
+            op.matvec(torch.ones(op.dim, dtype=torch.float64))
+            torch.set_num_threads(3)  # e.g. a run worker's thread governor, ticked by the task
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_products_do_not_import_sympy():
     # torch.autograd.grad with grad_outputs imports sympy (~0.6 s) on first use; the products avoid it
     import subprocess
