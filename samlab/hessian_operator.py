@@ -20,7 +20,8 @@ forward-over-reverse runs a forward and a backward, each carrying tangents (meas
 CNN, 512 samples, one CPU thread: 26–39 ms against 57–113 ms per vector; benchmarks/hessian_vs_pyhessian.py
 compares both).
 
-In eval mode on a CPU with `threads` > 1 (default: torch's intra-op thread count) the "autograd"
+In eval mode on a CPU with `threads` > 1 (default: torch's intra-op thread count; in a run worker, the most its
+thread governor allows, `samlab.runs.cores.thread_budget`, and per product the count it allows now) the "autograd"
 products are split over the samples: each of `threads` worker threads keeps the graph of its share of
 them (or, when the graphs do not fit the budget, builds those of its batches), runs its backwards with
 one intra-op thread, and the shares' products are summed in a fixed order; while the operator is open,
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from samlab.runs.cores import thread_budget, threads_now
 from samlab.tensors import MODES, Batch, Data, LossFn, ParamSelection, model_mode
 
 IMPLS = ("auto", "func", "autograd")
@@ -114,7 +116,7 @@ class HessianOperator:
         # worker threads for the products (see the module docstring): CPU "autograd" products in eval mode
         # (in train mode dropout draws its masks from the global generator: in threads, in no fixed order)
         parallel = self.device.type == "cpu" and self.impl == "autograd" and mode == "eval"
-        self.threads = (threads or torch.get_num_threads()) if parallel else 1
+        self.threads = (threads or thread_budget(torch.get_num_threads())) if parallel else 1
         self._pool: ThreadPoolExecutor | None = None
         self._main_threads: int | None = None
 
@@ -198,8 +200,10 @@ class HessianOperator:
         return list(zip(torch.tensor_split(x, count), torch.tensor_split(y, count)))
 
     def _weighted_sum(self, batch_hvp: Callable, vectors: torch.Tensor, batches: list[Batch]) -> torch.Tensor:
-        """Σ_batches (|batch| / n) H_batch v; with worker threads, batch i goes to worker i mod `threads` and
-        the workers' sums are added in worker order."""
+        """Σ_batches (|batch| / n) H_batch v; with worker threads, share j holds batches j, j + threads, …,
+        each share's sum is computed by one worker (one intra-op thread), and the shares' sums are added
+        in share order. A run worker's thread governor may allow fewer threads for a while
+        (`threads_now`): the shares are then spread over that many workers, with the same sums."""
         workers = min(self.threads, len(batches))
         if workers == 1:
             return self._batch_sum(batch_hvp, vectors, batches, range(len(batches)))
@@ -207,7 +211,13 @@ class HessianOperator:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="hvp", initializer=torch.set_num_threads,
                                             initargs=(1,))  # fmt: skip
         shares = [range(j, len(batches), workers) for j in range(workers)]
-        parts = list(self._pool.map(lambda share: self._batch_sum(batch_hvp, vectors, batches, share), shares))
+        lanes = max(1, min(workers, threads_now(workers)))
+
+        def lane_sums(lane: int) -> list[torch.Tensor]:
+            return [self._batch_sum(batch_hvp, vectors, batches, share) for share in shares[lane::lanes]]
+
+        by_lane = list(self._pool.map(lane_sums, range(lanes)))
+        parts = [by_lane[j % lanes][j // lanes] for j in range(workers)]  # share order
         total = parts[0]
         for part in parts[1:]:
             total.add_(part)

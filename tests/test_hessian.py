@@ -358,6 +358,38 @@ def test_worker_threads_leave_a_thread_count_set_meanwhile():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("now", [1, 2])
+def test_a_run_workers_governor_sets_the_shares_and_how_many_workers_compute_them_now(monkeypatch, now):
+    """Under a thread governor the operator splits the samples into its largest count of shares and
+    computes them on as many workers as it allows at the moment: the same sums (to rounding)."""
+    import threading
+    import types
+
+    from samlab.runs import cores
+
+    model = bn_dropout_net()
+    x, y = classification_data(n=30, shape=(1, 5, 5), classes=3)
+    vectors = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(7))
+    with HessianOperator(model, CE, (x, y), threads=3) as op:  # no governor: three workers
+        reference = op.matmat(vectors)
+    governor = types.SimpleNamespace(most=3, threads=now)
+    monkeypatch.setattr(cores, "_process_governor", governor)
+    seen: list[str] = []
+    hook = model.conv.register_forward_hook(lambda m, i, o: seen.append(threading.current_thread().name))
+    try:
+        with HessianOperator(model, CE, (x, y)) as op:  # threads: the governor's most
+            assert op.threads == 3
+            products = op.matmat(vectors)
+            governor.threads = 3
+            assert rel_err(op.matmat(vectors), reference) < 1e-13
+    finally:
+        hook.remove()
+    assert rel_err(products, reference) < 1e-13  # the same shares summed in the same order, on fewer workers
+    first_product = [name for name in seen[:4] if name.startswith("hvp")]  # 3 graphs (+ the budget probe)
+    assert len(first_product) == 3 and len(set(first_product)) == now
+
+
 def test_products_do_not_import_sympy():
     # torch.autograd.grad with grad_outputs imports sympy (~0.6 s) on first use; the products avoid it
     import subprocess

@@ -30,6 +30,7 @@ Public API:
     other_cores_busy()          a callable: cores the other processes kept busy since its previous call
     busy_ticks(cpus), own_cpu_seconds()   what it reads
     governor_from_env()         the worker's governor from SAMLAB_CPU_THREADS_RANGE ("fewest-most"), or None
+    thread_budget(default), threads_now(default)   the process's most / current threads under its governor
 """
 
 from __future__ import annotations
@@ -155,8 +156,13 @@ def parse_range(text: str) -> tuple[int, int]:
     return fewest, most
 
 
+_process_governor: ThreadGovernor | None = None  # the one governing this process (a run worker's)
+
+
 def governor_from_env() -> ThreadGovernor | None:
-    """The worker's governor when its slot gave it a thread range, else None (a fixed thread count)."""
+    """The worker's governor when its slot gave it a thread range, else None (a fixed thread count);
+    it governs the process: `thread_budget` and `threads_now` answer from it."""
+    global _process_governor
     text = os.environ.get(RANGE_VAR, "")
     if not text:
         return None
@@ -164,7 +170,19 @@ def governor_from_env() -> ThreadGovernor | None:
     if fewest == most:
         return None
     try:
-        return ThreadGovernor(most, fewest)
+        _process_governor = ThreadGovernor(most, fewest)
     except OSError:  # no /proc/stat: the fixed, robust count
         _set_torch_threads(fewest)
         return None
+    return _process_governor
+
+
+def thread_budget(default: int) -> int:
+    """The most threads this process may use: its governor's largest count, else `default`."""
+    return _process_governor.most if _process_governor is not None else default
+
+
+def threads_now(default: int) -> int:
+    """The threads this process may use at this moment: its governor's current count, else `default`.
+    For code that runs its own worker threads (one torch thread each) instead of torch's."""
+    return _process_governor.threads if _process_governor is not None else default
