@@ -129,12 +129,28 @@ class Sequence3d(nn.Module):
         return self.head(self.bn(h).mean(1))
 
 
+class Convolutions(nn.Module):
+    """Convolutions with a bias, a stride, a dilation, channel groups and a frozen weight under a trainable bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)
+        self.frozen = nn.Conv2d(6, 4, 1)
+        self.frozen.weight.requires_grad_(False)
+        self.head = nn.Linear(4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.grouped(torch.tanh(self.first(x))))
+        return self.head(self.frozen(h).flatten(1))
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("make", [Frozen, Sequence3d])
+@pytest.mark.parametrize("make", [Frozen, Sequence3d, Convolutions])
 def test_fused_equals_loop_with_frozen_tensors_layer_norm_and_sequences(make, mode):
     torch.manual_seed(0)
     model = make().to(DTYPE).train(mode == "train")
-    shape = (1, 4, 4) if make is Frozen else (5, 4)
+    shape = {Frozen: (1, 4, 4), Sequence3d: (5, 4), Convolutions: (1, 4, 4)}[make]
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(8, *shape, generator=gen, dtype=DTYPE), torch.randint(0, 3, (8,), generator=gen)
     for _ in range(2):  # twice: BatchNorm's cumulative moving average (momentum None) moves on

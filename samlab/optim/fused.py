@@ -84,14 +84,113 @@ def _rows(x: torch.Tensor, k: int, interleaved: bool = True) -> torch.Tensor:
 
 
 def _conv2d(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
-    if module.padding_mode != "zeros":
-        raise ValueError(f"impl: the fused path supports zero-padded convolutions only (got {module.padding_mode!r})")
+    _check_padding(module)
     b, c = x.shape[:2]
     weight = p["weight"].reshape(-1, *p["weight"].shape[2:])
     bias = None if p.get("bias") is None else p["bias"].reshape(-1)
     out = F.conv2d(x.reshape(b // k, k * c, *x.shape[2:]), weight, bias, module.stride, module.padding,
                    module.dilation, k * module.groups)
     return out.reshape(b, module.out_channels, *out.shape[2:])
+
+
+class _MicroConv(torch.autograd.Function):
+    """First pass of a convolution: every micro-batch sees the same weight w.
+
+    The forward is one ordinary convolution with w = weights[0]; the backward gives the [k, ...] leaf
+    `weights` its per-micro-batch weight gradients from one grouped weight-gradient product (the
+    interleaved batch as k channel groups) and the input its gradient through w. No k copies of w.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, module: nn.Conv2d, k: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weights)
+        ctx.module, ctx.k = module, k
+        return F.conv2d(x, weights[0], None, module.stride, module.padding, module.dilation, module.groups)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weights = ctx.saved_tensors
+        module, k = ctx.module, ctx.k
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _conv_input_grad(module, x.shape, weights[0], grad_out, module.groups)
+        if ctx.needs_input_grad[1]:
+            grad_w = _conv_weight_grad(module, _grouped(x, k), (k * weights.shape[1], *weights.shape[2:]),
+                                       _grouped(grad_out, k), k).view(weights.shape)
+        return grad_x, grad_w, None, None
+
+
+class _PerturbedConv(torch.autograd.Function):
+    """Second pass of a convolution: micro-batch j sees W_j = perturbed[j] (a constant), and the shared
+    leaf w gets Σ_j dS/dW_j, which is the ordinary weight gradient of the whole batch: one grouped
+    convolution forward, no k per-micro-batch weight gradients in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, perturbed: torch.Tensor, module: nn.Conv2d,
+                k: int) -> torch.Tensor:
+        flat = perturbed.view(-1, *perturbed.shape[2:])
+        ctx.save_for_backward(x, flat)
+        ctx.module, ctx.k, ctx.weight_shape = module, k, weight.shape
+        out = F.conv2d(_grouped(x, k), flat, None, module.stride, module.padding, module.dilation, k * module.groups)
+        return out.view(x.shape[0], module.out_channels, *out.shape[2:])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, flat = ctx.saved_tensors
+        module, k = ctx.module, ctx.k
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _conv_input_grad(module, _grouped(x, k).shape, flat, _grouped(grad_out, k),
+                                      k * module.groups).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = _conv_weight_grad(module, x, ctx.weight_shape, grad_out, 1)
+        return grad_x, grad_w, None, None, None
+
+
+def _grouped(t: torch.Tensor, k: int) -> torch.Tensor:
+    """The interleaved batch [b, C, ...] as [m, k·C, ...] (a view): micro-batch j is channel group j."""
+    return t.reshape(t.shape[0] // k, k * t.shape[1], *t.shape[2:])
+
+
+def _conv_input_grad(module: nn.Conv2d, shape, weight: torch.Tensor, grad_out: torch.Tensor,
+                     groups: int) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(
+        grad_out, weight.new_empty(1).expand(shape), weight, None, module.stride, module.padding,
+        module.dilation, False, [0, 0], groups, (True, False, False))[0]
+
+
+def _conv_weight_grad(module: nn.Conv2d, x: torch.Tensor, shape, grad_out: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, x.new_empty(1).expand(shape), None, module.stride, module.padding, module.dilation,
+        False, [0, 0], k * module.groups, (False, True, False))[1]
+
+
+def _conv_bias(out: torch.Tensor, bias: torch.Tensor | None, k: int) -> torch.Tensor:
+    """out + bias_j on micro-batch j's rows of the interleaved batch ([k, C] biases)."""
+    if bias is None:
+        return out
+    return (out.view(out.shape[0] // k, k, *out.shape[1:]) + bias.view(1, k, -1, *([1] * (out.dim() - 2)))).view(out.shape)
+
+
+def _conv2d_first(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+    _check_padding(module)
+    return _conv_bias(_MicroConv.apply(x, p["weight"], module, k), p.get("bias"), k)
+
+
+def _conv2d_second(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+    """p["weight"]: the shared weight (a leaf when trainable); p["perturbed"]: the [k, ...] W_j, or absent
+    when the weight is frozen (every micro-batch then sees the shared weight)."""
+    _check_padding(module)
+    if "perturbed" in p:
+        out = _PerturbedConv.apply(x, p["weight"], p["perturbed"], module, k)
+    else:
+        out = F.conv2d(x, p["weight"], None, module.stride, module.padding, module.dilation, module.groups)
+    return _conv_bias(out, p.get("bias"), k)
+
+
+def _check_padding(module: nn.Conv2d) -> None:
+    if module.padding_mode != "zeros":
+        raise ValueError(f"impl: the fused path supports zero-padded convolutions only (got {module.padding_mode!r})")
 
 
 def _affine(normed: torch.Tensor, p: Params, k: int, view: Sequence[int]) -> torch.Tensor:
@@ -359,6 +458,10 @@ def _layers(model: nn.Module, trainable: set[str],
     return out, interleaved
 
 
+def _conv_weight_name(own: list[str]) -> str:
+    return next(name for name in own if name.rsplit(".", 1)[-1] == "weight")
+
+
 def _own(names: list[str], tensors: Params) -> Params:
     return {name.rsplit(".", 1)[-1]: tensors[name] for name in names}
 
@@ -387,7 +490,9 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     first_params = {**expanded, **per_micro}
     forwards = {}
     for module, own, low_rank in layers:
-        if low_rank is None:
+        if type(module) is nn.Conv2d:
+            forwards[module] = _bound(partial(_conv2d_first, module), _own(own, first_params), k)
+        elif low_rank is None:
             forwards[module] = _bound(_layer_forward(module, True, interleaved), _own(own, first_params), k)
         else:
             forwards[module] = _bound(low_rank.first, _own(own, {**weights, **shared}), k)
@@ -414,12 +519,24 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     again = {name: weights[name].detach().requires_grad_() for name in names}
     second_params = dict(expanded)
     scales = {}  # scale viewed as [k, 1, ...] for each tensor rank
+    convs = {module: _conv_weight_name(own) for module, own, _ in layers if type(module) is nn.Conv2d}
     for name, g in micro.items():
         view = scales.setdefault(g.dim(), scale.view(k, *([1] * (g.dim() - 1))))
-        second_params[name] = torch.addcmul(again[name].unsqueeze(0), view, g)
+        if name in convs.values():  # W_j, a constant of the second pass, written over g_j (used no more)
+            second_params[name] = g.mul_(view).add_(weights[name])
+        else:
+            second_params[name] = torch.addcmul(again[name].unsqueeze(0), view, g)
     forwards = {}
     for module, own, low_rank in layers:
-        if low_rank is None:
+        if module in convs:
+            params = _own(own, second_params)
+            name = convs[module]
+            if name in micro:
+                params["weight"], params["perturbed"] = again[name], second_params[name]
+            else:
+                params["weight"] = weights[name]
+            forwards[module] = _bound(partial(_conv2d_second, module), params, k)
+        elif low_rank is None:
             forwards[module] = _bound(_layer_forward(module, False, interleaved), _own(own, second_params), k)
         else:
             low_rank.perturb(scale)
