@@ -247,9 +247,13 @@ def _linear(module: nn.Linear, x: torch.Tensor, p: Params, k: int, interleaved: 
 
 
 def _group_norm(module: nn.GroupNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
-    b, channels = x.shape[:2]
-    normed = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(b // k, k, channels, -1)
-    return _affine(normed, p, k, (1, k, channels, 1)).reshape(x.shape)
+    """GroupNorm of the interleaved batch read as [m, k·C, ...] with k·G groups: group j·G + g of row i
+    is group g of sample i of micro-batch j, and channel j·C + c takes micro-batch j's affine
+    parameters, so one fused call normalises every sample and applies the k affine maps."""
+    weight = None if p.get("weight") is None else p["weight"].reshape(-1)
+    bias = None if p.get("bias") is None else p["bias"].reshape(-1)
+    out = F.group_norm(_grouped(x, k), k * module.num_groups, weight, bias, module.eps)
+    return out.view(x.shape)
 
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
