@@ -10,9 +10,14 @@ gradients of ONE scalar: with a copy W_j of the weights for each micro-batch,
 So one forward of the whole batch in which the samples of B_j see the weights W_j, and one
 backward, give all k per-micro-batch gradients: at W_j = w (first pass, g_j) and at
 W_j = w + eps_j (second pass, h_j). The layers with weights run their k micro-batches as one
-batched product: a convolution as one grouped convolution (groups = k), BatchNorm with
-per-micro-batch statistics in one call, GroupNorm/LayerNorm with per-micro-batch affine parameters,
-and a linear layer with its per-micro-batch gradients kept in factored form (`_LowRankLinear`).
+batched product. A convolution runs as one ordinary convolution in the first pass (all W_j = w),
+whose backward takes the k per-micro-batch weight gradients from one grouped weight-gradient
+product, and as one grouped convolution (groups = k) in the second, whose backward gives the
+shared weight Σ_j h_j directly (`_MicroConv`, `_PerturbedConv`): no k copies of w and no k weight
+gradients beyond the g_j themselves. BatchNorm runs with per-micro-batch statistics in one call,
+GroupNorm as one call over k·G groups with the k affine maps, LayerNorm with per-micro-batch affine
+parameters, and a linear layer with its per-micro-batch gradients kept in factored form
+(`_LowRankLinear`).
 The number of multiply-adds is that of one forward of the batch (plus m × m Gram matrices for the
 linear layers), with one kernel per layer instead of k.
 
@@ -128,7 +133,7 @@ class _PerturbedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, perturbed: torch.Tensor, module: nn.Conv2d,
                 k: int) -> torch.Tensor:
-        flat = perturbed.view(-1, *perturbed.shape[2:])
+        flat = perturbed.reshape(-1, *perturbed.shape[2:])
         ctx.save_for_backward(x, flat)
         ctx.module, ctx.k, ctx.weight_shape = module, k, weight.shape
         out = F.conv2d(_grouped(x, k), flat, None, module.stride, module.padding, module.dilation, k * module.groups)
@@ -524,9 +529,10 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     second_params = dict(expanded)
     scales = {}  # scale viewed as [k, 1, ...] for each tensor rank
     convs = {module: _conv_weight_name(own) for module, own, _ in layers if type(module) is nn.Conv2d}
+    conv_weights = set(convs.values())
     for name, g in micro.items():
         view = scales.setdefault(g.dim(), scale.view(k, *([1] * (g.dim() - 1))))
-        if name in convs.values():  # W_j, a constant of the second pass, written over g_j (used no more)
+        if name in conv_weights:  # W_j, a constant of the second pass, written over g_j (used no more)
             second_params[name] = g.mul_(view).add_(weights[name])
         else:
             second_params[name] = torch.addcmul(again[name].unsqueeze(0), view, g)
