@@ -116,13 +116,9 @@ class _MicroConv(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weights = ctx.saved_tensors
         module, k = ctx.module, ctx.k
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _conv_input_grad(module, x.shape, weights[0], grad_out, module.groups)
-        if ctx.needs_input_grad[1]:
-            grad_w = _conv_weight_grad(module, _grouped(x, k), (k * weights.shape[1], *weights.shape[2:]),
-                                       _grouped(grad_out, k), k).view(weights.shape)
-        return grad_x, grad_w, None, None
+        return *_wanted(ctx, lambda: _conv_input_grad(module, x.shape, weights[0], grad_out, module.groups),
+                        lambda: _conv_weight_grad(module, _grouped(x, k), (k * weights.shape[1], *weights.shape[2:]),
+                                                  _grouped(grad_out, k), k).view(weights.shape)), None, None
 
 
 class _PerturbedConv(torch.autograd.Function):
@@ -143,13 +139,14 @@ class _PerturbedConv(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, flat = ctx.saved_tensors
         module, k = ctx.module, ctx.k
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _conv_input_grad(module, _grouped(x, k).shape, flat, _grouped(grad_out, k),
-                                      k * module.groups).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = _conv_weight_grad(module, x, ctx.weight_shape, grad_out, 1)
-        return grad_x, grad_w, None, None, None
+        return *_wanted(ctx, lambda: _conv_input_grad(module, _grouped(x, k).shape, flat, _grouped(grad_out, k),
+                                                      k * module.groups).view(x.shape),
+                        lambda: _conv_weight_grad(module, x, ctx.weight_shape, grad_out, 1)), None, None, None
+
+
+def _wanted(ctx, input_grad: Callable[[], torch.Tensor], weight_grad: Callable[[], torch.Tensor]) -> tuple:
+    """(the input's gradient, the weight's), each computed only when autograd asks for it."""
+    return (input_grad() if ctx.needs_input_grad[0] else None, weight_grad() if ctx.needs_input_grad[1] else None)
 
 
 def _grouped(t: torch.Tensor, k: int) -> torch.Tensor:
