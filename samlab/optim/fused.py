@@ -174,8 +174,15 @@ def _conv_bias(out: torch.Tensor, bias: torch.Tensor | None, k: int) -> torch.Te
     return (out.view(out.shape[0] // k, k, *out.shape[1:]) + bias.view(1, k, -1, *([1] * (out.dim() - 2)))).view(out.shape)
 
 
-def _conv2d_first(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+def _conv2d_first(module: nn.Conv2d, split: set[nn.Module], x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
+    """The first pass of a convolution. Where the k weight copies are at least the size of the layer's
+    input, the shared-weight convolution (`_MicroConv`, recorded in `split` for the second pass);
+    else the grouped convolution of k weight copies, whose one backward call over the (larger)
+    activations costs less than the two of the split form."""
+    if k * p["weight"][0].numel() < x.numel():
+        return _conv2d(module, x, p, k)
     _check_padding(module)
+    split.add(module)
     return _conv_bias(_MicroConv.apply(x, p["weight"], module, k), p.get("bias"), k)
 
 
@@ -494,10 +501,10 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
                 for _, own, lr in layers if lr is None for name in own}
     per_micro = {name: expanded[name].detach().requires_grad_() for name in batched}
     first_params = {**expanded, **per_micro}
-    forwards = {}
+    forwards, split = {}, set()  # split: the convolutions that run as `_MicroConv` / `_PerturbedConv`
     for module, own, low_rank in layers:
         if type(module) is nn.Conv2d:
-            forwards[module] = _bound(partial(_conv2d_first, module), _own(own, first_params), k)
+            forwards[module] = _bound(partial(_conv2d_first, module, split), _own(own, first_params), k)
         elif low_rank is None:
             forwards[module] = _bound(_layer_forward(module, True, interleaved), _own(own, first_params), k)
         else:
@@ -525,7 +532,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     again = {name: weights[name].detach().requires_grad_() for name in names}
     second_params = dict(expanded)
     scales = {}  # scale viewed as [k, 1, ...] for each tensor rank
-    convs = {module: _conv_weight_name(own) for module, own, _ in layers if type(module) is nn.Conv2d}
+    convs = {module: _conv_weight_name(own) for module, own, _ in layers if module in split}
     conv_weights = set(convs.values())
     for name, g in micro.items():
         view = scales.setdefault(g.dim(), scale.view(k, *([1] * (g.dim() - 1))))
