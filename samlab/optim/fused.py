@@ -10,11 +10,12 @@ gradients of ONE scalar: with a copy W_j of the weights for each micro-batch,
 So one forward of the whole batch in which the samples of B_j see the weights W_j, and one
 backward, give all k per-micro-batch gradients: at W_j = w (first pass, g_j) and at
 W_j = w + eps_j (second pass, h_j). The layers with weights run their k micro-batches as one
-batched product. A convolution runs as one ordinary convolution in the first pass (all W_j = w),
-whose backward takes the k per-micro-batch weight gradients from one grouped weight-gradient
-product, and as one grouped convolution (groups = k) in the second, whose backward gives the
-shared weight Σ_j h_j directly (`_MicroConv`, `_PerturbedConv`): no k copies of w and no k weight
-gradients beyond the g_j themselves. BatchNorm runs with per-micro-batch statistics in one call,
+batched product. A convolution runs as one grouped convolution (groups = k) of the k weights;
+where the k weight copies are at least the size of the layer's input, it runs instead as one
+ordinary convolution in the first pass (all W_j = w), whose backward takes the k per-micro-batch
+weight gradients from one grouped weight-gradient product, and in the second as the grouped
+convolution whose backward gives the shared weight Σ_j h_j directly (`_MicroConv`,
+`_PerturbedConv`): no k copies of w and no k weight gradients beyond the g_j themselves. BatchNorm runs with per-micro-batch statistics in one call,
 GroupNorm as one call over k·G groups with the k affine maps, LayerNorm with per-micro-batch affine
 parameters, and a linear layer with its per-micro-batch gradients kept in factored form
 (`_LowRankLinear`).
