@@ -17,6 +17,11 @@ ResNet-18 at its standard width 64.
 
     python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda] [--threads T]
                                    [--clock wall|cpu] [--models a,b] [--impls auto,vmap,loop] [--ks 4,16,64]
+                                   [--allocator worker|default]
+
+The C allocator is set as in a run's worker process (`samlab.devices.retain_freed_memory`: freed
+memory kept for the next step instead of page-faulted in again); `--allocator default` measures
+with glibc's own settings.
 
 On a CPU shared with other jobs, `--threads 1 --clock cpu` measures the work of each step
 rather than the time spent waiting for a core.
@@ -36,6 +41,7 @@ import time
 import torch
 
 from samlab.config import IMPLS, ModelConfig
+from samlab.devices import retain_freed_memory
 from samlab.losses import per_sample_loss
 from samlab.models import build_model
 from samlab.optim import SAM, sam_step, sharpness_gradient
@@ -160,6 +166,7 @@ def measure(device: torch.device, labels: list[str], impls: list[str], ks: list[
 
 def print_report(result: dict) -> None:
     print(f"batch {result['batch']}, device {result['device']}, {result['threads']} threads, {result['clock']} clock, "
+          f"{result.get('allocator', 'default')} allocator, "
           f"median of {result['repeats']} interleaved repeats; load average before "
           f"{'/'.join(f'{v:.1f}' for v in result['load_before'])}, after "
           f"{'/'.join(f'{v:.1f}' for v in result['load_after'])}")
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                         help="wall time, or process CPU time (robust on a shared CPU; with --threads 1)")
+    parser.add_argument("--allocator", default="worker", choices=("worker", "default"),
+                        help="worker: the C allocator kept as a run's worker keeps it (samlab.devices."
+                             "retain_freed_memory); default: glibc's own settings")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
@@ -216,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads < 1:
             parser.error("--threads: must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.allocator == "worker":
+        retain_freed_memory()
     result = measure(torch.device(args.device), labels, impls, ks, args.batch, args.repeats, max(args.warmup, 0),
                      args.seed, args.clock, args.min_sample)
+    result["allocator"] = args.allocator
     if args.json:
         print(json.dumps(result, indent=2))
     else:
