@@ -30,8 +30,8 @@ def governor(loads: list[float], *, most: int = 2, fewest: int = 1, cores_: int 
     """A governor over a scripted sequence of other processes' loads; returns it, its clock and the
     thread counts it set."""
     clock, calls, feed = Clock(), [], iter(loads)
-    gov = ThreadGovernor(most, fewest, interval_s=0.5, tau_s=2.0, high=0.45, low=0.25, usage=lambda: next(feed),
-                         set_threads=calls.append, clock=clock, cores=cores_)
+    gov = ThreadGovernor(most, fewest, usage=lambda: next(feed), set_threads=calls.append, clock=clock,
+                         cores=cores_)  # the defaults: every 0.5 s, averaged over 2 s, down above 0.45, up at 0.35
     return gov, clock, calls
 
 
@@ -67,10 +67,10 @@ def test_the_averaged_load_follows_the_exponential_average_and_the_two_threshold
         averages.append(gov.load)
     expected = ema(loads, [0.5] * len(loads))
     assert averages == pytest.approx(expected)
-    # down once the average passes 0.45, up once it is back to 0.25, nothing in between
+    # down once the average passes 0.45, up once it is back to 0.35, nothing in between
     want, now = [], 1
     for x in expected:
-        now = 1 if (now == 2 and x > 0.45) else 2 if (now == 1 and x <= 0.25) else now
+        now = 1 if (now == 2 and x > 0.45) else 2 if (now == 1 and x <= 0.35) else now
         want.append(now)
     assert threads == want and want[:4] == [2, 2, 2, 1] and want[-1] == 2
     assert gov.summary().startswith("threads: 2 for ") and calls == [1, 2, 1, 2]
@@ -84,6 +84,10 @@ def test_a_live_view_keeps_the_run_at_the_fewest_and_a_lighter_one_does_not():
     # the Hessian page watching an analysis: ≈ 0.3 core, in one busy half-second of four; the run keeps both
     gov, clock, _ = governor([0.0] + [1.0, 0.05, 0.05, 0.05] * 8)
     assert {step(gov, clock) for _ in range(33)} == {2}
+    # the same after the full redraw that submitted the analysis: down for the burst, back for the refreshes
+    gov, clock, _ = governor([0.0, 1.5, 1.5] + [1.0, 0.05, 0.05, 0.05] * 8)
+    threads = [step(gov, clock) for _ in range(35)]
+    assert 1 in threads[:5] and set(threads[-24:]) == {2}
 
 
 def test_a_long_quiet_start_up_counts():

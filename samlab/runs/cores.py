@@ -12,7 +12,9 @@ process's own CPU time), averages it over the last `tau_s` seconds (an exponenti
 
     `fewest` threads when that load rises above what `most` threads leave the others (cores − most,
               another slot's share) plus `high` cores;
-    `most`   when it falls to that plus `low` (the gap keeps a load near one threshold from flapping).
+    `most`   when it falls to that plus `low` (the gap keeps a load near one threshold from flapping;
+              a page's one-off full redraw lifts the average for a moment, the gap is narrow enough
+              for the run to come back once only the page's steady refresh remains).
 
 It starts at `fewest`, the interval before its first tick (the task's start-up) counting as measured.
 The thresholds come from `benchmarks/live_overhead.py` on 2 cores (idle machine): two threads were
@@ -94,7 +96,7 @@ class ThreadGovernor:
     """Sets the compute thread's torch thread count between `fewest` and `most` from the others' load."""
 
     def __init__(self, most: int, fewest: int, *, interval_s: float = 0.5, tau_s: float = 2.0,
-                 high: float = 0.45, low: float = 0.25, usage: Callable[[], float] | None = None,
+                 high: float = 0.45, low: float = 0.35, usage: Callable[[], float] | None = None,
                  set_threads: Callable[[int], None] = _set_torch_threads,
                  clock: Callable[[], float] = time.monotonic, cores: int | None = None) -> None:
         if not 1 <= fewest <= most:
