@@ -197,13 +197,10 @@ def test_downsampled_arrays_equal_the_bucket_downsample(n, max_points):
     assert shown_values.tolist() == pytest.approx([np.nan if v is None else v for _, v in oracle], nan_ok=True)
 
 
-def test_train_page_reruns_read_only_new_rows_and_never_finished_runs_again(store_env, recorded, monkeypatch):
+def count_curve_reads(monkeypatch) -> dict[str, list]:
+    """Records every curve read of the store: `metrics` (run ids) and `new_metrics` (run id, rows)."""
     from samlab.runs.store import Store
 
-    cfg, rows, summary = recorded
-    done = _running(store_env, cfg, rows)
-    store_env.finish_run(done, "completed", summary=summary)
-    active = _running(store_env, cfg, rows[: len(rows) // 2])
     calls: dict[str, list] = {"metrics": [], "new_metrics": []}
     real_metrics, real_new = Store.metrics, Store.new_metrics
 
@@ -218,6 +215,15 @@ def test_train_page_reruns_read_only_new_rows_and_never_finished_runs_again(stor
 
     monkeypatch.setattr(Store, "metrics", metrics)
     monkeypatch.setattr(Store, "new_metrics", new_metrics)
+    return calls
+
+
+def test_train_page_reruns_read_only_new_rows_and_never_finished_runs_again(store_env, recorded, monkeypatch):
+    cfg, rows, summary = recorded
+    done = _running(store_env, cfg, rows)
+    store_env.finish_run(done, "completed", summary=summary)
+    active = _running(store_env, cfg, rows[: len(rows) // 2])
+    calls = count_curve_reads(monkeypatch)
     at = AppTest.from_file(str(ROOT / "pages" / "1_Train.py"), default_timeout=120)
     at.run()
     assert not at.exception
@@ -283,20 +289,8 @@ def test_hessian_trajectory_reads_a_training_runs_new_rows_only_and_a_finished_r
     done = _running(store_env, cfg, trajectory_rows(range(0, 40, 4), 2.0))
     store_env.finish_run(done, "completed", summary=summary)
     active = _running(store_env, cfg, trajectory_rows(range(0, 20, 4), 3.0))
-    calls: dict[str, list] = {"metrics": [], "new_metrics": []}
-    real_metrics, real_new = Store.metrics, Store.new_metrics
-
-    def metrics(self, run_ids, *args, **kwargs):
-        calls["metrics"].append(list(run_ids))
-        return real_metrics(self, run_ids, *args, **kwargs)
-
-    def new_metrics(self, run_id, cursor=None):
-        out = real_new(self, run_id, cursor)
-        calls["new_metrics"].append((run_id, len(out[0])))
-        return out
-
-    monkeypatch.setattr(Store, "metrics", metrics)
-    monkeypatch.setattr(Store, "new_metrics", new_metrics)
+    real_metrics = Store.metrics  # the oracle's reads are not counted
+    calls = count_curve_reads(monkeypatch)
     at = AppTest.from_file(str(ROOT / "pages" / "3_Hessian.py"), default_timeout=120)
     at.run()
     at.multiselect(key="hessian.trajectory_runs").set_value([done, active]).run()
