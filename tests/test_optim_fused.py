@@ -159,6 +159,35 @@ def test_fused_equals_loop_with_frozen_tensors_layer_norm_and_sequences(make, mo
         model = loop_model
 
 
+@pytest.mark.parametrize("make", ["cnn-bn", "resnet18-gn", Convolutions])
+def test_fused_equals_loop_under_bf16_autocast(make):
+    """Mixed precision (a run's precision=bf16): the fused convolutions cast like autocast does, save
+    what they cast and return fp32 gradients; they match the loop to bf16's precision."""
+    torch.manual_seed(0)
+    if isinstance(make, str):
+        model, x, y, loss_fn = builtin(make)
+        model, x = model.float(), x.float()
+    else:
+        model, loss_fn = make().train(), per_sample_loss("classification")
+        gen = torch.Generator().manual_seed(2)
+        x, y = torch.randn(8, 1, 4, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loop_model, a, fused_model, b = run_both(model, loss_fn, x, y, m=4)
+    full = copy.deepcopy(model)
+    sharpness_gradient(full, loss_fn, x, y, method="msam", rho=RHO, m=4, impl="loop")  # fp32
+    for (name, p), q, r in zip(loop_model.named_parameters(), fused_model.parameters(), full.parameters(),
+                               strict=True):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        assert q.grad.dtype == torch.float32, name
+        scale = r.grad.norm().item() + 1e-6
+        assert (q.grad - p.grad).norm().item() < 0.05 * scale, name  # fused vs loop, both in bf16
+        # against fp32, the fused path's bf16 error is the loop's (bf16 itself), not more
+        assert (q.grad - r.grad).norm().item() < 1.5 * (p.grad - r.grad).norm().item() + 0.02 * scale, name
+    assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+
+
 class Scaled(nn.Module):
     """A parameter outside any layer the fused path knows."""
 

@@ -109,6 +109,7 @@ class _MicroConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weights: torch.Tensor, module: nn.Conv2d, k: int) -> torch.Tensor:
+        x, weights = _as_autocast(x, weights)
         ctx.save_for_backward(x, weights)
         ctx.module, ctx.k = module, k
         return F.conv2d(x, weights[0], None, module.stride, module.padding, module.dilation, module.groups)
@@ -130,6 +131,7 @@ class _PerturbedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, perturbed: torch.Tensor, module: nn.Conv2d,
                 k: int) -> torch.Tensor:
+        x, perturbed = _as_autocast(x, perturbed)
         flat = perturbed.reshape(-1, *perturbed.shape[2:])
         ctx.save_for_backward(x, flat)
         ctx.module, ctx.k, ctx.weight_shape = module, k, weight.shape
@@ -143,6 +145,17 @@ class _PerturbedConv(torch.autograd.Function):
         return *_wanted(ctx, lambda: _conv_input_grad(module, _grouped(x, k).shape, flat, _grouped(grad_out, k),
                                                       k * module.groups).view(x.shape),
                         lambda: _conv_weight_grad(module, x, ctx.weight_shape, grad_out, 1)), None, None, None
+
+
+def _as_autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the dtype autocast gives a convolution here (bf16 / fp16 under mixed precision),
+    so that the forward, the tensors saved for the backward and the gradients computed from them agree
+    (autocast is off in a backward); autograd returns each gradient in its input's own dtype."""
+    kind = tensors[0].device.type
+    if not torch.is_autocast_enabled(kind):
+        return tensors
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _wanted(ctx, input_grad: Callable[[], torch.Tensor], weight_grad: Callable[[], torch.Tensor]) -> tuple:
