@@ -6,8 +6,8 @@
 Each writer is a real `StoreReporter` (the worker's write path: buffer, flush every --flush seconds in
 one transaction with the heartbeat) emitting --rate metric values per second for --seconds. Meanwhile
 this process repeats the dashboard's 100-run query (list 100 runs + counts by status + the loss curves
-of those 100 runs downsampled to 200 points) and a live panel's refresh (the points of one writer's run
-after the last step it read) and times them. The same queries are timed first with no writers, in the
+of those 100 runs downsampled to 200 points) and a live panel's refresh (`Store.new_metrics`: the rows
+of one writer's run written since the last read) and times them. The same queries are timed first with no writers, in the
 same process, as the baseline. Prints rows written vs expected (must be equal), the achieved write
 rate, the median cost of one flush transaction (each writer's median, then the median over writers;
 wall and the flushing thread's CPU time), the CPU time of one dashboard query (robust to a busy machine),
@@ -126,15 +126,13 @@ def main() -> int:
                                str(args.seconds), str(args.flush), str(args.writer_history)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for run_id in run_ids]
     loaded, refreshes, refreshed_rows = [], [], 0
-    seen: dict[tuple[str, str], int] = {}
+    cursor = None  # a live view's incremental read (Store.new_metrics), as the Train page refreshes
     while any(p.poll() is None for p in procs):
         loaded.append(dashboard_query(store, history, loaded_cpu))
         t0 = time.perf_counter()
-        new = store.metrics([run_ids[0]], after=seen or None)
+        new, cursor, _ = store.new_metrics(run_ids[0], cursor)
         refreshes.append(time.perf_counter() - t0)
         refreshed_rows += len(new)
-        for curve, step in new.groupby(["kind", "name"])["step"].max().items():
-            seen[curve] = int(step)
         time.sleep(0.05)
     reports, errors = [], []
     for proc in procs:
@@ -146,7 +144,7 @@ def main() -> int:
     expected = sum(r["rows"] for r in reports) + 2 * args.writer_history * len(run_ids)
     written = int(store.metrics(run_ids).shape[0])
     first_rows = int(store.metrics([run_ids[0]]).shape[0])
-    refreshed_rows += len(store.metrics([run_ids[0]], after=seen or None))  # what came after the last read
+    refreshed_rows += len(store.new_metrics(run_ids[0], cursor)[0])  # what came after the last read
     figures = {
         "writers": args.writers,
         "rate_per_writer": args.rate,

@@ -331,21 +331,22 @@ def test_an_incremental_read_returns_exactly_the_new_points(store):
     (run_id,) = _make_runs(store, 1)
     store.flush(run_id, [("step", s, "loss", 1.0 / (s + 1), 0.0) for s in range(10)]
                 + [("epoch", 0, "test_acc", 0.5, 0.0)])
-    seen = store.metrics([run_id])
-    last = seen.groupby(["kind", "name"])["step"].max().to_dict()
-    assert last == {("step", "loss"): 9, ("epoch", "test_acc"): 0}
-    assert store.metrics([run_id], after=last).empty
+    seen, cursor, replaced = store.new_metrics(run_id)
+    assert not replaced and len(seen) == 11
+    assert store.new_metrics(run_id, cursor) == ([], cursor, False)
     # a later flush: new steps, and a new curve whose first point is at a step already seen
     store.flush(run_id, [("step", s, "loss", 1.0 / (s + 1), 0.0) for s in range(10, 14)]
                 + [("epoch", 1, "test_acc", 0.6, 0.0), ("step", 9, "lambda_max", 3.0, 0.0)])
-    new = store.metrics([run_id], after=last)
-    assert sorted(zip(new["kind"], new["name"], new["step"])) == (
+    new, _, replaced = store.new_metrics(run_id, cursor)
+    assert not replaced
+    assert sorted((k, n, step) for k, n, step, _ in new) == (
         [("epoch", "test_acc", 1), ("step", "lambda_max", 9)] + [("step", "loss", s) for s in range(10, 14)])
     # old + new is the full read, row for row
-    both = pd.concat([seen, new]).sort_values(["run_id", "kind", "name", "step"], ignore_index=True)
-    pd.testing.assert_frame_equal(both, store.metrics([run_id]))
-    with pytest.raises(ValueError, match="after"):
-        store.metrics([run_id], after=last, max_points=10)
+    both = pd.DataFrame(seen + new, columns=["kind", "name", "step", "value"]).assign(run_id=run_id)
+    both = both[["run_id", "kind", "name", "step", "value"]].sort_values(["run_id", "kind", "name", "step"],
+                                                                          ignore_index=True)
+    full = store.metrics([run_id]).sort_values(["run_id", "kind", "name", "step"], ignore_index=True)
+    pd.testing.assert_frame_equal(both, full, check_dtype=False)
 
 
 def test_buckets_follow_a_resumed_run_that_rewrites_its_tail(store):

@@ -40,11 +40,9 @@ Public API (stable; the dashboard, CLI, worker and scheduler use only this):
     Store.count_by_status(kind=None, group=None, text=None) -> dict[str, int]
     Store.find_cached(cache_key) -> dict | None          newest queued/running/completed run with the key
     Store.metric_names(run_ids) -> list[tuple[kind, name]]
-    Store.metrics(run_ids, names=None, kind=None, max_points=None, after=None) -> pandas.DataFrame
+    Store.metrics(run_ids, names=None, kind=None, max_points=None) -> pandas.DataFrame
         columns run_id, kind, name, step, value; with max_points a curve longer than that comes from
-        its write-time buckets (samlab.runs.curves: first, min, max and last point of each); with
-        after={(kind, name): step} only the points of those curves after that step, and every point of
-        the other curves (a live panel's incremental read)
+        its write-time buckets (samlab.runs.curves: first, min, max and last point of each)
     Store.new_metrics(run_id, cursor=None) -> (rows, cursor, replaced)
         the rows (kind, name, step, value) of one run written since the read that returned `cursor`, in
         the order they were written (a live view's refresh reads only what is new); replaced: a resumed
@@ -968,27 +966,24 @@ class Store:
             return [(k, n) for k, n in conn.execute(query)]
 
     def metrics(self, run_ids: Iterable[str], names: Iterable[str] | None = None, kind: str | None = None,
-                max_points: int | None = None, after: dict[tuple[str, str], int] | None = None):
+                max_points: int | None = None):
         """Long-format metrics (pandas DataFrame: run_id, kind, name, step, value), sorted by step.
 
         With `max_points`, a curve (run, kind, name) with more values than that comes from its
         write-time buckets (`samlab.runs.curves`): the finest bucket width whose buckets give at most
         `max_points` points, each bucket as its first, smallest, largest and last point (NaN values,
-        stored as NULL, are not in buckets: a curve without any finite value is left out). With `after`
-        ({(kind, name): step}), only the points of those curves after that step, and all points of the
-        curves it does not name: a live view asks for what is new since its last read."""
+        stored as NULL, are not in buckets: a curve without any finite value is left out). A live view's
+        incremental read is `new_metrics`."""
         import numpy as np
         import pandas as pd
 
         if max_points is not None and (not isinstance(max_points, int) or max_points < 1):
             raise ValueError(f"max_points: must be a positive integer or None (got {max_points!r})")
-        if after is not None and max_points is not None:
-            raise ValueError("after: incremental reads are raw points; do not combine after with max_points")
         ids = list(run_ids)
         names = _as_list(names)
         with self.engine.connect() as conn:
             if max_points is None:
-                rows = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind, after))).all()
+                rows = conn.execute(_raw_query(_metric_filters(metrics_table, ids, names, kind))).all()
             else:
                 rows = _downsampled_rows(conn, ids, names, kind, max_points)
         # column by column from plain tuples (pandas probing each SQLAlchemy Row costs more than the
@@ -1061,17 +1056,13 @@ class Store:
             return [dict(r._mapping) for r in rows]
 
 
-def _metric_filters(table: sa.Table, run_ids: list[str], names: list[str] | None, kind: str | None,
-                    after: dict[tuple[str, str], int] | None = None) -> list[Any]:
+def _metric_filters(table: sa.Table, run_ids: list[str], names: list[str] | None, kind: str | None) -> list[Any]:
     c = table.c
     cond: list[Any] = [c.run_id.in_(run_ids)]
     if names is not None:
         cond.append(c.name.in_(names))
     if kind is not None:
         cond.append(c.kind == kind)
-    if after:
-        cond.append(sa.or_(sa.tuple_(c.kind, c.name).not_in(list(after)),
-                           *[sa.and_(c.kind == k, c.name == n, c.step > int(s)) for (k, n), s in after.items()]))
     return cond
 
 
