@@ -202,8 +202,8 @@ def _conv2d_first(module: nn.Conv2d, split: set[nn.Module], x: torch.Tensor, p: 
 
 def _conv2d_second(module: nn.Conv2d, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
     """p["weight"]: the shared weight (a leaf when trainable); p["perturbed"]: the [k, ...] W_j, or absent
-    when the weight is frozen (every micro-batch then sees the shared weight)."""
-    _check_padding(module)
+    when the weight is frozen (every micro-batch then sees the shared weight). Only for the convolutions
+    the first pass ran split, whose padding it checked."""
     if "perturbed" in p:
         out = _PerturbedConv.apply(x, p["weight"], p["perturbed"], module, k)
     else:
