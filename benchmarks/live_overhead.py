@@ -25,6 +25,10 @@ under interleaved conditions, repeated --repeats times:
             run picked, then the page's own "Compute the spectrum" button clicked; the page then watches
             the analysis to the end
 
+Every page is opened, prepared, and left until the browser has finished drawing it (under 0.1 core
+for a second, `wait_browser_idle`) before its run is submitted: the ratio is what watching costs, not
+the page's first load (drawing the Train page's form and finished cards takes 3-5 s of a core here).
+
 A run's wall time is finished_at − started_at in the store (the worker's own time, without the
 scheduler's start-up). While a run is timed, the CPU seconds (/proc utime + stime) of the server and
 of the headless browser are sampled; CPU per wall second is printed per condition (the figures the
@@ -100,6 +104,18 @@ def browser_cpu_seconds() -> float:
             with suppress(OSError, IndexError):
                 total += cpu_seconds(pid)
     return total
+
+
+def wait_browser_idle(quiet: float = 0.1, timeout: float = 60.0) -> float:
+    """Wait until the browser has finished drawing the page it opened (under `quiet` of a core over one
+    second), so that a timed run pays for watching, not for the page's first load; returns the wait."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = browser_cpu_seconds()
+        time.sleep(1.0)
+        if browser_cpu_seconds() - before < quiet:
+            break
+    return time.monotonic() - start
 
 
 def load() -> float:
@@ -284,6 +300,7 @@ def main() -> int:
                 page.get_by_text(ready).first.wait_for(timeout=120_000)
                 if prepare is not None:
                     prepare(page)
+                wait_browser_idle()
                 record(condition, timed(store, lambda: submit(page), pid))
             finally:
                 page.close()

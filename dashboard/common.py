@@ -35,6 +35,7 @@ Stable API (other pages rely on it; extend, do not change):
     field_error(slot, message)                   a compact error right under a widget (slot = st.empty())
     show_exception(err, what)                    a ValueError's message as an error box, not a traceback
     show_figure(fig, key=None)                   plotly with the Streamlit theme (light and dark)
+    show_live_figure(fig, key)                   the same for a live panel: redrawn in place at each refresh
     live(seconds)                                decorator: st.fragment(run_every=seconds); None: no refresh
     submit(kind, params, *, name="", group=None) -> id | None   errors shown, nothing queued
     submit_train(configs) -> [id] | None          one run, or one group of runs (one per seed)
@@ -265,6 +266,14 @@ PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png",
 def show_figure(fig: Any, key: str | None = None) -> None:
     """Draw a plotly figure with the Streamlit theme, so it follows the light or dark setting."""
     st.plotly_chart(fig, theme="streamlit", key=key, config=PLOTLY_CONFIG)
+
+
+def show_live_figure(fig: Any, key: str) -> None:
+    """A live panel's figure: the same frame at every refresh, only what changed redrawn, the reader's
+    zoom kept (`dashboard.live_chart`; `show_figure` would draw the whole figure anew each time)."""
+    from dashboard import live_chart
+
+    live_chart.show(fig, key=key, config=PLOTLY_CONFIG)
 
 
 def live(seconds: float | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -19,9 +19,12 @@ RESUMABLE = ("cancelled", "failed")
 
 
 def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> None:
-    """Active runs first (live), then the most recent finished ones; a small watcher re-runs the page
-    when a run starts or ends elsewhere (a CLI, another tab)."""
-    _watch({r["id"] for r in active})
+    """Active runs first (live), then the most recent finished ones. The page re-runs when a run starts or
+    ends elsewhere (a CLI, another tab): the first active card's refresh looks, or with no active run a
+    small watcher (one fragment run fewer per refresh while a run is watched)."""
+    active_ids = {r["id"] for r in active}
+    if not active:
+        _watch(active_ids)
     runs = active + finished
     if not runs:
         ui.empty_state("No runs yet — fill the form above and press Launch.")
@@ -31,25 +34,35 @@ def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> 
     st.caption(f"{len(active)} active · the {len(finished)} most recent finished · active runs refresh "
                f"every {live.BASE_S:g}–{live.MAX_S:g} s, slower while nothing changes")
     for index, run in enumerate(runs):
-        run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE)
+        # keyed by run: when a card is added above or removed, the browser keeps the others (their charts
+        # are not drawn again); unkeyed, every card below the change would be rebuilt from scratch
+        with st.container(key=f"run-card-{run['id']}"):
+            run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE,
+                     watch=active_ids if index == 0 else None)
+
+
+def _runs_changed(active_ids: set[str]) -> bool:
+    """Whether the active runs are no longer `active_ids` (one small query)."""
+    return {r["id"] for r in ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=50)} != active_ids
 
 
 def _watch(active_ids: set[str]) -> None:
     @st.fragment(run_every=live.WATCH_S)
     def watcher() -> None:
-        now_active = {r["id"] for r in ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=50)}
-        if now_active != active_ids:
+        if _runs_changed(active_ids):
             st.rerun()
 
     watcher()
 
 
-def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded: bool) -> None:
-    """Draw one run: header, progress, curves, buttons, log tail and error."""
+def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded: bool,
+             watch: set[str] | None = None) -> None:
+    """Draw one run: header, progress, curves, buttons, log tail and error. An active card with `watch`
+    (the active run ids the page was drawn with) also re-runs the page when they change."""
     title = f"{ui.status_label(run['status'])} · {label} · `{run['id']}`"
     with st.expander(title, expanded=expanded):
         if run["status"] in ui.ACTIVE:
-            _live_progress_and_curves(run)
+            _live_progress_and_curves(run, watch)
         else:
             fraction, text = ui.progress_text(run, now)
             st.progress(fraction, text=text)
@@ -83,7 +96,7 @@ def _act(action, what: str) -> None:
     st.toast(message or f"{what}: done")
 
 
-def _live_progress_and_curves(run: dict[str, Any]) -> None:
+def _live_progress_and_curves(run: dict[str, Any], watch: set[str] | None) -> None:
     """The part of an active run's card that changes: a fragment that reads only what is new."""
     key = f"live.{run['id']}.{run.get('attempts', 0)}"
     state = st.session_state.setdefault(key, {"curves": live.LiveCurves(run["id"]), "backoff": live.Backoff(),
@@ -93,7 +106,7 @@ def _live_progress_and_curves(run: dict[str, Any]) -> None:
     def refresh() -> None:
         store = ui.get_store()
         current = store.get_run(run["id"])
-        if current["status"] != run["status"]:
+        if current["status"] != run["status"] or (watch is not None and _runs_changed(watch)):
             st.rerun()  # started or ended: the page redraws the card (an ended run stops refreshing)
         new = state["curves"].pull(store)
         fraction, text = ui.progress_text(current, store.server_now())
@@ -103,7 +116,7 @@ def _live_progress_and_curves(run: dict[str, Any]) -> None:
         if state["figure"] is None:
             st.caption("no metrics yet")
         else:
-            ui.show_figure(state["figure"], key=f"panel.{run['id']}")
+            ui.show_live_figure(state["figure"], key=f"run-panel.{run['id']}")
         seen = (current.get("progress"), current.get("progress_message"))
         changed = bool(new) or seen != state["seen"]
         state["seen"] = seen
@@ -140,7 +153,8 @@ def _finished_curves(run: dict[str, Any]) -> None:
     if figure is None:
         st.caption("no metrics recorded")
         return
-    ui.show_figure(figure, key=f"panel.{run['id']}")
+    # the same chart as a live card's: the browser has plotly.js loaded once for all the page's cards
+    ui.show_live_figure(figure, key=f"run-panel.{run['id']}")
 
 
 def _tail(text: str, n: int = 12) -> str:

@@ -133,8 +133,7 @@ def test_launch_watch_and_compare_in_a_browser(server):
                 expect(page.get_by_text(COMPLETED)).to_have_count(2, timeout=300_000)
             finally:
                 page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
-            panel_chart = page.locator('[data-testid="stPlotlyChart"]').first
-            expect(panel_chart).to_be_visible()
+            panel_chart = page.frame_locator(LIVE_CHART).first  # the run cards draw in the live chart frame
             expect(panel_chart.locator("g.scatterlayer .trace").first).to_be_attached()
             _settle(page)
             page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
@@ -179,6 +178,7 @@ def _first_run_id(page) -> str:
 
 PAGES = {"home": "", "train": "Train", "runs": "Runs", "hessian": "Hessian", "landscape": "Landscape",
          "sweeps": "Sweeps", "lesson": "Lesson_m-sharpness", "stability": "Stability"}
+LIVE_CHART = 'iframe[title="dashboard.live_chart.live_chart"]'
 BUSY = ('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"], '
         '[data-stale="true"], [data-testid="stSkeleton"]')
 
@@ -239,5 +239,83 @@ def test_every_page_renders_without_an_exception(server, tmp_path):
             # the finished run is listed where runs are picked, so the pages were drawn with data
             page.goto(f"{server}/Runs")
             expect(page.locator('[data-testid="stDataFrame"]').get_by_text("completed", exact=True)).to_have_count(1)
+        finally:
+            browser.close()
+
+
+def _live_chart_frame(page, timeout_s: float = 60.0):
+    """The Playwright frame of the first live chart on the page, once it has drawn its figure."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for frame in page.frames:
+            if "live_chart" in frame.url and frame.evaluate("() => (window.liveChart || {}).renders || 0") > 0:
+                return frame
+        page.wait_for_timeout(250)
+    raise AssertionError("no live chart drew its figure")
+
+
+def _trace_lengths(frame) -> dict[tuple[str, str], int]:
+    """(trace label, metric) -> how many points the chart in the frame draws."""
+    pairs = frame.evaluate("() => document.getElementById('chart')._fullData.map(t => [t.name, t.meta, t.x.length])")
+    return {(label, meta): n for label, meta, n in pairs}
+
+
+def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, tmp_path):
+    """The Train page's live card: the points drawn are the store's, new ones arrive without the chart
+    being built again, and a reader's zoom survives the refreshes."""
+    from playwright.sync_api import sync_playwright
+
+    from samlab.config import preset
+    from samlab.reporting import RecordingReporter
+    from samlab.runs.store import Store
+    from samlab.train import run as train
+
+    cfg = preset("digits-mlp", {"data.n_train": 96, "data.n_test": 64, "epochs": 4, "batch_size": 16, "seed": 0})
+    reporter = RecordingReporter()
+    train(cfg, reporter)
+    rows = [(kind, step, name, float(value), time.time())
+            for kind, step, values in reporter.rows for name, value in values.items()]
+    half = len(rows) // 2
+    store = Store(f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}")  # the store the server fixture reads
+    (run_id,) = store.create_runs([{"kind": "train", "params": cfg.to_dict(), "name": "watched"}])
+    store.start_run(run_id, pid=os.getpid(), host="browser-test", device="cpu")
+    store.flush(run_id, rows[:half], progress=0.5, message="half")
+
+    def expected(upto: int) -> dict[tuple[str, str], int]:
+        """Points per drawn series, counted from the rows written so far."""
+        counts: dict[tuple[str, str], int] = {}
+        for kind, _, name, _, _ in rows[:upto]:
+            counts[(kind, name)] = counts.get((kind, name), 0) + 1
+        return {("train (per step)", "train_loss"): counts.get(("step", "train_loss"), 0),
+                ("test (epoch)", "test_acc"): counts.get(("epoch", "test_acc"), 0)}
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
+            page.set_default_timeout(60_000)
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(f"{server}/Train")
+            frame = _live_chart_frame(page)
+            lengths = _trace_lengths(frame)
+            assert {k: lengths.get(k) for k in expected(half)} == expected(half)
+            # the Streamlit theme's text colour, not plotly's default
+            assert frame.evaluate("() => document.getElementById('chart')._fullLayout.font.color") != "#444"
+            frame.evaluate("() => Plotly.relayout('chart', {'xaxis.range': [2, 9]})")  # a reader zooms in
+            frame.evaluate("() => { window.firstSvg = document.querySelector('.main-svg'); }")
+            renders = frame.evaluate("() => window.liveChart.renders")
+
+            store.flush(run_id, rows[half:], progress=0.9, message="almost")
+            deadline = time.monotonic() + 60
+            while {k: _trace_lengths(frame).get(k) for k in expected(len(rows))} != expected(len(rows)):
+                assert time.monotonic() < deadline, f"the new points were not drawn: {_trace_lengths(frame)}"
+                page.wait_for_timeout(250)
+            state = frame.evaluate("""() => ({renders: window.liveChart.renders, rebuilds: window.liveChart.rebuilds,
+                sameSvg: document.querySelector('.main-svg') === window.firstSvg,
+                range: document.getElementById('chart').layout.xaxis.range})""")
+            assert state["renders"] > renders and state["rebuilds"] == 0 and state["sameSvg"], state
+            assert state["range"] == [2, 9], state  # the zoom survived the refresh
+            assert not page_errors, page_errors
         finally:
             browser.close()

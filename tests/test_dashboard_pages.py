@@ -232,9 +232,12 @@ def test_runs_page_filters_and_deletes_with_confirmation(store_env, recorded_row
 
 
 def _plotly_specs(at: AppTest) -> list[dict]:
+    """Every figure on the page: st.plotly_chart's and the live chart frames' (the run cards')."""
     import json
 
-    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    live = [json.loads(json.loads(c.proto.json_args)["spec"]) for c in at.get("component_instance")
+            if c.proto.component_name.endswith("live_chart")]
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")] + live
 
 
 def test_runs_page_groups_seeds_into_a_mean_and_std_band(store_env, recorded_rows):

@@ -326,3 +326,15 @@ def test_hessian_trajectory_reads_a_training_runs_new_rows_only_and_a_finished_r
     assert calls["metrics"] == [] and calls["new_metrics"] == [(active, 3 * 3)]
     check_drawn()
 
+
+
+def test_the_live_chart_folder_holds_its_own_files_and_the_installed_plotly_js(monkeypatch, tmp_path):
+    from dashboard import live_chart
+
+    monkeypatch.setattr(live_chart.tempfile, "gettempdir", lambda: str(tmp_path))
+    folder = live_chart.component_dir()
+    for name in live_chart.FILES:
+        assert (folder / name).read_bytes() == (live_chart.FRONTEND / name).read_bytes()
+    assert (folder / "plotly.min.js").read_bytes() == live_chart.plotly_js().read_bytes()
+    assert live_chart.component_dir() == folder  # built once: the second call finds it
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # and no half-built folder is left

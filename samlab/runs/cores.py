@@ -12,17 +12,22 @@ process's own CPU time), averages it over the last `tau_s` seconds (an exponenti
 
     `fewest` threads when that load rises above what `most` threads leave the others (cores − most,
               another slot's share) plus `high` cores;
-    `most`   when it falls to that plus `low` (the gap keeps a load near one threshold from flapping;
-              a page's one-off full redraw lifts the average for a moment, the gap is narrow enough
-              for the run to come back once only the page's steady refresh remains).
+    `most`   when it falls to that plus `low` (the gap keeps a load near one threshold from flapping).
+
+`tau_s` = 4 s makes a live page's bursts (a full redraw, a chart frame loading plotly.js: a second or
+two of one core) too short to count, while a load that stays (another job, a heavy page) still takes a
+core from the run within 2–4 s.
 
 It starts at `fewest`, the interval before its first tick (the task's start-up) counting as measured.
 The thresholds come from `benchmarks/live_overhead.py` on 2 cores (idle machine): two threads were
 ~25 % faster than one on the digits-cnn preset with nothing else running; with the Train page open
 (browser and server ≈ 0.6 core) two spinning threads took 10.8 s against 9.5 s for one; with the
 Hessian page watching an analysis (≈ 0.3 core) two threads lost 9 % to the page and one thread 25 %;
-under other jobs' load two threads were 4–10 times slower than one. Without /proc/stat (not Linux) it
-stays at `fewest`.
+under other jobs' load two threads were 4–10 times slower than one. Since the Train page draws its
+charts in place (`dashboard.live_chart`, ≈ 0.2 core in bursts), two threads beat one with it open
+(9.4 s against 10.6 s); with tau_s = 2 s its bursts still sent the run to one thread for 2–4 s, with
+4 s they do not (run / no page 1.16 against 1.24–1.31). Without /proc/stat (not Linux) it stays at
+`fewest`.
 
 Public API:
     ThreadGovernor(most, fewest, *, interval_s, tau_s, high, low, usage, set_threads, clock, cores)
@@ -95,7 +100,7 @@ def _set_torch_threads(n: int) -> None:
 class ThreadGovernor:
     """Sets the compute thread's torch thread count between `fewest` and `most` from the others' load."""
 
-    def __init__(self, most: int, fewest: int, *, interval_s: float = 0.5, tau_s: float = 2.0,
+    def __init__(self, most: int, fewest: int, *, interval_s: float = 0.5, tau_s: float = 4.0,
                  high: float = 0.45, low: float = 0.35, usage: Callable[[], float] | None = None,
                  set_threads: Callable[[int], None] = _set_torch_threads,
                  clock: Callable[[], float] = time.monotonic, cores: int | None = None) -> None:
