@@ -85,6 +85,14 @@ def running_streamlit(env: dict, address: str, port: int, log_path: Path):
                 proc.wait()
 
 
+def _new_page(browser, page_errors: list[str], color_scheme: str = "light"):
+    """A page with 60 s timeouts whose uncaught errors go to `page_errors`."""
+    page = browser.new_page(viewport=VIEWPORT, color_scheme=color_scheme)
+    page.set_default_timeout(60_000)
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    return page
+
+
 def _fill_number(page, label: str, value: str) -> None:
     box = page.get_by_label(label, exact=True)
     box.fill(value)
@@ -100,10 +108,8 @@ def test_launch_watch_and_compare_in_a_browser(server):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
-            page.set_default_timeout(60_000)
             page_errors: list[str] = []
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page = _new_page(browser, page_errors)
             page.goto(server)
             expect(page.get_by_text("System status")).to_be_visible()
             expect(page.get_by_text("No runs yet")).to_be_visible()  # the live status fragment
@@ -151,9 +157,7 @@ def test_launch_watch_and_compare_in_a_browser(server):
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
             _assert_clean(page, "Runs", page_errors)
 
-            dark = browser.new_page(viewport=VIEWPORT, color_scheme="dark")
-            dark.set_default_timeout(60_000)
-            dark.on("pageerror", lambda error: page_errors.append(str(error)))
+            dark = _new_page(browser, page_errors, color_scheme="dark")
             dark.goto(page.url)  # the shared URL reproduces the view
             expect(dark.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
             _settle(dark)
@@ -226,10 +230,8 @@ def test_every_page_renders_without_an_exception(server, tmp_path):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
-            page.set_default_timeout(60_000)
             page_errors: list[str] = []
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page = _new_page(browser, page_errors)
             for slug, path in PAGES.items():
                 page.goto(f"{server}/{path}")
                 expect(page.locator("h1").first).to_be_visible()
@@ -292,10 +294,8 @@ def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, t
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page(viewport=VIEWPORT, color_scheme="light")
-            page.set_default_timeout(60_000)
             page_errors: list[str] = []
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page = _new_page(browser, page_errors)
             page.goto(f"{server}/Train")
             frame = _live_chart_frame(page)
             lengths = _trace_lengths(frame)

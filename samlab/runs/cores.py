@@ -26,7 +26,7 @@ Hessian page watching an analysis (≈ 0.3 core) two threads lost 9 % to the pag
 under other jobs' load two threads were 4–10 times slower than one. Since the Train page draws its
 charts in place (`dashboard.live_chart`, ≈ 0.2 core in bursts), two threads beat one with it open
 (9.4 s against 10.6 s); with tau_s = 2 s its bursts still sent the run to one thread for 2–4 s, with
-4 s they do not (run / no page 1.16 against 1.24–1.31). Without /proc/stat (not Linux) it stays at
+4 s they do not (the run keeps two threads throughout). Without /proc/stat (not Linux) it stays at
 `fewest`.
 
 Public API:
