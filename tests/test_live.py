@@ -336,5 +336,6 @@ def test_the_live_chart_folder_holds_its_own_files_and_the_installed_plotly_js(m
     for name in live_chart.FILES:
         assert (folder / name).read_bytes() == (live_chart.FRONTEND / name).read_bytes()
     assert (folder / "plotly.min.js").read_bytes() == live_chart.plotly_js().read_bytes()
+    assert folder.stat().st_mode & 0o755 == 0o755  # readable by every user's dashboard
     assert live_chart.component_dir() == folder  # built once: the second call finds it
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # and no half-built folder is left

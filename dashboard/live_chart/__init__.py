@@ -46,6 +46,7 @@ def component_dir() -> Path:
     for name in FILES:
         shutil.copyfile(FRONTEND / name, staging / name)
     shutil.copyfile(plotly_js(), staging / "plotly.min.js")  # last: its presence marks a complete folder
+    staging.chmod(0o755)  # mkdtemp made it private: another user's dashboard on this machine reads it too
     try:
         os.rename(staging, target)
     except OSError:  # another process built it first
