@@ -256,7 +256,7 @@ def test_the_runs_page_reads_no_raw_rows_until_the_metrics_download_is_clicked(s
     real = Store.metrics
 
     def metrics(self, run_ids, *args, **kwargs):
-        if kwargs.get("max_points") is None and not kwargs.get("after"):
+        if kwargs.get("max_points") is None:
             raw_reads.append(list(run_ids))
         return real(self, run_ids, *args, **kwargs)
 
@@ -325,7 +325,6 @@ def test_hessian_trajectory_reads_a_training_runs_new_rows_only_and_a_finished_r
     at.run()
     assert calls["metrics"] == [] and calls["new_metrics"] == [(active, 3 * 3)]
     check_drawn()
-
 
 
 def test_the_live_chart_folder_holds_its_own_files_and_the_installed_plotly_js(monkeypatch, tmp_path):
