@@ -304,6 +304,16 @@ def run_panel_figure(
     return fig
 
 
+def waiting_run_panel_figure(*, task: str | None = None, perturbs: bool = True, height: int = 580) -> go.Figure:
+    """`run_panel_figure` before the run's first metrics: every panel's titled axes, no data, and a note."""
+    fig = run_panel_figure(pd.DataFrame(), pd.DataFrame(), task=task, perturbs=perturbs, height=height)
+    for row, col, _, _ in _run_panels(perturbs):  # a subplot without a trace would draw no axes
+        fig.add_trace(go.Scatter(x=[], y=[], showlegend=False, hoverinfo="skip"), row=row, col=col)
+    fig.add_annotation(text="no metrics yet", showarrow=False, x=0.5, y=1.0, xref="paper", yref="paper",
+                       yshift=60, font={"size": 14})
+    return fig
+
+
 def refresh_run_panel(fig: go.Figure, step_metrics: pd.DataFrame, epoch_metrics: pd.DataFrame, *,
                       x: str = "step", perturbs: bool = True) -> bool:
     """Put newer data into a figure made by `run_panel_figure` from the same run, keeping its layout

@@ -86,6 +86,16 @@ def panel_figure(run: Mapping[str, Any], metrics: pd.DataFrame, *, x: str = "ste
     return figures.run_panel_figure(step, epoch, task=tables.data_task(cfg), x=x, perturbs=perturbs(cfg))
 
 
+def waiting_panel_figure(run: Mapping[str, Any]) -> go.Figure | None:
+    """A train run's panel before its first metrics (`figures.waiting_run_panel_figure`). A live card draws
+    its chart with it at once, so the chart is set up in the browser while the run's worker starts (not
+    while it trains). None without a config."""
+    cfg = tables.run_config(run)
+    if cfg is None:
+        return None
+    return figures.waiting_run_panel_figure(task=tables.data_task(cfg), perturbs=perturbs(cfg))
+
+
 def perturbs(cfg: RunConfig) -> bool:
     """Whether a run's method perturbs the weights (SGD's sharpness proxy is 0 by definition)."""
     return METHOD_RULES[cfg.optim.method] is not None

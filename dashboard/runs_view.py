@@ -100,7 +100,7 @@ def _live_progress_and_curves(run: dict[str, Any], watch: set[str] | None) -> No
     """The part of an active run's card that changes: a fragment that reads only what is new."""
     key = f"live.{run['id']}.{run.get('attempts', 0)}"
     state = st.session_state.setdefault(key, {"curves": live.LiveCurves(run["id"]), "backoff": live.Backoff(),
-                                              "figure": None, "seen": None})
+                                              "figure": None, "waiting": None, "seen": None})
 
     @st.fragment(run_every=state["backoff"].interval)
     def refresh() -> None:
@@ -113,10 +113,14 @@ def _live_progress_and_curves(run: dict[str, Any], watch: set[str] | None) -> No
         st.progress(fraction, text=text)
         if new or state["figure"] is None:
             state["figure"] = panel_figure(current, state["curves"].view(), state["figure"])
-        if state["figure"] is None:
+        if state["figure"] is None and state["waiting"] is None:
+            # before the first metrics, the panel's empty axes: the chart is set up while the worker starts
+            state["waiting"] = plots.waiting_panel_figure(current)
+        shown = state["figure"] or state["waiting"]
+        if shown is None:
             st.caption("no metrics yet")
         else:
-            ui.show_live_figure(state["figure"], key=f"run-panel.{run['id']}")
+            ui.show_live_figure(shown, key=f"run-panel.{run['id']}")
         seen = (current.get("progress"), current.get("progress_message"))
         changed = bool(new) or seen != state["seen"]
         state["seen"] = seen

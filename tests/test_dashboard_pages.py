@@ -270,6 +270,22 @@ def test_run_card_of_sgd_has_no_sharpness_panel(store_env, recorded_rows):
     assert any("sharpness proxy" in t for t in panels)  # the msam run
 
 
+def test_a_run_card_draws_its_panel_axes_before_the_first_metrics(store_env, recorded_rows):
+    # the queued msam run has written nothing: its card's chart is there already (set up in the browser
+    # while the worker starts), with the panels' titled axes, no data and a note
+    ids = _populate(store_env, *recorded_rows)
+    assert not store_env.metrics([ids["queued"]]).shape[0]
+    at = _app("pages/1_Train.py")
+    _no_exception(at, "Train with a queued run", FAILED_RUN_ERROR)
+    waiting = [spec for spec in _plotly_specs(at) if not any(t.get("x") for t in spec["data"])]
+    assert len(waiting) == 1 and len(waiting[0]["data"]) == 4  # one empty trace per panel: its axes show
+    layout = waiting[0]["layout"]
+    notes = [a["text"] for a in layout["annotations"]]
+    assert "no metrics yet" in notes and "sharpness proxy" in notes  # the msam run's four panels
+    assert [layout[f"xaxis{i}"]["title"]["text"] for i in ("", "2", "3", "4")] == ["optimizer step"] * 4
+    assert layout["yaxis"]["title"]["text"] and layout["height"] == 580
+
+
 def test_train_form_explains_a_train_set_smaller_than_the_batch(store_env):
     at = _app("pages/1_Train.py")
     assert "samlab never downloads" in at.selectbox(key="train.data.name").help
