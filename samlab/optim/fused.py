@@ -386,15 +386,16 @@ class _LowRankLinear:
     def first(self, x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
         self.inputs = self._features(x.detach(), k)
         self.inputs_t = self.inputs.transpose(1, 2)
-        self.one = torch.ones((), dtype=x.dtype, device=x.device) if self.bias else None
+        self.one = _one(x) if self.bias else None
         self.outputs = F.linear(x, p["weight"], p.get("bias"))
         return self.outputs
 
-    def squared_norms(self, grad_out: torch.Tensor, k: int) -> torch.Tensor:
-        """‖g_j‖² of this layer's trainable tensors, [k]."""
+    def squared_norm_terms(self, grad_out: torch.Tensor, k: int, total: torch.Tensor | None) -> torch.Tensor:
+        """(G_r·G_s)(X'_r·X'_s) for the rows of each micro-batch, [k, rows, rows], added to `total` (a
+        sum of other layers' terms of the same shape) when given: ‖g_j‖² is the sum over r, s."""
         self.grads = self._split(grad_out, k)
         grams = torch.bmm(self.grads, self.grads.transpose(1, 2))
-        return (grams * self._grams(self.inputs)).sum((1, 2))
+        return grams.mul_(self._grams(self.inputs)) if total is None else total.addcmul_(grams, self._grams(self.inputs))
 
     def perturb(self, scale: torch.Tensor) -> None:
         """Fix c_j for the second pass (c_j G_r, one tensor for the whole pass)."""
@@ -406,6 +407,17 @@ class _LowRankLinear:
         if not self.interleaved and out.dim() == 2:  # the rows of micro-batch j are a block of out
             return torch.baddbmm(out.view(k, -1, out.shape[-1]), grams, self.grads).view(out.shape)
         return out + from_micro_batches(torch.bmm(grams, self.grads), out.shape, self.interleaved)
+
+
+_ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _one(x: torch.Tensor) -> torch.Tensor:
+    """A scalar 1 of x's dtype and device (made once: one op fewer per layer and pass)."""
+    key = (x.dtype, x.device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones((), dtype=x.dtype, device=x.device)
+    return _ONES[key]
 
 
 def _bound(layer, params: Params, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -534,8 +546,11 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     micro = dict(zip(batched, grads[:len(batched)], strict=True))
     gradient = {name: g.sum(0) for name, g in micro.items()}
     gradient.update(zip(linear, grads[len(batched):len(batched) + len(linear)], strict=True))
-    squares = [lr.squared_norms(grad_out, k) for lr, grad_out in zip(low_ranks, grads[len(batched) + len(linear):],
-                                                                       strict=True)]
+    terms: dict[torch.Size, torch.Tensor] = {}  # the low-rank layers' terms, summed where their shapes agree
+    for low_rank, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
+        shape = grad_out.shape[:-1]
+        terms[shape] = low_rank.squared_norm_terms(grad_out, k, terms.get(shape))
+    squares = [t.sum((1, 2)) for t in terms.values()]
     if micro:
         norms = [torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim()))) if g.dim() > 1 else g.abs()
                  for g in micro.values()]
