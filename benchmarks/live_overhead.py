@@ -33,7 +33,9 @@ A run's wall time is finished_at − started_at in the store (the worker's own t
 scheduler's start-up). While a run is timed, the CPU seconds (/proc utime + stime) of the server and
 of the headless browser are sampled; CPU per wall second is printed per condition (the figures the
 machine's load moves least). Prints per-condition medians, the page/no-page ratios (a page against the
-no-page runs of the same setting), each setting's no-page time over all-cores, and the load average.
+no-page runs of the same setting), each setting's no-page time over all-cores, and the load average;
+and, as paired_*, the mean ± standard error of each page run's wall time over the no-page runs timed
+just before and after it — the figure to read when the machine's speed drifts between repeats.
 """
 
 from __future__ import annotations
@@ -278,9 +280,11 @@ def main() -> int:
         return jobs.submit(config, store=store)
 
     results: dict[str, list[dict[str, float]]] = {}
+    sequence: list[tuple[str, float]] = []  # (condition, wall) in the order timed, for the paired ratios
 
     def record(condition: str, figures: dict[str, float]) -> None:
         results.setdefault(condition, []).append(figures)
+        sequence.append((condition, figures["wall_s"]))
         print(f"  {condition:16s} wall {figures['wall_s']:7.2f} s  server CPU {figures['server_cpu_per_s']:.3f}"
               f" core  browser CPU {figures['browser_cpu_per_s']:.3f} core  load {figures['load']:.2f}",
               file=sys.stderr, flush=True)
@@ -350,7 +354,7 @@ def main() -> int:
 
                 with_page(f"Hessian?{query}", "λ_max during training", "hessian", click, prepare=pick)
         browser.close()
-    summary = summarize(results, [name for name, _ in settings])
+    summary = summarize(results, [name for name, _ in settings], sequence)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
@@ -358,7 +362,8 @@ def main() -> int:
     return 0
 
 
-def summarize(results: dict[str, list[dict[str, float]]], settings: list[str]) -> dict[str, Any]:
+def summarize(results: dict[str, list[dict[str, float]]], settings: list[str],
+              sequence: list[tuple[str, float]] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"cores": os.cpu_count(), "load_end": load()}
     for condition, rows in results.items():
         out[condition] = {key: statistics.median(r[key] for r in rows) for key in rows[0]} | {"n": len(rows)}
@@ -366,6 +371,11 @@ def summarize(results: dict[str, list[dict[str, float]]], settings: list[str]) -
     def ratio(key: str, numerator: str, denominator: str) -> None:
         if numerator in out and denominator in out:
             out[key] = out[numerator]["wall_s"] / out[denominator]["wall_s"]
+        pairs = paired_ratios(sequence, numerator, denominator)
+        if len(pairs) >= 2:
+            out[key.replace("ratio_", "paired_", 1)] = {
+                "mean": statistics.mean(pairs), "se": statistics.stdev(pairs) / len(pairs) ** 0.5,
+                "median": statistics.median(pairs), "n": len(pairs)}
 
     ratio("ratio_train", "train", "none")
     ratio("ratio_runs", "runs", "none")
@@ -374,6 +384,22 @@ def summarize(results: dict[str, list[dict[str, float]]], settings: list[str]) -
     for name in settings:
         ratio(f"ratio_train_{name.replace('-', '_')}", f"train-{name}", name)
         ratio(f"ratio_{name.replace('-', '_')}_over_all_cores", name, "all-cores")
+    return out
+
+
+def paired_ratios(sequence: list[tuple[str, float]], condition: str, baseline: str) -> list[float]:
+    """Each `condition` run's wall over the mean of the nearest `baseline` runs timed just before and just
+    after it: the machine's speed drifts by tens of % between minutes here, and a ratio of neighbours
+    cancels most of that where a ratio of medians over the whole benchmark does not."""
+    out = []
+    for i, (name, wall) in enumerate(sequence):
+        if name != condition:
+            continue
+        before = next((w for n, w in reversed(sequence[:i]) if n == baseline), None)
+        after = next((w for n, w in sequence[i + 1:] if n == baseline), None)
+        near = [w for w in (before, after) if w is not None]
+        if near:
+            out.append(wall / statistics.mean(near))
     return out
 
 
@@ -388,6 +414,10 @@ def print_summary(summary: dict[str, Any], settings: list[str]) -> None:
                   f"  browser CPU {s['browser_cpu_per_s']:.3f} core  load {s['load']:.2f}  (n={s['n']})")
     for key in sorted(k for k in summary if k.startswith("ratio_")):
         print(f"{key:36s} {summary[key]:.3f}")
+    for key in sorted(k for k in summary if k.startswith("paired_")):
+        p = summary[key]
+        print(f"{key:36s} {p['mean']:.3f} ± {p['se']:.3f} (median {p['median']:.3f}, n={p['n']}: each run over the"
+              " no-page runs timed next to it)")
 
 
 if __name__ == "__main__":
