@@ -73,9 +73,19 @@ def plotly_array(value) -> list[float]:
     return list(value)
 
 
-def chart_traces(at, key: str) -> list[dict]:
-    """The traces of the plotly chart an AppTest run drew under `key`, from its JSON spec."""
+def chart_specs(at) -> dict[str, dict]:
+    """Every figure an AppTest run drew, by key, from its JSON spec: st.plotly_chart's and the live chart
+    frames' (`dashboard.live_chart`, whose arguments carry the key as the figure's revision)."""
     import json
 
-    (chart,) = [c for c in at.get("plotly_chart") if c.key == key]
-    return json.loads(chart.proto.spec)["data"]
+    specs = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    for c in at.get("component_instance"):
+        if c.proto.component_name.endswith("live_chart"):
+            args = json.loads(c.proto.json_args)
+            specs[args["revision"]] = json.loads(args["spec"])
+    return specs
+
+
+def chart_traces(at, key: str) -> list[dict]:
+    """The traces of the figure an AppTest run drew under `key` (`chart_specs`)."""
+    return chart_specs(at)[key]["data"]

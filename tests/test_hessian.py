@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -21,7 +20,7 @@ from samlab.hessian import (
 )
 from samlab.hessian_operator import HessianOperator
 from samlab.losses import mean_loss
-from tests.helpers import plotly_array
+from tests.helpers import chart_specs, plotly_array
 
 CE = mean_loss("classification")
 MSE = mean_loss("regression")
@@ -887,13 +886,11 @@ def test_hessian_page_draws_a_cached_analysis_and_the_lambda_max_trajectory(trai
     assert summary["λ_max"].iloc[0] == pytest.approx(result["eigenvalues"]["largest"]["values"][0])
     assert summary["trace"].iloc[0] == pytest.approx(result["trace"]["mean"])
     # the λ_max-trajectory picker follows the runs compared above, so its chart is drawn too
-    assert [c.key for c in at.get("plotly_chart")] == ["hessian.eigenvalues", "hessian.density", "hessian.layers",
-                                                        "hessian.trajectory"]
+    assert list(chart_specs(at)) == ["hessian.eigenvalues", "hessian.density", "hessian.layers", "hessian.trajectory"]
     assert at.multiselect(key="hessian.trajectory_runs").value == [train_id]
     at.multiselect(key="hessian.trajectory_runs").set_value([train_id]).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    trajectory = [c for c in at.get("plotly_chart") if c.key == "hessian.trajectory"]
-    spec = json.loads(trajectory[0].proto.spec)
+    spec = chart_specs(at)["hessian.trajectory"]
     # legend names end with the run's short id; the trained run is "tiny cnn"
     curves = {trace["name"].rsplit(" · ", 1)[0]: plotly_array(trace["y"]) for trace in spec["data"]}
     logged = [values["lambda_max"] for _, _, values in reporter.rows if "lambda_max" in values]
