@@ -87,11 +87,11 @@ else:
         # side by side for one or two runs; stacked at full width beyond, where each legend has a row per run
         left, right = st.columns(2) if len(results) <= 2 else (st.container(), st.container())
         with left:
-            ui.show_live_figure(memo["eigen"], key="hessian.eigenvalues")
+            ui.show_figure(memo["eigen"], key="hessian.eigenvalues")
         with right:
-            ui.show_live_figure(memo["density"], key="hessian.density")
+            ui.show_figure(memo["density"], key="hessian.density")
         if per_layer:
-            ui.show_live_figure(memo["layers"], key="hessian.layers")
+            ui.show_figure(memo["layers"], key="hessian.layers")
             for label, result in results:
                 with st.expander(f"per-layer table · {label}"):
                     st.dataframe(view.layer_table(result), hide_index=True)
@@ -124,6 +124,6 @@ else:
         # finished runs' curves come from a cache, a training run's only rows new since the last refresh
         metrics = ui.load_run_metrics(trajectory_runs, names=["lambda_max", "lr"], kind="step",
                                       live_key="hessian.trajectory_curves")
-        ui.show_live_figure(view.lambda_max_figure(metrics, trajectory_labels), key="hessian.trajectory")
+        ui.show_figure(view.lambda_max_figure(metrics, trajectory_labels), key="hessian.trajectory")
 
     trajectory_panel()
