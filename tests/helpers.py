@@ -73,17 +73,22 @@ def plotly_array(value) -> list[float]:
     return list(value)
 
 
-def chart_specs(at) -> dict[str, dict]:
-    """Every figure an AppTest run drew, by key, from its JSON spec: st.plotly_chart's and the live chart
-    frames' (`dashboard.live_chart`, whose arguments carry the key as the figure's revision)."""
+def chart_entries(at) -> list[tuple[str | None, dict]]:
+    """(key, JSON spec) of every figure an AppTest run drew, in order: st.plotly_chart's, then the live
+    chart frames' (`dashboard.live_chart`, whose arguments carry the key as the figure's revision)."""
     import json
 
-    specs = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    entries = [(c.key, json.loads(c.proto.spec)) for c in at.get("plotly_chart")]
     for c in at.get("component_instance"):
         if c.proto.component_name.endswith("live_chart"):
             args = json.loads(c.proto.json_args)
-            specs[args["revision"]] = json.loads(args["spec"])
-    return specs
+            entries.append((args["revision"], json.loads(args["spec"])))
+    return entries
+
+
+def chart_specs(at) -> dict[str, dict]:
+    """Every keyed figure an AppTest run drew, by key (`chart_entries`)."""
+    return dict(chart_entries(at))
 
 
 def chart_traces(at, key: str) -> list[dict]:

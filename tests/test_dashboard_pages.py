@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs.store import Store
+from tests.helpers import chart_entries
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pages").glob("*.py"))
@@ -233,11 +234,7 @@ def test_runs_page_filters_and_deletes_with_confirmation(store_env, recorded_row
 
 def _plotly_specs(at: AppTest) -> list[dict]:
     """Every figure on the page: st.plotly_chart's and the live chart frames' (the run cards')."""
-    import json
-
-    live = [json.loads(json.loads(c.proto.json_args)["spec"]) for c in at.get("component_instance")
-            if c.proto.component_name.endswith("live_chart")]
-    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")] + live
+    return [spec for _, spec in chart_entries(at)]
 
 
 def test_runs_page_groups_seeds_into_a_mean_and_std_band(store_env, recorded_rows):
