@@ -36,6 +36,7 @@ Stable API (other pages rely on it; extend, do not change):
     show_exception(err, what)                    a ValueError's message as an error box, not a traceback
     show_figure(fig, key=None)                   plotly with the Streamlit theme (light and dark)
     show_live_figure(fig, key)                   the same for a live panel: redrawn in place at each refresh
+    show_live_feed(feed, folder, *, key, status, active=None)   a watched run's feed, followed by its frame
     live(seconds)                                decorator: st.fragment(run_every=seconds); None: no refresh
     submit(kind, params, *, name="", group=None) -> id | None   errors shown, nothing queued
     submit_train(configs) -> [id] | None          one run, or one group of runs (one per seed)
@@ -274,6 +275,16 @@ def show_live_figure(fig: Any, key: str) -> None:
     from dashboard import live_chart
 
     live_chart.show(fig, key=key, config=PLOTLY_CONFIG)
+
+
+def show_live_feed(feed: dict[str, Any], folder: Any, *, key: str, status: str,
+                   active: list[str] | None = None) -> None:
+    """A watched run's progress and figure from its live feed (`dashboard.live.FeedWriter`): the frame
+    follows the feed by itself and runs the page again when the run's status, or the active runs
+    (`active`; None: not looked at), are no longer what the page drew."""
+    from dashboard import live_chart
+
+    live_chart.show_feed(feed, folder, key=key, status=status, active=active, config=PLOTLY_CONFIG)
 
 
 def live(seconds: float | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -5,24 +5,43 @@ store only for the rows written after the last one it has (`Store.new_metrics`),
 it already drew (`figures.refresh_run_panel`), refreshes slower while nothing changes (`Backoff`) and
 stops when its run ends. Finished runs do not change, so their figures are built once per run and
 cached by run id (`finished_run_figure` in `runs_view`).
+
+A watched training run's card is refreshed without any script run (`FeedWriter`): a thread of the server
+writes the run's feed — progress, figure, status — to a file next to the live chart's own files, and the
+chart's frame fetches it by itself and redraws in place. A script run (a fragment's included) makes
+Streamlit's frontend render the whole page again, which on 2 cores cost the watched run more than the
+redraw; the frame asks the page to run again only when the run starts or ends, or when other runs do.
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
-from collections.abc import Iterable
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from samlab.runs import curves
+from samlab.runs.store import ACTIVE
 
 BASE_S = 2.0  # refresh interval of a panel whose run changes
 MAX_S = 16.0  # the slowest refresh of a quiet panel
 IDLE_TICKS = 3  # quiet refreshes before the interval doubles
 WATCH_S = 3.0  # how often a page looks for runs that started or ended elsewhere (one small query)
 LIVE_MAX_POINTS = 2000  # points per curve drawn by a live panel
+TICK_S = 0.5  # how often the feed writer looks for feeds that are due
+ENDED_KEEP_S = 120.0  # an ended run's last feed stays this long (a frame still polling reads the end)
+FEED_THREAD = True  # the feed writer updates its feeds in a thread (tests step it by hand)
 COLUMNS = ["run_id", "kind", "name", "step", "value"]
 
 
@@ -80,3 +99,131 @@ class LiveCurves:
             parts.append(pd.DataFrame({"run_id": self.run_id, "kind": curve_kind, "name": name,
                                        "step": shown_steps, "value": shown_values}, columns=COLUMNS))
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+
+
+@dataclass
+class Feed:
+    """One watched run's feed: its points, its figure, and what the feed file says (`payload`)."""
+
+    run_id: str
+    curves: LiveCurves
+    backoff: Backoff = field(default_factory=Backoff)
+    figure: Any = None  # the panel with the run's points (None before the first ones)
+    spec: str | None = None  # the drawn figure as JSON, made again only when the figure changes
+    seen: tuple | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    due: float = 0.0
+
+
+class FeedWriter:
+    """The feeds of the watched runs of one kind: a file per run, written by a thread of the server.
+
+    `watch(run)` starts watching a run (reading all its points so far at once) and returns its feed; the
+    thread then brings each feed up to date when it is due — the new points only (`LiveCurves.pull`), the
+    figure redrawn in place by `panel(run, curves, figure)`, on the panel's back-off (`Backoff`) — and
+    writes it when something changed. A feed is a JSON object: the run's `status`, the ids of every
+    active run of the kind (`active`, sorted), `progress` ({fraction, text}), the figure as plotly JSON
+    (`spec`; before the run's first points `waiting(run)`'s), a `version` that grows with every change,
+    `next_s` (when the feed will next be looked at) and `final`. A run that ended gets its last feed and
+    is no longer watched; with nothing watched the thread stops.
+    """
+
+    def __init__(self, store: Any, folder: Path, *, panel: Callable[[dict[str, Any], LiveCurves, Any], Any],
+                 waiting: Callable[[dict[str, Any]], Any], to_json: Callable[[Any], str],
+                 progress: Callable[[dict[str, Any], Any], tuple[float, str]], kind: str = "train"):
+        self.store, self.folder, self.kind = store, Path(folder), kind
+        self.panel, self.waiting, self.to_json, self.progress = panel, waiting, to_json, progress
+        self.feeds: dict[str, Feed] = {}
+        self.ended: dict[str, float] = {}  # run id -> when its last feed file is removed
+        self.lock = threading.RLock()
+        self.thread: threading.Thread | None = None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.chmod(0o755)
+        atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
+
+    def path(self, run_id: str) -> Path:
+        """The feed file of a run (run ids are the store's hex ids; anything else is refused)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_id):
+            raise ValueError(f"not a run id: {run_id!r}")
+        return self.folder / f"{run_id}.json"
+
+    def watch(self, run: dict[str, Any]) -> dict[str, Any]:
+        """Watch `run` until it ends (the first call reads its points so far); its feed as it stands."""
+        with self.lock:
+            feed = self.feeds.get(run["id"])
+            if feed is None:
+                feed = self.feeds[run["id"]] = Feed(run["id"], LiveCurves(run["id"]))
+                self.update(feed, time.monotonic(), self.active_ids())
+            if FEED_THREAD and self.feeds and self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="samlab-live-feeds", daemon=True)
+                self.thread.start()
+            return feed.payload
+
+    def active_ids(self) -> list[str]:
+        return sorted(r["id"] for r in self.store.list_runs(kind=self.kind, status=list(ACTIVE), limit=50))
+
+    def step(self, now: float | None = None) -> int:
+        """Bring every due feed up to date (one query for the active runs, then each run's news);
+        returns how many feeds were due."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            self._remove_ended(now)
+            due = [feed for feed in self.feeds.values() if feed.due <= now]
+            if due:
+                active = self.active_ids()
+                for feed in due:
+                    self.update(feed, now, active)
+            return len(due)
+
+    def update(self, feed: Feed, now: float, active: list[str]) -> None:
+        """Read a run's news, redraw its figure in place when there are points, write its feed if changed."""
+        try:
+            run = self.store.get_run(feed.run_id)
+        except ValueError:  # deleted meanwhile: its last feed says so, and the page drops the card
+            run = {"id": feed.run_id, "status": "deleted"}
+        new = feed.curves.pull(self.store) if run["status"] != "deleted" else 0
+        if new or feed.figure is None:
+            figure = self.panel(run, feed.curves, feed.figure)
+            if figure is not None or feed.spec is None:
+                shown = figure if figure is not None else self.waiting(run)
+                feed.figure, feed.spec = figure, None if shown is None else self.to_json(shown)
+        fraction, text = self.progress(run, self.store.server_now())
+        final = run["status"] not in ACTIVE
+        seen = (run["status"], run.get("progress"), run.get("progress_message"), tuple(active))
+        changed = bool(new) or seen != feed.seen
+        feed.seen = seen
+        feed.due = now + feed.backoff.tick(changed)
+        if changed or not feed.payload:
+            feed.payload = {"run_id": feed.run_id, "status": run["status"], "active": active,
+                            "progress": {"fraction": fraction, "text": text}, "spec": feed.spec,
+                            "version": feed.payload.get("version", 0) + 1, "final": final}
+        feed.payload["next_s"] = feed.backoff.interval
+        self._write(feed)
+        if final:
+            del self.feeds[feed.run_id]
+            self.ended[feed.run_id] = now + ENDED_KEEP_S
+
+    def _write(self, feed: Feed) -> None:
+        target = self.path(feed.run_id)
+        staging = target.with_suffix(".tmp")
+        staging.write_text(json.dumps(feed.payload))
+        os.replace(staging, target)  # a frame never reads half a feed
+
+    def _remove_ended(self, now: float) -> None:
+        for run_id, when in list(self.ended.items()):
+            if when <= now and run_id not in self.feeds:
+                self.path(run_id).unlink(missing_ok=True)
+                del self.ended[run_id]
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(TICK_S)
+            with self.lock:
+                if not self.feeds:
+                    self.thread = None
+                    return
+            try:
+                self.step()
+            except Exception:  # a store that is briefly unreachable: try again a little later
+                logging.getLogger(__name__).exception("live feeds: update failed")
+                time.sleep(BASE_S)

@@ -1,8 +1,9 @@
 """Training runs as cards: status, progress with ETA, curves, cancel / resume, log tail, error.
 
-The Train page's runs panel: an active run's card refreshes only its progress and curves (a fragment
-that reads the new points, backs off while nothing changes and stops when the run ends); a finished
-run's card is drawn once, its figure cached by run id.
+The Train page's runs panel: an active run's progress and curves follow the run's live feed in their
+frame (`live.FeedWriter`: the server reads only the new points, backs off while nothing changes and stops
+when the run ends; no script runs meanwhile); a finished run's card is drawn once, its figure cached by
+run id.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ RESUMABLE = ("cancelled", "failed")
 
 def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> None:
     """Active runs first (live), then the most recent finished ones. The page re-runs when a run starts or
-    ends elsewhere (a CLI, another tab): the first active card's refresh looks, or with no active run a
-    small watcher (one fragment run fewer per refresh while a run is watched)."""
+    ends elsewhere (a CLI, another tab): the first active card's feed tells, or with no active run a
+    small watcher fragment."""
     active_ids = {r["id"] for r in active}
     if not active:
         _watch(active_ids)
@@ -97,38 +98,27 @@ def _act(action, what: str) -> None:
 
 
 def _live_progress_and_curves(run: dict[str, Any], watch: set[str] | None) -> None:
-    """The part of an active run's card that changes: a fragment that reads only what is new."""
-    key = f"live.{run['id']}.{run.get('attempts', 0)}"
-    state = st.session_state.setdefault(key, {"curves": live.LiveCurves(run["id"]), "backoff": live.Backoff(),
-                                              "figure": None, "waiting": None, "seen": None})
+    """The part of an active run's card that changes — progress and curves — in a frame that follows
+    the run's feed by itself (`live.FeedWriter`), with no script run until the run starts or ends (or,
+    with `watch`, until the active runs are no longer those)."""
+    writer = feed_writer(ui.store_url())
+    feed = writer.watch(run)
+    ui.show_live_feed(feed, writer.folder, key=f"run-panel.{run['id']}", status=run["status"],
+                      active=sorted(watch) if watch is not None else None)
 
-    @st.fragment(run_every=state["backoff"].interval)
-    def refresh() -> None:
-        store = ui.get_store()
-        current = store.get_run(run["id"])
-        if current["status"] != run["status"] or (watch is not None and _runs_changed(watch)):
-            st.rerun()  # started or ended: the page redraws the card (an ended run stops refreshing)
-        new = state["curves"].pull(store)
-        fraction, text = ui.progress_text(current, store.server_now())
-        st.progress(fraction, text=text)
-        if new or state["figure"] is None:
-            state["figure"] = panel_figure(current, state["curves"].view(), state["figure"])
-        if state["figure"] is None and state["waiting"] is None:
-            # before the first metrics, the panel's empty axes: the chart is set up while the worker starts
-            state["waiting"] = plots.waiting_panel_figure(current)
-        shown = state["figure"] or state["waiting"]
-        if shown is None:
-            st.caption("no metrics yet")
-        else:
-            ui.show_live_figure(shown, key=f"run-panel.{run['id']}")
-        seen = (current.get("progress"), current.get("progress_message"))
-        changed = bool(new) or seen != state["seen"]
-        state["seen"] = seen
-        interval = state["backoff"].interval
-        if state["backoff"].tick(changed) != interval:
-            st.rerun()  # the page defines the fragment again with the new interval
 
-    refresh()
+@st.cache_resource(show_spinner=False)
+def feed_writer(store_url: str) -> live.FeedWriter:
+    """The server's writer of the Train page's live feeds (one per store, shared by every session)."""
+    from dashboard import live_chart
+
+    return live.FeedWriter(ui.get_store(), live_chart.feeds_folder(), panel=_feed_panel,
+                           waiting=plots.waiting_panel_figure, to_json=live_chart.figure_json,
+                           progress=ui.progress_text)
+
+
+def _feed_panel(run: dict[str, Any], curves: live.LiveCurves, figure):
+    return panel_figure(run, curves.view(), figure)
 
 
 def panel_figure(run: dict[str, Any], metrics, figure=None):

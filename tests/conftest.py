@@ -40,13 +40,16 @@ REQUIRE_ALL_NOTE = "skipped under SAMLAB_REQUIRE_ALL=1, where every layer of the
 
 @pytest.fixture
 def store_env(tmp_path, monkeypatch):
-    """An empty store in tmp_path, selected through SAMLAB_STORE; submitting starts no scheduler."""
+    """An empty store in tmp_path, selected through SAMLAB_STORE; submitting starts no scheduler, and
+    the Train page's live feeds start no thread."""
+    from dashboard import live
     from samlab.runs import jobs
     from samlab.runs.store import Store
 
     url = f"sqlite:///{tmp_path / 'runs' / 'samlab.db'}"
     monkeypatch.setenv("SAMLAB_STORE", url)
     monkeypatch.setattr(jobs, "ensure_scheduler", lambda store=None: False)
+    monkeypatch.setattr(live, "FEED_THREAD", False)  # a test steps the live feeds itself (`FeedWriter.step`)
     return Store(url)
 
 

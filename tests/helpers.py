@@ -86,6 +86,16 @@ def chart_entries(at) -> list[tuple[str | None, dict]]:
     return entries
 
 
+def live_feeds(at) -> list[dict]:
+    """The arguments of every live chart frame that follows a run's feed in an AppTest run (its
+    progress, figure, status and feed file; `dashboard.live.FeedWriter`)."""
+    import json
+
+    frames = [json.loads(c.proto.json_args) for c in at.get("component_instance")
+              if c.proto.component_name.endswith("live_chart")]
+    return [args for args in frames if args.get("feed")]
+
+
 def chart_specs(at) -> dict[str, dict]:
     """Every keyed figure an AppTest run drew, by key (`chart_entries`)."""
     return dict(chart_entries(at))

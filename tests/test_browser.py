@@ -263,8 +263,9 @@ def _trace_lengths(frame) -> dict[tuple[str, str], int]:
 
 
 def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, tmp_path):
-    """The Train page's live card: the points drawn are the store's, new ones arrive without the chart
-    being built again, and a reader's zoom survives the refreshes."""
+    """The Train page's live card: the points drawn are the store's, new ones and the progress arrive
+    (from the run's feed, fetched by the frame) without the chart being built again, a reader's zoom
+    survives the refreshes, and the card turns into a finished one when the run ends."""
     from playwright.sync_api import sync_playwright
 
     from samlab.config import preset
@@ -274,7 +275,7 @@ def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, t
 
     cfg = preset("digits-mlp", {"data.n_train": 96, "data.n_test": 64, "epochs": 4, "batch_size": 16, "seed": 0})
     reporter = RecordingReporter()
-    train(cfg, reporter)
+    summary = train(cfg, reporter).summary
     rows = [(kind, step, name, float(value), time.time())
             for kind, step, values in reporter.rows for name, value in values.items()]
     half = len(rows) // 2
@@ -316,6 +317,14 @@ def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, t
                 range: document.getElementById('chart').layout.xaxis.range})""")
             assert state["renders"] > renders and state["rebuilds"] == 0 and state["sameSvg"], state
             assert state["range"] == [2, 9], state  # the zoom survived the refresh
+            # the frame followed the run's feed by itself: its progress line too
+            assert frame.evaluate("() => document.querySelector('#progress .text').textContent").startswith("90% · almost")
+            assert frame.evaluate("() => window.liveChart.fetches") > 0
+
+            # the run ends: the frame runs the page again, which draws a finished card (its progress line in the
+            # page's own document, no longer in the frame)
+            store.finish_run(run_id, "completed", summary=summary)
+            page.get_by_text(re.compile(r"^100% · almost")).first.wait_for(timeout=60_000)
             assert not page_errors, page_errors
         finally:
             browser.close()

@@ -1,9 +1,12 @@
 """Live panels: incremental points, a figure refreshed in place equals a fresh build, finished runs'
-figures cached by run id, back-off, and the Train page's live card stops refreshing when its run ends."""
+figures cached by run id, back-off, and the Train page's live feeds (the file a card's frame follows: only
+new rows read, its figure equal to a fresh build, its writer stops when the run ends)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,11 +15,11 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from dashboard import figures, live, plots, runs_view, tables
+from dashboard import figures, live, live_chart, plots, runs_view, tables
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs import curves
-from tests.helpers import plotly_array
+from tests.helpers import live_feeds, plotly_array
 from tests.pg_fixtures import BACKENDS, store_on
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,21 +122,95 @@ def _fragments(monkeypatch) -> list[tuple[str, float | None]]:
     return defined
 
 
-def test_the_train_pages_live_card_stops_refreshing_when_its_run_ends(store_env, recorded, monkeypatch):
+def test_the_train_pages_live_card_follows_its_feed_without_script_runs_and_stops_when_its_run_ends(
+        store_env, recorded, monkeypatch):
     cfg, rows, summary = recorded
     run_id = _running(store_env, cfg, rows)
     defined = _fragments(monkeypatch)
     at = AppTest.from_file(str(ROOT / "pages" / "1_Train.py"), default_timeout=120)
     at.run()
     assert not at.exception
-    assert ("refresh", live.BASE_S) in defined  # the running run's card refreshes itself
-    assert run_id in " ".join(e.label for e in at.expander)
+    assert [name for name, every in defined if every] == []  # no fragment refreshes while a run is watched
+    (args,) = live_feeds(at)
+    writer = runs_view.feed_writer(store_env.url)
+    assert args["feed"] == f"feeds/{writer.folder.name}/{run_id}.json" and args["status"] == "running"
+    assert args["active"] == [run_id] and args["progress"]["text"].startswith("50% · half")
+    feed = json.loads(writer.path(run_id).read_text())  # the file the frame fetches
+    assert feed["version"] == args["version"] and not feed["final"] and feed["spec"] == args["spec"]
+    assert json.loads(feed["spec"])["data"] == json.loads(live_chart.figure_json(
+        _fresh_figure(store_env, run_id, cfg)))["data"]
     store_env.finish_run(run_id, "completed", summary=summary)
+    writer.step(time.monotonic() + live.MAX_S)
+    feed = json.loads(writer.path(run_id).read_text())
+    assert feed["status"] == "completed" and feed["final"] and run_id not in writer.feeds  # no longer watched
     defined.clear()
-    at.run()
+    at.run()  # what the frame's component value does when its feed's status changed
     assert not at.exception
     assert [name for name, every in defined if every] == ["watcher"]  # only the cheap watcher is left
+    assert live_feeds(at) == []
     assert ":green[" in " ".join(e.label for e in at.expander)  # drawn as a finished card
+
+
+def test_a_feed_changes_version_only_with_news_backs_off_and_tells_about_other_runs(store_env, recorded):
+    cfg, rows, _ = recorded
+    run_id = _running(store_env, cfg, [])
+    writer = runs_view.feed_writer(store_env.url)
+    first = dict(writer.watch(store_env.get_run(run_id)))
+    assert first["spec"] is not None and json.loads(first["spec"])["data"][0]["x"] in ([], None)  # waiting axes
+    now = time.monotonic()
+    versions, intervals = [], []
+    for _ in range(3 * live.IDLE_TICKS):  # nothing new: same version, slower and slower
+        now += live.MAX_S
+        writer.step(now)
+        feed = json.loads(writer.path(run_id).read_text())
+        versions.append(feed["version"]), intervals.append(feed["next_s"])
+    assert set(versions) == {first["version"]} and intervals[-1] > live.BASE_S
+    store_env.flush(run_id, rows[:5], progress=0.1, message="epoch 1")
+    writer.step(now + live.MAX_S)
+    feed = json.loads(writer.path(run_id).read_text())
+    assert feed["version"] == first["version"] + 1 and feed["next_s"] == live.BASE_S
+    assert feed["progress"]["fraction"] == pytest.approx(0.1)
+    # another run is queued (a CLI, another tab): the feed says so
+    (other,) = store_env.create_runs([{"kind": "train", "params": cfg.to_dict(), "name": "other"}])
+    writer.step(now + 2 * live.MAX_S)
+    feed = json.loads(writer.path(run_id).read_text())
+    assert feed["active"] == sorted([run_id, other]) and feed["version"] == first["version"] + 2
+    assert writer.watch(store_env.get_run(other))["status"] == "queued"
+    store_env.delete_run(other)  # a deleted run's last feed ends it (the page then drops its card)
+    writer.step(now + 3 * live.MAX_S)
+    feed = json.loads(writer.path(other).read_text())
+    assert feed["status"] == "deleted" and feed["final"] and list(writer.feeds) == [run_id]
+    writer.step(now + 3 * live.MAX_S + live.ENDED_KEEP_S + 1)
+    assert not writer.path(other).exists()  # an ended run's file is removed after a while
+    with pytest.raises(ValueError):
+        writer.path("../app")
+
+
+def test_the_feed_writers_thread_writes_the_new_points_by_itself_and_stops_with_nothing_to_watch(
+        store_env, recorded, monkeypatch):
+    cfg, rows, summary = recorded
+    monkeypatch.setattr(live, "FEED_THREAD", True)
+    run_id = _running(store_env, cfg, rows[:4])
+    writer = live.FeedWriter(store_env, live_chart.feeds_folder(), panel=runs_view._feed_panel,
+                             waiting=plots.waiting_panel_figure, to_json=live_chart.figure_json,
+                             progress=runs_view.ui.progress_text)
+    try:
+        start = writer.watch(store_env.get_run(run_id))["version"]
+        store_env.flush(run_id, rows[4:], progress=0.9, message="nearly")
+        deadline = time.monotonic() + 60
+        while json.loads(writer.path(run_id).read_text())["version"] == start:
+            assert time.monotonic() < deadline, "the thread did not write the new points"
+            time.sleep(0.1)
+        drawn = json.loads(json.loads(writer.path(run_id).read_text())["spec"])["data"]
+        assert drawn == json.loads(live_chart.figure_json(_fresh_figure(store_env, run_id, cfg)))["data"]
+        store_env.finish_run(run_id, "completed", summary=summary)
+        while writer.thread is not None:  # the run ended: its last feed, then nothing to watch
+            assert time.monotonic() < deadline, "the thread did not stop"
+            time.sleep(0.1)
+        assert json.loads(writer.path(run_id).read_text())["final"]
+    finally:
+        writer.feeds.clear()
+        shutil.rmtree(writer.folder, ignore_errors=True)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -218,7 +295,7 @@ def count_curve_reads(monkeypatch) -> dict[str, list]:
     return calls
 
 
-def test_train_page_reruns_read_only_new_rows_and_never_finished_runs_again(store_env, recorded, monkeypatch):
+def test_train_page_reruns_read_no_rows_and_its_feed_only_new_ones(store_env, recorded, monkeypatch):
     cfg, rows, summary = recorded
     done = _running(store_env, cfg, rows)
     store_env.finish_run(done, "completed", summary=summary)
@@ -227,15 +304,18 @@ def test_train_page_reruns_read_only_new_rows_and_never_finished_runs_again(stor
     at = AppTest.from_file(str(ROOT / "pages" / "1_Train.py"), default_timeout=120)
     at.run()
     assert not at.exception
-    assert calls["new_metrics"] == [(active, len(rows) // 2)]  # the live card: every row so far, once
-    for _ in range(2):  # reruns with nothing new: no curve read, no row
+    assert calls["new_metrics"] == [(active, len(rows) // 2)]  # the live feed: every row so far, once
+    for _ in range(2):  # page runs read no curve: the feed is the server's, and the finished card is cached
         calls["metrics"].clear(), calls["new_metrics"].clear()
         at.run()
         assert not at.exception
-        assert calls["metrics"] == [] and calls["new_metrics"] == [(active, 0)]
+        assert calls["metrics"] == [] and calls["new_metrics"] == []
+    writer = runs_view.feed_writer(store_env.url)
+    writer.step(time.monotonic() + live.MAX_S)  # nothing new: one read that returns nothing
+    assert calls["new_metrics"] == [(active, 0)]
     store_env.flush(active, rows[len(rows) // 2:])
     calls["new_metrics"].clear()
-    at.run()
+    writer.step(time.monotonic() + 2 * live.MAX_S)
     assert calls["metrics"] == [] and calls["new_metrics"] == [(active, len(rows) - len(rows) // 2)]
 
 

@@ -14,11 +14,13 @@ with): the component's folder is assembled once per machine, under the system's 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +63,43 @@ def _component():
     return components.declare_component("live_chart", path=str(component_dir()))
 
 
+def figure_json(fig: Any) -> str:
+    """A figure as the frame draws it: plotly JSON without the template (the frame applies the
+    Streamlit theme's colours itself)."""
+    spec = fig.to_dict()
+    spec["layout"].pop("template", None)
+    return to_json_plotly(spec)
+
+
+FEEDS = "feeds"  # the component's subfolder of live feed files (`dashboard.live.FeedWriter`)
+
+
+def feeds_folder() -> Path:
+    """A new folder for one server's live feeds, inside the component's folder (so that the frames can
+    fetch the files) and named so that two dashboards on one machine never share one."""
+    parent = component_dir() / FEEDS
+    parent.mkdir(exist_ok=True)
+    with contextlib.suppress(PermissionError):  # made by another user of the machine, who keeps it open
+        parent.chmod(0o1777)  # like /tmp: every dashboard makes its own folder in it
+    return parent / uuid.uuid4().hex
+
+
 def show(fig: Any, *, key: str, config: dict[str, Any] | None = None) -> None:
     """Draw `fig` in the live chart `key`: the first call draws it, later calls with the same key redraw
     what changed in the same frame."""
-    spec = fig.to_dict()
-    spec["layout"].pop("template", None)  # the frame applies the Streamlit theme's colours itself
-    _component()(spec=to_json_plotly(spec), config={**(config or {}), "responsive": True}, revision=key, key=key,
-                 default=None)
+    _draw(key, config, spec=figure_json(fig))
+
+
+def show_feed(feed: dict[str, Any], folder: Path, *, key: str, status: str, active: list[str] | None,
+              config: dict[str, Any] | None = None) -> None:
+    """Draw a watched run's feed (`dashboard.live.FeedWriter`) — its progress and figure — in the live
+    chart `key`; the frame then fetches the feed's file by itself and redraws what changed, with no
+    script run. When the feed's status is no longer `status`, or its active runs no longer `active`
+    (None: not looked at), the frame sets the component's value, which runs the page again."""
+    url = f"{FEEDS}/{folder.name}/{feed['run_id']}.json"
+    _draw(key, config, spec=feed["spec"], progress=feed["progress"], version=feed["version"], feed=url,
+          next_s=feed["next_s"], status=status, active=active)
+
+
+def _draw(key: str, config: dict[str, Any] | None, **args: Any) -> None:
+    _component()(**args, config={**(config or {}), "responsive": True}, revision=key, key=key, default=None)

@@ -1,21 +1,34 @@
-// samlab's live chart: one plotly figure that the page redraws in place.
+// samlab's live chart: one plotly figure that is redrawn in place, and a watched run's progress.
 //
-// Each time the panel refreshes, Streamlit sends this frame the whole figure again (a render message);
-// Plotly.react diffs it against what is drawn and redraws only what changed, in this frame's own small
-// document. The zoom, pan and legend choices of the reader survive the refreshes (layout.uirevision).
-// window.liveChart counts renders and full rebuilds (the page's tests read it).
+// The page sends this frame a figure (a render message); Plotly.react diffs it against what is drawn and
+// redraws only what changed, in this frame's own small document. The zoom, pan and legend choices of the
+// reader survive the redraws (layout.uirevision).
+//
+// A watched run's card sends a feed instead: the URL of a file that the server rewrites while the run
+// goes on (progress, figure, status; see dashboard/live.py). The frame fetches it by itself, as often as
+// the feed says, and redraws when its version grows; no script runs for it. When the feed says that the
+// run started or ended, or that other runs did, the frame sets the component's value, which runs the
+// page again (once per change). window.liveChart counts renders, full rebuilds and fetches (the page's
+// tests read it).
 (function () {
   "use strict";
   const chart = document.getElementById("chart");
-  window.liveChart = { renders: 0, rebuilds: 0 };
+  const progress = document.getElementById("progress");
+  window.liveChart = { renders: 0, rebuilds: 0, fetches: 0 };
   let height = null;
+  let theme = null;
+  let args = {};
+  let source = null; // the feed URL of the page's last render (null: a plain figure)
+  let version = -1; // the feed version drawn
+  let asked = null; // the last change the page was asked to run for
+  let timer = null;
 
   function send(type, data) {
     window.parent.postMessage(Object.assign({ isStreamlitMessage: true, type: type }, data), "*");
   }
 
   // The Streamlit theme's colours on a figure built without a template of its own.
-  function themed(layout, theme) {
+  function themed(layout) {
     if (!theme) return layout;
     const grid = theme.base === "dark" ? "rgba(250, 250, 250, 0.12)" : "rgba(49, 51, 63, 0.12)";
     const out = Object.assign({}, layout, {
@@ -36,19 +49,94 @@
     return out;
   }
 
-  function render(args, theme) {
-    const figure = JSON.parse(args.spec);
-    const layout = themed(Object.assign({}, figure.layout, { autosize: true, uirevision: args.revision }), theme);
+  function resize() {
+    const now = document.body.offsetHeight;
+    if (now !== height) {
+      height = now;
+      send("streamlit:setFrameHeight", { height: height });
+    }
+  }
+
+  // A progress bar like Streamlit's: the label above a thin bar in the theme's primary colour.
+  function showProgress(value) {
+    progress.style.display = value ? "block" : "none";
+    if (!value) return;
+    progress.querySelector(".text").textContent = value.text;
+    const bar = progress.querySelector(".bar");
+    bar.style.width = (100 * Math.min(Math.max(value.fraction, 0), 1)).toFixed(1) + "%";
+    if (theme) {
+      progress.style.color = theme.textColor;
+      progress.style.fontFamily = theme.font;
+      bar.style.background = theme.primaryColor;
+      progress.querySelector(".track").style.background = theme.secondaryBackgroundColor;
+    }
+  }
+
+  function draw(content) {
+    showProgress(content.progress);
+    if (!content.spec) {
+      resize();
+      return;
+    }
+    const figure = JSON.parse(content.spec);
+    const layout = themed(Object.assign({}, figure.layout, { autosize: true, uirevision: args.revision }));
     delete layout.width;
     const before = chart.querySelector(".main-svg");
     Plotly.react(chart, figure.data, layout, args.config || {}).then(function () {
       window.liveChart.renders += 1;
       if (before !== null && chart.querySelector(".main-svg") !== before) window.liveChart.rebuilds += 1;
-      if (chart.offsetHeight !== height) {
-        height = chart.offsetHeight;
-        send("streamlit:setFrameHeight", { height: height });
-      }
+      resize();
     });
+  }
+
+  // What the page drew no longer holds: ask it to run again, once per change.
+  function checkPage(feed) {
+    let change = null;
+    if (feed.status !== args.status) change = "status " + feed.status;
+    else if (args.active && feed.active.join(",") !== args.active.join(",")) change = "active " + feed.active.join(",");
+    if (change !== null && change !== asked) {
+      asked = change;
+      send("streamlit:setComponentValue", { value: change, dataType: "json" });
+    }
+  }
+
+  function poll() {
+    const url = source;
+    timer = null;
+    window.liveChart.fetches += 1;
+    fetch(url + "?n=" + window.liveChart.fetches, { cache: "no-store" })
+      .then((response) => (response.ok ? response.json() : null))
+      .catch(() => null)
+      .then(function (feed) {
+        if (url !== source) return; // the page has drawn something else meanwhile
+        if (feed) {
+          if (feed.version > version) {
+            version = feed.version;
+            draw(feed);
+          }
+          checkPage(feed);
+          if (feed.final) return;
+        }
+        timer = setTimeout(poll, 1000 * ((feed && feed.next_s) || 2));
+      });
+  }
+
+  function render(newArgs, newTheme) {
+    args = newArgs;
+    theme = newTheme;
+    const feed = args.feed || null;
+    if (feed !== source) {
+      clearTimeout(timer);
+      timer = null;
+      source = feed;
+      version = -1;
+      asked = null;
+      if (source !== null) timer = setTimeout(poll, 1000 * (args.next_s || 2));
+    }
+    if (args.version === undefined || args.version === null || args.version >= version) {
+      if (args.version !== undefined && args.version !== null) version = args.version;
+      draw(args);
+    }
   }
 
   window.addEventListener("message", function (event) {
