@@ -51,7 +51,9 @@ Stable API (other pages rely on it; extend, do not change):
     cached_or_submit(kind, params, *, label, key) -> run dict | None   reuse a cached run or offer a button
     compute_all(requests, *, key, where=None) -> int   one button queuing every missing analysis of a page
     queue_places(run_ids) -> {id: (place, length)}     where queued runs stand in the queue (oldest first)
-    task_progress(run)                           status line, progress bar with ETA, error text of a failed run
+    task_progress(run, live_every_s=None)        status line, progress bar with ETA, error text of a failed run;
+                                        live_every_s: an active run's progress follows its live feed
+    result_digest(run) -> str                    changes with every stage a run publishes of its result
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
     log_tail(run, lines=20) -> str
     status_label(status) -> str                  markdown: material icon + the status in its colour
@@ -60,6 +62,8 @@ Stable API (other pages rely on it; extend, do not change):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -277,14 +281,16 @@ def show_live_figure(fig: Any, key: str) -> None:
     live_chart.show(fig, key=key, config=PLOTLY_CONFIG)
 
 
-def show_live_feed(feed: dict[str, Any], folder: Any, *, key: str, status: str,
-                   active: list[str] | None = None) -> None:
+def show_live_feed(feed: dict[str, Any], folder: Any, *, key: str, status: str, active: list[str] | None = None,
+                   stage: Any = None, stage_every_s: float | None = None) -> None:
     """A watched run's progress and figure from its live feed (`dashboard.live.FeedWriter`): the frame
-    follows the feed by itself and runs the page again when the run's status, or the active runs
-    (`active`; None: not looked at), are no longer what the page drew."""
+    follows the feed by itself and runs the page again when the run's status, the active runs
+    (`active`; None: not looked at) or — with `stage_every_s` — its published stage (`stage`) are no
+    longer what the page drew."""
     from dashboard import live_chart
 
-    live_chart.show_feed(feed, folder, key=key, status=status, active=active, config=PLOTLY_CONFIG)
+    live_chart.show_feed(feed, folder, key=key, status=status, active=active, stage=stage,
+                         stage_every_s=stage_every_s, config=PLOTLY_CONFIG)
 
 
 def live(seconds: float | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -423,17 +429,39 @@ def progress_text(run: dict[str, Any], now: datetime | None) -> tuple[float, str
     return fraction, " · ".join(parts)
 
 
-def task_progress(run: dict[str, Any] | None) -> None:
-    """Status, progress bar with ETA, and the error of a failed run."""
+def task_progress(run: dict[str, Any] | None, *, live_every_s: float | None = None) -> None:
+    """Status, progress bar with ETA, and the error of a failed run. With `live_every_s`, an active run's
+    progress follows its live feed in a frame (no script run meanwhile), and the page runs again when
+    the run starts or ends, or when it published more of its result and the page's last run is
+    `live_every_s` old."""
     if run is None:
         return
-    fraction, text = progress_text(run, get_store().server_now())
     place = queue_places([run["id"]]).get(run["id"]) if run["status"] == "queued" else None
     where = f" · place {place[0]} of {place[1]} in the queue" if place else ""
     st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`{where}")
-    st.progress(fraction, text=text)
+    if live_every_s is not None and run["status"] in ACTIVE:
+        writer = _task_feeds(store_url())
+        show_live_feed(writer.watch(run), writer.folder, key=f"task-progress.{run['id']}", status=run["status"],
+                       stage=result_digest(run), stage_every_s=live_every_s)
+    else:
+        fraction, text = progress_text(run, get_store().server_now())
+        st.progress(fraction, text=text)
     if run.get("error") and run["status"] in ("failed", "diverged", "cancelled"):
         st.error(_first_lines(run["error"]), icon=ICON_ERROR)
+
+
+def result_digest(run: dict[str, Any]) -> str:
+    """A short digest of what a run has published of its result (changes with every published stage)."""
+    text = json.dumps(run.get("result"), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@st.cache_resource(show_spinner=False)
+def _task_feeds(url: str):
+    """The server's writer of background analyses' live feeds: progress and result digest, no figure."""
+    from dashboard import live, live_chart
+
+    return live.FeedWriter(get_store(), live_chart.feeds_folder(), progress=progress_text, stage=result_digest)
 
 
 def task_result(task: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -116,23 +116,25 @@ class Feed:
 
 
 class FeedWriter:
-    """The feeds of the watched runs of one kind: a file per run, written by a thread of the server.
+    """The feeds of the watched runs: a file per run, written by a thread of the server.
 
     `watch(run)` starts watching a run (reading all its points so far at once) and returns its feed; the
     thread then brings each feed up to date when it is due — the new points only (`LiveCurves.pull`), the
     figure redrawn in place by `panel(run, curves, figure)`, on the panel's back-off (`Backoff`) — and
-    writes it when something changed. A feed is a JSON object: the run's `status`, the ids of every
-    active run of the kind (`active`, sorted), `progress` ({fraction, text}), the figure as plotly JSON
-    (`spec`; before the run's first points `waiting(run)`'s), a `version` that grows with every change,
-    `next_s` (when the feed will next be looked at) and `final`. A run that ended gets its last feed and
-    is no longer watched; with nothing watched the thread stops.
+    writes it when something changed. A feed is a JSON object: the run's `status`, `progress`
+    ({fraction, text}), the figure as plotly JSON (`spec`; before the run's first points `waiting(run)`'s;
+    null without a `panel`), `stage(run)` (what of the run's result is published, null without `stage`),
+    the ids of every active run of `kind` (`active`, sorted; null without a kind), a `version` that grows
+    with every change, `next_s` (when the feed will next be looked at) and `final`. A run that ended gets
+    its last feed and is no longer watched; with nothing watched the thread stops.
     """
 
-    def __init__(self, store: Any, folder: Path, *, panel: Callable[[dict[str, Any], LiveCurves, Any], Any],
-                 waiting: Callable[[dict[str, Any]], Any], to_json: Callable[[Any], str],
-                 progress: Callable[[dict[str, Any], Any], tuple[float, str]], kind: str = "train"):
-        self.store, self.folder, self.kind = store, Path(folder), kind
-        self.panel, self.waiting, self.to_json, self.progress = panel, waiting, to_json, progress
+    def __init__(self, store: Any, folder: Path, *, progress: Callable[[dict[str, Any], Any], tuple[float, str]],
+                 panel: Callable[[dict[str, Any], LiveCurves, Any], Any] | None = None,
+                 waiting: Callable[[dict[str, Any]], Any] | None = None, to_json: Callable[[Any], str] | None = None,
+                 stage: Callable[[dict[str, Any]], Any] | None = None, kind: str | None = None):
+        self.store, self.folder, self.kind, self.progress = store, Path(folder), kind, progress
+        self.panel, self.waiting, self.to_json, self.stage = panel, waiting, to_json, stage
         self.feeds: dict[str, Feed] = {}
         self.ended: dict[str, float] = {}  # run id -> when its last feed file is removed
         self.lock = threading.RLock()
@@ -148,18 +150,22 @@ class FeedWriter:
         return self.folder / f"{run_id}.json"
 
     def watch(self, run: dict[str, Any]) -> dict[str, Any]:
-        """Watch `run` until it ends (the first call reads its points so far); its feed as it stands."""
+        """Watch `run` until it ends (the first call reads its points so far); its feed, brought up to
+        date first when `run` (as the page read it) is newer than what the feed has seen."""
         with self.lock:
             feed = self.feeds.get(run["id"])
             if feed is None:
                 feed = self.feeds[run["id"]] = Feed(run["id"], LiveCurves(run["id"]))
+            if feed.seen is None or feed.seen[:3] != (run["status"], run.get("progress"), run.get("progress_message")):
                 self.update(feed, time.monotonic(), self.active_ids())
             if FEED_THREAD and self.feeds and self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="samlab-live-feeds", daemon=True)
                 self.thread.start()
             return feed.payload
 
-    def active_ids(self) -> list[str]:
+    def active_ids(self) -> list[str] | None:
+        if self.kind is None:
+            return None
         return sorted(r["id"] for r in self.store.list_runs(kind=self.kind, status=list(ACTIVE), limit=50))
 
     def step(self, now: float | None = None) -> int:
@@ -175,26 +181,22 @@ class FeedWriter:
                     self.update(feed, now, active)
             return len(due)
 
-    def update(self, feed: Feed, now: float, active: list[str]) -> None:
+    def update(self, feed: Feed, now: float, active: list[str] | None) -> None:
         """Read a run's news, redraw its figure in place when there are points, write its feed if changed."""
         try:
             run = self.store.get_run(feed.run_id)
         except ValueError:  # deleted meanwhile: its last feed says so, and the page drops the card
             run = {"id": feed.run_id, "status": "deleted"}
-        new = feed.curves.pull(self.store) if run["status"] != "deleted" else 0
-        if new or feed.figure is None:
-            figure = self.panel(run, feed.curves, feed.figure)
-            if figure is not None or feed.spec is None:
-                shown = figure if figure is not None else self.waiting(run)
-                feed.figure, feed.spec = figure, None if shown is None else self.to_json(shown)
+        new = self._redraw(feed, run) if self.panel is not None and run["status"] != "deleted" else 0
         fraction, text = self.progress(run, self.store.server_now())
         final = run["status"] not in ACTIVE
-        seen = (run["status"], run.get("progress"), run.get("progress_message"), tuple(active))
+        stage = self.stage(run) if self.stage is not None and run["status"] != "deleted" else None
+        seen = (run["status"], run.get("progress"), run.get("progress_message"), active, json.dumps(stage))
         changed = bool(new) or seen != feed.seen
         feed.seen = seen
         feed.due = now + feed.backoff.tick(changed)
         if changed or not feed.payload:
-            feed.payload = {"run_id": feed.run_id, "status": run["status"], "active": active,
+            feed.payload = {"run_id": feed.run_id, "status": run["status"], "active": active, "stage": stage,
                             "progress": {"fraction": fraction, "text": text}, "spec": feed.spec,
                             "version": feed.payload.get("version", 0) + 1, "final": final}
         feed.payload["next_s"] = feed.backoff.interval
@@ -202,6 +204,16 @@ class FeedWriter:
         if final:
             del self.feeds[feed.run_id]
             self.ended[feed.run_id] = now + ENDED_KEEP_S
+
+    def _redraw(self, feed: Feed, run: dict[str, Any]) -> int:
+        """Pull the run's new points into its figure (or the waiting one before any); how many came."""
+        new = feed.curves.pull(self.store)
+        if new or feed.figure is None:
+            figure = self.panel(run, feed.curves, feed.figure)
+            if figure is not None or feed.spec is None:
+                shown = figure if figure is not None else self.waiting(run)
+                feed.figure, feed.spec = figure, None if shown is None else self.to_json(shown)
+        return new
 
     def _write(self, feed: Feed) -> None:
         target = self.path(feed.run_id)

@@ -112,9 +112,8 @@ def feed_writer(store_url: str) -> live.FeedWriter:
     """The server's writer of the Train page's live feeds (one per store, shared by every session)."""
     from dashboard import live_chart
 
-    return live.FeedWriter(ui.get_store(), live_chart.feeds_folder(), panel=_feed_panel,
-                           waiting=plots.waiting_panel_figure, to_json=live_chart.figure_json,
-                           progress=ui.progress_text)
+    return live.FeedWriter(ui.get_store(), live_chart.feeds_folder(), progress=ui.progress_text, panel=_feed_panel,
+                           waiting=plots.waiting_panel_figure, to_json=live_chart.figure_json, kind="train")
 
 
 def _feed_panel(run: dict[str, Any], curves: live.LiveCurves, figure):

@@ -9,6 +9,8 @@ from dashboard import common as ui
 from dashboard import hessian_view as view
 from samlab.checkpoints import checkpoint_of
 
+LIVE_STAGES_S = 10.0  # an analysis that computes: its partial result is drawn again at most this often
+
 ui.page_setup(
     "Hessian",
     "Curvature of the training loss at the solutions SGD, SAM, mSAM and RW-SAM find: Lanczos eigenvalues, "
@@ -52,26 +54,19 @@ else:
         for run_id, request in requests.items()
     }
 
-    pending = {i for i, a in analyses.items() if a is not None and a["status"] in ui.ACTIVE}
-
-    # refreshes only while an analysis computes; the page re-runs (and stops refreshing) when all are done
-    @ui.live(2.0 if pending else None)
+    # An analysis that computes shows its progress in a frame that follows the run by itself (no script
+    # run meanwhile); the page runs again when it ends, or at most every LIVE_STAGES_S with its partial result.
     def spectra_panel() -> None:
         results, versions = [], []
         for run_id, analysis in analyses.items():
             if analysis is None:
                 continue
-            current = store.get_run(analysis["id"]) if run_id in pending else analysis
-            if current["status"] != "completed":
+            if analysis["status"] != "completed":
                 st.caption(labels[run_id])
-                ui.task_progress(current)
-            if current.get("result"):
-                results.append((labels[run_id], current["result"]))
-            versions.append((current["id"], current["status"], current.get("progress")))
-            if run_id in pending and current["status"] not in ui.ACTIVE:
-                pending.discard(run_id)
-                if not pending:
-                    st.rerun()  # all done: the page draws the results once, without refreshing
+                ui.task_progress(analysis, live_every_s=LIVE_STAGES_S)
+            if analysis.get("result"):
+                results.append((labels[run_id], analysis["result"]))
+            versions.append((analysis["id"], analysis["status"], ui.result_digest(analysis)))
         if not results:
             return
         st.dataframe(view.summary_table(results), hide_index=True)

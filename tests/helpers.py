@@ -104,3 +104,20 @@ def chart_specs(at) -> dict[str, dict]:
 def chart_traces(at, key: str) -> list[dict]:
     """The traces of the figure an AppTest run drew under `key` (`chart_specs`)."""
     return chart_specs(at)[key]["data"]
+
+
+def record_fragments(monkeypatch) -> list[tuple[str, float | None]]:
+    """Record every fragment a script defines, with its refresh interval."""
+    import streamlit as st
+
+    defined: list[tuple[str, float | None]] = []
+    real = st.fragment
+
+    def recording(func=None, *, run_every=None, **kwargs):
+        def wrap(f):
+            defined.append((f.__name__, run_every))
+            return real(f, run_every=run_every, **kwargs)
+        return wrap(func) if func is not None else wrap
+
+    monkeypatch.setattr(st, "fragment", recording)
+    return defined

@@ -11,7 +11,14 @@ from samlab.reporting import RecordingReporter
 from samlab.runs import jobs
 from samlab.runs.store import Store
 from samlab.tasks import landscape, stability
-from tests.helpers import chart_traces, mark_finished, plotly_array, stored_trained_run
+from tests.helpers import (
+    chart_traces,
+    live_feeds,
+    mark_finished,
+    plotly_array,
+    record_fragments,
+    stored_trained_run,
+)
 
 
 def _store_finished(store: Store, kind: str, params: dict, result: dict) -> str:
@@ -79,6 +86,43 @@ def test_hessian_compute_all_queues_every_missing_spectrum_and_shows_queue_place
     text = " ".join(m.value for m in at.markdown)
     assert "place 1 of 2 in the queue" in text and "place 2 of 2 in the queue" in text
     assert not [b for b in at.button if b.label.startswith("Compute")]  # nothing left to launch
+
+
+def test_a_computing_hessian_analysis_is_followed_by_its_feed_and_its_partial_result_drawn(
+        store_env, tmp_path, monkeypatch):
+    import json
+    import os
+    import time
+
+    from dashboard import common, live
+
+    train_id, _ = stored_trained_run(store_env, tmp_path / "train")
+    defined = record_fragments(monkeypatch)
+    at = AppTest.from_file("../pages/3_Hessian.py", default_timeout=60)
+    at.run()
+    at.multiselect(key="hessian.runs").set_value([train_id]).run()
+    at.button(key=f"hessian.submit.{train_id}").click().run()
+    (analysis,) = store_env.list_runs(kind="hessian")
+    store_env.start_run(analysis["id"], pid=os.getpid(), host="test-host", device="cpu")
+    partial = {"eigenvalues": {"largest": {"values": [3.0, 2.0]}}, "done": ["top"], "complete": False,
+               "n_samples": 64, "lr": 0.1}
+    store_env.flush(analysis["id"], [], progress=0.25, message="top eigenvalues", result=partial)
+    defined.clear()
+    at.run()
+    assert not at.exception
+    assert [name for name, every in defined if every] == []  # nothing refreshes while the analysis computes
+    (feed,) = live_feeds(at)
+    run = store_env.get_run(analysis["id"])
+    assert feed["status"] == "running" and feed["stage"] == common.result_digest(run)
+    assert feed["stage_every_s"] > 0 and feed["progress"]["text"].startswith("25% · top eigenvalues")
+    assert at.dataframe[0].value.iloc[0]["λ_max"] == 3.0  # the partial result is drawn
+    writer = common._task_feeds(store_env.url)
+    store_env.flush(analysis["id"], [], progress=0.5, message="trace",
+                    result={**partial, "trace": {"mean": 9.0, "stderr": 0.5}, "done": ["top", "trace"]})
+    writer.step(time.monotonic() + live.MAX_S)
+    written = json.loads(writer.path(analysis["id"]).read_text())  # the frame sees a new stage
+    assert written["stage"] == common.result_digest(store_env.get_run(analysis["id"])) != feed["stage"]
+    assert written["progress"]["fraction"] == 0.5 and not written["final"]
 
 
 def test_landscape_compute_all_queues_surfaces_interpolation_and_flatness(store_env, tmp_path):

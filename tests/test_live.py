@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dashboard import figures, live, live_chart, plots, runs_view, tables
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs import curves
-from tests.helpers import live_feeds, plotly_array
+from tests.helpers import live_feeds, plotly_array, record_fragments
 from tests.pg_fixtures import BACKENDS, store_on
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,26 +106,11 @@ def test_backoff_doubles_after_quiet_refreshes_and_resets_on_news():
     assert backoff.tick(True) == live.BASE_S
 
 
-def _fragments(monkeypatch) -> list[tuple[str, float | None]]:
-    """Record every fragment a script defines, with its refresh interval."""
-    defined: list[tuple[str, float | None]] = []
-    real = st.fragment
-
-    def recording(func=None, *, run_every=None, **kwargs):
-        def wrap(f):
-            defined.append((f.__name__, run_every))
-            return real(f, run_every=run_every, **kwargs)
-        return wrap(func) if func is not None else wrap
-
-    monkeypatch.setattr(st, "fragment", recording)
-    return defined
-
-
 def test_the_train_pages_live_card_follows_its_feed_without_script_runs_and_stops_when_its_run_ends(
         store_env, recorded, monkeypatch):
     cfg, rows, summary = recorded
     run_id = _running(store_env, cfg, rows)
-    defined = _fragments(monkeypatch)
+    defined = record_fragments(monkeypatch)
     at = AppTest.from_file(str(ROOT / "pages" / "1_Train.py"), default_timeout=120)
     at.run()
     assert not at.exception
@@ -191,9 +175,9 @@ def test_the_feed_writers_thread_writes_the_new_points_by_itself_and_stops_with_
     cfg, rows, summary = recorded
     monkeypatch.setattr(live, "FEED_THREAD", True)
     run_id = _running(store_env, cfg, rows[:4])
-    writer = live.FeedWriter(store_env, live_chart.feeds_folder(), panel=runs_view._feed_panel,
-                             waiting=plots.waiting_panel_figure, to_json=live_chart.figure_json,
-                             progress=runs_view.ui.progress_text)
+    writer = live.FeedWriter(store_env, live_chart.feeds_folder(), progress=runs_view.ui.progress_text,
+                             panel=runs_view._feed_panel, waiting=plots.waiting_panel_figure,
+                             to_json=live_chart.figure_json, kind="train")
     try:
         start = writer.watch(store_env.get_run(run_id))["version"]
         store_env.flush(run_id, rows[4:], progress=0.9, message="nearly")

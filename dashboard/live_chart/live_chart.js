@@ -7,8 +7,8 @@
 // A watched run's card sends a feed instead: the URL of a file that the server rewrites while the run
 // goes on (progress, figure, status; see dashboard/live.py). The frame fetches it by itself, as often as
 // the feed says, and redraws when its version grows; no script runs for it. When the feed says that the
-// run started or ended, or that other runs did, the frame sets the component's value, which runs the
-// page again (once per change). window.liveChart counts renders, full rebuilds and fetches (the page's
+// run started or ended, that other runs did, or that the run published a new stage of its result, the
+// frame sets the component's value, which runs the page again (once per change). window.liveChart counts renders, full rebuilds and fetches (the page's
 // tests read it).
 (function () {
   "use strict";
@@ -22,6 +22,8 @@
   let version = -1; // the feed version drawn
   let asked = null; // the last change the page was asked to run for
   let timer = null;
+  let renderedAt = 0; // when the page last ran (sent its arguments)
+  let drawnSpec = null; // the figure drawn last (a feed whose progress alone changed keeps it)
 
   function send(type, data) {
     window.parent.postMessage(Object.assign({ isStreamlitMessage: true, type: type }, data), "*");
@@ -72,12 +74,34 @@
     }
   }
 
+  // plotly.js is loaded when the frame first has a figure to draw (a frame that only shows a progress
+  // line never evaluates it).
+  let plotlyWaiting = null;
+  function withPlotly(then) {
+    if (window.Plotly) return then();
+    if (plotlyWaiting === null) {
+      plotlyWaiting = [];
+      const script = document.createElement("script");
+      script.src = "plotly.min.js";
+      script.onload = function () {
+        plotlyWaiting.forEach((f) => f());
+      };
+      document.head.appendChild(script);
+    }
+    plotlyWaiting.push(then);
+  }
+
   function draw(content) {
     showProgress(content.progress);
-    if (!content.spec) {
+    if (!content.spec || content.spec === drawnSpec) {
       resize();
       return;
     }
+    drawnSpec = content.spec;
+    withPlotly(() => plot(content));
+  }
+
+  function plot(content) {
     const figure = JSON.parse(content.spec);
     const layout = themed(Object.assign({}, figure.layout, { autosize: true, uirevision: args.revision }));
     delete layout.width;
@@ -89,11 +113,15 @@
     });
   }
 
-  // What the page drew no longer holds: ask it to run again, once per change.
+  // What the page drew no longer holds: ask it to run again, once per change. A newly published stage of
+  // the run's result waits until the page's last run is args.stage_every_s old (the next fetch looks again).
   function checkPage(feed) {
     let change = null;
+    const stage = JSON.stringify(feed.stage);
     if (feed.status !== args.status) change = "status " + feed.status;
     else if (args.active && feed.active.join(",") !== args.active.join(",")) change = "active " + feed.active.join(",");
+    else if (args.stage !== undefined && stage !== JSON.stringify(args.stage) &&
+             Date.now() - renderedAt >= 1000 * (args.stage_every_s || 0)) change = "stage " + stage;
     if (change !== null && change !== asked) {
       asked = change;
       send("streamlit:setComponentValue", { value: change, dataType: "json" });
@@ -122,8 +150,10 @@
   }
 
   function render(newArgs, newTheme) {
+    if (JSON.stringify(newTheme) !== JSON.stringify(theme)) drawnSpec = null; // the colours change
     args = newArgs;
     theme = newTheme;
+    renderedAt = Date.now();
     const feed = args.feed || null;
     if (feed !== source) {
       clearTimeout(timer);
