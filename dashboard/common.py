@@ -55,6 +55,7 @@ Stable API (other pages rely on it; extend, do not change):
                                         live_every_s: an active run's progress follows its live feed
     result_digest(run) -> str                    changes with every stage a run publishes of its result
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
+    feed_progress(store) -> (run, now) -> (fraction, text)   the same led by status and queue place (live feeds)
     log_tail(run, lines=20) -> str
     status_label(status) -> str                  markdown: material icon + the status in its colour
     page_files() -> list[Path]                   the multipage files under pages/, in menu order
@@ -281,12 +282,12 @@ def show_live_figure(fig: Any, key: str) -> None:
     live_chart.show(fig, key=key, config=PLOTLY_CONFIG)
 
 
-def show_live_feed(feed: dict[str, Any], folder: Any, *, key: str, status: str, active: list[str] | None = None,
+def show_live_feed(feed: dict[str, Any], folder: Any, *, key: str, status: str | None, active: list[str] | None = None,
                    stage: Any = None, stage_every_s: float | None = None) -> None:
     """A watched run's progress and figure from its live feed (`dashboard.live.FeedWriter`): the frame
-    follows the feed by itself and runs the page again when the run's status, the active runs
-    (`active`; None: not looked at) or — with `stage_every_s` — its published stage (`stage`) are no
-    longer what the page drew."""
+    follows the feed by itself and runs the page again when the run's status (`status`; None: only when
+    the run ends), the active runs (`active`; None: not looked at) or — with `stage_every_s` — its
+    published stage (`stage`) are no longer what the page drew."""
     from dashboard import live_chart
 
     live_chart.show_feed(feed, folder, key=key, status=status, active=active, stage=stage,
@@ -381,10 +382,10 @@ def compute_all(requests: Sequence[tuple[str, dict[str, Any]]], *, key: str, whe
     return len(missing)
 
 
-def queue_places(run_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+def queue_places(run_ids: Iterable[str], store: Store | None = None) -> dict[str, tuple[int, int]]:
     """(place, length) in the queue of each queued run among `run_ids`: the scheduler starts queued runs
     oldest first, so place 1 starts next when a slot frees."""
-    queue = [r["id"] for r in get_store().runs_with_status(["queued"])]
+    queue = [r["id"] for r in (store or get_store()).runs_with_status(["queued"])]
     wanted = set(run_ids)
     return {run_id: (index + 1, len(queue)) for index, run_id in enumerate(queue) if run_id in wanted}
 
@@ -431,19 +432,19 @@ def progress_text(run: dict[str, Any], now: datetime | None) -> tuple[float, str
 
 def task_progress(run: dict[str, Any] | None, *, live_every_s: float | None = None) -> None:
     """Status, progress bar with ETA, and the error of a failed run. With `live_every_s`, an active run's
-    progress follows its live feed in a frame (no script run meanwhile), and the page runs again when
-    the run starts or ends, or when it published more of its result and the page's last run is
-    `live_every_s` old."""
+    status, queue place and progress follow its live feed in a frame (no script run meanwhile), and the
+    page runs again when the run ends, or when it published more of its result and the page's last run
+    is `live_every_s` old."""
     if run is None:
         return
-    place = queue_places([run["id"]]).get(run["id"]) if run["status"] == "queued" else None
-    where = f" · place {place[0]} of {place[1]} in the queue" if place else ""
-    st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`{where}")
     if live_every_s is not None and run["status"] in ACTIVE:
+        # the status and the queue place are in the frame's line: they change without a script run
+        st.markdown(f"run `{run['id']}`")
         writer = _task_feeds(store_url())
-        show_live_feed(writer.watch(run), writer.folder, key=f"task-progress.{run['id']}", status=run["status"],
+        show_live_feed(writer.watch(run), writer.folder, key=f"task-progress.{run['id']}", status=None,
                        stage=result_digest(run), stage_every_s=live_every_s)
     else:
+        st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`{_queue_place(run)}")
         fraction, text = progress_text(run, get_store().server_now())
         st.progress(fraction, text=text)
     if run.get("error") and run["status"] in ("failed", "diverged", "cancelled"):
@@ -456,12 +457,30 @@ def result_digest(run: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _queue_place(run: dict[str, Any], store: Store | None = None) -> str:
+    """" · place p of n in the queue" for a queued run, else ""."""
+    place = queue_places([run["id"]], store).get(run["id"]) if run["status"] == "queued" else None
+    return f" · place {place[0]} of {place[1]} in the queue" if place else ""
+
+
 @st.cache_resource(show_spinner=False)
 def _task_feeds(url: str):
-    """The server's writer of background analyses' live feeds: progress and result digest, no figure."""
+    """The server's writer of background analyses' live feeds: the progress line (`feed_progress`) and
+    the result's digest; no figure."""
     from dashboard import live, live_chart
 
-    return live.FeedWriter(get_store(), live_chart.feeds_folder(), progress=progress_text, stage=result_digest)
+    store = get_store()
+    return live.FeedWriter(store, live_chart.feeds_folder(), progress=feed_progress(store), stage=result_digest)
+
+
+def feed_progress(store: Store) -> Callable[[dict[str, Any], datetime | None], tuple[float, str]]:
+    """A live feed's progress line (`progress_text`) led by the run's status and queue place, which the
+    frame shows as they change (the page does not run again when a queued run starts)."""
+    def line(run: dict[str, Any], now: datetime | None) -> tuple[float, str]:
+        fraction, text = progress_text(run, now)
+        return fraction, f"{run['status']}{_queue_place(run, store)} · {text}"
+
+    return line
 
 
 def task_result(task: dict[str, Any] | None) -> dict[str, Any] | None:

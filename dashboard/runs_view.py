@@ -17,6 +17,7 @@ from dashboard import common as ui
 from dashboard import figures, live, plots, tables
 
 RESUMABLE = ("cancelled", "failed")
+LIVE_LABEL = ":blue[:material/sensors: live]"  # an active run's card title
 
 
 def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> None:
@@ -60,7 +61,9 @@ def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded:
              watch: set[str] | None = None) -> None:
     """Draw one run: header, progress, curves, buttons, log tail and error. An active card with `watch`
     (the active run ids the page was drawn with) also re-runs the page when they change."""
-    title = f"{ui.status_label(run['status'])} · {label} · `{run['id']}`"
+    # an active card's status (queued, running) is in its live frame, which changes it without a script run
+    status = LIVE_LABEL if run["status"] in ui.ACTIVE else ui.status_label(run["status"])
+    title = f"{status} · {label} · `{run['id']}`"
     with st.expander(title, expanded=expanded):
         if run["status"] in ui.ACTIVE:
             _live_progress_and_curves(run, watch)
@@ -98,12 +101,12 @@ def _act(action, what: str) -> None:
 
 
 def _live_progress_and_curves(run: dict[str, Any], watch: set[str] | None) -> None:
-    """The part of an active run's card that changes — progress and curves — in a frame that follows
-    the run's feed by itself (`live.FeedWriter`), with no script run until the run starts or ends (or,
-    with `watch`, until the active runs are no longer those)."""
+    """The part of an active run's card that changes — status, progress and curves — in a frame that
+    follows the run's feed by itself (`live.FeedWriter`), with no script run until the run ends (or, with
+    `watch`, until the active runs are no longer those)."""
     writer = feed_writer(ui.store_url())
     feed = writer.watch(run)
-    ui.show_live_feed(feed, writer.folder, key=f"run-panel.{run['id']}", status=run["status"],
+    ui.show_live_feed(feed, writer.folder, key=f"run-panel.{run['id']}", status=None,
                       active=sorted(watch) if watch is not None else None)
 
 
@@ -112,7 +115,8 @@ def feed_writer(store_url: str) -> live.FeedWriter:
     """The server's writer of the Train page's live feeds (one per store, shared by every session)."""
     from dashboard import live_chart
 
-    return live.FeedWriter(ui.get_store(), live_chart.feeds_folder(), progress=ui.progress_text, panel=_feed_panel,
+    store = ui.get_store()
+    return live.FeedWriter(store, live_chart.feeds_folder(), progress=ui.feed_progress(store), panel=_feed_panel,
                            waiting=plots.waiting_panel_figure, to_json=live_chart.figure_json, kind="train")
 
 

@@ -9,7 +9,7 @@ from dashboard import common as ui
 from dashboard import hessian_view as view
 from samlab.checkpoints import checkpoint_of
 
-LIVE_STAGES_S = 10.0  # an analysis that computes: its partial result is drawn again at most this often
+LIVE_STAGES_S = 30.0  # an analysis that computes: its partial result is drawn again at most this often
 
 ui.page_setup(
     "Hessian",

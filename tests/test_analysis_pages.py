@@ -83,8 +83,9 @@ def test_hessian_compute_all_queues_every_missing_spectrum_and_shows_queue_place
     queued = store_env.list_runs(kind="hessian")
     assert len(queued) == 2 and {r["status"] for r in queued} == {"queued"}
     assert {r["params"]["checkpoint"] for r in queued} == {store_env.get_run(i)["checkpoint_path"] for i in ids}
-    text = " ".join(m.value for m in at.markdown)
-    assert "place 1 of 2 in the queue" in text and "place 2 of 2 in the queue" in text
+    # each queued analysis follows its feed: status and queue place in its frame's progress line
+    text = " ".join(feed["progress"]["text"] for feed in live_feeds(at))
+    assert "queued · place 1 of 2 in the queue" in text and "queued · place 2 of 2 in the queue" in text
     assert not [b for b in at.button if b.label.startswith("Compute")]  # nothing left to launch
 
 
@@ -113,8 +114,8 @@ def test_a_computing_hessian_analysis_is_followed_by_its_feed_and_its_partial_re
     assert [name for name, every in defined if every] == []  # nothing refreshes while the analysis computes
     (feed,) = live_feeds(at)
     run = store_env.get_run(analysis["id"])
-    assert feed["status"] == "running" and feed["stage"] == common.result_digest(run)
-    assert feed["stage_every_s"] > 0 and feed["progress"]["text"].startswith("25% · top eigenvalues")
+    assert feed["status"] is None and feed["stage"] == common.result_digest(run)  # the page runs again at the end
+    assert feed["stage_every_s"] > 0 and feed["progress"]["text"].startswith("running · 25% · top eigenvalues")
     assert at.dataframe[0].value.iloc[0]["λ_max"] == 3.0  # the partial result is drawn
     writer = common._task_feeds(store_env.url)
     store_env.flush(analysis["id"], [], progress=0.5, message="trace",

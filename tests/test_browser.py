@@ -318,7 +318,7 @@ def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, t
             assert state["renders"] > renders and state["rebuilds"] == 0 and state["sameSvg"], state
             assert state["range"] == [2, 9], state  # the zoom survived the refresh
             # the frame followed the run's feed by itself: its progress line too
-            assert frame.evaluate("() => document.querySelector('#progress .text').textContent").startswith("90% · almost")
+            assert frame.evaluate("() => document.querySelector('#progress .text').textContent").startswith("running · 90% · almost")
             assert frame.evaluate("() => window.liveChart.fetches") > 0
 
             # the run ends: the frame runs the page again, which draws a finished card (its progress line in the

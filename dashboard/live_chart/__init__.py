@@ -90,12 +90,13 @@ def show(fig: Any, *, key: str, config: dict[str, Any] | None = None) -> None:
     _draw(key, config, spec=figure_json(fig))
 
 
-def show_feed(feed: dict[str, Any], folder: Path, *, key: str, status: str, active: list[str] | None = None,
+def show_feed(feed: dict[str, Any], folder: Path, *, key: str, status: str | None, active: list[str] | None = None,
               stage: Any = None, stage_every_s: float | None = None, config: dict[str, Any] | None = None) -> None:
     """Draw a watched run's feed (`dashboard.live.FeedWriter`) — its progress and figure — in the live
     chart `key`; the frame then fetches the feed's file by itself and redraws what changed, with no
     script run. The frame sets the component's value, which runs the page again, when the feed's status
-    is no longer `status`, or its active runs no longer `active` (None: not looked at), or — with
+    is no longer `status` (None: only when the run ends), or its active runs no longer `active` (None:
+    not looked at), or — with
     `stage_every_s` — its stage no longer `stage`, once the page's last run is that many seconds old."""
     url = f"{FEEDS}/{folder.name}/{feed['run_id']}.json"
     stages = {} if stage_every_s is None else {"stage": stage, "stage_every_s": stage_every_s}

@@ -118,7 +118,7 @@
   function checkPage(feed) {
     let change = null;
     const stage = JSON.stringify(feed.stage);
-    if (feed.status !== args.status) change = "status " + feed.status;
+    if (args.status === null ? feed.final : feed.status !== args.status) change = "status " + feed.status;
     else if (args.active && feed.active.join(",") !== args.active.join(",")) change = "active " + feed.active.join(",");
     else if (args.stage !== undefined && stage !== JSON.stringify(args.stage) &&
              Date.now() - renderedAt >= 1000 * (args.stage_every_s || 0)) change = "stage " + stage;
