@@ -7,9 +7,10 @@
 // A watched run's card sends a feed instead: the URL of a file that the server rewrites while the run
 // goes on (progress, figure, status; see dashboard/live.py). The frame fetches it by itself, as often as
 // the feed says, and redraws when its version grows; no script runs for it. When the feed says that the
-// run started or ended, that other runs did, or that the run published a new stage of its result, the
-// frame sets the component's value, which runs the page again (once per change). window.liveChart counts renders, full rebuilds and fetches (the page's
-// tests read it).
+// run's status is no longer the page's (with args.status null: that the run ended), that other runs
+// started or ended, or that the run published a new stage of its result, the frame sets the component's
+// value, which runs the page again (once per change). window.liveChart counts renders, full rebuilds and
+// fetches (the page's tests read it).
 (function () {
   "use strict";
   const chart = document.getElementById("chart");
@@ -97,7 +98,6 @@
       resize();
       return;
     }
-    drawnSpec = content.spec;
     withPlotly(() => plot(content));
   }
 
@@ -107,6 +107,7 @@
     delete layout.width;
     const before = chart.querySelector(".main-svg");
     Plotly.react(chart, figure.data, layout, args.config || {}).then(function () {
+      drawnSpec = content.spec; // only a figure that was drawn is skipped next time
       window.liveChart.renders += 1;
       if (before !== null && chart.querySelector(".main-svg") !== before) window.liveChart.rebuilds += 1;
       resize();
