@@ -96,8 +96,8 @@ def show_feed(feed: dict[str, Any], folder: Path, *, key: str, status: str | Non
     chart `key`; the frame then fetches the feed's file by itself and redraws what changed, with no
     script run. The frame sets the component's value, which runs the page again, when the feed's status
     is no longer `status` (None: only when the run ends), or its active runs no longer `active` (None:
-    not looked at), or — with
-    `stage_every_s` — its stage no longer `stage`, once the page's last run is that many seconds old."""
+    not looked at), or — with `stage_every_s` — its stage no longer `stage`, once the page's last run is
+    that many seconds old."""
     url = f"{FEEDS}/{folder.name}/{feed['run_id']}.json"
     stages = {} if stage_every_s is None else {"stage": stage, "stage_every_s": stage_every_s}
     _draw(key, config, spec=feed["spec"], progress=feed["progress"], version=feed["version"], feed=url,
