@@ -101,6 +101,11 @@ class LiveCurves:
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
 
 
+def _progress_state(run: dict[str, Any]) -> tuple:
+    """What of a run its feed's progress line shows: status, progress and message."""
+    return run["status"], run.get("progress"), run.get("progress_message")
+
+
 @dataclass
 class Feed:
     """One watched run's feed: its points, its figure, and what the feed file says (`payload`)."""
@@ -156,8 +161,8 @@ class FeedWriter:
             feed = self.feeds.get(run["id"])
             if feed is None:
                 feed = self.feeds[run["id"]] = Feed(run["id"], LiveCurves(run["id"]))
-            if feed.seen is None or feed.seen[:3] != (run["status"], run.get("progress"), run.get("progress_message")):
-                self.update(feed, time.monotonic(), self.active_ids())
+            if feed.seen is None or feed.seen[:3] != _progress_state(run):
+                self.update(feed, time.monotonic(), self.active_ids(), self.store.server_now())
             if FEED_THREAD and self.feeds and self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="samlab-live-feeds", daemon=True)
                 self.thread.start()
@@ -169,29 +174,30 @@ class FeedWriter:
         return sorted(r["id"] for r in self.store.list_runs(kind=self.kind, status=list(ACTIVE), limit=50))
 
     def step(self, now: float | None = None) -> int:
-        """Bring every due feed up to date (one query for the active runs, then each run's news);
-        returns how many feeds were due."""
+        """Bring every due feed up to date (one query for the active runs and one for the store's clock,
+        then each run's news); returns how many feeds were due."""
         now = time.monotonic() if now is None else now
         with self.lock:
             self._remove_ended(now)
             due = [feed for feed in self.feeds.values() if feed.due <= now]
             if due:
-                active = self.active_ids()
+                active, clock = self.active_ids(), self.store.server_now()
                 for feed in due:
-                    self.update(feed, now, active)
+                    self.update(feed, now, active, clock)
             return len(due)
 
-    def update(self, feed: Feed, now: float, active: list[str] | None) -> None:
-        """Read a run's news, redraw its figure in place when there are points, write its feed if changed."""
+    def update(self, feed: Feed, now: float, active: list[str] | None, clock: Any) -> None:
+        """Read a run's news, redraw its figure in place when there are points, write its feed if changed
+        (`clock`: the store's time, for the elapsed time and ETA)."""
         try:
             run = self.store.get_run(feed.run_id)
         except ValueError:  # deleted meanwhile: its last feed says so, and the page drops the card
             run = {"id": feed.run_id, "status": "deleted"}
         new = self._redraw(feed, run) if self.panel is not None and run["status"] != "deleted" else 0
-        fraction, text = self.progress(run, self.store.server_now())
+        fraction, text = self.progress(run, clock)
         final = run["status"] not in ACTIVE
         stage = self.stage(run) if self.stage is not None and run["status"] != "deleted" else None
-        seen = (run["status"], run.get("progress"), run.get("progress_message"), active, json.dumps(stage))
+        seen = (*_progress_state(run), active, json.dumps(stage))
         changed = bool(new) or seen != feed.seen
         feed.seen = seen
         feed.due = now + feed.backoff.tick(changed)
