@@ -375,7 +375,17 @@ def test_a_run_workers_governor_sets_the_shares_and_how_many_workers_compute_the
     governor = types.SimpleNamespace(most=3, threads=now)
     monkeypatch.setattr(cores, "_process_governor", governor)
     seen: list[str] = []
-    hook = model.conv.register_forward_hook(lambda m, i, o: seen.append(threading.current_thread().name))
+    # the first product's first forward on each worker waits until `now` workers have reached it: if the
+    # lanes ran one after another on one worker, the barrier would break (the pool starts a worker lazily)
+    together = threading.Barrier(now, timeout=60)
+
+    def record(module, inputs, output):
+        name = threading.current_thread().name
+        seen.append(name)
+        if name.startswith("hvp") and sum(s.startswith("hvp") for s in seen) <= now:
+            together.wait()
+
+    hook = model.conv.register_forward_hook(record)
     try:
         with HessianOperator(model, CE, (x, y)) as op:  # threads: the governor's most
             assert op.threads == 3

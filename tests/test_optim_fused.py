@@ -182,7 +182,9 @@ def test_fused_equals_loop_under_bf16_autocast(make):
             continue
         assert q.grad.dtype == torch.float32, name
         scale = r.grad.norm().item() + 1e-6
-        assert (q.grad - p.grad).norm().item() < 0.05 * scale, name  # fused vs loop, both in bf16
+        # fused vs loop, both in bf16, to 5 % of the gradient bf16 computes: where a layer's bf16 gradient is
+        # far from fp32's (resnet18-gn's last block, GroupNorm over 1 × 1 maps), its own size is the scale
+        assert (q.grad - p.grad).norm().item() < 0.05 * max(scale, p.grad.norm().item()), name
         # against fp32, the fused path's bf16 error is the loop's (bf16 itself), not more
         assert (q.grad - r.grad).norm().item() < 1.5 * (p.grad - r.grad).norm().item() + 0.02 * scale, name
     assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)

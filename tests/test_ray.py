@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -37,45 +38,76 @@ REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+START_ATTEMPTS = 3  # `ray start` can fail on a busy machine (a port taken meanwhile, a component slow to come up)
+START_LOG = "ray-start.log"  # what `ray start` prints, in the cluster's temp folder
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """`ray start --head --block` in its own process group; the group is ended at teardown."""
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay short
-    dashboard = free_port()
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--object-store-memory=100000000", f"--temp-dir={temp}",
-         # ports Ray would otherwise take by default (52365, 10001): another cluster on the machine has them
-         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-         "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=temp,
-        # the suite's own task kinds (tests/job_tasks.py) live in the repository, not in the installed package
-        env=dict(os.environ) | {"PYTHONPATH": str(REPO)},
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        client = _wait_for_dashboard(address, proc)
-        yield address, client
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    """`ray start --head --block` in its own process group; the group is ended at teardown. A start that
+    fails is retried on fresh ports, and the last failure's error shows what Ray printed."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay short
+        proc, address = _start_head(temp)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            client = _wait_for_dashboard(address, proc, Path(temp) / START_LOG)
+        except RuntimeError as error:
+            _stop(proc, temp)
+            if attempt == START_ATTEMPTS:
+                raise RuntimeError(f"{error} (attempt {attempt} of {START_ATTEMPTS})") from None
+            warnings.warn(f"ray start, attempt {attempt} of {START_ATTEMPTS}: {error}", stacklevel=1)
+            continue
+        try:
+            yield address, client
+        finally:
+            _stop(proc, temp)
+        return
+
+
+def _start_head(temp: str) -> tuple[subprocess.Popen, str]:
+    dashboard = free_port()
+    log = open(Path(temp) / START_LOG, "wb")  # noqa: SIM115 - the child holds it; _stop removes it
+    with log:
+        proc = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+             f"--port={free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--object-store-memory=100000000", f"--temp-dir={temp}",
+             # ports Ray would otherwise take by default (52365, 10001): another cluster on the machine has them
+             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+             "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp,
+            # the suite's own task kinds (tests/job_tasks.py) live in the repository, not in the installed package
+            env=dict(os.environ) | {"PYTHONPATH": str(REPO)},
+        )
+    return proc, f"http://127.0.0.1:{dashboard}"
+
+
+def _stop(proc: subprocess.Popen, temp: str) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
+        proc.wait()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 120.0) -> JobSubmissionClient:
+def _log_tail(log: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return "(no output)"
+
+
+def _wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> JobSubmissionClient:
     """The Jobs API client once the cluster runs jobs: the dashboard answers before the node's job agent
     has registered ("No available agent to submit job"), so a no-op job is submitted until it is taken."""
     deadline = time.monotonic() + timeout
     probe, last_error = f"probe-{uuid.uuid4().hex[:8]}", None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with code {proc.returncode}")
+            raise RuntimeError(f"ray start exited with code {proc.returncode}:\n{_log_tail(log)}")
         try:
             client = JobSubmissionClient(address)
             client.submit_job(entrypoint=f"{sys.executable} -c pass", submission_id=probe)
