@@ -140,7 +140,10 @@ def test_launch_watch_and_compare_in_a_browser(server):
             finally:
                 page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
             panel_chart = page.frame_locator(LIVE_CHART).first  # the run cards draw in the live chart frame
-            expect(panel_chart.locator("g.scatterlayer .trace").first).to_be_attached()
+            try:
+                expect(panel_chart.locator("g.scatterlayer .trace").first).to_be_attached()
+            except AssertionError as error:
+                raise AssertionError(f"{error}\nthe live chart frames: {_live_chart_states(page)}") from None
             _settle(page)
             page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
 
@@ -185,6 +188,22 @@ PAGES = {"home": "", "train": "Train", "runs": "Runs", "hessian": "Hessian", "la
 LIVE_CHART = 'iframe[title="dashboard.live_chart.live_chart"]'
 BUSY = ('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"], '
         '[data-stale="true"], [data-testid="stSkeleton"]')
+
+
+def _live_chart_states(page) -> list:
+    """What each live chart frame has done (its counters, traces drawn, plotly.js loaded): for a failure's message."""
+    states = []
+    for frame in page.frames:
+        if frame.parent_frame is None or "live_chart" not in frame.url:
+            continue
+        try:
+            states.append(frame.evaluate("""() => ({counters: window.liveChart, plotly: !!window.Plotly,
+                svg: !!document.querySelector('.main-svg'),
+                traces: document.querySelectorAll('g.scatterlayer .trace').length,
+                progress: document.getElementById('progress').innerText})"""))
+        except Exception as error:  # a frame that went away meanwhile
+            states.append(repr(error))
+    return states
 
 
 def _settle(page, quiet_checks: int = 3, timeout_s: float = 90.0) -> None:

@@ -9,13 +9,13 @@
 // the feed says, and redraws when its version grows; no script runs for it. When the feed says that the
 // run's status is no longer the page's (with args.status null: that the run ended), that other runs
 // started or ended, or that the run published a new stage of its result, the frame sets the component's
-// value, which runs the page again (once per change). window.liveChart counts renders, full rebuilds and
-// fetches (the page's tests read it).
+// value, which runs the page again (once per change). window.liveChart counts renders, full rebuilds,
+// fetches and the page's messages, and says how plotly.js' load went (the page's tests read it).
 (function () {
   "use strict";
   const chart = document.getElementById("chart");
   const progress = document.getElementById("progress");
-  window.liveChart = { renders: 0, rebuilds: 0, fetches: 0 };
+  window.liveChart = { renders: 0, rebuilds: 0, fetches: 0, messages: 0, plotly: "none" };
   let height = null;
   let theme = null;
   let args = {};
@@ -82,14 +82,26 @@
     if (window.Plotly) return then();
     if (plotlyWaiting === null) {
       plotlyWaiting = [];
-      const script = document.createElement("script");
-      script.src = "plotly.min.js";
-      script.onload = function () {
-        plotlyWaiting.forEach((f) => f());
-      };
-      document.head.appendChild(script);
+      loadPlotly(0);
     }
     plotlyWaiting.push(then);
+  }
+
+  // A load that fails (a busy server) is tried again, 1, 2, 4 … up to 16 s later.
+  function loadPlotly(failures) {
+    const script = document.createElement("script");
+    script.src = "plotly.min.js";
+    script.onload = function () {
+      window.liveChart.plotly = "loaded";
+      plotlyWaiting.forEach((f) => f());
+    };
+    script.onerror = function () {
+      window.liveChart.plotly = "failed " + (failures + 1);
+      script.remove();
+      setTimeout(() => loadPlotly(failures + 1), 1000 * Math.min(2 ** failures, 16));
+    };
+    window.liveChart.plotly = "loading";
+    document.head.appendChild(script);
   }
 
   function draw(content) {
@@ -111,6 +123,8 @@
       window.liveChart.renders += 1;
       if (before !== null && chart.querySelector(".main-svg") !== before) window.liveChart.rebuilds += 1;
       resize();
+    }, function (error) {
+      window.liveChart.error = String(error);
     });
   }
 
@@ -171,7 +185,18 @@
   }
 
   window.addEventListener("message", function (event) {
-    if (event.data && event.data.type === "streamlit:render") render(event.data.args, event.data.theme);
+    if (event.data && event.data.type === "streamlit:render") {
+      window.liveChart.messages += 1;
+      render(event.data.args, event.data.theme);
+    }
   });
-  send("streamlit:componentReady", { apiVersion: 1 });
+  // Streamlit listens to a frame from its mount's effect on; a frame remounted from the browser's cache
+  // (a card that moves, e.g. when its run ends) can say it is ready before that, and the message is lost:
+  // say it again until the first render arrives.
+  function ready() {
+    if (window.liveChart.messages > 0) return;
+    send("streamlit:componentReady", { apiVersion: 1 });
+    setTimeout(ready, 500);
+  }
+  ready();
 })();
