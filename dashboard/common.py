@@ -38,6 +38,7 @@ Stable API (other pages rely on it; extend, do not change):
     show_live_figure(fig, key)                   the same for a live panel: redrawn in place at each refresh
     show_live_feed(feed, folder, *, key, status, active=None)   a watched run's feed, followed by its frame
     live(seconds)                                decorator: st.fragment(run_every=seconds); None: no refresh
+    live_while_active(seconds, key)              decorator: a panel of runs that refreshes while they are active
     submit(kind, params, *, name="", group=None) -> id | None   errors shown, nothing queued
     submit_train(configs) -> [id] | None          one run, or one group of runs (one per seed)
     cancel_run(id) -> str, resume_run(id) -> str, delete_run(id)   ValueError when not possible
@@ -53,6 +54,7 @@ Stable API (other pages rely on it; extend, do not change):
     queue_places(run_ids) -> {id: (place, length)}     where queued runs stand in the queue (oldest first)
     task_progress(run, live_every_s=None)        status line, progress bar with ETA, error text of a failed run;
                                         live_every_s: an active run's progress follows its live feed
+    task_result(task, live_every_s=None) -> result | None   the run re-read, its progress shown until it completes
     result_digest(run) -> str                    changes with every stage a run publishes of its result
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
     feed_progress(store) -> (run, now) -> (fraction, text)   the same led by status and queue place (live feeds)
@@ -63,6 +65,7 @@ Stable API (other pages rely on it; extend, do not change):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -300,6 +303,27 @@ def live(seconds: float | None) -> Callable[[Callable[..., Any]], Callable[..., 
     return st.fragment(run_every=seconds)
 
 
+def live_while_active(seconds: float, key: str) -> Callable[[Callable[[], bool]], Callable[[], None]]:
+    """Decorator for a panel of several runs (a sweep, a search) that returns whether they are still
+    active: a fragment that re-runs every `seconds` while they are, and never once they are not (an open
+    page then costs the runs nothing). When the answer changes, the whole page runs again, which defines
+    the fragment anew; the last answer is kept in the session under `key`."""
+    def wrap(panel: Callable[[], bool]) -> Callable[[], None]:
+        drawn_active = st.session_state.get(key, True)
+
+        @st.fragment(run_every=seconds if drawn_active else None)
+        @functools.wraps(panel)
+        def fragment() -> None:
+            active = bool(panel())
+            st.session_state[key] = active
+            if active != drawn_active:
+                st.rerun()
+
+        return fragment
+
+    return wrap
+
+
 # -- background runs ----------------------------------------------------------------------------------
 def submit(kind: str, params: dict[str, Any], *, name: str = "", group: str | None = None) -> str | None:
     """Queue a background run; a validation error is shown and nothing is queued (returns None)."""
@@ -483,14 +507,15 @@ def feed_progress(store: Store) -> Callable[[dict[str, Any], datetime | None], t
     return line
 
 
-def task_result(task: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Re-read a background analysis run, show its progress until it completes, and return its result
-    (partial while it computes; None before anything was published or when there is no run)."""
+def task_result(task: dict[str, Any] | None, *, live_every_s: float | None = None) -> dict[str, Any] | None:
+    """Re-read a background analysis run, show its progress until it completes (`task_progress`, which
+    follows an active run's feed with `live_every_s`), and return its result (partial while it computes;
+    None before anything was published or when there is no run)."""
     if task is None:
         return None
     run = get_store().get_run(task["id"])
     if run["status"] != "completed":
-        task_progress(run)
+        task_progress(run, live_every_s=live_every_s)
     return run.get("result")
 
 

@@ -67,10 +67,11 @@ def pick(params: ui.ViewParams, store: Store) -> str | None:
 
 
 def live_panel(search_id: str, store: Store) -> None:
-    """Progress, controls, the best ρ per m so far and the trial history; refreshed every 3 s."""
+    """Progress, controls, the best ρ per m so far and the trial history; refreshed every 3 s while the
+    search runs."""
 
-    @ui.live(3.0)
-    def panel() -> None:
+    @ui.live_while_active(3.0, key=f"search.active.{search_id}")
+    def panel() -> bool:
         state = search_runs.progress(search_id, store=store)
         _progress(state)
         _controls(search_id, state, store)
@@ -86,6 +87,7 @@ def live_panel(search_id: str, store: Store) -> None:
             ui.show_figure(search_view.best_so_far_figure(history), key="search.best")
         with st.expander("trial history"):
             st.dataframe(history, hide_index=True)
+        return not state["done"]
 
     panel()
 

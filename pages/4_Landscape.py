@@ -9,6 +9,10 @@ from dashboard import common as ui
 from dashboard import landscape_view as view
 from samlab.checkpoints import checkpoint_of
 
+# An analysis that computes shows its progress in a frame that follows the run by itself (no script run
+# meanwhile); the page runs again when it ends, or at most this often with the surface's next, finer grid.
+LIVE_STAGES_S = 5.0
+
 ui.page_setup(
     "Landscape",
     "Loss surfaces around trained solutions along filter-normalized random directions "
@@ -57,9 +61,8 @@ surface_run = ui.cached_or_submit("landscape", request, label="Compute the surfa
 page_requests = [request]
 
 
-@ui.live(2.0)
 def surface_panel() -> None:
-    result = ui.task_result(surface_run)
+    result = ui.task_result(surface_run, live_every_s=LIVE_STAGES_S)
     if not result or "runs" not in result:
         return
     for entry, run_id in zip(result["runs"], run_ids):
@@ -101,9 +104,8 @@ else:
     page_requests.append(interp_request)
     interp_run = ui.cached_or_submit("landscape", interp_request, label="Interpolate", key="landscape.interp")
 
-    @ui.live(2.0)
     def interpolation_panel() -> None:
-        result = ui.task_result(interp_run)
+        result = ui.task_result(interp_run, live_every_s=LIVE_STAGES_S)
         if result and "alphas" in result:
             for entry, run_id in zip(result["runs"], (first, second)):
                 entry["label"] = labels.get(run_id, entry["label"])
@@ -125,9 +127,8 @@ if radii:
     page_requests.append(flat_request)
     flat_run = ui.cached_or_submit("landscape", flat_request, label="Measure flatness", key="landscape.flat")
 
-    @ui.live(2.0)
     def flatness_panel() -> None:
-        result = ui.task_result(flat_run)
+        result = ui.task_result(flat_run, live_every_s=LIVE_STAGES_S)
         if result and any("radii" in r for r in result.get("runs", [])):
             for entry, run_id in zip(result["runs"], run_ids):
                 entry["label"] = labels.get(run_id, entry["label"])

@@ -136,8 +136,8 @@ group = st.selectbox("sweep", list(groups), index=list(groups).index(default) if
                      format_func=labels.get, key="sweeps.group_pick")
 
 
-@ui.live(3.0)
-def progress_panel() -> None:
+@ui.live_while_active(3.0, key=f"sweeps.active.{group}")
+def progress_panel() -> bool:
     state = sweep_runs.progress(group, store=store)
     st.progress(state["fraction"], text=f"{state['finished']} / {state['total']} runs finished · "
                                          f"{state['counts']['running']} running · {state['counts']['queued']} queued")
@@ -153,6 +153,7 @@ def progress_panel() -> None:
             help="for queued runs whose workers are gone (e.g. after a restart)",
         ):
             sweep_runs.start_workers(group, store=store)
+    return not state["done"]
 
 
 progress_panel()

@@ -10,6 +10,10 @@ from dashboard import stability_view as view
 from samlab import stability
 from samlab.checkpoints import checkpoint_of
 
+# An analysis that computes shows its progress in a frame that follows the run by itself (no script run
+# meanwhile); the page runs again when it ends, or at most this often with the cells computed since.
+LIVE_STAGES_S = 5.0
+
 ui.page_setup(
     "Stability",
     "When does SGD leave a minimum? The coherence of per-sample Hessians and the batch size decide "
@@ -84,9 +88,8 @@ grid_run = ui.cached_or_submit("stability", grid_request, label="Compute the exa
 plane_bs, plane_sigmas = grid_request["Bs"], grid_request["sigmas"]
 
 
-@ui.live(2.0)
 def grid_panel() -> None:
-    result = ui.task_result(grid_run)
+    result = ui.task_result(grid_run, live_every_s=LIVE_STAGES_S)
     ui.show_figure(view.plane_figure(lam_max, eta, n, plane_bs, plane_sigmas, grid=result, marker=(B, sigma)),
                    key="stability.plane")
     if result and result.get("rows"):
@@ -124,11 +127,10 @@ model_request = {
 model_run = ui.cached_or_submit("stability", model_request, label="Measure σ and restart SGD", key="stability.model")
 
 
-@ui.live(2.0)
 def model_panel() -> None:
     if model_run is None:
         return
-    result = ui.task_result(model_run) or {}
+    result = ui.task_result(model_run, live_every_s=LIVE_STAGES_S) or {}
     curvature = result.get("coherence")
     if curvature:
         m = st.columns(4)

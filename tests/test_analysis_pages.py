@@ -46,7 +46,7 @@ def test_stability_page_overlays_a_cached_grid_and_summarises_it(store_env, tmp_
     assert predicted in row.values()  # the theorem's count, read from the stored result
 
 
-def test_landscape_page_draws_a_cached_surface_of_a_trained_run(store_env, tmp_path):
+def test_landscape_page_draws_a_cached_surface_of_a_trained_run(store_env, tmp_path, monkeypatch):
     train_id, checkpoint = stored_trained_run(store_env, tmp_path / "train")
     params = landscape_view.request([checkpoint], "1d", span=1.0, points=5, seed=0, data="train", n_samples=128)
     result = landscape.run_task(landscape.check_task(params), RecordingReporter(), tmp_path / "ls", False)
@@ -56,8 +56,10 @@ def test_landscape_page_draws_a_cached_surface_of_a_trained_run(store_env, tmp_p
     for name, value in {"kind": "1d", "points": "5", "n_samples": "128"}.items():
         at.query_params[name] = value
     at.run()
+    defined = record_fragments(monkeypatch)
     at.multiselect(key="landscape.runs").set_value([train_id]).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
+    assert [name for name, every in defined if every] == []  # an open page with finished results runs nothing
     assert "Compute the surfaces" not in [b.label for b in at.button]  # the stored surface is used
     assert len(at.get("plotly_chart")) >= 1
     # the curve drawn is the stored surface, labelled with the run
@@ -140,4 +142,6 @@ def test_landscape_compute_all_queues_surfaces_interpolation_and_flatness(store_
     kinds = sorted(r["params"]["kind"] for r in store_env.list_runs(kind="landscape"))
     assert kinds == ["1d", "flatness", "interpolation"]
     assert not [b for b in at.button if b.label in ("Compute the surfaces", "Interpolate", "Measure flatness")]
-    assert "in the queue" in " ".join(m.value for m in at.markdown)
+    # each queued analysis follows its feed (no refreshing fragment): status and queue place in its frame
+    text = " ".join(feed["progress"]["text"] for feed in live_feeds(at))
+    assert all(f"queued · place {p} of 3 in the queue" in text for p in (1, 2, 3)), text

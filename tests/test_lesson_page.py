@@ -116,6 +116,29 @@ def test_sweeps_page_renders_empty_and_with_a_finished_sweep(store_env):
     assert any("ghost-BN m = 8" in m.value for m in at.markdown)
 
 
+def test_the_sweeps_progress_refreshes_only_while_the_sweep_runs(store_env, monkeypatch):
+    """A queued sweep's progress panel refreshes itself; once every run has finished the page runs again
+    and draws it with no refresh, so an open page costs the runs nothing."""
+    from tests.helpers import mark_finished, record_fragments
+
+    group = jobs.submit_sweep(sweep_configs(control_spec(seeds=(4,))), CONTROL_SWEEP_NAME, store=store_env,
+                              start=False)
+    defined = record_fragments(monkeypatch)
+    at = app(SWEEPS)
+    assert [every for name, every in defined if name == "progress_panel"] == [3.0]
+    assert any("queued" in p.text for p in at.get("progress"))  # "0 / n runs finished · 0 running · n queued"
+    for run in store_env.list_runs(group=group, limit=10_000):
+        mark_finished(store_env, run["id"], summary={"final_test_acc": 0.8, "final_train_acc": 0.9,
+                                                     "generalization_gap": 0.1})
+    defined.clear()
+    at.run()  # the refreshing panel sees the sweep done and runs the page again
+    assert not at.exception
+    assert [every for name, every in defined if name == "progress_panel"][-1] is None
+    defined.clear()
+    at.run()
+    assert [every for name, every in defined if name == "progress_panel"] == [None]
+
+
 def test_trend_sentence_compares_the_difference_with_the_seed_spread():
     import pandas as pd
 
