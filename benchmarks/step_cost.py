@@ -11,8 +11,9 @@ over repeats. Prints one table of ratios against SAM (and SAM against SGD):
 
 and which implementation impl="auto" picked. Models (batch 128): the MLP 64-256-256-10 and the
 digits-mlp shape 64-64-64-10 on 8x8 inputs, the digits CNN (width 16) with BatchNorm and with
-GroupNorm on 8x8, WideResNet-16-1 and ResNet-18 of width 8 on 3x32x32 (BatchNorm), and the
-diagonal linear network on 30 features. --device cuda runs the same models on the GPU plus
+GroupNorm on 8x8, WideResNet-16-1 and ResNet-18 of width 8 on 3x32x32 (BatchNorm), the
+diagonal linear network on 30 features and the two-layer ReLU network of the relu-msharp preset
+(width 40 on 10 features). --device cuda runs the same models on the GPU plus
 ResNet-18 at its standard width 64.
 
     python benchmarks/step_cost.py [--json] [--repeats N] [--device cpu|cuda] [--threads T]
@@ -58,6 +59,7 @@ MODELS = {
     "wrn16-1": (ModelConfig(name="wrn16", widen=1, norm="bn"), (3, 32, 32), 10),
     "resnet18-8": (ModelConfig(name="resnet18", width=8, norm="bn"), (3, 32, 32), 10),
     "diag-linear": (ModelConfig(name="diag-linear"), (30,), 1),
+    "relu-net": (ModelConfig(name="relu-net", width=40, init_scale=0.01), (10,), 1),
 }
 CUDA_MODELS = {"resnet18-64": (ModelConfig(name="resnet18", width=64, norm="bn"), (3, 32, 32), 10)}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

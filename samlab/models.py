@@ -313,6 +313,12 @@ class TwoLayerReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x.flatten(1) @ self.hidden.T) @ self.out
 
+    def micro_batched_forward(self, xs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The forward of k micro-batches xs [k, m, d] at once, micro-batch j with hidden_j, out_j =
+        params["hidden"][j], params["out"][j] (fused m-SAM, `samlab.optim.fused`); returns [k, m]."""
+        hidden = torch.relu(torch.bmm(xs.flatten(2), params["hidden"].transpose(1, 2)))  # [k, m, width]
+        return torch.bmm(hidden, params["out"].unsqueeze(2)).squeeze(2)
+
 
 def _kaiming_init(model: nn.Module) -> None:
     """He-normal conv weights (fan-out, ReLU) as in the reference ResNet/WRN code; norms at (1, 0)."""

@@ -11,9 +11,7 @@ import torch
 from torch import nn
 
 from samlab import landscape as L
-from samlab.config import ModelConfig
 from samlab.losses import cross_entropy_per_sample, squared_error_per_sample
-from samlab.models import build_model
 from samlab.reporting import RecordingReporter
 from samlab.tasks import landscape as LT
 from tests.test_optim_fused import BUILTIN, builtin
@@ -198,12 +196,21 @@ def test_auto_impl_batches_small_models_into_copies_on_cpu():
         model, batches, loss_fn = built_in(name)
         directions = L.random_directions(model, 1, ignore="none")
         assert L.PointEvaluator(model, loss_fn, batches, directions).impl == impl
-    relu_net = build_model(ModelConfig(name="relu-net", width=4), (6,), 1, seed=0)  # no batched forward
+    unbatched = Unbatched()  # a module of the user's, with no batched forward
     data = (torch.randn(5, 6), torch.randn(5))
-    directions = L.random_directions(relu_net, 1, ignore="none")
-    assert L.PointEvaluator(relu_net, squared_error_per_sample, data, directions).impl == "sequential"
+    directions = L.random_directions(unbatched, 1, ignore="none")
+    assert L.PointEvaluator(unbatched, squared_error_per_sample, data, directions).impl == "sequential"
     with pytest.raises(ValueError, match="impl: 'copies' cannot batch"):
-        L.PointEvaluator(relu_net, squared_error_per_sample, data, directions, impl="copies")
+        L.PointEvaluator(unbatched, squared_error_per_sample, data, directions, impl="copies")
+
+
+class Unbatched(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) @ self.weight
 
 
 # -- cancel and resume ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ BUILTIN = {
     "resnet18-bn": (ModelConfig(name="resnet18", width=4, norm="bn"), (3, 16, 16), 3),
     "resnet18-gn": (ModelConfig(name="resnet18", width=4, norm="gn"), (3, 8, 8), 3),
     "diag-linear": (ModelConfig(name="diag-linear", init_scale=0.3), (6,), 1),
+    "relu-net": (ModelConfig(name="relu-net", width=5, init_scale=0.5), (6,), 1),
 }
 
 

@@ -550,12 +550,15 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     for low_rank, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
         shape = grad_out.shape[:-1]
         terms[shape] = low_rank.squared_norm_terms(grad_out, k, terms.get(shape))
+    # ‖g_j‖ / k from the batched tensors' per-micro-batch norms and the low-rank layers' terms
+    batched_norms = _row_norms(list(micro.values()), k) if micro else None
     squares = [t.sum((1, 2)) for t in terms.values()]
-    if micro:
-        norms = [torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim()))) if g.dim() > 1 else g.abs()
-                 for g in micro.values()]
-        squares.append(torch.stack(norms).pow(2).sum(0))
-    norms = (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()  # ‖g_j‖ / k
+    if not squares:
+        norms = batched_norms
+    else:
+        if batched_norms is not None:
+            squares.append(batched_norms.square())
+        norms = (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()
     scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
     again = {name: weights[name].detach().requires_grad_() for name in names}
@@ -590,6 +593,12 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms * k,
             "losses": micro_batches(losses.detach(), k, interleaved),
             "perturbed_losses": micro_batches(perturbed_losses.detach(), k, interleaved)}
+
+
+def _row_norms(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """‖(t[j] for t in tensors)‖ for each j of the leading dimension k: the norm of the per-tensor norms."""
+    per_tensor = [torch.linalg.vector_norm(t.reshape(k, -1), dim=1) for t in tensors]
+    return per_tensor[0] if len(per_tensor) == 1 else torch.linalg.vector_norm(torch.stack(per_tensor, 1), dim=1)
 
 
 def _grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
