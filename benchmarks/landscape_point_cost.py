@@ -14,6 +14,10 @@ statistics from one training-mode batch):
 - cifar-wrn16: WideResNet-16-1 on 512 random CIFAR-shaped images in batches of 256
 - cifar-resnet18: ResNet-18 of width 8 on the same images
 - diag-linear: the diagonal linear network on 1797 random 30-feature vectors (regression)
+- relu-net: the relu-msharp preset's two-layer ReLU network (width 40) on 1797 random 10-feature vectors
+
+The C allocator is set as in a run's worker process, where landscape analyses run
+(`samlab.devices.retain_freed_memory`); `--allocator default` measures with glibc's own settings.
 
     python benchmarks/landscape_point_cost.py [--json] [--repeats N] [--points P] [--threads T]
                                               [--clock wall|cpu] [--device cpu|cuda] [--workloads a,b]
@@ -34,6 +38,7 @@ import torch
 from samlab import landscape as L
 from samlab.config import DataConfig, ModelConfig
 from samlab.data import load_dataset
+from samlab.devices import retain_freed_memory
 from samlab.losses import per_sample_loss
 from samlab.models import build_model
 
@@ -50,6 +55,7 @@ WORKLOADS = {
     "cifar-wrn16": ModelConfig(name="wrn16", widen=1, norm="bn"),
     "cifar-resnet18": ModelConfig(name="resnet18", width=8, norm="bn"),
     "diag-linear": ModelConfig(name="diag-linear"),
+    "relu-net": ModelConfig(name="relu-net", width=40, init_scale=0.01),
 }
 
 
@@ -59,8 +65,9 @@ def workload(name: str, device: torch.device, seed: int):
     if name.startswith("digits"):
         data = load_dataset(DataConfig(name="digits"), device=device)
         x, y, shape, outputs = data.x_train, data.y_train, data.input_shape, data.num_classes
-    elif name == "diag-linear":
-        x, shape, outputs = torch.randn(1797, 30, generator=gen).to(device), (30,), 1
+    elif name in ("diag-linear", "relu-net"):
+        features = 30 if name == "diag-linear" else 10
+        x, shape, outputs = torch.randn(1797, features, generator=gen).to(device), (features,), 1
         y = torch.randn(1797, generator=gen).to(device)
     else:
         x, shape, outputs = torch.randn(512, 3, 32, 32, generator=gen).to(device), (3, 32, 32), 10
@@ -76,7 +83,7 @@ def workload(name: str, device: torch.device, seed: int):
 def measure(name: str, device: torch.device, points: int, repeats: int, seed: int, clock: str,
             impls: list[str]) -> dict:
     model, batches, task = workload(name, device, seed)
-    d1, d2 = L.random_directions(model, 2, seed=seed, ignore="none" if name == "diag-linear" else "biasbn")
+    d1, d2 = L.random_directions(model, 2, seed=seed, ignore="none" if name in ("diag-linear", "relu-net") else "biasbn")
     evaluators = {impl: L.PointEvaluator(model, per_sample_loss(task), batches, [d1, d2], impl=impl)
                   for impl in impls}
     coords = np.stack(np.meshgrid(np.linspace(-1, 1, points), [0.5], indexing="ij"), -1).reshape(-1, 2)
@@ -128,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocator", default="worker", choices=("worker", "default"),
+                        help="worker: the C allocator kept as a run's worker keeps it (samlab.devices."
+                             "retain_freed_memory); default: glibc's own settings")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats and --points: must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.allocator == "worker":
+        retain_freed_memory()
     load_before = os.getloadavg()
     impls = args.impls.split(",")
     if unknown := [i for i in impls if i not in L.POINT_IMPLS[1:]] + [w for w in args.workloads.split(",")
@@ -145,11 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: measure(name, torch.device(args.device), args.points, args.repeats, args.seed, args.clock, impls)
                for name in args.workloads.split(",")}
     out = {"device": args.device, "threads": torch.get_num_threads(), "clock": args.clock, "repeats": args.repeats,
+           "allocator": args.allocator,
            "load_before": load_before, "load_after": os.getloadavg(), "goal": GOAL, "workloads": results}
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"device {args.device}, {out['threads']} threads, {args.clock} clock, median of {args.repeats}; load "
+    print(f"device {args.device}, {out['threads']} threads, {args.clock} clock, {args.allocator} allocator, "
+          f"median of {args.repeats}; load "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} -> {'/'.join(f'{v:.1f}' for v in out['load_after'])}")
     print(f"  {args.points} points per call; ratio = time per point / one forward; * = impl='auto'")
     print(f"  {'workload':<15} {'forward ms':>10}  " + "  ".join(f"{impl:>12}" for impl in impls)
