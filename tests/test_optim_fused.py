@@ -89,6 +89,28 @@ def test_auto_takes_the_fused_path_on_builtin_models(label):
         assert torch.equal(p.grad, q.grad)
 
 
+def test_the_builtin_models_take_both_forms_of_the_convolution(monkeypatch):
+    """The oracle tests above cover the split first pass (`_MicroConv`) and the grouped one: some layer
+    of the test models takes each (which one depends on SPLIT_FROM and the layer's sizes)."""
+    from samlab.optim import fused
+
+    taken = {"split": 0, "grouped": 0}
+    split, grouped = fused._MicroConv.apply, fused._conv2d
+
+    def count(form, real):
+        def counted(*args):
+            taken[form] += 1
+            return real(*args)
+        return counted
+
+    monkeypatch.setattr(fused._MicroConv, "apply", count("split", split))
+    monkeypatch.setattr(fused, "_conv2d", count("grouped", grouped))
+    for label in BUILTIN:
+        model, x, y, loss_fn = builtin(label)
+        sharpness_gradient(model, loss_fn, x, y, method="msam", rho=RHO, m=2, impl="fused")
+    assert taken["split"] > 0 and taken["grouped"] > 0, taken
+
+
 def test_fused_leaves_the_module_as_it_was():
     model, x, y, loss_fn = builtin("cnn-bn")
     weights = [p.detach().clone() for p in model.parameters()]

@@ -11,7 +11,7 @@ So one forward of the whole batch in which the samples of B_j see the weights W_
 backward, give all k per-micro-batch gradients: at W_j = w (first pass, g_j) and at
 W_j = w + eps_j (second pass, h_j). The layers with weights run their k micro-batches as one
 batched product. A convolution runs as one grouped convolution (groups = k) of the k weights;
-where the k weight copies are at least the size of the layer's input, it runs instead as one
+where the k weight copies are at least a quarter of the size of the layer's input, it runs instead as one
 ordinary convolution in the first pass (all W_j = w), whose backward takes the k per-micro-batch
 weight gradients from one grouped weight-gradient product, and in the second as the grouped
 convolution whose backward gives the shared weight Σ_j h_j directly (`_MicroConv`,
@@ -188,12 +188,21 @@ def _conv_bias(out: torch.Tensor, bias: torch.Tensor | None, k: int) -> torch.Te
     return (out.view(out.shape[0] // k, k, *out.shape[1:]) + bias.view(1, k, -1, *([1] * (out.dim() - 2)))).view(out.shape)
 
 
+# The first pass splits a convolution (`_conv2d_first`) where its k weight copies are at least this
+# fraction of its input's size. Measured with benchmarks/step_cost.py-style paired steps on an AMD EPYC
+# core (m-SAM / SAM at k = 16 and 64): a quarter against the whole input, 1.285 -> 1.253 and 1.268 ->
+# 1.267 on the digits CNN with BatchNorm, 1.282 -> 1.249 / 1.337 -> 1.334 with GroupNorm, 1.013 -> 0.977
+# / 1.074 -> 1.067 on ResNet-18 of width 8, 1.109 -> 1.087 / 1.217 -> 1.227 on WRN-16-1; an eighth was
+# worse on the CNN at k = 64 (1.361).
+SPLIT_FROM = 0.25
+
+
 def _conv2d_first(module: nn.Conv2d, split: set[nn.Module], x: torch.Tensor, p: Params, k: int) -> torch.Tensor:
-    """The first pass of a convolution. Where the k weight copies are at least the size of the layer's
-    input, the shared-weight convolution (`_MicroConv`, recorded in `split` for the second pass);
-    else the grouped convolution of k weight copies, whose one backward call over the (larger)
+    """The first pass of a convolution. Where the k weight copies are at least SPLIT_FROM of the size of
+    the layer's input, the shared-weight convolution (`_MicroConv`, recorded in `split` for the second
+    pass); else the grouped convolution of k weight copies, whose one backward call over the (larger)
     activations costs less than the two of the split form."""
-    if k * p["weight"][0].numel() < x.numel():
+    if k * p["weight"][0].numel() < SPLIT_FROM * x.numel():
         return _conv2d(module, x, p, k)
     _check_padding(module)
     split.add(module)
