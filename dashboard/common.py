@@ -54,7 +54,7 @@ Stable API (other pages rely on it; extend, do not change):
     queue_places(run_ids) -> {id: (place, length)}     where queued runs stand in the queue (oldest first)
     task_progress(run, live_every_s=None)        status line, progress bar with ETA, error text of a failed run;
                                         live_every_s: an active run's progress follows its live feed
-    task_result(task, live_every_s=None) -> result | None   the run re-read, its progress shown until it completes
+    task_result(task, live_every_s=None) -> result | None   its progress shown until it completes, its result
     result_digest(run) -> str                    changes with every stage a run publishes of its result
     progress_text(run, now) -> (fraction, text)  pure-ish: the progress bar's value and label
     feed_progress(store) -> (run, now) -> (fraction, text)   the same led by status and queue place (live feeds)
@@ -508,15 +508,14 @@ def feed_progress(store: Store) -> Callable[[dict[str, Any], datetime | None], t
 
 
 def task_result(task: dict[str, Any] | None, *, live_every_s: float | None = None) -> dict[str, Any] | None:
-    """Re-read a background analysis run, show its progress until it completes (`task_progress`, which
-    follows an active run's feed with `live_every_s`), and return its result (partial while it computes;
-    None before anything was published or when there is no run)."""
+    """A background analysis run as this page run read it (`cached_or_submit`): its progress shown until
+    it completes (`task_progress`, which follows an active run's feed with `live_every_s`), and its result
+    (partial while it computes; None before anything was published or when there is no run)."""
     if task is None:
         return None
-    run = get_store().get_run(task["id"])
-    if run["status"] != "completed":
-        task_progress(run, live_every_s=live_every_s)
-    return run.get("result")
+    if task["status"] != "completed":
+        task_progress(task, live_every_s=live_every_s)
+    return task.get("result")
 
 
 def log_tail(run: dict[str, Any], lines: int = 20) -> str:
