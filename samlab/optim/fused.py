@@ -559,14 +559,10 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     for low_rank, grad_out in zip(low_ranks, grads[len(batched) + len(linear):], strict=True):
         shape = grad_out.shape[:-1]
         terms[shape] = low_rank.squared_norm_terms(grad_out, k, terms.get(shape))
-    # ‖g_j‖ / k from the batched tensors' per-micro-batch norms and the low-rank layers' terms
-    batched_norms = _row_norms(list(micro.values()), k) if micro else None
-    squares = [t.sum((1, 2)) for t in terms.values()]
-    if not squares:
-        norms = batched_norms
-    else:
-        if batched_norms is not None:
-            squares.append(batched_norms.square())
+    # ‖g_j‖ / k: the batched tensors' per-micro-batch norms, combined with the low-rank layers' terms
+    norms = _row_norms(list(micro.values()), k) if micro else None
+    if terms:
+        squares = [t.sum((1, 2)) for t in terms.values()] + ([norms.square()] if micro else [])
         norms = (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()
     scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
