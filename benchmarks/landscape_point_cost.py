@@ -57,6 +57,7 @@ WORKLOADS = {
     "diag-linear": ModelConfig(name="diag-linear"),
     "relu-net": ModelConfig(name="relu-net", width=40, init_scale=0.01),
 }
+VECTOR_FEATURES = {"diag-linear": 30, "relu-net": 10}  # the workloads on random vectors: their input size
 
 
 def workload(name: str, device: torch.device, seed: int):
@@ -65,8 +66,8 @@ def workload(name: str, device: torch.device, seed: int):
     if name.startswith("digits"):
         data = load_dataset(DataConfig(name="digits"), device=device)
         x, y, shape, outputs = data.x_train, data.y_train, data.input_shape, data.num_classes
-    elif name in ("diag-linear", "relu-net"):
-        features = 30 if name == "diag-linear" else 10
+    elif name in VECTOR_FEATURES:
+        features = VECTOR_FEATURES[name]
         x, shape, outputs = torch.randn(1797, features, generator=gen).to(device), (features,), 1
         y = torch.randn(1797, generator=gen).to(device)
     else:
@@ -83,7 +84,8 @@ def workload(name: str, device: torch.device, seed: int):
 def measure(name: str, device: torch.device, points: int, repeats: int, seed: int, clock: str,
             impls: list[str]) -> dict:
     model, batches, task = workload(name, device, seed)
-    d1, d2 = L.random_directions(model, 2, seed=seed, ignore="none" if name in ("diag-linear", "relu-net") else "biasbn")
+    # the vector models' one-dimensional tensors are weights, not biases
+    d1, d2 = L.random_directions(model, 2, seed=seed, ignore="none" if name in VECTOR_FEATURES else "biasbn")
     evaluators = {impl: L.PointEvaluator(model, per_sample_loss(task), batches, [d1, d2], impl=impl)
                   for impl in impls}
     coords = np.stack(np.meshgrid(np.linspace(-1, 1, points), [0.5], indexing="ij"), -1).reshape(-1, 2)
