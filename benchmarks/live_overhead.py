@@ -1,6 +1,6 @@
 """What watching costs a run: its wall time with a dashboard page open against no page at all.
 
-    python benchmarks/live_overhead.py [--repeats 3] [--epochs 40] [--pages train,runs,hessian] [--one-thread]
+    python benchmarks/live_overhead.py [--repeats 3] [--epochs 40] [--pages train,train-cli,runs,hessian] [--one-thread]
                                        [--settings NAME:VAR=VALUE[+VAR=VALUE],...] [--json]
 
 Starts the dashboard server as `make run` does (`streamlit run app.py` in the app folder, with its
@@ -12,8 +12,11 @@ under interleaved conditions, repeated --repeats times:
   all-cores no browser, one thread per core, spinning while they wait (SAMLAB_CPU_THREADS=cores,
             OMP_WAIT_POLICY=ACTIVE): the run with all cores to itself, against which the chosen
             setting must not be slower by > 10 %
-  train     the Train page open in headless Chromium (opened before the run is submitted; it picks
-            the run up and watches it to the end)
+  train     the Train page open in headless Chromium, the run launched as a user launches it: the
+            digits-cnn preset loaded into the form, epochs and seed set, the page's Launch button
+            clicked; the page then watches the run to the end
+  train-cli the Train page open, the run submitted elsewhere (as `samlab submit` would): the page finds
+            it within a few seconds (its watcher, or the active card's feed) and watches it to the end
   runs      the Runs page open with the 100 seeded runs selected
   NAME      (--one-thread, --settings) the run with other worker thread settings: one-thread is
             SAMLAB_CPU_THREADS=1; a setting puts its variables into the environment the scheduler and
@@ -214,6 +217,39 @@ def timed(store: Store, submit, pid: int) -> dict[str, float]:
             "browser_cpu_per_s": max(0.0, browser1 - browser0) / (t1 - t0), "load": load0}
 
 
+def wait_launched(store: Store, before: set[str], timeout: float = 120) -> str:
+    """The id of the train run that the page queued, once it has (one not among `before`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [r["id"] for r in store.list_runs(kind="train", limit=5) if r["id"] not in before]
+        if new:
+            return new[0]
+        time.sleep(0.05)
+    raise TimeoutError("the page did not queue the run")
+
+
+def fill_train_form(page, epochs: int) -> None:
+    """The Train page's form set to the timed run: the digits-cnn preset, `epochs`, seed 0, the CPU."""
+    def settled() -> None:
+        page.wait_for_timeout(300)
+        page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=60_000)
+
+    page.get_by_role("combobox", name="Preset").click()
+    page.keyboard.type("digits-cnn")
+    page.keyboard.press("Enter")
+    settled()
+    page.get_by_role("button", name="Load preset").click()
+    settled()
+    for label, value in (("epochs", str(epochs)), ("seeds", "0")):
+        box = page.get_by_label(label, exact=True)
+        box.fill(value)
+        box.press("Enter")
+        settled()
+    page.get_by_role("combobox", name="device").click()
+    page.get_by_role("option", name="cpu", exact=True).click()
+    settled()
+
+
 def wait_submitted(store: Store, key: str, timeout: float = 120) -> str:
     """The id of the run with this cache key, once the page has queued it."""
     deadline = time.monotonic() + timeout
@@ -256,7 +292,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--pages", default="train,runs,hessian")
+    parser.add_argument("--pages", default="train,train-cli,runs,hessian")
     parser.add_argument("--app-dir", default=str(APP_DIR), help="the app folder (default: this samlab's)")
     parser.add_argument("--python", default=sys.executable, help="the server's interpreter")
     parser.add_argument("--one-thread", action="store_true",
@@ -278,6 +314,11 @@ def main() -> int:
 
     def train() -> str:
         return jobs.submit(config, store=store)
+
+    def launch(page) -> str:
+        before = {r["id"] for r in store.list_runs(kind="train", limit=5)}
+        page.get_by_role("button", name="Launch").click()
+        return wait_launched(store, before)
 
     results: dict[str, list[dict[str, float]]] = {}
     sequence: list[tuple[str, float]] = []  # (condition, wall) in the order timed, for the paired ratios
@@ -321,7 +362,10 @@ def main() -> int:
             with environ(ALL_CORES):
                 record("all-cores", timed(store, train, pid))
             if "train" in pages:
-                with_page("Train", TRAIN_READY, "train", lambda page: train())
+                with_page("Train", TRAIN_READY, "train", launch, prepare=lambda page: fill_train_form(page, args.epochs))
+                record("none", timed(store, train, pid))
+            if "train-cli" in pages:
+                with_page("Train", TRAIN_READY, "train-cli", lambda page: train())
                 record("none", timed(store, train, pid))
             for name, overrides in settings:
                 with environ(overrides):
@@ -378,6 +422,7 @@ def summarize(results: dict[str, list[dict[str, float]]], settings: list[str],
                 "median": statistics.median(pairs), "n": len(pairs)}
 
     ratio("ratio_train", "train", "none")
+    ratio("ratio_train_cli", "train-cli", "none")
     ratio("ratio_runs", "runs", "none")
     ratio("ratio_hessian", "hessian", "hessian-none")
     ratio("ratio_chosen_over_all_cores", "none", "all-cores")

@@ -36,7 +36,7 @@ Stable API (other pages rely on it; extend, do not change):
     show_exception(err, what)                    a ValueError's message as an error box, not a traceback
     show_figure(fig, key=None)                   plotly with the Streamlit theme (light and dark)
     show_live_figure(fig, key)                   the same for a live panel: redrawn in place at each refresh
-    show_live_feed(feed, folder, *, key, status, active=None)   a watched run's feed, followed by its frame
+    show_live_feed(feed, folder, *, key, rerun_at_end, active, stage, stage_every_s)   a feed, followed by its frame
     live(seconds)                                decorator: st.fragment(run_every=seconds); None: no refresh
     live_while_active(seconds, key)              decorator: a panel of runs that refreshes while they are active
     submit(kind, params, *, name="", group=None) -> id | None   errors shown, nothing queued
@@ -277,23 +277,24 @@ def show_figure(fig: Any, key: str | None = None) -> None:
     st.plotly_chart(fig, theme="streamlit", key=key, config=PLOTLY_CONFIG)
 
 
-def show_live_figure(fig: Any, key: str) -> None:
+def show_live_figure(fig: Any, key: str, progress: dict[str, Any] | None = None) -> None:
     """A live panel's figure: the same frame at every refresh, only what changed redrawn, the reader's
-    zoom kept (`dashboard.live_chart`; `show_figure` would draw the whole figure anew each time)."""
+    zoom kept (`dashboard.live_chart`; `show_figure` would draw the whole figure anew each time); with
+    `progress` ({fraction, text}) a progress line above it."""
     from dashboard import live_chart
 
-    live_chart.show(fig, key=key, config=PLOTLY_CONFIG)
+    live_chart.show(fig, key=key, config=PLOTLY_CONFIG, progress=progress)
 
 
-def show_live_feed(feed: dict[str, Any], folder: Any, *, key: str, status: str | None, active: list[str] | None = None,
-                   stage: Any = None, stage_every_s: float | None = None) -> None:
-    """A watched run's progress and figure from its live feed (`dashboard.live.FeedWriter`): the frame
-    follows the feed by itself and runs the page again when the run's status (`status`; None: only when
-    the run ends), the active runs (`active`; None: not looked at) or — with `stage_every_s` — its
-    published stage (`stage`) are no longer what the page drew."""
+def show_live_feed(feed: dict[str, Any], folder: Any, *, key: str, rerun_at_end: bool = True,
+                   active: list[str] | None = None, stage: Any = None, stage_every_s: float | None = None) -> None:
+    """A live feed (`dashboard.live.FeedWriter`) — a watched run's progress and figure — in a frame that
+    follows it by itself and runs the page again when the feed ends (with `rerun_at_end`), when the
+    active runs are no longer `active` (None: not looked at), or — with `stage_every_s` — when the run's
+    published stage is no longer `stage`."""
     from dashboard import live_chart
 
-    live_chart.show_feed(feed, folder, key=key, status=status, active=active, stage=stage,
+    live_chart.show_feed(feed, folder, key=key, rerun_at_end=rerun_at_end, active=active, stage=stage,
                          stage_every_s=stage_every_s, config=PLOTLY_CONFIG)
 
 
@@ -465,7 +466,7 @@ def task_progress(run: dict[str, Any] | None, *, live_every_s: float | None = No
         # the status and the queue place are in the frame's line: they change without a script run
         st.markdown(f"run `{run['id']}`")
         writer = _task_feeds(store_url())
-        show_live_feed(writer.watch(run), writer.folder, key=f"task-progress.{run['id']}", status=None,
+        show_live_feed(writer.watch(run), writer.folder, key=f"task-progress.{run['id']}",
                        stage=result_digest(run), stage_every_s=live_every_s)
     else:
         st.markdown(f"**{status_label(run['status'])}** · run `{run['id']}`{_queue_place(run)}")

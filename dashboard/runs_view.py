@@ -21,13 +21,12 @@ LIVE_LABEL = ":blue[:material/sensors: live]"  # an active run's card title
 
 
 def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> None:
-    """Active runs first (live), then the most recent finished ones. The page re-runs when a run starts or
-    ends elsewhere (a CLI, another tab): the first active card's feed tells, or with no active run a
-    small watcher fragment."""
-    active_ids = {r["id"] for r in active}
-    if not active:
-        _watch(active_ids)
-    runs = active + finished
+    """The active runs (live) and the most recent finished ones, newest first: a card keeps its place when
+    its run ends (the browser keeps its chart and redraws it; a moved frame would be loaded again). The
+    page runs again when a run starts or ends, here or elsewhere (a CLI, another tab): a frame follows
+    the feed of the active runs."""
+    _watch_active([r["id"] for r in active])
+    runs = sorted(active + finished, key=lambda r: r["seq"], reverse=True)
     if not runs:
         ui.empty_state("No runs yet — fill the form above and press Launch.")
         return
@@ -39,42 +38,30 @@ def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> 
         # keyed by run: when a card is added above or removed, the browser keeps the others (their charts
         # are not drawn again); unkeyed, every card below the change would be rebuilt from scratch
         with st.container(key=f"run-card-{run['id']}"):
-            run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE,
-                     watch=active_ids if index == 0 else None)
+            run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE)
 
 
-def _runs_changed(active_ids: set[str]) -> bool:
-    """Whether the active runs are no longer `active_ids` (one small query)."""
-    return {r["id"] for r in ui.list_runs(kind="train", status=list(ui.ACTIVE), limit=50)} != active_ids
+def _watch_active(active_ids: list[str]) -> None:
+    """A frame with nothing to draw that runs the page again when the active runs are no longer these."""
+    writer = feed_writer(ui.store_url())
+    ui.show_live_feed(writer.watch_active(), writer.folder, key="train-active-runs", active=sorted(active_ids))
 
 
-def _watch(active_ids: set[str]) -> None:
-    @st.fragment(run_every=live.WATCH_S)
-    def watcher() -> None:
-        if _runs_changed(active_ids):
-            st.rerun()
-
-    watcher()
-
-
-def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded: bool,
-             watch: set[str] | None = None) -> None:
-    """Draw one run: header, progress, curves, buttons, log tail and error. An active card with `watch`
-    (the active run ids the page was drawn with) also re-runs the page when they change."""
+def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded: bool) -> None:
+    """Draw one run: header, progress, curves, buttons, log tail and error."""
     # an active card's status (queued, running) is in its live frame, which changes it without a script run
     status = LIVE_LABEL if run["status"] in ui.ACTIVE else ui.status_label(run["status"])
     title = f"{status} · {label} · `{run['id']}`"
     with st.expander(title, expanded=expanded):
+        # the chart's frame comes first in both states: when the run ends, the browser keeps it in place and
+        # redraws it (a frame moved among its siblings is reloaded, and Streamlit no longer hears it)
         if run["status"] in ui.ACTIVE:
-            _live_progress_and_curves(run, watch)
+            _live_progress_and_curves(run)
         else:
-            fraction, text = ui.progress_text(run, now)
-            st.progress(fraction, text=text)
+            _finished_progress_and_curves(run, now)
         if run.get("error") and run["status"] in ("failed", "diverged"):
             st.error(f"This run {run['status']}:\n\n```\n{_tail(run['error'])}\n```", icon=ui.ICON_ERROR)
         _buttons(run)
-        if run["status"] not in ui.ACTIVE:
-            _finished_curves(run)
         with st.popover("log tail", use_container_width=False):
             st.code(ui.log_tail(run, lines=30), language=None)
 
@@ -100,14 +87,12 @@ def _act(action, what: str) -> None:
     st.toast(message or f"{what}: done")
 
 
-def _live_progress_and_curves(run: dict[str, Any], watch: set[str] | None) -> None:
+def _live_progress_and_curves(run: dict[str, Any]) -> None:
     """The part of an active run's card that changes — status, progress and curves — in a frame that
-    follows the run's feed by itself (`live.FeedWriter`), with no script run until the run ends (or, with
-    `watch`, until the active runs are no longer those)."""
+    follows the run's feed by itself (`live.FeedWriter`), with no script run until the run ends."""
     writer = feed_writer(ui.store_url())
-    feed = writer.watch(run)
-    ui.show_live_feed(feed, writer.folder, key=f"run-panel.{run['id']}", status=None,
-                      active=sorted(watch) if watch is not None else None)
+    # the active runs' frame runs the page again when the run ends
+    ui.show_live_feed(writer.watch(run), writer.folder, key=f"run-panel.{run['id']}", rerun_at_end=False)
 
 
 @st.cache_resource(show_spinner=False)
@@ -145,13 +130,15 @@ def finished_run_figure(run_id: str, finished_at: datetime | None, attempts: int
     return panel_figure(run, ui.load_metrics([run_id], max_points=plots.PANEL_MAX_POINTS))
 
 
-def _finished_curves(run: dict[str, Any]) -> None:
+def _finished_progress_and_curves(run: dict[str, Any], now: datetime | None) -> None:
+    fraction, text = ui.progress_text(run, now)
     figure = finished_run_figure(run["id"], run.get("finished_at"), int(run.get("attempts") or 0))
     if figure is None:
+        st.progress(fraction, text=text)
         st.caption("no metrics recorded")
         return
-    # the same chart as a live card's: the browser has plotly.js loaded once for all the page's cards
-    ui.show_live_figure(figure, key=f"run-panel.{run['id']}")
+    # the same frame as the live card's, with its progress line: the browser has plotly.js loaded once
+    ui.show_live_figure(figure, key=f"run-panel.{run['id']}", progress={"fraction": fraction, "text": text})
 
 
 def _tail(text: str, n: int = 12) -> str:

@@ -82,18 +82,37 @@ def chart_entries(at) -> list[tuple[str | None, dict]]:
     for c in at.get("component_instance"):
         if c.proto.component_name.endswith("live_chart"):
             args = json.loads(c.proto.json_args)
-            entries.append((args["revision"], json.loads(args["spec"])))
+            if args["spec"] is not None:  # None: a frame with nothing to draw (the feed of the active runs)
+                entries.append((args["revision"], json.loads(args["spec"])))
     return entries
 
 
-def live_feeds(at) -> list[dict]:
-    """The arguments of every live chart frame that follows a run's feed in an AppTest run (its
-    progress, figure, status and feed file; `dashboard.live.FeedWriter`)."""
+def _feed_frames(at) -> list[dict]:
     import json
 
     frames = [json.loads(c.proto.json_args) for c in at.get("component_instance")
               if c.proto.component_name.endswith("live_chart")]
     return [args for args in frames if args.get("feed")]
+
+
+def progress_lines(at) -> list[dict]:
+    """The progress line ({fraction, text}) of every live chart frame that draws one (a run card's)."""
+    import json
+
+    frames = [json.loads(c.proto.json_args) for c in at.get("component_instance")
+              if c.proto.component_name.endswith("live_chart")]
+    return [args["progress"] for args in frames if args.get("progress")]
+
+
+def live_feeds(at) -> list[dict]:
+    """The arguments of every live chart frame that follows a run's feed in an AppTest run (its
+    progress, figure and feed file; `dashboard.live.FeedWriter`)."""
+    return [args for args in _feed_frames(at) if args.get("active") is None]
+
+
+def active_runs_frames(at) -> list[dict]:
+    """The arguments of every frame that follows the feed of the active runs (`FeedWriter.watch_active`)."""
+    return [args for args in _feed_frames(at) if args.get("active") is not None]
 
 
 def chart_specs(at) -> dict[str, dict]:

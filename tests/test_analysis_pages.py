@@ -116,7 +116,7 @@ def test_a_computing_hessian_analysis_is_followed_by_its_feed_and_its_partial_re
     assert [name for name, every in defined if every] == []  # nothing refreshes while the analysis computes
     (feed,) = live_feeds(at)
     run = store_env.get_run(analysis["id"])
-    assert feed["status"] is None and feed["stage"] == common.result_digest(run)  # the page runs again at the end
+    assert feed["rerun_at_end"] and feed["stage"] == common.result_digest(run)  # the page runs again at the end
     assert feed["stage_every_s"] > 0 and feed["progress"]["text"].startswith("running · 25% · top eigenvalues")
     assert at.dataframe[0].value.iloc[0]["λ_max"] == 3.0  # the partial result is drawn
     writer = common._task_feeds(store_env.url)

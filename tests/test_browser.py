@@ -136,10 +136,12 @@ def test_launch_watch_and_compare_in_a_browser(server):
             expect(page.get_by_text("Queued 2 runs")).to_be_visible()
             # the live panel refreshes on its own until both runs have completed with curves drawn
             try:
-                expect(page.get_by_text(COMPLETED)).to_have_count(2, timeout=300_000)
+                for card in range(2):  # a card's progress line is in its chart's frame
+                    expect(page.frame_locator(RUN_CARD_CHART).nth(card).get_by_text(COMPLETED)).to_be_visible(
+                        timeout=300_000)
             finally:
                 page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
-            panel_chart = page.frame_locator(LIVE_CHART).first  # the run cards draw in the live chart frame
+            panel_chart = page.frame_locator(RUN_CARD_CHART).first  # the run cards draw in the live chart frame
             try:
                 expect(panel_chart.locator("g.scatterlayer .trace").first).to_be_attached()
             except AssertionError as error:
@@ -166,7 +168,7 @@ def test_launch_watch_and_compare_in_a_browser(server):
             _settle(dark)
             dark.screenshot(path=str(SHOTS / "runs_dark.png"), full_page=True)
             dark.goto(f"{server}/Train")
-            expect(dark.get_by_text(COMPLETED).first).to_be_visible()
+            expect(dark.frame_locator(RUN_CARD_CHART).first.get_by_text(COMPLETED)).to_be_visible()
             _settle(dark)
             dark.screenshot(path=str(SHOTS / "train_dark.png"), full_page=True)
             _assert_clean(dark, "Train (dark)", page_errors)
@@ -186,6 +188,7 @@ def _first_run_id(page) -> str:
 PAGES = {"home": "", "train": "Train", "runs": "Runs", "hessian": "Hessian", "landscape": "Landscape",
          "sweeps": "Sweeps", "lesson": "Lesson_m-sharpness", "stability": "Stability"}
 LIVE_CHART = 'iframe[title="dashboard.live_chart.live_chart"]'
+RUN_CARD_CHART = f'[class*="st-key-run-card-"] {LIVE_CHART}'  # not the active runs' frame, which draws nothing
 BUSY = ('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"], '
         '[data-stale="true"], [data-testid="stSkeleton"]')
 
@@ -340,10 +343,9 @@ def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, t
             assert frame.evaluate("() => document.querySelector('#progress .text').textContent").startswith("running · 90% · almost")
             assert frame.evaluate("() => window.liveChart.fetches") > 0
 
-            # the run ends: the frame runs the page again, which draws a finished card (its progress line in the
-            # page's own document, no longer in the frame)
+            # the run ends: the page runs again and draws a finished card, its progress line in its chart's frame
             store.finish_run(run_id, "completed", summary=summary)
-            page.get_by_text(re.compile(r"^100% · almost")).first.wait_for(timeout=60_000)
+            page.frame_locator(RUN_CARD_CHART).first.get_by_text(re.compile(r"^100% · almost")).wait_for(timeout=60_000)
             assert not page_errors, page_errors
         finally:
             browser.close()

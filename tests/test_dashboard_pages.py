@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs.store import Store
-from tests.helpers import chart_entries, live_feeds
+from tests.helpers import chart_entries, live_feeds, progress_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pages").glob("*.py"))
@@ -183,8 +183,10 @@ def test_live_panel_shows_progress_error_and_controls(store_env, recorded_rows):
     assert any(FAILED_RUN_ERROR in e.value for e in at.error)
     assert at.button(key=f"cancel.{ids['running']}") is not None
     assert at.button(key=f"resume.{ids['failed']}") is not None
-    bars = [p.value for p in at.get("progress")]  # finished cards: percent; a watched run's is in its frame
-    assert 100 in bars and 0.5 in [feed["progress"]["fraction"] for feed in live_feeds(at)]
+    # every card's progress line is in its chart's frame: the finished ones' drawn with the figure, the
+    # watched run's from its feed
+    assert 1.0 in [line["fraction"] for line in progress_lines(at)]
+    assert 0.5 in [feed["progress"]["fraction"] for feed in live_feeds(at)]
     at.button(key=f"cancel.{ids['queued']}").click().run()
     assert store_env.get_run(ids["queued"])["status"] == "cancelled"
 

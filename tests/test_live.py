@@ -18,7 +18,7 @@ from dashboard import figures, live, live_chart, plots, runs_view, tables
 from samlab.config import preset
 from samlab.reporting import RecordingReporter
 from samlab.runs import curves
-from tests.helpers import live_feeds, plotly_array, record_fragments
+from tests.helpers import active_runs_frames, live_feeds, plotly_array, record_fragments
 from tests.pg_fixtures import BACKENDS, store_on
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,8 +117,12 @@ def test_the_train_pages_live_card_follows_its_feed_without_script_runs_and_stop
     assert [name for name, every in defined if every] == []  # no fragment refreshes while a run is watched
     (args,) = live_feeds(at)
     writer = runs_view.feed_writer(store_env.url)
-    assert args["feed"] == f"feeds/{writer.folder.name}/{run_id}.json" and args["status"] is None  # until it ends
-    assert args["active"] == [run_id] and args["progress"]["text"].startswith("running · 50% · half")
+    # the card's frame follows the run; the active runs' frame runs the page again when it ends
+    assert args["feed"] == f"feeds/{writer.folder.name}/{run_id}.json" and not args["rerun_at_end"]
+    assert args["progress"]["text"].startswith("running · 50% · half")
+    (watch,) = active_runs_frames(at)
+    watched = writer.folder / watch["feed"].rsplit("/", 1)[1]
+    assert watch["active"] == [run_id] and json.loads(watched.read_text())["active"] == [run_id]
     feed = json.loads(writer.path(run_id).read_text())  # the file the frame fetches
     assert feed["version"] == args["version"] and not feed["final"] and feed["spec"] == args["spec"]
     assert json.loads(feed["spec"])["data"] == json.loads(live_chart.figure_json(
@@ -127,15 +131,16 @@ def test_the_train_pages_live_card_follows_its_feed_without_script_runs_and_stop
     writer.step(time.monotonic() + live.MAX_S)
     feed = json.loads(writer.path(run_id).read_text())
     assert feed["status"] == "completed" and feed["final"] and run_id not in writer.feeds  # no longer watched
+    assert json.loads(watched.read_text())["active"] == []  # what makes the frame run the page again
     defined.clear()
-    at.run()  # what the frame's component value does when its feed's status changed
+    at.run()
     assert not at.exception
-    assert [name for name, every in defined if every] == ["watcher"]  # only the cheap watcher is left
-    assert live_feeds(at) == []
+    assert [name for name, every in defined if every] == []
+    assert live_feeds(at) == [] and [f["active"] for f in active_runs_frames(at)] == [[]]
     assert ":green[" in " ".join(e.label for e in at.expander)  # drawn as a finished card
 
 
-def test_a_feed_changes_version_only_with_news_backs_off_and_tells_about_other_runs(store_env, recorded):
+def test_a_feed_changes_version_only_with_news_and_backs_off(store_env, recorded):
     cfg, rows, _ = recorded
     run_id = _running(store_env, cfg, [])
     writer = runs_view.feed_writer(store_env.url)
@@ -154,11 +159,9 @@ def test_a_feed_changes_version_only_with_news_backs_off_and_tells_about_other_r
     feed = json.loads(writer.path(run_id).read_text())
     assert feed["version"] == first["version"] + 1 and feed["next_s"] == live.BASE_S
     assert feed["progress"]["fraction"] == pytest.approx(0.1)
-    # another run is queued (a CLI, another tab): the feed says so
     (other,) = store_env.create_runs([{"kind": "train", "params": cfg.to_dict(), "name": "other"}])
-    writer.step(now + 2 * live.MAX_S)
-    feed = json.loads(writer.path(run_id).read_text())
-    assert feed["active"] == sorted([run_id, other]) and feed["version"] == first["version"] + 2
+    writer.step(now + 2 * live.MAX_S)  # another run is no news of this one
+    assert json.loads(writer.path(run_id).read_text())["version"] == first["version"] + 1
     assert writer.watch(store_env.get_run(other))["status"] == "queued"
     store_env.delete_run(other)  # a deleted run's last feed ends it (the page then drops its card)
     writer.step(now + 3 * live.MAX_S)
@@ -168,6 +171,40 @@ def test_a_feed_changes_version_only_with_news_backs_off_and_tells_about_other_r
     assert not writer.path(other).exists()  # an ended run's file is removed after a while
     with pytest.raises(ValueError):
         writer.path("../app")
+
+
+def test_the_active_runs_feed_follows_runs_started_elsewhere_until_its_lease_ends(store_env, recorded):
+    cfg, _, summary = recorded
+    writer = runs_view.feed_writer(store_env.url)
+    now = time.monotonic()
+    first = writer.watch_active(now)
+    path = writer.folder / first["file"]
+    assert first["active"] == [] and not first["final"] and json.loads(path.read_text()) == first
+    writer.step(now + live.TICK_S)
+    assert json.loads(path.read_text())["version"] == first["version"]  # nothing changed: the same feed
+    (other,) = store_env.create_runs([{"kind": "train", "params": cfg.to_dict(), "name": "elsewhere"}])
+    store_env.create_runs([{"kind": "hessian", "params": {}, "name": "another kind"}])
+    writer.step(now + 2 * live.TICK_S)  # queued elsewhere: on the feed at the next tick
+    feed = json.loads(path.read_text())
+    assert feed["active"] == [other] and feed["version"] == first["version"] + 1
+    store_env.start_run(other, pid=os.getpid(), host="here", device="cpu")
+    writer.step(now + 3 * live.TICK_S)  # queued -> running: still active, no news
+    assert json.loads(path.read_text())["version"] == feed["version"]
+    store_env.finish_run(other, "completed", summary=summary)
+    writer.step(now + 4 * live.TICK_S)
+    assert json.loads(path.read_text())["active"] == []
+    # a page run renews the lease; without one for ACTIVE_LEASE_S the feed ends (its frame runs the page
+    # again, which starts a new feed under a new file)
+    assert writer.watch_active(now + live.ACTIVE_LEASE_S / 2)["file"] == first["file"]
+    writer.step(now + live.ACTIVE_LEASE_S)
+    assert not json.loads(path.read_text())["final"]
+    writer.step(now + 1.5 * live.ACTIVE_LEASE_S)
+    assert json.loads(path.read_text())["final"] and writer.active is None
+    renewed = writer.watch_active(now + 1.5 * live.ACTIVE_LEASE_S + 1)
+    assert renewed["file"] != first["file"] and not renewed["final"]
+    writer.step(now + 1.5 * live.ACTIVE_LEASE_S + live.ENDED_KEEP_S + 2)
+    assert not path.exists()  # the ended feed's file is removed after a while
+    writer.active = None
 
 
 def test_the_feed_writers_thread_writes_the_new_points_by_itself_and_stops_with_nothing_to_watch(

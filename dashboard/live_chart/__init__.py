@@ -84,24 +84,25 @@ def feeds_folder() -> Path:
     return parent / uuid.uuid4().hex
 
 
-def show(fig: Any, *, key: str, config: dict[str, Any] | None = None) -> None:
-    """Draw `fig` in the live chart `key`: the first call draws it, later calls with the same key redraw
-    what changed in the same frame."""
-    _draw(key, config, spec=figure_json(fig))
+def show(fig: Any, *, key: str, config: dict[str, Any] | None = None, progress: dict[str, Any] | None = None) -> None:
+    """Draw `fig` in the live chart `key` (with `progress`, {fraction, text}, a progress line above it):
+    the first call draws it, later calls with the same key redraw what changed in the same frame."""
+    _draw(key, config, spec=figure_json(fig), progress=progress)
 
 
-def show_feed(feed: dict[str, Any], folder: Path, *, key: str, status: str | None, active: list[str] | None = None,
-              stage: Any = None, stage_every_s: float | None = None, config: dict[str, Any] | None = None) -> None:
-    """Draw a watched run's feed (`dashboard.live.FeedWriter`) — its progress and figure — in the live
-    chart `key`; the frame then fetches the feed's file by itself and redraws what changed, with no
-    script run. The frame sets the component's value, which runs the page again, when the feed's status
-    is no longer `status` (None: only when the run ends), or its active runs no longer `active` (None:
-    not looked at), or — with `stage_every_s` — its stage no longer `stage`, once the page's last run is
-    that many seconds old."""
-    url = f"{FEEDS}/{folder.name}/{feed['run_id']}.json"
+def show_feed(feed: dict[str, Any], folder: Path, *, key: str, rerun_at_end: bool = True,
+              active: list[str] | None = None, stage: Any = None, stage_every_s: float | None = None,
+              config: dict[str, Any] | None = None) -> None:
+    """Draw a feed (`dashboard.live.FeedWriter`) — a watched run's progress and figure, or nothing for the
+    feed of the active runs — in the live chart `key`; the frame then fetches the feed's file by itself
+    and redraws what changed, with no script run. The frame sets the component's value, which runs the
+    page again, when the feed ends (with `rerun_at_end`), or its active runs are no longer `active`
+    (None: not looked at), or — with `stage_every_s` — its stage is no longer `stage`, once the page's
+    last run is that many seconds old."""
+    url = f"{FEEDS}/{folder.name}/{feed['file']}"
     stages = {} if stage_every_s is None else {"stage": stage, "stage_every_s": stage_every_s}
-    _draw(key, config, spec=feed["spec"], progress=feed["progress"], version=feed["version"], feed=url,
-          next_s=feed["next_s"], status=status, active=active, **stages)
+    _draw(key, config, spec=feed.get("spec"), progress=feed.get("progress"), version=feed["version"], feed=url,
+          next_s=feed["next_s"], rerun_at_end=rerun_at_end, active=active, **stages)
 
 
 def _draw(key: str, config: dict[str, Any] | None, **args: Any) -> None:

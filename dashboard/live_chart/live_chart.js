@@ -6,10 +6,10 @@
 //
 // A watched run's card sends a feed instead: the URL of a file that the server rewrites while the run
 // goes on (progress, figure, status; see dashboard/live.py). The frame fetches it by itself, as often as
-// the feed says, and redraws when its version grows; no script runs for it. When the feed says that the
-// run's status is no longer the page's (with args.status null: that the run ended), that other runs
-// started or ended, or that the run published a new stage of its result, the frame sets the component's
-// value, which runs the page again (once per change). window.liveChart counts renders, full rebuilds,
+// the feed says, and redraws when its version grows; no script runs for it. When the feed ends (with
+// args.rerun_at_end), when its active runs are no longer the page's (args.active), or when the run
+// published a new stage of its result, the frame sets the component's value, which runs the page again
+// (once per change and page run). The feed of the active runs has nothing to draw. window.liveChart counts renders, full rebuilds,
 // fetches and the page's messages, and says how plotly.js' load went (the page's tests read it).
 (function () {
   "use strict";
@@ -133,7 +133,7 @@
   function checkPage(feed) {
     let change = null;
     const stage = JSON.stringify(feed.stage);
-    if (args.status === null ? feed.final : feed.status !== args.status) change = "status " + feed.status;
+    if (args.rerun_at_end && feed.final) change = "end " + feed.version;
     else if (args.active && feed.active.join(",") !== args.active.join(",")) change = "active " + feed.active.join(",");
     else if (args.stage !== undefined && stage !== JSON.stringify(args.stage) &&
              Date.now() - renderedAt >= 1000 * (args.stage_every_s || 0)) change = "stage " + stage;
@@ -169,13 +169,13 @@
     args = newArgs;
     theme = newTheme;
     renderedAt = Date.now();
+    asked = null; // the page ran: a change is asked for again if it still holds
     const feed = args.feed || null;
     if (feed !== source) {
       clearTimeout(timer);
       timer = null;
       source = feed;
       version = -1;
-      asked = null;
       if (source !== null) timer = setTimeout(poll, 1000 * (args.next_s || 2));
     }
     if (args.version === undefined || args.version === null || args.version >= version) {
