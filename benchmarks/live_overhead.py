@@ -450,7 +450,7 @@ def paired_ratios(sequence: list[tuple[str, float]], condition: str, baseline: s
 
 def print_summary(summary: dict[str, Any], settings: list[str]) -> None:
     print(f"{summary['cores']} cores; load average at the end {summary['load_end']:.2f}")
-    conditions = ["none", "all-cores", "train", "runs", *(c for n in settings for c in (n, f"train-{n}")),
+    conditions = ["none", "all-cores", "train", "train-cli", "runs", *(c for n in settings for c in (n, f"train-{n}")),
                   "hessian-none", "hessian"]
     for condition in conditions:
         if condition in summary:
