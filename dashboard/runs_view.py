@@ -21,24 +21,27 @@ LIVE_LABEL = ":blue[:material/sensors: live]"  # an active run's card title
 
 
 def runs_panel(active: list[dict[str, Any]], finished: list[dict[str, Any]]) -> None:
-    """The active runs (live) and the most recent finished ones, newest first: a card keeps its place when
-    its run ends (the browser keeps its chart and redraws it; a moved frame would be loaded again). The
-    page runs again when a run starts or ends, here or elsewhere (a CLI, another tab): a frame follows
-    the feed of the active runs."""
+    """The active runs (live), then the most recent finished ones, each newest first (as the store lists
+    them). The page runs again when a run starts or ends, here or elsewhere (a CLI, another tab): a frame
+    follows the feed of the active runs."""
     _watch_active([r["id"] for r in active])
-    runs = sorted(active + finished, key=lambda r: r["seq"], reverse=True)
-    if not runs:
+    if not active and not finished:
         ui.empty_state("No runs yet — fill the form above and press Launch.")
         return
-    labels = ui.run_labels(runs)
+    labels = ui.run_labels(active + finished)
     now = ui.get_store().server_now()
     st.caption(f"{len(active)} active · the {len(finished)} most recent finished · active runs refresh "
                f"every {live.BASE_S:g}–{live.MAX_S:g} s, slower while nothing changes")
-    for index, run in enumerate(runs):
-        # keyed by run: when a card is added above or removed, the browser keeps the others (their charts
-        # are not drawn again); unkeyed, every card below the change would be rebuilt from scratch
-        with st.container(key=f"run-card-{run['id']}"):
-            run_card(run, labels[run["id"]], now, expanded=index < 2 or run["status"] in ui.ACTIVE)
+    # Each card is keyed by its run: when a card is added or removed, the browser keeps the others (their
+    # charts are not drawn again). The active and the finished cards are in two containers, so that no
+    # card ever moves among its siblings: a chart frame moved in the page is loaded again with a window
+    # that Streamlit never listens to (it registers a frame's window once), and stays blank. A run that
+    # ends leaves one container and gets a new card in the other.
+    for group, runs, first in (("active", active, 0), ("finished", finished, len(active))):
+        with st.container(key=f"train-{group}-cards"):
+            for index, run in enumerate(runs, start=first):
+                with st.container(key=f"run-card-{run['id']}"):
+                    run_card(run, labels[run["id"]], now, expanded=index < 2 or group == "active")
 
 
 def _watch_active(active_ids: list[str]) -> None:
