@@ -113,11 +113,35 @@ __all__ = [
 # -- page and store ---------------------------------------------------------------------------------
 def page_setup(title: str, intro: str | None = None, icon: str | None = None) -> None:
     """The first call of every page: tab title, wide layout, the page title and a one-line intro."""
+    _run_through_the_navigation()
     st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or ":material/landscape:", layout="wide")
     require_access()
     st.title(title)
     if intro:
         st.caption(intro)
+
+
+def _run_through_the_navigation() -> None:
+    """Run the page again through app.py when Streamlit ran it without it.
+
+    A server whose app has a pages/ folder starts in Streamlit's old multipage mode: until some script
+    run of app.py calls `st.navigation` (which ends that mode for the whole server), a page opened first
+    (a bookmark, a reload after a restart) runs on its own, and its sidebar lists "app" in place of Home.
+    Ending the mode here and running again makes this run go through app.py's navigation, which picks
+    the same page (a page's identity is its URL path either way). Streamlit's flag is private: where it
+    is not there, nothing happens. Not under streamlit.testing, which puts every run in that mode (the
+    AppTest tests run pages on their own).
+    """
+    try:
+        from streamlit.runtime import Runtime
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        return
+    if type(st.runtime.get_instance()) is not Runtime:  # streamlit.testing's runtime is a mock of it
+        return
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def require_access() -> None:

@@ -244,6 +244,28 @@ def _finished_run(store_url: str) -> None:
     assert done.returncode == 0, f"the tiny run did not complete:\n{done.stdout}\n{done.stderr}"
 
 
+def test_a_page_opened_first_on_a_fresh_server_has_the_apps_navigation(server):
+    # a bookmark opened right after `make run`: Streamlit would run the page without app.py (its old
+    # multipage mode, for an app with a pages/ folder) and list "app" where the navigation says Home
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            page_errors: list[str] = []
+            page = _new_page(browser, page_errors)
+            page.goto(f"{server}/Runs?metric=step.train_loss")
+            nav = page.get_by_test_id("stSidebarNav")
+            expect(nav.get_by_role("link", name="Home")).to_be_visible()
+            expect(nav.get_by_role("link", name="app", exact=True)).to_have_count(0)
+            expect(page.get_by_role("heading", name="Runs").first).to_be_visible()
+            _settle(page)
+            assert "metric=step.train_loss" in page.url  # the page's own query parameters survive
+            _assert_clean(page, "Runs opened first", page_errors)
+        finally:
+            browser.close()
+
+
 def test_every_page_renders_without_an_exception(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
