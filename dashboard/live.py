@@ -163,7 +163,7 @@ class FeedWriter:
         self.feeds: dict[str, Feed] = {}
         self.active: ActiveWatch | None = None
         self.leases = 0  # active-runs feeds started so far (each has its own file)
-        self.ended: dict[str, float] = {}  # run id -> when its last feed file is removed
+        self.ended: dict[str, float] = {}  # an ended feed's file name -> when the file is removed
         self.lock = threading.RLock()
         self.thread: threading.Thread | None = None
         self.folder.mkdir(parents=True, exist_ok=True)

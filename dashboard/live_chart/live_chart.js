@@ -9,8 +9,9 @@
 // the feed says, and redraws when its version grows; no script runs for it. When the feed ends (with
 // args.rerun_at_end), when its active runs are no longer the page's (args.active), or when the run
 // published a new stage of its result, the frame sets the component's value, which runs the page again
-// (once per change and page run). The feed of the active runs has nothing to draw. window.liveChart counts renders, full rebuilds,
-// fetches and the page's messages, and says how plotly.js' load went (the page's tests read it).
+// (once per change and page run). The feed of the active runs has nothing to draw. window.liveChart
+// counts renders, full rebuilds, fetches and the page's messages, and says how plotly.js' load went (the
+// page's tests read it).
 (function () {
   "use strict";
   const chart = document.getElementById("chart");
