@@ -93,6 +93,19 @@ def _new_page(browser, page_errors: list[str], color_scheme: str = "light"):
     return page
 
 
+@contextmanager
+def _browser_page(page_errors: list[str]):
+    """A page of a headless Chromium (`_new_page`); the browser is closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            yield _new_page(browser, page_errors)
+        finally:
+            browser.close()
+
+
 def _fill_number(page, label: str, value: str) -> None:
     box = page.get_by_label(label, exact=True)
     box.fill(value)
@@ -247,23 +260,18 @@ def _finished_run(store_url: str) -> None:
 def test_a_page_opened_first_on_a_fresh_server_has_the_apps_navigation(server):
     # a bookmark opened right after `make run`: Streamlit would run the page without app.py (its old
     # multipage mode, for an app with a pages/ folder) and list "app" where the navigation says Home
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        try:
-            page_errors: list[str] = []
-            page = _new_page(browser, page_errors)
-            page.goto(f"{server}/Runs?metric=step.train_loss")
-            nav = page.get_by_test_id("stSidebarNav")
-            expect(nav.get_by_role("link", name="Home")).to_be_visible()
-            expect(nav.get_by_role("link", name="app", exact=True)).to_have_count(0)
-            expect(page.get_by_role("heading", name="Runs").first).to_be_visible()
-            _settle(page)
-            assert "metric=step.train_loss" in page.url  # the page's own query parameters survive
-            _assert_clean(page, "Runs opened first", page_errors)
-        finally:
-            browser.close()
+    page_errors: list[str] = []
+    with _browser_page(page_errors) as page:
+        page.goto(f"{server}/Runs?metric=step.train_loss")
+        nav = page.get_by_test_id("stSidebarNav")
+        expect(nav.get_by_role("link", name="Home")).to_be_visible()
+        expect(nav.get_by_role("link", name="app", exact=True)).to_have_count(0)
+        expect(page.get_by_role("heading", name="Runs").first).to_be_visible()
+        _settle(page)
+        assert "metric=step.train_loss" in page.url  # the page's own query parameters survive
+        _assert_clean(page, "Runs opened first", page_errors)
 
 
 def test_every_page_renders_without_an_exception(server, tmp_path):
@@ -310,8 +318,6 @@ def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, t
     """The Train page's live card: the points drawn are the store's, new ones and the progress arrive
     (from the run's feed, fetched by the frame) without the chart being built again, a reader's zoom
     survives the refreshes, and the card turns into a finished one when the run ends."""
-    from playwright.sync_api import sync_playwright
-
     from samlab.config import preset
     from samlab.reporting import RecordingReporter
     from samlab.runs.store import Store
@@ -336,38 +342,33 @@ def test_a_watched_runs_chart_is_redrawn_in_place_with_every_new_point(server, t
         return {("train (per step)", "train_loss"): counts.get(("step", "train_loss"), 0),
                 ("test (epoch)", "test_acc"): counts.get(("epoch", "test_acc"), 0)}
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        try:
-            page_errors: list[str] = []
-            page = _new_page(browser, page_errors)
-            page.goto(f"{server}/Train")
-            frame = _live_chart_frame(page)
-            lengths = _trace_lengths(frame)
-            assert {k: lengths.get(k) for k in expected(half)} == expected(half)
-            # the Streamlit theme's text colour, not plotly's default
-            assert frame.evaluate("() => document.getElementById('chart')._fullLayout.font.color") != "#444"
-            frame.evaluate("() => Plotly.relayout('chart', {'xaxis.range': [2, 9]})")  # a reader zooms in
-            frame.evaluate("() => { window.firstSvg = document.querySelector('.main-svg'); }")
-            renders = frame.evaluate("() => window.liveChart.renders")
+    page_errors: list[str] = []
+    with _browser_page(page_errors) as page:
+        page.goto(f"{server}/Train")
+        frame = _live_chart_frame(page)
+        lengths = _trace_lengths(frame)
+        assert {k: lengths.get(k) for k in expected(half)} == expected(half)
+        # the Streamlit theme's text colour, not plotly's default
+        assert frame.evaluate("() => document.getElementById('chart')._fullLayout.font.color") != "#444"
+        frame.evaluate("() => Plotly.relayout('chart', {'xaxis.range': [2, 9]})")  # a reader zooms in
+        frame.evaluate("() => { window.firstSvg = document.querySelector('.main-svg'); }")
+        renders = frame.evaluate("() => window.liveChart.renders")
 
-            store.flush(run_id, rows[half:], progress=0.9, message="almost")
-            deadline = time.monotonic() + 60
-            while {k: _trace_lengths(frame).get(k) for k in expected(len(rows))} != expected(len(rows)):
-                assert time.monotonic() < deadline, f"the new points were not drawn: {_trace_lengths(frame)}"
-                page.wait_for_timeout(250)
-            state = frame.evaluate("""() => ({renders: window.liveChart.renders, rebuilds: window.liveChart.rebuilds,
-                sameSvg: document.querySelector('.main-svg') === window.firstSvg,
-                range: document.getElementById('chart').layout.xaxis.range})""")
-            assert state["renders"] > renders and state["rebuilds"] == 0 and state["sameSvg"], state
-            assert state["range"] == [2, 9], state  # the zoom survived the refresh
-            # the frame followed the run's feed by itself: its progress line too
-            assert frame.evaluate("() => document.querySelector('#progress .text').textContent").startswith("running · 90% · almost")
-            assert frame.evaluate("() => window.liveChart.fetches") > 0
+        store.flush(run_id, rows[half:], progress=0.9, message="almost")
+        deadline = time.monotonic() + 60
+        while {k: _trace_lengths(frame).get(k) for k in expected(len(rows))} != expected(len(rows)):
+            assert time.monotonic() < deadline, f"the new points were not drawn: {_trace_lengths(frame)}"
+            page.wait_for_timeout(250)
+        state = frame.evaluate("""() => ({renders: window.liveChart.renders, rebuilds: window.liveChart.rebuilds,
+            sameSvg: document.querySelector('.main-svg') === window.firstSvg,
+            range: document.getElementById('chart').layout.xaxis.range})""")
+        assert state["renders"] > renders and state["rebuilds"] == 0 and state["sameSvg"], state
+        assert state["range"] == [2, 9], state  # the zoom survived the refresh
+        # the frame followed the run's feed by itself: its progress line too
+        assert frame.evaluate("() => document.querySelector('#progress .text').textContent").startswith("running · 90% · almost")
+        assert frame.evaluate("() => window.liveChart.fetches") > 0
 
-            # the run ends: the page runs again and draws a finished card, its progress line in its chart's frame
-            store.finish_run(run_id, "completed", summary=summary)
-            page.frame_locator(RUN_CARD_CHART).first.get_by_text(re.compile(r"^100% · almost")).wait_for(timeout=60_000)
-            assert not page_errors, page_errors
-        finally:
-            browser.close()
+        # the run ends: the page runs again and draws a finished card, its progress line in its chart's frame
+        store.finish_run(run_id, "completed", summary=summary)
+        page.frame_locator(RUN_CARD_CHART).first.get_by_text(re.compile(r"^100% · almost")).wait_for(timeout=60_000)
+        assert not page_errors, page_errors
