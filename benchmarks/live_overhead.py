@@ -16,7 +16,7 @@ under interleaved conditions, repeated --repeats times:
             digits-cnn preset loaded into the form, epochs and seed set, the page's Launch button
             clicked; the page then watches the run to the end
   train-cli the Train page open, the run submitted elsewhere (as `samlab submit` would): the page finds
-            it within a few seconds (its watcher, or the active card's feed) and watches it to the end
+            it within a second (the feed of the active runs) and watches it to the end
   runs      the Runs page open with the 100 seeded runs selected
   NAME      (--one-thread, --settings) the run with other worker thread settings: one-thread is
             SAMLAB_CPU_THREADS=1; a setting puts its variables into the environment the scheduler and

@@ -35,7 +35,7 @@ Stable API (other pages rely on it; extend, do not change):
     field_error(slot, message)                   a compact error right under a widget (slot = st.empty())
     show_exception(err, what)                    a ValueError's message as an error box, not a traceback
     show_figure(fig, key=None)                   plotly with the Streamlit theme (light and dark)
-    show_live_figure(fig, key)                   the same for a live panel: redrawn in place at each refresh
+    show_live_figure(fig, key, progress=None)    the same for a live panel: redrawn in place at each refresh
     show_live_feed(feed, folder, *, key, rerun_at_end, active, stage, stage_every_s)   a feed, followed by its frame
     live(seconds)                                decorator: st.fragment(run_every=seconds); None: no refresh
     live_while_active(seconds, key)              decorator: a panel of runs that refreshes while they are active

@@ -10,7 +10,7 @@ A watched training run's card is refreshed without any script run (`FeedWriter`)
 writes the run's feed — progress, figure, status — to a file next to the live chart's own files, and the
 chart's frame fetches it by itself and redraws in place. A script run (a fragment's included) makes
 Streamlit's frontend render the whole page again, which on 2 cores cost the watched run more than the
-redraw; the frame asks the page to run again only when the run ends.
+redraw; the page runs again only when a run starts or ends, which the next feed tells.
 
 Which runs are active is a feed of its own (`FeedWriter.watch_active`), read every TICK_S by the same
 thread (one small query) and followed by a frame with nothing to draw: a run started elsewhere (a CLI,

@@ -3,7 +3,7 @@
 The Train page's runs panel: an active run's progress and curves follow the run's live feed in their
 frame (`live.FeedWriter`: the server reads only the new points, backs off while nothing changes and stops
 when the run ends; no script runs meanwhile); a finished run's card is drawn once, its figure cached by
-run id.
+run id; the page runs again when the feed of the active runs (`FeedWriter.watch_active`) changes.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def run_card(run: dict[str, Any], label: str, now: datetime | None, *, expanded:
     status = LIVE_LABEL if run["status"] in ui.ACTIVE else ui.status_label(run["status"])
     title = f"{status} · {label} · `{run['id']}`"
     with st.expander(title, expanded=expanded):
-        # the chart's frame comes first in both states: when the run ends, the browser keeps it in place and
-        # redraws it (a frame moved among its siblings is reloaded, and Streamlit no longer hears it)
+        # the chart's frame, with the progress line in it, comes first in both states: a card looks the same
+        # live and finished
         if run["status"] in ui.ACTIVE:
             _live_progress_and_curves(run)
         else:

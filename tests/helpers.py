@@ -73,35 +73,32 @@ def plotly_array(value) -> list[float]:
     return list(value)
 
 
+def _live_chart_args(at) -> list[dict]:
+    """The arguments of every live chart frame (`dashboard.live_chart`) an AppTest run drew, in order."""
+    import json
+
+    return [json.loads(c.proto.json_args) for c in at.get("component_instance")
+            if c.proto.component_name.endswith("live_chart")]
+
+
 def chart_entries(at) -> list[tuple[str | None, dict]]:
     """(key, JSON spec) of every figure an AppTest run drew, in order: st.plotly_chart's, then the live
-    chart frames' (`dashboard.live_chart`, whose arguments carry the key as the figure's revision)."""
+    chart frames' (whose arguments carry the key as the figure's revision)."""
     import json
 
     entries = [(c.key, json.loads(c.proto.spec)) for c in at.get("plotly_chart")]
-    for c in at.get("component_instance"):
-        if c.proto.component_name.endswith("live_chart"):
-            args = json.loads(c.proto.json_args)
-            if args["spec"] is not None:  # None: a frame with nothing to draw (the feed of the active runs)
-                entries.append((args["revision"], json.loads(args["spec"])))
+    # a spec of None: a frame with nothing to draw (the feed of the active runs)
+    entries += [(args["revision"], json.loads(args["spec"])) for args in _live_chart_args(at) if args["spec"] is not None]
     return entries
 
 
 def _feed_frames(at) -> list[dict]:
-    import json
-
-    frames = [json.loads(c.proto.json_args) for c in at.get("component_instance")
-              if c.proto.component_name.endswith("live_chart")]
-    return [args for args in frames if args.get("feed")]
+    return [args for args in _live_chart_args(at) if args.get("feed")]
 
 
 def progress_lines(at) -> list[dict]:
     """The progress line ({fraction, text}) of every live chart frame that draws one (a run card's)."""
-    import json
-
-    frames = [json.loads(c.proto.json_args) for c in at.get("component_instance")
-              if c.proto.component_name.endswith("live_chart")]
-    return [args["progress"] for args in frames if args.get("progress")]
+    return [args["progress"] for args in _live_chart_args(at) if args.get("progress")]
 
 
 def live_feeds(at) -> list[dict]:

@@ -191,9 +191,10 @@
       render(event.data.args, event.data.theme);
     }
   });
-  // Streamlit listens to a frame from its mount's effect on; a frame remounted from the browser's cache
-  // (a card that moves, e.g. when its run ends) can say it is ready before that, and the message is lost:
-  // say it again until the first render arrives.
+  // Streamlit listens to a frame from its mount's effect on; a frame loaded from the browser's cache can
+  // say it is ready before that, and the message is lost: say it again until the first render arrives.
+  // (A frame moved in the page is loaded again with a window Streamlit never listens to, which this
+  // cannot mend: the pages keep their frames in place.)
   function ready() {
     if (window.liveChart.messages > 0) return;
     send("streamlit:componentReady", { apiVersion: 1 });
