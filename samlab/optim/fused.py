@@ -532,9 +532,9 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     shared = {name: weights[name].detach().requires_grad_() for name in linear}
     # first pass: W_j = w. Batched layers get k (expanded, not copied) leaves each, so autograd
     # returns g_j stacked; low-rank linear layers run on the shared weights.
-    expanded = {name: weights[name].unsqueeze(0).expand(k, *weights[name].shape)
+    expanded = {name: weights[name].expand(k, *weights[name].shape)
                 for _, own, lr in layers if lr is None for name in own}
-    per_micro = {name: expanded[name].detach().requires_grad_() for name in batched}
+    per_micro = {name: expanded[name].requires_grad_() for name in batched}  # leaves: views of a detached w
     first_params = {**expanded, **per_micro}
     forwards, split = {}, set()  # split: the convolutions that run as `_MicroConv` / `_PerturbedConv`
     for module, own, low_rank in layers:
@@ -560,7 +560,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
         shape = grad_out.shape[:-1]
         terms[shape] = low_rank.squared_norm_terms(grad_out, k, terms.get(shape))
     # ‖g_j‖ / k: the batched tensors' per-micro-batch norms, combined with the low-rank layers' terms
-    norms = _row_norms(list(micro.values()), k) if micro else None
+    norms = _row_norms(list(micro.values())) if micro else None
     if terms:
         squares = [t.sum((1, 2)) for t in terms.values()] + ([norms.square()] if micro else [])
         norms = (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()
@@ -571,12 +571,12 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     scales = {}  # scale viewed as [k, 1, ...] for each tensor rank
     convs = {module: _conv_weight_name(own) for module, own, _ in layers if module in split}
     conv_weights = set(convs.values())
-    for name, g in micro.items():
+    for name, g in micro.items():  # g_j is scaled in place (used no more)
         view = scales.setdefault(g.dim(), scale.view(k, *([1] * (g.dim() - 1))))
-        if name in conv_weights:  # W_j, a constant of the second pass, written over g_j (used no more)
-            second_params[name] = g.mul_(view).add_(weights[name])
-        else:
-            second_params[name] = torch.addcmul(again[name].unsqueeze(0), view, g)
+        # a split convolution's W_j is a constant of the second pass (written over g_j); elsewhere a
+        # function of the leaf, w + c_j g_j broadcast over j
+        second_params[name] = (g.mul_(view).add_(weights[name]) if name in conv_weights
+                               else torch.add(again[name], g.mul_(view)))
     forwards = {}
     for module, own, low_rank in layers:
         if module in convs:
@@ -600,9 +600,10 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
             "perturbed_losses": micro_batches(perturbed_losses.detach(), k, interleaved)}
 
 
-def _row_norms(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+def _row_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """‖(t[j] for t in tensors)‖ for each j of the leading dimension k: the norm of the per-tensor norms."""
-    per_tensor = [torch.linalg.vector_norm(t.reshape(k, -1), dim=1) for t in tensors]
+    per_tensor = [torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t.abs()
+                  for t in tensors]
     return per_tensor[0] if len(per_tensor) == 1 else torch.linalg.vector_norm(torch.stack(per_tensor, 1), dim=1)
 
 
