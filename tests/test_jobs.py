@@ -251,7 +251,7 @@ def test_cli_runs_commands_and_readable_errors(store):
 
 
 @pytest.mark.slow
-def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(store, tmp_path):
+def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(store, tmp_path, monkeypatch):
     import torch
 
     from samlab.checkpoints import load_trained
@@ -262,11 +262,11 @@ def test_train_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_
     cfg = preset("digits-mlp", {"epochs": 6, "batch_size": 32, "data.n_train": 256, "model.width": 32,
                                 "checkpoint_every": 1, "device": "cpu"})
     reference_reporter = RecordingReporter()
-    # bit-identical only at the same thread count (reduction order): use the worker's slot threads
-    from samlab.runs.executors import local_slots
-
+    # bit-identical only at the same thread count (reduction order): the worker's count fixed (no thread
+    # governor, which would move it between one and all cores as the machine's load changes), the same here
+    monkeypatch.setenv("SAMLAB_CPU_THREADS", "1")
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(local_slots()[0].env["OMP_NUM_THREADS"]))
+    torch.set_num_threads(1)
     try:
         reference = run(cfg, reference_reporter, workdir=tmp_path / "reference")
     finally:
