@@ -9,6 +9,7 @@ import streamlit as st
 from dashboard import common as ui
 from dashboard import msharp_view as view
 from samlab.checkpoints import checkpoint_of
+from samlab.tasks.msharp import micro_batch_sizes
 
 # One request for every model: S_m and the gradient-noise curve on a seeded 256-sample subset.
 NOISE_REQUEST = {"ms": [256, 64, 16, 4, 1], "rho": 0.1, "n_samples": 256, "partitions": 4, "seed": 0}
@@ -22,8 +23,7 @@ def request_for(n_train: int | None) -> dict[str, Any]:
     n = min(NOISE_REQUEST["n_samples"], n_train or NOISE_REQUEST["n_samples"])
     if n == NOISE_REQUEST["n_samples"]:
         return dict(NOISE_REQUEST)
-    ms = sorted({m for m in (n, n // 3, n // 10, n // 30, 1) if m >= 1 and n % m == 0}, reverse=True)
-    return NOISE_REQUEST | {"n_samples": n, "ms": ms}
+    return NOISE_REQUEST | {"n_samples": n, "ms": micro_batch_sizes(n)}
 
 
 def noise_and_sharpness_panel(runs: dict[str, dict[str, Any]], key: str, *, rho: float | None = None) -> bool:

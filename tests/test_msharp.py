@@ -269,3 +269,18 @@ def test_task_values_equal_the_library_on_the_same_samples(tmp_path, trained_che
     xs, ys = seeded_subset(x, y, 64, 1)
     (row,) = m_sharpness_curve(model, loss_fn, xs, ys, ms=[8], rho=0.05, partitions=3, seed=1)
     assert sharp[8] == row
+
+
+def test_task_on_a_train_set_smaller_than_n_samples_names_the_sizes_that_fit(tmp_path, trained_checkpoint):
+    """The defaults (n_samples 512, m up to 256) on a 64-sample train set: one clear error before any work,
+    suggesting micro-batch sizes that divide the 64 samples; those run."""
+    from samlab.tasks.msharp import micro_batch_sizes, run_task
+
+    assert micro_batch_sizes(64) == [64, 16, 8, 2, 1] and micro_batch_sizes(60) == [60, 20, 6, 2, 1]
+    assert micro_batch_sizes(7) == [7, 1] and micro_batch_sizes(1) == [1]
+    with pytest.raises(ValueError, match=r"ms: m = 256 is more than the 64 samples .* ms=\[64, 16, 8, 2, 1\]"):
+        run_task({"checkpoint": trained_checkpoint}, RecordingReporter(), tmp_path / "task", resume=False)
+    assert not (tmp_path / "task").exists()
+    result = run_task({"checkpoint": trained_checkpoint, "ms": micro_batch_sizes(64), "partitions": 2},
+                      RecordingReporter(), tmp_path / "task", resume=False)
+    assert [row["m"] for row in result["sharpness_curve"]] == [64, 16, 8, 2, 1]

@@ -6,6 +6,7 @@ each m and kept in the task's workdir, so a resumed task skips what it already m
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,28 @@ def check_task(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def micro_batch_sizes(n: int) -> list[int]:
+    """Micro-batch sizes for n samples, from n down to 1: the divisors of n nearest (by ratio) to n, n/3,
+    n/10, n/30 and 1, so that every m is an exact partition of the samples."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    nearest = {min(divisors, key=lambda d: abs(math.log(d / target))) for target in (n, n / 3, n / 10, n / 30, 1)}
+    return sorted(nearest, reverse=True)
+
+
+def _check_ms_fit(ms: list[int], n: int, n_samples: int) -> None:
+    """Every m must fit in the n samples measured, which are fewer than n_samples on a small train set."""
+    too_big = [m for m in ms if m > n]
+    if too_big:
+        raise ValueError(f"ms: m = {too_big[0]} is more than the {n} samples measured (this checkpoint's train set "
+                         f"has {n} < n_samples = {n_samples}); choose each m <= {n}, e.g. ms={micro_batch_sizes(n)}")
+
+
 def run_task(params: dict[str, Any], reporter: Reporter, workdir: Path, resume: bool) -> dict[str, Any]:
     """m-sharpness S_m and the gradient-noise curve (tr V, E‖∇L_I‖, SDE regularizers) against m."""
     p = check_task(params)
     trained = load_trained(p["checkpoint"], device=p["device"])
     x, y = seeded_subset(trained.data.x_train, trained.data.y_train, p["n_samples"], p["seed"])
+    _check_ms_fit(p["ms"], len(x), p["n_samples"])
     state = TaskState(workdir, PARTIAL_FILE, "msharp", p)
     result = state.load(resume)
     if result is None:
