@@ -187,3 +187,59 @@ def test_model_info_covers_every_model():
     assert set(MODEL_INFO) == set(MODELS)
     for info in MODEL_INFO.values():
         assert info["description"] and set(info["datasets"]) <= set(DATASETS)
+
+
+def _pool_pair(shape, dtype=torch.float64):
+    """The same input for the samlab pools and torch's own NCHW ones (the oracle)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 8, 8), (4, 16, 32, 32)])
+def test_channels_last_max_pool_equals_torchs_in_every_derivative(shape):
+    """Inputs large enough for the channels-last path: values, gradient (NCHW and contiguous), Hessian-vector
+    products by double backward and batched double backward, forward mode and vmap all equal torch's pool."""
+    import torch.nn.functional as F
+
+    from samlab.models import CHANNELS_LAST_POOL_FROM, max_pool_2x2
+
+    x = _pool_pair(shape)
+    assert x.numel() >= CHANNELS_LAST_POOL_FROM
+    out = max_pool_2x2(x.requires_grad_())
+    assert "_MaxPool2x2" in type(out.grad_fn).__name__  # the channels-last path ran
+    assert torch.equal(out, F.max_pool2d(x, 2)) and out.is_contiguous()
+
+    def loss(pool, t):
+        return (pool(torch.tanh(t), 2) ** 2).sum() if pool is F.max_pool2d else (pool(torch.tanh(t)) ** 2).sum()
+
+    grads = {}
+    for pool in (max_pool_2x2, F.max_pool2d):
+        g = torch.autograd.grad(loss(pool, x), x, create_graph=True)[0]
+        vectors = _pool_pair((3, *shape))
+        hvps = torch.autograd.grad(g, x, vectors, is_grads_batched=True)[0]  # vmap over the double backward
+        forward_mode = torch.func.jvp(grad(lambda t, p=pool: loss(p, t)), (x.detach(),), (vectors[0],))[1]
+        batched = vmap(grad(lambda t, p=pool: loss(p, t)))(torch.stack([x.detach(), -x.detach()]))  # 2 inputs
+        grads[pool] = (g, hvps, forward_mode, batched)
+    assert grads[max_pool_2x2][0].is_contiguous()
+    for ours, torchs in zip(grads[max_pool_2x2], grads[F.max_pool2d], strict=True):
+        torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
+
+
+def test_small_pools_and_other_devices_keep_torchs_kernel():
+    from samlab.models import max_pool_2x2
+
+    out = max_pool_2x2(_pool_pair((8, 16, 8, 8)).requires_grad_())
+    assert "MaxPool2DWithIndices" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 4, 4), (8, 32, 16, 16), (8, 32, 14, 14), (8, 32, 5, 5)])
+def test_average_pool_to_2x2_equals_the_adaptive_pool(shape):
+    import torch.nn.functional as F
+
+    from samlab.models import average_pool_to_2x2
+
+    x = _pool_pair(shape).requires_grad_()
+    ours, torchs = average_pool_to_2x2(x), F.adaptive_avg_pool2d(x, 2)
+    torch.testing.assert_close(ours, torchs, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(ours.pow(2).sum(), x)[0],
+                               torch.autograd.grad(torchs.pow(2).sum(), x)[0], rtol=1e-14, atol=1e-14)

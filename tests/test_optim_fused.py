@@ -77,6 +77,18 @@ def test_fused_equals_loop_on_every_builtin_model(label, m, mode):
     assert_same_step(*run_both(model, loss_fn, x, y, m))
 
 
+def test_fused_equals_loop_on_the_digits_cnn_at_a_batch_whose_pool_runs_channels_last():
+    """The fused pass pools the whole batch ([64, 16, 8, 8]: the channels-last max-pool), the loop each
+    micro-batch of 16 (torch's NCHW pool): the same step."""
+    from samlab.models import CHANNELS_LAST_POOL_FROM
+
+    model = build_model(ModelConfig(name="cnn", width=16, norm="bn"), (1, 8, 8), 10, seed=3).to(DTYPE)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen, dtype=DTYPE), torch.randint(0, 10, (64,), generator=gen)
+    assert 64 * 16 * 8 * 8 >= CHANNELS_LAST_POOL_FROM > 16 * 16 * 8 * 8
+    assert_same_step(*run_both(model.train(), per_sample_loss("classification"), x, y, m=16))
+
+
 @pytest.mark.parametrize("label", list(BUILTIN))
 def test_auto_takes_the_fused_path_on_builtin_models(label):
     model, x, y, loss_fn = builtin(label)
