@@ -108,5 +108,7 @@ landscapes and gradient-noise structure.
                     st.caption(PAGE_NOTES[title])
 
 
-home = st.Page(_home, title="Home", icon=":material/home:", default=True)
+# No icon: Streamlit makes a page's icon the browser tab's while it is open, and a Material icon there is
+# fetched from fonts.gstatic.com (unreachable offline); every page keeps page_setup's local one.
+home = st.Page(_home, title="Home", default=True)
 st.navigation([home, *ui.navigation_pages()]).run()

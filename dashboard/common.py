@@ -111,10 +111,15 @@ __all__ = [
 
 
 # -- page and store ---------------------------------------------------------------------------------
+# The browser tab's icon, served by the dashboard itself: a Material icon would be fetched from
+# fonts.gstatic.com, which an offline machine cannot reach.
+PAGE_ICON = Path(__file__).resolve().parent / "static" / "favicon.png"
+
+
 def page_setup(title: str, intro: str | None = None, icon: str | None = None) -> None:
     """The first call of every page: tab title, wide layout, the page title and a one-line intro."""
     _run_through_the_navigation()
-    st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or ":material/landscape:", layout="wide")
+    st.set_page_config(page_title=f"{title} · samlab", page_icon=icon or str(PAGE_ICON), layout="wide")
     require_access()
     st.title(title)
     if intro:

@@ -284,12 +284,20 @@ def test_every_page_renders_without_an_exception(server, tmp_path):
         try:
             page_errors: list[str] = []
             page = _new_page(browser, page_errors)
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             for slug, path in PAGES.items():
                 page.goto(f"{server}/{path}")
                 expect(page.locator("h1").first).to_be_visible()
                 _settle(page)
                 page.screenshot(path=str(SHOTS / f"tour_{slug}.png"), full_page=True)
                 _assert_clean(page, slug, page_errors)
+                # the tab's icon is the dashboard's own file, on every page (Home included)
+                icons = page.evaluate("() => [...document.querySelectorAll('link[rel*=icon]')].map(l => l.href)")
+                assert icons and all(icon.startswith(f"{server}/media/") for icon in icons), (slug, icons)
+            # offline first: nothing the pages load comes from anywhere but the dashboard's server
+            outside = {url for url in requested if not url.startswith((server, "data:", "blob:", "about:"))}
+            assert not outside, outside
             # the finished run is listed where runs are picked, so the pages were drawn with data
             page.goto(f"{server}/Runs")
             expect(page.locator('[data-testid="stDataFrame"]').get_by_text("completed", exact=True)).to_have_count(1)
