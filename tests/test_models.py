@@ -189,8 +189,8 @@ def test_model_info_covers_every_model():
         assert info["description"] and set(info["datasets"]) <= set(DATASETS)
 
 
-def _pool_pair(shape, dtype=torch.float64):
-    """The same input for the samlab pools and torch's own NCHW ones (the oracle)."""
+def _pool_input(shape, dtype=torch.float64):
+    """A seeded input for the samlab pools and torch's own ones (the oracle)."""
     gen = torch.Generator().manual_seed(0)
     return torch.randn(*shape, generator=gen, dtype=dtype)
 
@@ -203,7 +203,7 @@ def test_channels_last_max_pool_equals_torchs_in_every_derivative(shape):
 
     from samlab.models import CHANNELS_LAST_POOL_FROM, max_pool_2x2
 
-    x = _pool_pair(shape)
+    x = _pool_input(shape)
     assert x.numel() >= CHANNELS_LAST_POOL_FROM
     out = max_pool_2x2(x.requires_grad_())
     assert "_MaxPool2x2" in type(out.grad_fn).__name__  # the channels-last path ran
@@ -215,7 +215,7 @@ def test_channels_last_max_pool_equals_torchs_in_every_derivative(shape):
     grads = {}
     for pool in (max_pool_2x2, F.max_pool2d):
         g = torch.autograd.grad(loss(pool, x), x, create_graph=True)[0]
-        vectors = _pool_pair((3, *shape))
+        vectors = _pool_input((3, *shape))
         hvps = torch.autograd.grad(g, x, vectors, is_grads_batched=True)[0]  # vmap over the double backward
         forward_mode = torch.func.jvp(grad(lambda t, p=pool: loss(p, t)), (x.detach(),), (vectors[0],))[1]
         batched = vmap(grad(lambda t, p=pool: loss(p, t)))(torch.stack([x.detach(), -x.detach()]))  # 2 inputs
@@ -228,7 +228,7 @@ def test_channels_last_max_pool_equals_torchs_in_every_derivative(shape):
 def test_small_pools_and_other_devices_keep_torchs_kernel():
     from samlab.models import max_pool_2x2
 
-    out = max_pool_2x2(_pool_pair((8, 16, 8, 8)).requires_grad_())
+    out = max_pool_2x2(_pool_input((8, 16, 8, 8)).requires_grad_())
     assert "MaxPool2DWithIndices" in type(out.grad_fn).__name__
 
 
@@ -238,7 +238,7 @@ def test_average_pool_to_2x2_equals_the_adaptive_pool(shape):
 
     from samlab.models import average_pool_to_2x2
 
-    x = _pool_pair(shape).requires_grad_()
+    x = _pool_input(shape).requires_grad_()
     ours, torchs = average_pool_to_2x2(x), F.adaptive_avg_pool2d(x, 2)
     torch.testing.assert_close(ours, torchs, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(torch.autograd.grad(ours.pow(2).sum(), x)[0],

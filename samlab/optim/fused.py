@@ -530,25 +530,25 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     batched = [name for _, own, lr in layers if lr is None for name in own if name in trainable]
     linear = [name for _, own, lr in layers if lr is not None for name in own if name in trainable]
     shared = {name: weights[name].detach().requires_grad_() for name in linear}
-    # first pass: W_j = w. Batched layers get k (expanded, not copied) leaves each, so autograd
-    # returns g_j stacked; low-rank linear layers run on the shared weights.
+    # first pass: W_j = w. Batched layers get k (expanded, not copied) views of each tensor; the trainable
+    # ones are leaves, so autograd returns g_j stacked; low-rank linear layers run on the shared weights.
     expanded = {name: weights[name].expand(k, *weights[name].shape)
                 for _, own, lr in layers if lr is None for name in own}
-    per_micro = {name: expanded[name].requires_grad_() for name in batched}  # leaves: views of a detached w
-    first_params = {**expanded, **per_micro}
+    for name in batched:
+        expanded[name].requires_grad_()  # a view of the detached w: a leaf of its own
     forwards, split = {}, set()  # split: the convolutions that run as `_MicroConv` / `_PerturbedConv`
     for module, own, low_rank in layers:
         if type(module) is nn.Conv2d:
-            forwards[module] = _bound(partial(_conv2d_first, module, split), _own(own, first_params), k)
+            forwards[module] = _bound(partial(_conv2d_first, module, split), _own(own, expanded), k)
         elif low_rank is None:
-            forwards[module] = _bound(_layer_forward(module, True, interleaved), _own(own, first_params), k)
+            forwards[module] = _bound(_layer_forward(module, True, interleaved), _own(own, expanded), k)
         else:
             forwards[module] = _bound(low_rank.first, _own(own, {**weights, **shared}), k)
     if interleaved:
         x, y = interleave(x, k), interleave(y, k)
     with _swapped_forwards(forwards):
         losses = loss_fn(model(x), y)
-    wanted = [per_micro[n] for n in batched] + [shared[n] for n in linear] + [lr.outputs for lr in low_ranks]
+    wanted = [expanded[n] for n in batched] + [shared[n] for n in linear] + [lr.outputs for lr in low_ranks]
     # the gradient of the batch mean: g_j / k in the per-micro-batch leaves and low-rank factors, so the
     # shared leaves hold mean_j g_j as they are; eps_j = rho g_j / ‖g_j‖ is the same for g_j / k
     grads = _grads(losses.mean(), wanted)
