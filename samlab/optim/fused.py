@@ -32,8 +32,7 @@ micro-batch j sees), and it returns the output as [k, m, ...].
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -433,13 +432,14 @@ def _bound(layer, params: Params, k: int) -> Callable[[torch.Tensor], torch.Tens
     return lambda x: layer(x, params, k)
 
 
-@contextmanager
-def _swapped_forwards(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
-    """Within the block, each module in `forwards` runs the given function as its forward."""
+def _forward_with(model: nn.Module, forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]],
+                  x: torch.Tensor) -> torch.Tensor:
+    """model(x) with each module in `forwards` running the given function as its forward (a plain
+    function rather than a context manager: a generator-based one costs more than a small model's op)."""
     try:
         for module, fn in forwards.items():
             module.__dict__["forward"] = fn  # an instance attribute (nn.Module.__setattr__ adds nothing here)
-        yield
+        return model(x)
     finally:
         for module in forwards:
             module.__dict__.pop("forward", None)  # the class's forward shows through again
@@ -486,8 +486,7 @@ def copies_forward(model: nn.Module, tensors: Params, x: torch.Tensor, k: int) -
         forwards[module] = _bound(layer, _own(own, tensors), k)
     n = x.shape[0]
     copies = x.unsqueeze(1 if interleaved else 0).expand(*((n, k) if interleaved else (k, n)), *x.shape[1:])
-    with _swapped_forwards(forwards):
-        out = model(copies.reshape(n * k, *x.shape[1:]))
+    out = _forward_with(model, forwards, copies.reshape(n * k, *x.shape[1:]))
     return micro_batches(out, k, interleaved)
 
 
@@ -546,8 +545,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
             forwards[module] = _bound(low_rank.first, _own(own, {**weights, **shared}), k)
     if interleaved:
         x, y = interleave(x, k), interleave(y, k)
-    with _swapped_forwards(forwards):
-        losses = loss_fn(model(x), y)
+    losses = loss_fn(_forward_with(model, forwards, x), y)
     wanted = [expanded[n] for n in batched] + [shared[n] for n in linear] + [lr.outputs for lr in low_ranks]
     # the gradient of the batch mean: g_j / k in the per-micro-batch leaves and low-rank factors, so the
     # shared leaves hold mean_j g_j as they are; eps_j = rho g_j / ‖g_j‖ is the same for g_j / k
@@ -564,7 +562,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
     if terms:
         squares = [t.sum((1, 2)) for t in terms.values()] + ([norms.square()] if micro else [])
         norms = (squares[0] if len(squares) == 1 else torch.stack(squares).sum(0)).sqrt()
-    scale = rho / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    scale = torch.reciprocal(norms.clamp_min(torch.finfo(norms.dtype).tiny)).mul_(rho)  # as rho / …, without its wrapper
     # second pass: W_j = w + scale_j g_j; the gradient in the shared leaves is Σ_j h_j
     again = {name: weights[name].detach().requires_grad_() for name in names}
     second_params = dict(expanded)
@@ -592,8 +590,7 @@ def micro_batch_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y:
         else:
             low_rank.perturb(scale)
             forwards[module] = _bound(low_rank.second, _own(own, {**weights, **again}), k)
-    with _swapped_forwards(forwards):
-        perturbed_losses = loss_fn(model(x), y)
+    perturbed_losses = loss_fn(_forward_with(model, forwards, x), y)
     descent = _grads(perturbed_losses.mean(), [again[name] for name in names])
     return {"gradient": [gradient[name] for name in names], "descent": descent, "micro_norms": norms * k,
             "losses": micro_batches(losses.detach(), k, interleaved),
