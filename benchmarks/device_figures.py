@@ -59,7 +59,7 @@ def run_one(name: str, device: str, quick: bool, out: Path) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])} (limit {limit} s)", flush=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=HERE.parent)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=HERE.parent, env=_child_env())
         status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as err:
         status, stdout, stderr = "timed out", _text(err.stdout), _text(err.stderr)
@@ -70,6 +70,13 @@ def run_one(name: str, device: str, quick: bool, out: Path) -> dict:
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(f"    {name}: exit {status}, {wall:.0f} s{'' if result is not None else ', no JSON result'}", flush=True)
     return {"command": cmd[1:], "exit": status, "wall_s": round(wall, 1), "result": result}
+
+
+def _child_env() -> dict[str, str]:
+    """The environment with the repository on PYTHONPATH: samlab imports from the checkout also where it is
+    not installed (a bare accelerator machine that got the working tree and nothing else)."""
+    paths = [str(HERE.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
 
 
 def _text(data: bytes | str | None) -> str:
