@@ -101,26 +101,58 @@ def test_auto_takes_the_fused_path_on_builtin_models(label):
         assert torch.equal(p.grad, q.grad)
 
 
-def test_the_builtin_models_take_both_forms_of_the_convolution(monkeypatch):
-    """The oracle tests above cover the split first pass (`_MicroConv`) and the grouped one: some layer
-    of the test models takes each (which one depends on SPLIT_FROM and the layer's sizes)."""
+def test_the_builtin_models_take_every_form_of_the_convolution(monkeypatch):
+    """The oracle tests above cover the patch form of an input convolution (`_PatchConv`), the split first
+    pass (`_MicroConv`) and the grouped one: some layer of the test models takes each (which one depends on
+    the layer's place, SPLIT_FROM and its sizes)."""
     from samlab.optim import fused
 
-    taken = {"split": 0, "grouped": 0}
-    split, grouped = fused._MicroConv.apply, fused._conv2d
+    taken = {"patch": 0, "split": 0, "grouped": 0}
+    real = {"patch": fused._PatchConv.apply, "split": fused._MicroConv.apply, "grouped": fused._conv2d}
 
-    def count(form, real):
+    def count(form):
         def counted(*args):
             taken[form] += 1
-            return real(*args)
+            return real[form](*args)
         return counted
 
-    monkeypatch.setattr(fused._MicroConv, "apply", count("split", split))
-    monkeypatch.setattr(fused, "_conv2d", count("grouped", grouped))
+    monkeypatch.setattr(fused._PatchConv, "apply", count("patch"))
+    monkeypatch.setattr(fused._MicroConv, "apply", count("split"))
+    monkeypatch.setattr(fused, "_conv2d", count("grouped"))
     for label in BUILTIN:
         model, x, y, loss_fn = builtin(label)
         sharpness_gradient(model, loss_fn, x, y, method="msam", rho=RHO, m=2, impl="fused")
-    assert taken["split"] > 0 and taken["grouped"] > 0, taken
+    assert all(count > 0 for count in taken.values()), taken
+
+
+class ScaledInput(nn.Module):
+    """The input convolution sees 2x, a new tensor in each pass: the second pass makes its own patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.bn(self.conv(2 * x))).flatten(1))
+
+
+def test_patch_form_makes_new_patches_when_the_second_pass_input_differs(monkeypatch):
+    from samlab.optim import fused
+
+    made, real = [], fused._input_patches
+    monkeypatch.setattr(fused, "_input_patches", lambda *args: made.append(args[1]) or real(*args))
+    torch.manual_seed(0)
+    model = ScaledInput().to(DTYPE).train()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 5, 5, generator=gen, dtype=DTYPE), torch.randint(0, 3, (8,), generator=gen)
+    assert_same_step(*run_both(model, per_sample_loss("classification"), x, y, m=2))
+    assert len(made) == 2 and made[0] is not made[1]  # one set per pass
+    made.clear()
+    model, x, y, loss_fn = builtin("cnn-bn")
+    assert_same_step(*run_both(model, loss_fn, x, y, m=2))
+    assert len(made) == 1  # the digits CNN's conv1 takes the batch itself: the second pass reuses its patches
 
 
 def test_fused_leaves_the_module_as_it_was():
