@@ -5,13 +5,8 @@ Once a command has returned, everything it wrote is flushed and the process ends
 objects) took 0.4-0.8 s on a 2-core machine, a tenth of a Hessian analysis from the CLI. A command
 that ends with an exception, a usage error or --help exits the ordinary way."""
 
-import os
-import sys
-
 from samlab.cli import main
+from samlab.quick_exit import exit_now
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+    exit_now(main())

@@ -237,11 +237,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # As `python -m samlab` does: flush and end at once, without the interpreter's teardown. A rank that
-    # had finished, met its peers at the barrier and destroyed its process group still aborted once in a
-    # loaded test run ("terminate called without an active exception", exit -6) while the process shut
-    # down, which is where C++ destructors can meet gloo's threads.
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # As `python -m samlab` does: a rank that had finished, met its peers at the barrier and destroyed its
+    # process group still aborted once in a loaded test run ("terminate called without an active
+    # exception", exit -6) while the interpreter shut down.
+    from samlab.quick_exit import exit_now
+
+    exit_now(main())
