@@ -292,14 +292,13 @@ def _conv2d_first(module: nn.Conv2d, split: dict[nn.Module, tuple | None], x: to
     weight copies are at least SPLIT_FROM of the size of the layer's input, the shared-weight convolution
     (`_MicroConv`, recorded in `split` for the second pass); else the grouped convolution of k weight
     copies, whose one backward call over the (larger) activations costs less than the two of the split form."""
+    _check_padding(module)
     if _patch_form(module, x, p["weight"]):
-        _check_padding(module)
         patches = _input_patches(module, x, k)
         split[module] = (x, patches)
         return _conv_bias(_PatchConv.apply(x, p["weight"], patches, module, k), p.get("bias"), k)
     if k * p["weight"][0].numel() < SPLIT_FROM * x.numel():
         return _conv2d(module, x, p, k)
-    _check_padding(module)
     split[module] = None
     return _conv_bias(_MicroConv.apply(x, p["weight"], module, k), p.get("bias"), k)
 
