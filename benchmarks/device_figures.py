@@ -53,7 +53,7 @@ def command(name: str, device: str, quick: bool) -> list[str]:
 
 
 def run_one(name: str, device: str, quick: bool, out: Path) -> dict:
-    """Run one benchmark; its JSON (the last line of its output that parses) and log go to `out`."""
+    """Run one benchmark; its JSON and log go to `out`."""
     limit = BENCHMARKS[name][2] * (2 if quick else 1)
     cmd = command(name, device, quick)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])} (limit {limit} s)", flush=True)
@@ -65,7 +65,7 @@ def run_one(name: str, device: str, quick: bool, out: Path) -> dict:
         status, stdout, stderr = "timed out", _text(err.stdout), _text(err.stderr)
     wall = time.perf_counter() - start
     (out / f"{name}.log").write_text(stdout + ("\n--- stderr ---\n" + stderr if stderr else ""))
-    result = _last_json(stdout)
+    result = _result(stdout)
     if result is not None:
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(f"    {name}: exit {status}, {wall:.0f} s{'' if result is not None else ', no JSON result'}", flush=True)
@@ -85,18 +85,12 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
-def _last_json(stdout: str) -> object | None:
-    """The benchmark's JSON: the whole output, or else its last line that parses (some print progress first)."""
+def _result(stdout: str) -> object | None:
+    """The benchmark's figures: its output, one JSON object with --json (None when it did not finish)."""
     try:
         return json.loads(stdout)
     except json.JSONDecodeError:
-        pass
-    for line in reversed(stdout.splitlines()):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
