@@ -43,3 +43,32 @@ def test_device_figures_rejects_an_unknown_benchmark():
                            "--only", "step_cost,nope"], capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2
     assert "--only: unknown benchmark(s) nope" in proc.stderr
+
+
+def test_lanczos_products_dense_spectrum_agrees_with_samlabs_lanczos():
+    """The product-count bound runs on a small width, and its dense Hessian's top eigenvalue is the one
+    samlab's Lanczos finds on the same trained model (two independent computations)."""
+    from samlab.config import DataConfig
+    from samlab.data import load_dataset
+    from samlab.hessian import top_eigenvalues
+    from samlab.losses import mean_loss
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lanczos_products.py"), "--width", "2",
+                           "--starts", "10", "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    data = load_dataset(DataConfig(name="digits"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from hessian_vs_pyhessian import SAMPLES, trained_model
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    model = trained_model(2, data, 0)
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    batches = [(data.x_train[:SAMPLES], data.y_train[:SAMPLES])]
+    top = top_eigenvalues(model, mean_loss("classification"), batches, k=1, seed=0).values[0]
+    assert abs(top - result["eigenvalues"]["top"][0]) <= 1e-4 * abs(result["eigenvalues"]["top"][0])
+    errors = result["lanczos_median_error"]
+    assert errors[0] > 0.1 and errors[-1] < 1e-8  # one product is a Rayleigh quotient; twelve have converged
+    needed = result["products_needed"]["lanczos"]
+    assert needed["unreached"] == 0 and 2 <= needed["median"] <= needed["max"] <= 12
