@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -73,27 +74,35 @@ def reference_eigenvalues(model: torch.nn.Module, batches, k: int = 5) -> list[f
     """Reference top-k eigenvalues, independent of samlab's Lanczos and Hessian-vector products: ARPACK
     (scipy's eigsh, tol 1e-12) on float64 products by plain double backward through the float64 model's
     kept gradient graph (torch's own BatchNorm). A dense Hessian would take thousands of products."""
-    import copy
-
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
 
+    dim, product = float64_products(model, batches)
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        return product(torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).numpy()
+
+    operator = LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
+    values = eigsh(operator, k=k, which="LA", tol=1e-12, v0=np.ones(dim), return_eigenvectors=False)
+    return sorted((float(v) for v in values), reverse=True)
+
+
+def float64_products(model: torch.nn.Module, batches) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+    """(dimension, v ↦ H v) of the mean loss over `batches` for a float64 copy of the model in eval mode, by
+    plain double backward through the kept gradient graph (torch's own layers, not samlab's operator)."""
+    import copy
+
     model = copy.deepcopy(model).cpu().double().eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    dim = sum(p.numel() for p in params)
     x = torch.cat([bx for bx, _ in batches]).cpu().double()
     y = torch.cat([by for _, by in batches]).cpu()
     loss = mean_loss("classification")(model(x), y)  # eval mode: the mean over all samples at once
     grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
 
-    def matvec(v: np.ndarray) -> np.ndarray:
-        hv = torch.autograd.grad(grads, params, torch.from_numpy(np.ascontiguousarray(v).reshape(-1)),
-                                 retain_graph=True)  # fmt: skip
-        return torch.cat([h.reshape(-1) for h in hv]).numpy()
+    def product(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, v, retain_graph=True)])
 
-    operator = LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
-    values = eigsh(operator, k=k, which="LA", tol=1e-12, v0=np.ones(dim), return_eigenvectors=False)
-    return sorted((float(v) for v in values), reverse=True)
+    return grads.numel(), product
 
 
 def methods(model, batches, seed: int, with_func: bool) -> dict[str, callable]:

@@ -18,34 +18,24 @@ about a minute on one CPU core.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
 
 import numpy as np
 import torch
-from hessian_vs_pyhessian import SAMPLES, trained_model  # the sibling script (this directory is on sys.path)
+
+# the sibling script (this directory is on sys.path)
+from hessian_vs_pyhessian import SAMPLES, float64_products, trained_model
 
 from samlab.config import DataConfig
 from samlab.data import load_dataset
-from samlab.losses import mean_loss
 
 
 def dense_hessian(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """H of the mean loss in float64, eval mode: column i is the product with the i-th unit vector."""
-    model = copy.deepcopy(model).double().eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = mean_loss("classification")(model(x.double()), y)
-    grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
-    dim = grads.numel()
-    columns = []
-    for i in range(dim):
-        unit = torch.zeros(dim, dtype=torch.float64)
-        unit[i] = 1.0
-        hv = torch.autograd.grad(grads, params, unit, retain_graph=True)
-        columns.append(torch.cat([h.reshape(-1) for h in hv]))
-    hessian = torch.stack(columns, 1).numpy()
+    dim, product = float64_products(model, [(x, y)])
+    hessian = torch.stack([product(unit) for unit in torch.eye(dim, dtype=torch.float64)], 1).numpy()
     return (hessian + hessian.T) / 2
 
 
